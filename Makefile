@@ -1,0 +1,35 @@
+# tickscore: two entry points.
+#   make demo  - set up .venv and replay the embedded data through the default int8 model
+#   make test  - set up .venv and run the test suite
+# Python 3.12 is required (pyaeron ships 3.12+ wheels); .python-version pins it under pyenv.
+
+PY := $(shell command -v python3.12 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 12), f"tickscore needs Python >= 3.12, $(PY) is {sys.version.split()[0]}"'
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tickscore replay --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_replay.py --json benchmarks/results/replay.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,173 @@
+"""``tickscore`` command line: replay, generate (and more as they land).
+
+Errors a user can fix (missing file, bad model, bad flag value) end with a one-line
+message and exit code 2, never a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _speed(text: str):
+    from replay.source import parse_speed
+
+    try:
+        return parse_speed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pin(text: str):
+    if text.lower() in ("none", "off", "-1"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pin takes a core number or 'none', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``tickscore`` command."""
+    p = argparse.ArgumentParser(
+        prog="tickscore",
+        description="Low-latency per-tick risk scoring: replay, serve, train, report.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser(
+        "replay",
+        help="replay historical ticks through the hot path and report tick-to-decision latency",
+        description=(
+            "Replay a file (default: the embedded dataset) through features + model, publish "
+            "every score on ZeroMQ, and print the tick-to-decision latency percentiles."
+        ),
+    )
+    r.add_argument("--data", help="Parquet/CSV file in the normalised tick schema (default: embedded)")
+    r.add_argument("--model", help="ONNX model file (default: the shipped int8 model)")
+    r.add_argument("--backend", default="ort", choices=["ort"], help="model runtime (default: ort)")
+    r.add_argument(
+        "--speed", type=_speed, default=None, metavar="max|1|N",
+        help="'max' (default) = as fast as possible; N = N x recorded speed",
+    )
+    r.add_argument(
+        "--pin", type=_pin, default=1, metavar="CORE",
+        help="core for the hot loop (default 1; 'none' to leave unpinned)",
+    )
+    r.add_argument(
+        "--publish", default=None, metavar="ENDPOINT",
+        help="ZeroMQ PUB endpoint to bind, e.g. ipc:///tmp/x.ipc or tcp://127.0.0.1:5556 "
+        "(default ipc:///tmp/tickscore-scores.ipc; 'none' to measure without a socket)",
+    )
+    r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
+    r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
+    r.add_argument(
+        "--idle", default="busy-spin", choices=["busy-spin", "yield", "backoff", "sleep"],
+        help="idle strategy while waiting for the next paced tick (default busy-spin)",
+    )
+    r.add_argument(
+        "--wait-subscribers", type=int, default=0, metavar="N", help="wait for N subscribers first"
+    )
+    r.add_argument(
+        "--wait-timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)"
+    )
+    r.add_argument("--hwm", type=int, default=100_000, help="per-subscriber queue bound in messages")
+    r.add_argument("--limit", type=int, default=None, help="replay only the first N ticks")
+    r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    r.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
+
+    g = sub.add_parser("generate", help="write a synthetic market data file (seeded, reproducible)")
+    g.add_argument("--out", required=True, help="output .parquet path")
+    g.add_argument("--events", type=int, default=200_000)
+    g.add_argument("--symbols", default="ESZ6,NQZ6,CLF7", help="comma-separated instrument symbols")
+    g.add_argument("--seed", type=int, default=1)
+    return p
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT
+    from replay.run import ReplayOptions, run_inprocess
+
+    opts = ReplayOptions(
+        data=args.data,
+        model=args.model,
+        speed=args.speed,
+        pin=args.pin,
+        publish=args.publish or DEFAULT_PUBLISH_ENDPOINT,
+        out=args.out,
+        backend=args.backend,
+        warmup_ticks=args.warmup_ticks,
+        idle=args.idle,
+        wait_subscribers=args.wait_subscribers,
+        wait_timeout_s=args.wait_timeout,
+        sndhwm=args.hwm,
+        progress=not args.no_progress,
+        limit=args.limit,
+    )
+    res = run_inprocess(opts)
+    s = res.summary
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(
+        f"tickscore replay: {s['data']['path']}\n"
+        f"  model {s['model']['version']} ({s['model']['quantization']}, backend {s['backend']}), "
+        f"{s['pin']}, publish {s['publish']}\n"
+        f"  ticks {s['ticks']:,}  scores {s['scores']:,}  rejected {s['rejected']:,}  "
+        f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
+        f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"
+    )
+    if s["rejected_by_reason"]:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in s["rejected_by_reason"].items())
+        print(f"  rejected by reason: {reasons}")
+    print()
+    print(res.table())
+    if res.out_files:
+        print()
+        for name, path in res.out_files.items():
+            print(f"  {name:<8} {path}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from replay.generator import write_market
+
+    symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+    path = write_market(args.out, args.events, symbols, args.seed)
+    print(f"wrote {args.events:,} events for {len(symbols)} instruments to {path}")
+    return 0
+
+
+_COMMANDS = {"replay": _cmd_replay, "generate": _cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``tickscore`` command; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("tickscore: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"tickscore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        name = type(exc).__name__
+        if name in ("ModelError",):
+            print(f"tickscore {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

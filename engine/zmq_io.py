@@ -1,0 +1,116 @@
+"""ZeroMQ score publisher (sink) for the hot path.
+
+The socket is an **XPUB** (wire-compatible with PUB: any SUB connects to it) with
+``ZMQ_XPUB_NODROP`` set, so when a subscriber's queue is full (``sndhwm``) the
+non-blocking send fails with ``EAGAIN`` and the message is *counted* as a drop
+instead of being silently discarded by libzmq or blocking the loop.  XPUB also
+lets the publisher see subscriptions, so a replay can wait for its subscribers
+before it starts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+__all__ = ["ZmqPublisher", "DEFAULT_PUBLISH_ENDPOINT"]
+
+#: Default score endpoint: an ipc socket in the run directory of the host.
+DEFAULT_PUBLISH_ENDPOINT = "ipc:///tmp/tickscore-scores.ipc"
+
+
+class ZmqPublisher:
+    """Publish ``[topic, payload]`` on an XPUB socket without ever blocking.
+
+    Parameters
+    ----------
+    endpoint : str
+        ``ipc://...`` or ``tcp://host:port`` to bind (``connect=True`` to connect).
+    sndhwm : int
+        Per-subscriber queue bound, in messages; beyond it sends are counted drops.
+    io_cpu : int or None
+        Core for ZeroMQ's I/O thread (``ZMQ_THREAD_AFFINITY_CPU_ADD``), keeping it
+        off the hot core.  Must be set before the first socket is created.
+    """
+
+    name = "zmq"
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_PUBLISH_ENDPOINT,
+        *,
+        sndhwm: int = 100_000,
+        io_cpu: int | None = 0,
+        connect: bool = False,
+        linger_ms: int = 2_000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.ctx = zmq.Context(io_threads=1)
+        if io_cpu is not None:
+            try:
+                self.ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, io_cpu)
+            except (zmq.ZMQError, AttributeError):
+                pass  # older libzmq: affinity is inherited; reported nowhere critical
+        self.sock = self.ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+        self.sock.setsockopt(zmq.LINGER, linger_ms)
+        try:
+            if connect:
+                self.sock.connect(endpoint)
+            else:
+                self.sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            self.ctx.term()
+            verb = "connect" if connect else "bind"
+            raise OSError(f"cannot {verb} ZeroMQ PUB to {endpoint!r}: {exc}") from exc
+        self.sent = 0
+        self.drops = 0
+        self.subscriptions = 0
+        self._send = self.sock.send
+        self._flags_more = zmq.SNDMORE | zmq.NOBLOCK
+        self._flags_last = zmq.NOBLOCK
+
+    def publish(self, topic: bytes, payload: bytes | bytearray) -> bool:
+        """Send one two-frame message; return False (and count a drop) if it would block.
+
+        Allocates: no Python objects beyond pyzmq's own per-send bookkeeping.
+        """
+        try:
+            self._send(topic, self._flags_more)
+        except zmq.Again:
+            self.drops += 1
+            return False
+        # Later frames of a multipart message are never refused once the first is queued.
+        self._send(payload, self._flags_last)
+        self.sent += 1
+        return True
+
+    def poll_subscriptions(self) -> int:
+        """Drain subscription messages (off the hot path); return the number of subscribers seen."""
+        while True:
+            try:
+                msg = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.subscriptions
+            if msg[:1] == b"\x01":
+                self.subscriptions += 1
+            elif msg[:1] == b"\x00":
+                self.subscriptions = max(0, self.subscriptions - 1)
+
+    def wait_for_subscribers(self, n: int, timeout_s: float) -> int:
+        """Block until ``n`` subscriptions arrived or ``timeout_s`` passed; return the count."""
+        deadline = time.monotonic() + timeout_s
+        while self.poll_subscriptions() < n and time.monotonic() < deadline:
+            self.sock.poll(50, zmq.POLLIN)
+        # A subscription message arrives before the pipe is fully attached on the
+        # publisher side; a short grace period avoids losing the first messages.
+        time.sleep(0.05)
+        return self.poll_subscriptions()
+
+    def close(self) -> None:
+        """Close the socket (pending messages are flushed for up to ``linger_ms``)."""
+        self.sock.close()
+        self.ctx.term()

@@ -1,0 +1,182 @@
+"""Latency statistics after a run: HdrHistogram, percentile table, ``.hgrm`` and plots.
+
+Raw per-tick nanoseconds are recorded in the loop into int64 arrays; everything
+here runs after the run.  Percentiles come from an HdrHistogram with 3
+significant digits (values are exact to within 0.1 %); ``max`` and ``mean`` are
+exact, from the raw array.  The same function produces the replay CLI's table and
+the report's, so they agree for the same run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+__all__ = [
+    "PERCENTILES",
+    "LatencyStats",
+    "build_histogram",
+    "latency_stats",
+    "write_hgrm",
+    "format_table",
+    "plot_percentiles",
+]
+
+#: Reported percentiles: JSON key → percentile.
+PERCENTILES: dict[str, float] = {
+    "p50": 50.0,
+    "p90": 90.0,
+    "p99": 99.0,
+    "p999": 99.9,
+    "p9999": 99.99,
+}
+
+_LOWEST_NS = 1
+_HIGHEST_NS = 3_600 * 1_000_000_000  # one hour: anything above is out of range
+_SIG_FIGS = 3
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Percentiles (ns, from the histogram), exact max/mean (ns) and counts."""
+
+    count: int
+    percentiles: dict[str, int]
+    max: int
+    mean: float
+    min: int
+    out_of_range: int
+
+    def as_contract(self) -> dict:
+        """Return the ``latency_ns`` object of the run-summary JSON contract."""
+        d: dict = {k: int(v) for k, v in self.percentiles.items()}
+        d["max"] = int(self.max)
+        d["mean"] = float(self.mean)
+        return d
+
+
+def build_histogram(values_ns: np.ndarray) -> tuple[HdrHistogram, int]:
+    """Return an HdrHistogram of ``values_ns`` and the count of out-of-range values.
+
+    Values below 1 ns are recorded as 1 ns, values above one hour are counted as
+    out of range and clamped to the highest trackable value (never dropped).
+    """
+    hist = HdrHistogram(_LOWEST_NS, _HIGHEST_NS, _SIG_FIGS)
+    v = np.asarray(values_ns, dtype=np.int64)
+    out = int(np.count_nonzero(v > _HIGHEST_NS))
+    v = np.clip(v, _LOWEST_NS, _HIGHEST_NS)
+    uniq, counts = np.unique(v, return_counts=True)
+    for value, count in zip(uniq.tolist(), counts.tolist(), strict=True):
+        hist.record_value(value, count)
+    return hist, out
+
+
+def latency_stats(values_ns: np.ndarray) -> LatencyStats:
+    """Return :class:`LatencyStats` of a raw latency array (ns)."""
+    v = np.asarray(values_ns, dtype=np.int64)
+    if v.size == 0:
+        return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
+    hist, out = build_histogram(v)
+    pct = {k: int(hist.get_value_at_percentile(p)) for k, p in PERCENTILES.items()}
+    return LatencyStats(int(v.size), pct, int(v.max()), float(v.mean()), int(v.min()), out)
+
+
+def write_hgrm(values_ns: np.ndarray, path: str | Path) -> Path:
+    """Write the HdrHistogram percentile distribution of ``values_ns`` in microseconds."""
+    hist, _ = build_histogram(values_ns)
+    buf = io.BytesIO()
+    hist.output_percentile_distribution(
+        buf, output_value_unit_scaling_ratio=1000.0, ticks_per_half_distance=5
+    )
+    path = Path(path)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _us(ns: float) -> str:
+    return f"{ns / 1000.0:,.2f}"
+
+
+def format_table(
+    stats: Mapping[str, LatencyStats],
+    *,
+    throughput: Mapping[str, float] | None = None,
+) -> str:
+    """Return a fixed-width percentile table (µs), one column per named series."""
+    names = list(stats)
+    rows = [("count", [f"{stats[n].count:,}" for n in names])]
+    for key, p in PERCENTILES.items():
+        rows.append((f"p{p:g}", [_us(stats[n].percentiles[key]) for n in names]))
+    rows.append(("max", [_us(stats[n].max) for n in names]))
+    rows.append(("mean", [_us(stats[n].mean) for n in names]))
+    if throughput:
+        rows.append(("ticks/s", [f"{throughput.get(n, float('nan')):,.0f}" for n in names]))
+    width = max(12, *(len(n) + 2 for n in names))
+    head = f"{'latency (µs)':<14}" + "".join(f"{n:>{width}}" for n in names)
+    lines = [head, "-" * len(head)]
+    for label, cells in rows:
+        lines.append(f"{label:<14}" + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def _percentile_curve(values_ns: np.ndarray, max_nines: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (x = 1/(1-p), y = latency µs) sampled log-evenly in 1/(1-p)."""
+    v = np.sort(np.asarray(values_ns, dtype=np.int64))
+    n = v.size
+    top = min(max_nines, np.log10(max(n, 10)))
+    x = np.logspace(0, top, 400)
+    p = 1.0 - 1.0 / x
+    idx = np.minimum((p * n).astype(np.int64), n - 1)
+    return x, v[idx] / 1000.0
+
+
+def plot_percentiles(
+    series: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    title: str = "tick-to-decision latency by percentile",
+) -> Path:
+    """Plot latency against percentile on a log ``1/(1-p)`` axis (the HdrHistogram plot).
+
+    ``series`` maps a label to a raw latency array in ns; all are overlaid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    max_n = 1
+    for label, values in series.items():
+        if len(values) == 0:
+            continue
+        max_n = max(max_n, len(values))
+        x, y = _percentile_curve(values, 6)
+        ax.plot(x, y, label=label, linewidth=1.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    nines = int(np.floor(np.log10(max(max_n, 10))))
+    ticks = [10.0**k for k in range(0, nines + 1)]
+    labels = ["0%"] + [f"{100 - 100 / t:.{max(0, k - 2)}f}%" for k, t in enumerate(ticks) if k > 0]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, labels)
+    ax.set_xlim(1, ticks[-1] * 1.05)
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (µs, log)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", axis="y", alpha=0.15)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,312 @@
+"""In-process replay: drive the live scoring agent from a historical file and report.
+
+The replay builds exactly what the service builds (feature state, model backend,
+ZeroMQ publisher, :class:`engine.scorer.ScoringAgent`, :class:`engine.agent.AgentRunner`
+with pinning, warm-up and GC freeze) and feeds it from a :class:`replay.source.ReplaySource`.
+After the run it writes, under ``out_dir``:
+
+* ``summary.json``: the run-summary contract of ARCHITECTURE.md (plus extra keys);
+* ``latency.hgrm``: HdrHistogram percentile distribution, microseconds;
+* ``latency.png``: percentile plot on a log ``1/(1-p)`` axis;
+* ``latency_raw.npz``: raw ``t_in``/``t_out`` (and ``intended`` when paced) in ns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.agent import AgentRunner, make_idle
+from engine.scorer import ScoringAgent
+from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
+from replay.latency import LatencyStats, format_table, latency_stats, plot_percentiles, write_hgrm
+from replay.source import ReplaySource
+
+__all__ = ["ReplayOptions", "ReplayResult", "run_inprocess", "summarise"]
+
+
+@dataclass
+class ReplayOptions:
+    """Options of an in-process replay (CLI flags map 1:1 onto these)."""
+
+    data: str | None = None
+    model: str | None = None
+    speed: float | None = None
+    pin: int | None = 1
+    publish: str | None = DEFAULT_PUBLISH_ENDPOINT
+    out: str | None = None
+    backend: str = "ort"
+    warmup_ticks: int = 1_000
+    idle: str = "busy-spin"
+    wait_subscribers: int = 0
+    wait_timeout_s: float = 10.0
+    sndhwm: int = 100_000
+    progress: bool = True
+    limit: int | None = None
+
+
+@dataclass
+class ReplayResult:
+    """What a replay measured; ``summary`` is the contract JSON object."""
+
+    summary: dict
+    latency_ns: np.ndarray
+    stats: LatencyStats
+    corrected_ns: np.ndarray | None = None
+    corrected_stats: LatencyStats | None = None
+    out_files: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Return the end-of-run percentile table (µs) and throughput."""
+        stats = {"service": self.stats}
+        if self.corrected_stats is not None:
+            stats["from intended"] = self.corrected_stats
+        tps = {k: self.summary["throughput_tps"] for k in stats}
+        return format_table(stats, throughput=tps)
+
+
+class _Progress:
+    """Progress line on stderr at most every ``period_s`` (called from housekeeping)."""
+
+    def __init__(self, total: int, enabled: bool, period_s: float = 1.0) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.period_ns = int(period_s * 1e9) if self.tty else int(max(period_s, 5.0) * 1e9)
+        self.t0 = 0
+        self.last = 0
+        self.printed = False
+
+    def __call__(self, agent: ScoringAgent, now_ns: int) -> None:
+        if not self.enabled:
+            return
+        if self.t0 == 0:
+            self.t0 = self.last = now_ns
+            return
+        if now_ns - self.last < self.period_ns and not agent.done:
+            return
+        self.last = now_ns
+        done = agent.source.position
+        el = (now_ns - self.t0) / 1e9
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * done / self.total if self.total else 100.0
+        line = (
+            f"replay {pct:5.1f}%  {done:,}/{self.total:,} ticks  {rate:,.0f} ticks/s  "
+            f"rejected {agent.rejected:,}  ETA {eta:,.0f}s"
+        )
+        if self.tty:
+            sys.stderr.write("\r" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.printed = True
+
+    def finish(self) -> None:
+        if self.enabled and self.tty and self.printed:
+            sys.stderr.write("\n")
+
+
+class _NullSink:
+    """Sink used with ``--publish none``: measures the loop without a socket."""
+
+    name = "none"
+    drops = 0
+
+    def publish(self, topic: bytes, payload) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _load_backend(kind: str, model_path: str | None):
+    from features.featureset import DEFAULT_FEATURE_SET
+    from models.loader import default_model_path
+    from models.ort_backend import OrtBackend
+
+    path = model_path or str(default_model_path())
+    if kind != "ort":
+        raise ValueError(f"unknown backend {kind!r}; available: ort")
+    return OrtBackend(path, DEFAULT_FEATURE_SET), path
+
+
+def run_inprocess(opts: ReplayOptions) -> ReplayResult:
+    """Replay ``opts.data`` through the scoring agent in this process and report."""
+    from features.featureset import DEFAULT_FEATURE_SET
+    from replay.generator import default_data_path
+    from replay.reader import read_ticks
+
+    data_path = opts.data or str(default_data_path())
+    td = read_ticks(data_path)
+    ticks = td.ticks if opts.limit is None else td.ticks[: opts.limit]
+    backend, model_path = _load_backend(opts.backend, opts.model)
+
+    # Create every helper thread (ZeroMQ I/O) before the hot thread is pinned,
+    # and put it on another core than the hot one.
+    io_cpu = None
+    if opts.pin is not None:
+        others = sorted(os.sched_getaffinity(0) - {opts.pin})
+        io_cpu = others[0] if others else None
+    sink = (
+        ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu)
+        if opts.publish and opts.publish.lower() != "none"
+        else _NullSink()
+    )
+    try:
+        if opts.wait_subscribers and isinstance(sink, ZmqPublisher):
+            got = sink.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s)
+            if got < opts.wait_subscribers:
+                print(
+                    f"tickscore: only {got} of {opts.wait_subscribers} subscribers after "
+                    f"{opts.wait_timeout_s:g}s; replaying anyway",
+                    file=sys.stderr,
+                )
+        source = ReplaySource(ticks, opts.speed)
+        progress = _Progress(len(ticks), opts.progress)
+        agent = ScoringAgent(
+            source,
+            backend,
+            [sink],
+            td.symbols,
+            DEFAULT_FEATURE_SET.params_array(),
+            recorder_capacity=max(len(ticks), 1),
+            progress=progress,
+        )
+        runner = AgentRunner(agent, make_idle(opts.idle), pin_core=opts.pin)
+        runner.run()
+        progress.finish()
+    finally:
+        sink.close()
+
+    t_in, t_out = agent.recorder.snapshot(agent.seq)
+    lat = t_out - t_in
+    warm = min(opts.warmup_ticks, max(len(lat) - 1, 0))
+    stats = latency_stats(lat[warm:])
+    corrected = corrected_stats = None
+    if source.intended_ns is not None and agent.seq:
+        accepted = np.ones(len(ticks), dtype=bool)
+        accepted[agent.rejected_idx] = False
+        intended = source.intended_ns[accepted][: agent.seq]
+        corrected = t_out - intended
+        corrected_stats = latency_stats(corrected[warm:])
+    wall_s = (int(t_out[-1]) - int(t_in[0])) / 1e9 if agent.seq else 0.0
+    summary = summarise(
+        ticks=len(ticks) + td.rejected_total,
+        scores=agent.seq,
+        dropped=int(getattr(sink, "drops", 0)),
+        rejected=agent.rejected + td.rejected_total,
+        rejected_by_reason=_merge(td.rejected, agent.rejected_by_reason()),
+        wall_s=wall_s,
+        stats=stats,
+        mode="inprocess",
+        backend=opts.backend,
+        model_path=model_path,
+        model_version=backend.version,
+        quantization=getattr(backend, "quantization", "unknown"),
+        data_path=data_path,
+        data_rows=td.rows,
+        pinned=runner.pin.pinned if runner.pin else [],
+        extra={
+            "warmup_ticks_excluded": warm,
+            "speed": "max" if opts.speed is None else opts.speed,
+            "publish": opts.publish,
+            "idle": opts.idle,
+            "errors": runner.errors,
+            "pin": runner.pin.message if runner.pin else "",
+            "latency_from_intended_ns": corrected_stats.as_contract() if corrected_stats else None,
+            "out_of_range": stats.out_of_range,
+        },
+    )
+    result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
+    if opts.out:
+        result.out_files = write_outputs(result, opts.out, t_in, t_out, source.intended_ns, warm)
+    return result
+
+
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def summarise(
+    *,
+    ticks: int,
+    scores: int,
+    dropped: int,
+    rejected: int,
+    rejected_by_reason: dict[str, int],
+    wall_s: float,
+    stats: LatencyStats,
+    mode: str,
+    backend: str,
+    model_path: str,
+    model_version: str,
+    quantization: str,
+    data_path: str,
+    data_rows: int,
+    pinned: list[int],
+    extra: dict | None = None,
+) -> dict:
+    """Return the run-summary JSON object (contract in ARCHITECTURE.md) plus ``extra`` keys."""
+    summary = {
+        "ticks": int(ticks),
+        "scores": int(scores),
+        "dropped": int(dropped),
+        "rejected": int(rejected),
+        "wall_s": float(wall_s),
+        "throughput_tps": float(scores / wall_s) if wall_s > 0 else 0.0,
+        "latency_ns": stats.as_contract(),
+        "mode": mode,
+        "backend": backend,
+        "model": {"path": str(model_path), "version": model_version, "quantization": quantization},
+        "data": {"path": str(data_path), "rows": int(data_rows)},
+        "host": {
+            "cpus": os.cpu_count() or 0,
+            "pinned": [int(c) for c in pinned],
+            "python": platform.python_version(),
+        },
+        "rejected_by_reason": rejected_by_reason,
+        "latency_count": stats.count,
+        "created_unix": time.time(),
+    }
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def write_outputs(
+    result: ReplayResult,
+    out_dir: str | Path,
+    t_in: np.ndarray,
+    t_out: np.ndarray,
+    intended: np.ndarray | None,
+    warm: int,
+) -> dict[str, str]:
+    """Write summary.json, latency.hgrm, latency.png and latency_raw.npz; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["summary"] = str(out / "summary.json")
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    files["hgrm"] = str(write_hgrm(result.latency_ns[warm:], out / "latency.hgrm"))
+    series = {f"service time ({result.summary['backend']})": result.latency_ns[warm:]}
+    if result.corrected_ns is not None:
+        series["from intended send time"] = result.corrected_ns[warm:]
+        write_hgrm(result.corrected_ns[warm:], out / "latency_intended.hgrm")
+    files["png"] = str(plot_percentiles(series, out / "latency.png"))
+    raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}
+    if intended is not None:
+        raw["intended"] = intended
+    np.savez_compressed(out / "latency_raw.npz", **raw)
+    files["raw"] = str(out / "latency_raw.npz")
+    return files

@@ -1,0 +1,115 @@
+"""End to end: `tickscore replay` in one process, an independent ZeroMQ SUB in another."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSCRIBER = ROOT / "tests" / "score_subscriber.py"
+
+CONTRACT_KEYS = {
+    "ticks", "scores", "dropped", "rejected", "wall_s", "throughput_tps", "latency_ns",
+    "mode", "backend", "model", "data", "host",
+}
+
+
+def _tickscore(*args, timeout=300):
+    cmd = [sys.executable, "-m", "engine.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _start_subscriber(endpoint, out, idle_s=3.0):
+    proc = subprocess.Popen(
+        [sys.executable, str(SUBSCRIBER), endpoint, str(out), str(idle_s)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_subscriber_in_another_process_receives_every_score_with_contiguous_seq(tmp_path):
+    endpoint = f"ipc://{tmp_path}/scores.ipc"
+    sub_out = tmp_path / "sub.json"
+    sub = _start_subscriber(endpoint, sub_out)
+    try:
+        run = _tickscore(
+            "replay", "--limit", "30000", "--publish", endpoint, "--wait-subscribers", "1",
+            "--out", str(tmp_path / "run"), "--no-progress", "--pin", "none",
+        )
+        assert run.returncode == 0, run.stderr
+        sub.wait(timeout=60)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    got = json.loads(sub_out.read_text())
+    assert summary["dropped"] == 0
+    assert summary["scores"] == summary["ticks"] - summary["rejected"]
+    assert got["bad"] == 0
+    assert got["count"] == summary["scores"] > 0
+    assert got["first_seq"] == 0 and got["last_seq"] == summary["scores"] - 1
+    assert got["contiguous"]
+    assert got["topics_match_instrument"]
+    assert got["model_versions"] == [summary["model"]["version"]]
+    assert 0.0 <= got["score_min"] <= got["score_max"] <= 1.0
+    assert len(got["instruments"]) >= 3
+
+
+def test_replay_out_dir_has_contract_summary_hgrm_and_plot(tmp_path):
+    out = tmp_path / "run"
+    run = _tickscore("replay", "--limit", "20000", "--publish", "none", "--out", str(out),
+                     "--no-progress", "--pin", "none")
+    assert run.returncode == 0, run.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert CONTRACT_KEYS <= set(s)
+    assert set(s["latency_ns"]) == {"p50", "p90", "p99", "p999", "p9999", "max", "mean"}
+    lat = s["latency_ns"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["p9999"]
+    assert lat["p9999"] <= lat["max"] * 1.001  # histogram buckets are within 0.1 %
+    assert s["mode"] == "inprocess" and s["backend"] == "ort"
+    assert s["model"]["quantization"] == "int8-qdq"
+    assert s["scores"] == 20000 - s["rejected"] and s["throughput_tps"] > 0
+    assert s["data"]["rows"] >= 200_000
+    hgrm = (out / "latency.hgrm").read_text()
+    assert "Percentile" in hgrm and "#[Max" in hgrm
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the printed table shows the same p50 as the summary (µs, 2 decimals)
+    assert f"{lat['p50'] / 1000:,.2f}" in run.stdout
+
+
+def test_paced_replay_reports_latency_from_intended_send_time(tmp_path):
+    out = tmp_path / "paced"
+    run = _tickscore("replay", "--limit", "3000", "--speed", "50", "--publish", "none",
+                     "--out", str(out), "--no-progress", "--pin", "none", "--warmup-ticks", "100")
+    assert run.returncode == 0, run.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["speed"] == 50.0
+    corr = s["latency_from_intended_ns"]
+    assert corr is not None and corr["p50"] >= s["latency_ns"]["p50"] * 0.999
+    assert (out / "latency_intended.hgrm").exists()
+    assert "from intended" in run.stdout
+
+
+def test_missing_data_file_is_a_one_line_error_not_a_traceback(tmp_path):
+    run = _tickscore("replay", "--data", str(tmp_path / "nope.parquet"), "--publish", "none")
+    assert run.returncode == 2
+    assert "nope.parquet" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bad_speed_value_is_rejected_by_the_parser():
+    run = _tickscore("replay", "--speed", "fast")
+    assert run.returncode == 2 and "--speed" in run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity API")
+def test_pinning_to_a_core_that_does_not_exist_is_reported_not_fatal(tmp_path):
+    run = _tickscore("replay", "--limit", "2000", "--publish", "none", "--pin", "999",
+                     "--no-progress", "--json")
+    assert run.returncode == 0, run.stderr
+    s = json.loads(run.stdout)
+    assert "core 999 is not available" in s["pin"]
+    assert s["scores"] > 0
