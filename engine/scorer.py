@@ -31,21 +31,52 @@ from features.kernels import new_state, update_tick
 __all__ = ["ScoringAgent", "LatencyRecorder"]
 
 
+def _pow2(n: int) -> int:
+    cap = 1
+    while cap < max(n, 1):
+        cap <<= 1
+    return cap
+
+
 class LatencyRecorder:
     """Preallocated int64 rings of ingress and publish-returned clock readings (ns).
 
     Index = ``seq & mask``.  For a replay the capacity covers every tick, so nothing
     wraps; a live service keeps the latest ``capacity`` ticks.
+
+    Stage samples: every ``stage_every``-th scored tick (seq multiple of it) also
+    records the clock after the feature kernel and after the model, into
+    ``stage_t_features`` / ``stage_t_model`` at index ``(seq // stage_every) & stage_mask``.
+    Sampled ticks take a sibling code path, so the common path pays one bit test.
     """
 
-    def __init__(self, capacity: int) -> None:
-        cap = 1
-        while cap < max(capacity, 1):
-            cap <<= 1
+    def __init__(self, capacity: int, stage_every: int = 64) -> None:
+        cap = _pow2(capacity)
         self.capacity = cap
         self.mask = cap - 1
         self.t_in = np.zeros(cap, dtype=np.int64)
         self.t_out = np.zeros(cap, dtype=np.int64)
+        self.stage_every = _pow2(stage_every)
+        self.stage_shift = self.stage_every.bit_length() - 1
+        scap = _pow2(cap // self.stage_every + 1)
+        self.stage_mask = scap - 1
+        self.stage_t_features = np.zeros(scap, dtype=np.int64)
+        self.stage_t_model = np.zeros(scap, dtype=np.int64)
+
+    def stage_snapshot(self, n_recorded: int) -> dict[str, np.ndarray]:
+        """Return the sampled stage timings (seq, t_in, t_features, t_model, t_out) in seq order."""
+        seqs = np.arange(0, n_recorded, self.stage_every, dtype=np.int64)
+        seqs = seqs[-(self.stage_mask + 1):]
+        seqs = seqs[seqs >= n_recorded - self.capacity]
+        k = (seqs >> self.stage_shift) & self.stage_mask
+        r = seqs & self.mask
+        return {
+            "stage_seq": seqs,
+            "stage_t_in": self.t_in[r].copy(),
+            "stage_t_features": self.stage_t_features[k].copy(),
+            "stage_t_model": self.stage_t_model[k].copy(),
+            "stage_t_out": self.t_out[r].copy(),
+        }
 
     def snapshot(self, n_recorded: int) -> tuple[np.ndarray, np.ndarray]:
         """Return copies of (t_in, t_out) in seq order for the last ``min(n, capacity)`` ticks."""
@@ -88,6 +119,7 @@ class ScoringAgent(Agent):
         params: np.ndarray,
         *,
         recorder_capacity: int = 1 << 20,
+        stage_every: int = 64,
         progress: Callable | None = None,
     ) -> None:
         self.source = source
@@ -98,7 +130,8 @@ class ScoringAgent(Agent):
         self.params = np.ascontiguousarray(params, dtype=np.float64)
         self.fstate, self.istate = new_state(len(self.symbols))
         self.counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-        self.recorder = LatencyRecorder(recorder_capacity)
+        self.recorder = LatencyRecorder(recorder_capacity, stage_every)
+        self._stage_mask = self.recorder.stage_every - 1
         self.encoder = ScoreEncoder()
         self.seq = 0
         self.rejected_idx: list[int] = []
@@ -161,9 +194,11 @@ class ScoringAgent(Agent):
         if flags < 0:
             self.rejected_idx.append(i)
             return 1
+        seq = self.seq
+        if not seq & self._stage_mask:
+            return self._do_work_sampled(src, i, t_in, flags, seq)
         score = self._run()
         inst = src.inst_list[i]
-        seq = self.seq
         payload = self.encoder.encode(
             Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
         )
@@ -173,6 +208,28 @@ class ScoringAgent(Agent):
         k = seq & rec.mask
         rec.t_in[k] = t_in
         rec.t_out[k] = t_out
+        self.seq = seq + 1
+        return 1
+
+    def _do_work_sampled(self, src, i: int, t_in: int, flags: int, seq: int) -> int:
+        """Finish a stage-sampled tick: same work as do_work plus two clock reads."""
+        clock = time.perf_counter_ns
+        t_feat = clock()
+        score = self._run()
+        t_model = clock()
+        inst = src.inst_list[i]
+        payload = self.encoder.encode(
+            Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
+        )
+        self._publish(self.topics[inst], payload)
+        t_out = clock()
+        rec = self.recorder
+        k = seq & rec.mask
+        rec.t_in[k] = t_in
+        rec.t_out[k] = t_out
+        j = (seq >> rec.stage_shift) & rec.stage_mask
+        rec.stage_t_features[j] = t_feat
+        rec.stage_t_model[j] = t_model
         self.seq = seq + 1
         return 1
 

@@ -227,7 +227,11 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     )
     result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
     if opts.out:
-        result.out_files = write_outputs(result, opts.out, t_in, t_out, source.intended_ns, warm)
+        raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}
+        if corrected is not None:
+            raw["intended"] = t_out - corrected
+        raw.update(agent.recorder.stage_snapshot(agent.seq))
+        result.out_files = write_outputs(result, opts.out, raw)
     return result
 
 
@@ -287,12 +291,18 @@ def summarise(
 def write_outputs(
     result: ReplayResult,
     out_dir: str | Path,
-    t_in: np.ndarray,
-    t_out: np.ndarray,
-    intended: np.ndarray | None,
-    warm: int,
+    raw: dict[str, np.ndarray],
 ) -> dict[str, str]:
-    """Write summary.json, latency.hgrm, latency.png and latency_raw.npz; return their paths."""
+    """Write summary.json, latency.hgrm, latency.png and latency_raw.npz; return their paths.
+
+    ``latency_raw.npz`` holds, all int64 ns on CLOCK_MONOTONIC and in seq order:
+    ``t_in``/``t_out`` (every scored tick), ``warmup`` (count excluded from stats),
+    ``intended`` (paced runs: intended release time per scored tick) and the stage
+    samples ``stage_seq``, ``stage_t_in``, ``stage_t_features``, ``stage_t_model``,
+    ``stage_t_out`` (every 64th tick: features = t_features - t_in, model =
+    t_model - t_features, publish incl. encode = t_out - t_model).
+    """
+    warm = int(raw["warmup"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -304,9 +314,6 @@ def write_outputs(
         series["from intended send time"] = result.corrected_ns[warm:]
         write_hgrm(result.corrected_ns[warm:], out / "latency_intended.hgrm")
     files["png"] = str(plot_percentiles(series, out / "latency.png"))
-    raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}
-    if intended is not None:
-        raw["intended"] = intended
     np.savez_compressed(out / "latency_raw.npz", **raw)
     files["raw"] = str(out / "latency_raw.npz")
     return files
