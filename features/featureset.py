@@ -1,0 +1,347 @@
+"""Versioned feature sets: names, column order, parameters and a stable id.
+
+The id is stored in the model file and checked at load, so a model is never fed
+columns it was not trained on, nor columns computed with other half-lives.
+
+Feature set ``l1`` (version 1)
+------------------------------
+
+Computed by :mod:`features.kernels` on every accepted quote or trade, from the
+instrument's state at the event time ``t`` (int64 ns).  Notation: ``b, a, B, A``
+= bid/ask price and size of the last quote, ``m = (b + a) / 2``,
+``r_i = 1e4 * (log m_i - log m_{i-1})`` the log-mid return of quote ``i`` in bps,
+``w_h(s) = exp(-ln2 * (t - s) / h)`` the time-decay weight of an event at time
+``s`` for half-life ``h`` (ns), ``lam_h = ln2 / h`` (per s when ``h`` is in s).
+The three return/volatility half-lives are ``h_fast, h_mid, h_slow`` (defaults
+100 ms, 1 s, 10 s).  Every feature is clipped to its range; a clip sets
+``FLAG_CLIPPED``.  "Neutral" is the value written while a feature is undefined.
+
+Each entry: ``name`` [unit, range with default params, neutral value] formula.
+
+``spread_bps`` [bps, 0 .. 1000, 0]
+    ``1e4 * (a - b) / m``.
+``micro_offset_bps`` [bps, -500 .. 500, 0]
+    ``1e4 * (micro - m) / m`` with ``micro = (b A + a B) / (A + B)``; computed as
+    ``spread_bps * l1_imbalance / 2`` (identical, overflow-free).
+``l1_imbalance`` [1, -1 .. 1, 0]
+    ``(B - A) / (B + A)``.
+``ret_fast_bps``, ``ret_mid_bps``, ``ret_slow_bps`` [bps, -500 .. 500, 0]
+    ``sum_i r_i * w_h(t_i)``: time-decayed sum of log-mid returns, which equals
+    ``1e4 * log m(t)`` minus its continuous-time EMA.
+``log_vol_fast``, ``log_vol_mid``, ``log_vol_slow`` [log1p(bps/sqrt(s)), 0 .. log1p(1000), 0]
+    ``log1p(sqrt(sum_i r_i^2 w_h(t_i) / T_h))`` with ``T_h = integral of w_h(s) ds``
+    over the time the instrument had a book (s): realised vol per sqrt(second).
+    Neutral (0) while ``T_h = 0`` (no event time elapsed since the first quote).
+``spread_rel`` [log ratio, -5 .. 5, 0]
+    ``log((spread_bps + f) / (E + f))``, ``E`` = continuous-time EMA (half-life
+    ``hl_spread_ns``) of the spread held between events, ``f = spread_floor_bps``
+    (0.1) so a locked quote stays finite.
+``log_quote_rate`` [log1p(1/s), 0 .. log1p(1e5), 0]
+    ``log1p(lam_q * sum_quotes w_q(t_j))``, half-life ``hl_quote_ns``.
+``trade_flow_imb`` [1, -1 .. 1, 0]
+    ``sum_j side_j v_j w_tr(t_j) / sum_j v_j w_tr(t_j)``, half-life ``hl_trade_ns``.
+``log_trade_rate`` [log1p(1/s), 0 .. log1p(1e5), 0]
+    ``log1p(lam_tr * sum_trades w_tr(t_j))``, half-life ``hl_trade_ns``.
+``vwap_dev_bps`` [bps, -500 .. 500, 0]
+    ``1e4 * log(m / VWAP)``, ``VWAP = sum p_j v_j w_vw(t_j) / sum v_j w_vw(t_j)``,
+    half-life ``hl_vwap_ns``.  Neutral without a book or without trades.
+``log_trade_age_s`` [log1p(s), 0 .. log1p(86400), see (1)]
+    ``log1p((t - t_last_trade) / 1e9)``.
+``log_quote_age_s`` [log1p(s), 0 .. log1p(86400), see (1)]
+    ``log1p((t - t_last_quote) / 1e9)``; 0 on a quote.
+
+(1) before the instrument's first trade (quote): seconds since its first accepted
+event, a lower bound of the true age.  ``side_j`` is the aggressor sign (+1 buy,
+-1 sell, 0 unknown: counts in the volume, not in the signed volume).
+
+Why these forms: the returns feature is the time-decayed sum of returns, equal
+to ``log m(t)`` minus the continuous-time EMA of the log mid, so it is defined for
+any spacing (a simultaneous quote is not down-weighted as ``(1 - a) r`` would);
+volatility divides decayed squared returns by decayed elapsed time, so it is a
+per-time quantity (bps per sqrt(second)) that falls during quiet periods;
+intensities are decayed counts times ``lam`` (steady state = the event rate).
+
+Quotes move the book features, returns and volatility; trades move the trade
+features.  All accumulators decay to ``t`` on every event.
+
+Flags (``engine.schema.FLAG_*``) returned with each vector:
+
+* ``FLAG_WARMUP``: fewer than ``warmup_events`` accepted events for the
+  instrument (including this one), or less than ``warmup_ns`` since its first;
+* ``FLAG_NO_BOOK``: no quote yet (book, return, volatility, spread_rel,
+  quote-rate and VWAP features are neutral);
+* ``FLAG_STALE_QUOTE``: on a trade, the last quote is older than
+  ``stale_quote_ns`` (event time).  Not set when there is no quote at all;
+* ``FLAG_CLIPPED``: at least one feature was clipped (or was NaN and replaced by
+  its neutral value, e.g. after a price * size overflow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from features.kernels import FEATURE_NAMES, N_FEATURES, PARAM_NAMES
+
+__all__ = ["FeatureSet", "DEFAULT_FEATURE_SET", "get_feature_set", "known_feature_sets"]
+
+_DEFAULT_PARAMS: dict[str, float] = {
+    "hl_ret_fast_ns": 100e6,
+    "hl_ret_mid_ns": 1e9,
+    "hl_ret_slow_ns": 10e9,
+    "hl_trade_ns": 1e9,
+    "hl_vwap_ns": 10e9,
+    "hl_spread_ns": 10e9,
+    "hl_quote_ns": 1e9,
+    "warmup_events": 50.0,
+    "warmup_ns": 10e9,
+    "stale_quote_ns": 1e9,
+    "spread_max_bps": 1000.0,
+    "ret_max_bps": 500.0,
+    "vol_max_bps_sqrt_s": 1000.0,
+    "rate_max_per_s": 1e5,
+    "vwap_dev_max_bps": 500.0,
+    "age_max_s": 86400.0,
+    "spread_floor_bps": 0.1,
+    "spread_rel_max": 5.0,
+}
+
+_POSITIVE = tuple(k for k in PARAM_NAMES if k not in ("warmup_events", "warmup_ns"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+    """A versioned feature set: column names/order and kernel parameters.
+
+    Parameters
+    ----------
+    name : str
+        Family name, ``"l1"``.
+    version : int
+        Bumped whenever a formula changes (parameters changes show in ``id``).
+    names : tuple of str
+        Column names in the order of ``x`` (length ``N_FEATURES``).
+    params : dict of str to float
+        Half-lives (ns), thresholds and clip bounds, keyed by
+        ``features.kernels.PARAM_NAMES``.  Copied at construction; treat as
+        read-only.
+    """
+
+    name: str
+    version: int
+    names: tuple[str, ...]
+    params: dict[str, float]
+
+    def __post_init__(self) -> None:
+        names = tuple(self.names)
+        if len(names) != N_FEATURES:
+            raise ValueError(f"names must have {N_FEATURES} entries, got {len(names)}")
+        if names != FEATURE_NAMES:
+            raise ValueError(
+                f"names must be the kernel's column order {FEATURE_NAMES}, got {names}"
+            )
+        params = {k: float(v) for k, v in self.params.items()}
+        missing = sorted(set(PARAM_NAMES) - set(params))
+        extra = sorted(set(params) - set(PARAM_NAMES))
+        if missing or extra:
+            raise ValueError(f"bad params: missing {missing}, unknown {extra}")
+        for k, v in params.items():
+            if not math.isfinite(v) or v < 0.0 or (k in _POSITIVE and v == 0.0):
+                bound = "> 0" if k in _POSITIVE else ">= 0"
+                raise ValueError(f"param {k} must be finite and {bound}, got {v}")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "params", {k: params[k] for k in PARAM_NAMES})
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def canonical_json(self) -> str:
+        """Return the canonical JSON (sorted keys, no spaces) the id is hashed from."""
+        doc = {
+            "name": self.name,
+            "version": int(self.version),
+            "names": list(self.names),
+            "params": {k: float(v) for k, v in self.params.items()},
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @property
+    def id(self) -> str:
+        """Return ``"<name>.v<version>.<first 12 hex of sha256(canonical_json)>"``."""
+        digest = hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+        return f"{self.name}.v{int(self.version)}.{digest[:12]}"
+
+    def params_array(self) -> np.ndarray:
+        """Return the kernel parameter vector (float64, order of ``PARAM_NAMES``)."""
+        return np.array([self.params[k] for k in PARAM_NAMES], dtype=np.float64)
+
+    def with_params(self, **overrides: float) -> FeatureSet:
+        """Return a copy with some parameters replaced (the id changes accordingly)."""
+        unknown = sorted(set(overrides) - set(PARAM_NAMES))
+        if unknown:
+            raise KeyError(f"unknown params {unknown}; known: {list(PARAM_NAMES)}")
+        return dataclasses.replace(self, params={**self.params, **overrides})
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Return one dict per feature (name, unit, range, neutral, formula, description)."""
+        p = self.params
+        hl = {
+            "fast": p["hl_ret_fast_ns"],
+            "mid": p["hl_ret_mid_ns"],
+            "slow": p["hl_ret_slow_ns"],
+        }
+
+        def _hl(ns: float) -> str:
+            return f"{ns / 1e9:g} s"
+
+        rows: list[dict[str, Any]] = [
+            {
+                "name": "spread_bps",
+                "unit": "bps",
+                "range": [0.0, p["spread_max_bps"]],
+                "neutral": 0.0,
+                "formula": "1e4 * (ask - bid) / mid",
+                "description": "Quoted L1 spread relative to the mid.",
+            },
+            {
+                "name": "micro_offset_bps",
+                "unit": "bps",
+                "range": [-0.5 * p["spread_max_bps"], 0.5 * p["spread_max_bps"]],
+                "neutral": 0.0,
+                "formula": "1e4 * (microprice - mid) / mid = spread_bps * l1_imbalance / 2",
+                "description": "Size-weighted microprice offset from the mid.",
+            },
+            {
+                "name": "l1_imbalance",
+                "unit": "1",
+                "range": [-1.0, 1.0],
+                "neutral": 0.0,
+                "formula": "(bid_sz - ask_sz) / (bid_sz + ask_sz)",
+                "description": "L1 size imbalance of the last quote.",
+            },
+        ]
+        for k in ("fast", "mid", "slow"):
+            rows.append(
+                {
+                    "name": f"ret_{k}_bps",
+                    "unit": "bps",
+                    "range": [-p["ret_max_bps"], p["ret_max_bps"]],
+                    "neutral": 0.0,
+                    "formula": "sum_i r_i * exp(-ln2 (t - t_i) / h), r_i = 1e4 dlog(mid)",
+                    "description": (
+                        f"Time-decayed sum of log-mid returns, half-life {_hl(hl[k])} "
+                        "(= log mid minus its continuous-time EMA)."
+                    ),
+                }
+            )
+        for k in ("fast", "mid", "slow"):
+            rows.append(
+                {
+                    "name": f"log_vol_{k}",
+                    "unit": "log1p(bps/sqrt(s))",
+                    "range": [0.0, math.log1p(p["vol_max_bps_sqrt_s"])],
+                    "neutral": 0.0,
+                    "formula": "log1p(sqrt(sum_i r_i^2 w_i / decayed time with a book in s))",
+                    "description": f"Realised volatility per sqrt(second), half-life {_hl(hl[k])}.",
+                }
+            )
+        rows += [
+            {
+                "name": "spread_rel",
+                "unit": "log ratio",
+                "range": [-p["spread_rel_max"], p["spread_rel_max"]],
+                "neutral": 0.0,
+                "formula": "log((spread_bps + f) / (EMA(spread_bps) + f)), f = spread_floor_bps",
+                "description": (
+                    "Spread relative to its time-EMA (of the spread held between events), "
+                    f"half-life {_hl(p['hl_spread_ns'])}."
+                ),
+            },
+            {
+                "name": "log_quote_rate",
+                "unit": "log1p(1/s)",
+                "range": [0.0, math.log1p(p["rate_max_per_s"])],
+                "neutral": 0.0,
+                "formula": "log1p(ln2 / h * sum_quotes exp(-ln2 (t - t_j) / h))",
+                "description": f"Quote intensity, half-life {_hl(p['hl_quote_ns'])}.",
+            },
+            {
+                "name": "trade_flow_imb",
+                "unit": "1",
+                "range": [-1.0, 1.0],
+                "neutral": 0.0,
+                "formula": "sum side_j size_j w_j / sum size_j w_j",
+                "description": (
+                    f"Signed (aggressor) trade volume share, half-life {_hl(p['hl_trade_ns'])}."
+                ),
+            },
+            {
+                "name": "log_trade_rate",
+                "unit": "log1p(1/s)",
+                "range": [0.0, math.log1p(p["rate_max_per_s"])],
+                "neutral": 0.0,
+                "formula": "log1p(ln2 / h * sum_trades exp(-ln2 (t - t_j) / h))",
+                "description": f"Trade intensity, half-life {_hl(p['hl_trade_ns'])}.",
+            },
+            {
+                "name": "vwap_dev_bps",
+                "unit": "bps",
+                "range": [-p["vwap_dev_max_bps"], p["vwap_dev_max_bps"]],
+                "neutral": 0.0,
+                "formula": "1e4 * log(mid / VWAP), VWAP = sum p_j v_j w_j / sum v_j w_j",
+                "description": (
+                    f"Mid relative to the decayed VWAP, half-life {_hl(p['hl_vwap_ns'])}."
+                ),
+            },
+            {
+                "name": "log_trade_age_s",
+                "unit": "log1p(s)",
+                "range": [0.0, math.log1p(p["age_max_s"])],
+                "neutral": "seconds since the instrument's first event (log1p)",
+                "formula": "log1p((t - t_last_trade) / 1e9)",
+                "description": "Event-time age of the last trade.",
+            },
+            {
+                "name": "log_quote_age_s",
+                "unit": "log1p(s)",
+                "range": [0.0, math.log1p(p["age_max_s"])],
+                "neutral": "seconds since the instrument's first event (log1p)",
+                "formula": "log1p((t - t_last_quote) / 1e9)",
+                "description": "Event-time age of the last quote (0 on a quote).",
+            },
+        ]
+        assert tuple(r["name"] for r in rows) == self.names
+        return rows
+
+
+DEFAULT_FEATURE_SET = FeatureSet(name="l1", version=1, names=FEATURE_NAMES, params=_DEFAULT_PARAMS)
+
+_REGISTRY: dict[str, FeatureSet] = {DEFAULT_FEATURE_SET.id: DEFAULT_FEATURE_SET}
+
+
+def known_feature_sets() -> list[str]:
+    """Return the ids of the registered feature sets."""
+    return sorted(_REGISTRY)
+
+
+def get_feature_set(id_or_name: str) -> FeatureSet:
+    """Return a registered feature set by id (``"l1.v1.<hash>"``) or by name (latest version).
+
+    Raises
+    ------
+    KeyError
+        If no registered feature set has that id or name; the message lists the
+        known ids.
+    """
+    fs = _REGISTRY.get(id_or_name)
+    if fs is not None:
+        return fs
+    by_name = [f for f in _REGISTRY.values() if f.name == id_or_name]
+    if by_name:
+        return max(by_name, key=lambda f: f.version)
+    raise KeyError(f"unknown feature set {id_or_name!r}; known ids: {known_feature_sets()}")
