@@ -26,7 +26,8 @@ import numpy as np
 from engine.agent import Agent
 from engine.schema import N_REJECT_REASONS, REJECT_NAMES, TICK_DTYPE
 from engine.wire import Score, ScoreEncoder
-from features.kernels import new_state, update_tick
+from features.kernels import new_state as _l1_new_state
+from features.kernels import update_tick as _l1_update_tick
 
 __all__ = ["ScoringAgent", "LatencyRecorder"]
 
@@ -106,6 +107,10 @@ class ScoringAgent(Agent):
         Ticks whose latencies are kept (replay: all of them).
     progress
         Optional ``callback(agent, now_ns)`` called from housekeeping.
+    update, new_state
+        Feature kernels of the feature set (default: the L1 set).  ``update`` has the
+        signature of :func:`features.kernels.update_tick`; ``new_state(n)`` returns
+        ``(fstate, istate)``.  Other feature sets (trade-only, L3 book) pass their own.
     """
 
     role_name = "scorer"
@@ -121,6 +126,8 @@ class ScoringAgent(Agent):
         recorder_capacity: int = 1 << 20,
         stage_every: int = 64,
         progress: Callable | None = None,
+        update: Callable = _l1_update_tick,
+        new_state: Callable = _l1_new_state,
     ) -> None:
         self.source = source
         self.backend = backend
@@ -128,6 +135,8 @@ class ScoringAgent(Agent):
         self.symbols = list(symbols)
         self.topics = [s.encode() for s in self.symbols]
         self.params = np.ascontiguousarray(params, dtype=np.float64)
+        self.update = update
+        self.new_state = new_state
         self.fstate, self.istate = new_state(len(self.symbols))
         self.counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         self.recorder = LatencyRecorder(recorder_capacity, stage_every)
@@ -169,12 +178,13 @@ class ScoringAgent(Agent):
         ticks["bid_px"], ticks["ask_px"] = 100.0, 100.25
         ticks["bid_sz"], ticks["ask_sz"] = 5.0, 7.0
         ticks["price"], ticks["size"], ticks["side"] = 100.25, 1.0, 1
-        fstate, istate = new_state(1)
+        fstate, istate = self.new_state(1)
         counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         clock = time.perf_counter_ns
+        update = self.update
         for i in range(n):
             t0 = clock()
-            fl = update_tick(ticks, i, fstate, istate, self.params, self._x, counters)
+            fl = update(ticks, i, fstate, istate, self.params, self._x, counters)
             s = self._run()
             self.encoder.encode(Score("W", i, i, t0, clock(), s, self._version, max(fl, 0)))
         self.backend.warmup()
@@ -190,7 +200,7 @@ class ScoringAgent(Agent):
             return 0
         clock = time.perf_counter_ns
         t_in = clock()
-        flags = update_tick(src.ticks, i, self.fstate, self.istate, self.params, self._x, self.counters)
+        flags = self.update(src.ticks, i, self.fstate, self.istate, self.params, self._x, self.counters)
         if flags < 0:
             self.rejected_idx.append(i)
             return 1
