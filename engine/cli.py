@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
 
+    from replay.report import add_report_parser
+
+    add_report_parser(sub)
+
     g = sub.add_parser("generate", help="write a synthetic market data file (seeded, reproducible)")
     g.add_argument("--out", required=True, help="output .parquet path")
     g.add_argument("--events", type=int, default=200_000)
@@ -143,7 +147,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"replay": _cmd_replay, "generate": _cmd_generate}
+def _cmd_report(args: argparse.Namespace) -> int:
+    from replay.report import cmd_report
+
+    return cmd_report(args)
+
+
+_COMMANDS = {"replay": _cmd_replay, "generate": _cmd_generate, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ __all__ = [
     "write_hgrm",
     "format_table",
     "plot_percentiles",
+    "percentile_curve",
 ]
 
 #: Reported percentiles: JSON key → percentile.
@@ -82,8 +83,10 @@ def latency_stats(values_ns: np.ndarray) -> LatencyStats:
     if v.size == 0:
         return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
     hist, out = build_histogram(v)
-    pct = {k: int(hist.get_value_at_percentile(p)) for k, p in PERCENTILES.items()}
-    return LatencyStats(int(v.size), pct, int(v.max()), float(v.mean()), int(v.min()), out)
+    vmax = int(v.max())
+    # a bucket's highest equivalent value may exceed the exact max: never report p > max
+    pct = {k: min(int(hist.get_value_at_percentile(p)), vmax) for k, p in PERCENTILES.items()}
+    return LatencyStats(int(v.size), pct, vmax, float(v.mean()), int(v.min()), out)
 
 
 def write_hgrm(values_ns: np.ndarray, path: str | Path) -> Path:
@@ -124,7 +127,7 @@ def format_table(
     return "\n".join(lines)
 
 
-def _percentile_curve(values_ns: np.ndarray, max_nines: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_curve(values_ns: np.ndarray, max_nines: float) -> tuple[np.ndarray, np.ndarray]:
     """Return (x = 1/(1-p), y = latency µs) sampled log-evenly in 1/(1-p)."""
     v = np.sort(np.asarray(values_ns, dtype=np.int64))
     n = v.size
@@ -157,7 +160,7 @@ def plot_percentiles(
         if len(values) == 0:
             continue
         max_n = max(max_n, len(values))
-        x, y = _percentile_curve(values, 6)
+        x, y = percentile_curve(values, 6)
         ax.plot(x, y, label=label, linewidth=1.6)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -62,7 +62,7 @@ class ReplaySource:
             self.poll = self._poll_paced  # type: ignore[method-assign]
 
     def start(self, now_ns: int | None = None) -> None:
-        """Fix the pacing origin (call right before the loop starts)."""
+        """Fix the pacing origin; without a call, the first poll fixes it."""
         self._start_ns = time.perf_counter_ns() if now_ns is None else now_ns
 
     @property
@@ -84,8 +84,11 @@ class ReplaySource:
         if i >= self.n:
             self.done = True
             return -1
+        now = time.perf_counter_ns()
+        if not self._start_ns:
+            self._start_ns = now
         due = self._start_ns + int((self.ts_list[i] - self._ts0) * self._inv_speed)
-        if time.perf_counter_ns() < due:
+        if now < due:
             return -1
         self.intended_ns[i] = due
         self._i = i + 1
