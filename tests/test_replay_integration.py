@@ -128,3 +128,30 @@ def test_pinning_to_a_core_that_does_not_exist_is_reported_not_fatal(tmp_path):
     s = json.loads(run.stdout)
     assert "core 999 is not available" in s["pin"]
     assert s["scores"] > 0
+
+
+_STALLED_SUB = r"""
+import sys, time, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.SUB); s.setsockopt(zmq.RCVHWM, 10)
+s.setsockopt(zmq.RCVBUF, 4096); s.setsockopt(zmq.SUBSCRIBE, b""); s.connect(sys.argv[1])
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))   # never reads: a subscriber that has stalled
+"""
+
+
+def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_path):
+    endpoint = f"ipc://{tmp_path}/slow.ipc"
+    sub = subprocess.Popen([sys.executable, "-c", _STALLED_SUB, endpoint, "120"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert sub.stdout.readline().strip() == "ready"
+        run = _tickscore("replay", "--limit", "40000", "--publish", endpoint, "--hwm", "10",
+                         "--wait-subscribers", "1", "--no-progress", "--pin", "none", "--json",
+                         timeout=120)
+    finally:
+        sub.kill()
+    assert run.returncode == 0, run.stderr
+    s = json.loads(run.stdout)
+    assert s["scores"] == 40000 - s["rejected"]  # every tick scored, none waited for the subscriber
+    assert s["dropped"] > 0
+    assert s["dropped"] < s["scores"]  # the first messages did fit in the queues
