@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 _DRAIN = r"""
-import sys, zmq
+import os, sys, zmq
+try:
+    os.sched_setaffinity(0, {int(sys.argv[3])})  # keep the subscriber off the hot core
+except (OSError, ValueError):
+    pass
 ctx = zmq.Context(); s = ctx.socket(zmq.SUB); s.setsockopt(zmq.RCVHWM, 0)
 s.setsockopt(zmq.SUBSCRIBE, b""); s.connect(sys.argv[1]); print("ready", flush=True)
 n = 0
@@ -37,18 +41,20 @@ print(n, flush=True)
 
 
 def _one_run(backend: str, data: str | None, model: str | None, pin: int | None,
-             limit: int | None, subscriber: bool) -> dict:
+             limit: int | None, subscriber: bool, rt_priority: int | None = None) -> dict:
     from replay.run import ReplayOptions, run_inprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         endpoint = f"ipc://{tmp}/bench.ipc"
         drain = None
         if subscriber:
-            drain = subprocess.Popen([sys.executable, "-c", _DRAIN, endpoint, "3"],
+            sub_core = str(0 if pin != 0 else 1)
+            drain = subprocess.Popen([sys.executable, "-c", _DRAIN, endpoint, "3", sub_core],
                                      stdout=subprocess.PIPE, text=True)
             drain.stdout.readline()
         opts = ReplayOptions(data=data, model=model, backend=backend, pin=pin, publish=endpoint,
-                             wait_subscribers=1 if subscriber else 0, progress=False, limit=limit)
+                             wait_subscribers=1 if subscriber else 0, progress=False, limit=limit,
+                             rt_priority=rt_priority)
         res = run_inprocess(opts)
         received = None
         if drain is not None:
@@ -65,6 +71,7 @@ def _one_run(backend: str, data: str | None, model: str | None, pin: int | None,
         "model_version": s["model"]["version"],
         "pinned": s["host"]["pinned"],
         "pin": s["pin"],
+        "scheduler": s["scheduler"],
     }
 
 
@@ -77,6 +84,7 @@ def main() -> int:
     ap.add_argument("--pin", type=int, default=1)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--no-subscriber", action="store_true")
+    ap.add_argument("--rt-priority", type=int, default=None, help="SCHED_FIFO priority for the hot loop")
     ap.add_argument("--json", required=True, help="output JSON path")
     args = ap.parse_args()
 
@@ -84,7 +92,8 @@ def main() -> int:
     runs: list[dict] = []
     for r in range(args.repeat):
         for b in backends:
-            run = _one_run(b, args.data, args.model, args.pin, args.limit, not args.no_subscriber)
+            run = _one_run(b, args.data, args.model, args.pin, args.limit, not args.no_subscriber,
+                           args.rt_priority)
             run["repeat"] = r
             runs.append(run)
             lat = run["latency_ns"]

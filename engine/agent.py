@@ -30,6 +30,7 @@ __all__ = [
     "IDLE_STRATEGIES",
     "PinResult",
     "pin_current_thread",
+    "set_realtime_priority",
     "AgentRunner",
 ]
 
@@ -157,6 +158,24 @@ def make_idle(name: str) -> IdleStrategy:
         ) from None
 
 
+def set_realtime_priority(priority: int | None) -> str:
+    """Give the calling thread SCHED_FIFO at ``priority`` (1-99); return what happened.
+
+    ``None`` or 0 leaves the scheduler alone.  Refusal (no privilege, no API) is
+    reported in the returned message, never raised.  A busy-spinning FIFO thread
+    owns its core: use it only with a core reserved for the hot loop.
+    """
+    if not priority:
+        return "default scheduler"
+    if not hasattr(os, "sched_setscheduler"):
+        return "SCHED_FIFO not available on this OS; default scheduler"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (OSError, ValueError) as exc:
+        return f"SCHED_FIFO {priority} refused ({exc}); default scheduler"
+    return f"SCHED_FIFO priority {priority}"
+
+
 @dataclass
 class PinResult:
     """Outcome of a pinning request (never fatal: the OS may refuse)."""
@@ -229,6 +248,7 @@ class AgentRunner:
         housekeeping_every: int = 4096,
         error_handler: Callable[[BaseException], None] = _default_error_handler,
         max_errors: int = 1000,
+        rt_priority: int | None = None,
     ) -> None:
         if housekeeping_every & (housekeeping_every - 1):
             raise ValueError("housekeeping_every must be a power of two")
@@ -242,6 +262,8 @@ class AgentRunner:
         self.errors = 0
         self.running = False
         self.pin: PinResult | None = None
+        self.rt_priority = rt_priority
+        self.scheduler = "default scheduler"
 
     def stop(self) -> None:
         """Ask the loop to end after the current duty cycle (safe from a signal handler)."""
@@ -254,6 +276,7 @@ class AgentRunner:
         try:
             self.pin = pin_current_thread(self.pin_core)
             agent.warmup()
+            self.scheduler = set_realtime_priority(self.rt_priority)
             if self.freeze_gc:
                 gc.collect()
                 gc.freeze()
@@ -262,6 +285,11 @@ class AgentRunner:
             self._loop()
         finally:
             self.running = False
+            if self.rt_priority and hasattr(os, "sched_setscheduler"):
+                try:  # back to normal scheduling for reporting and teardown
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                except OSError:
+                    pass
             if self.freeze_gc:
                 gc.enable()
                 gc.unfreeze()

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZeroMQ PUB endpoint to bind, e.g. ipc:///tmp/x.ipc or tcp://127.0.0.1:5556 "
         "(default ipc:///tmp/tickscore-scores.ipc; 'none' to measure without a socket)",
     )
+    r.add_argument(
+        "--rt-priority", type=int, default=None, metavar="1-99",
+        help="run the hot loop SCHED_FIFO at this priority (needs privilege; refusal is reported)",
+    )
     r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
     r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
     r.add_argument(
@@ -112,6 +116,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         sndhwm=args.hwm,
         progress=not args.no_progress,
         limit=args.limit,
+        rt_priority=args.rt_priority,
     )
     res = run_inprocess(opts)
     s = res.summary
@@ -121,7 +126,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     print(
         f"tickscore replay: {s['data']['path']}\n"
         f"  model {s['model']['version']} ({s['model']['quantization']}, backend {s['backend']}), "
-        f"{s['pin']}, publish {s['publish']}\n"
+        f"{s['pin']}, {s['scheduler']}, publish {s['publish']}\n"
         f"  ticks {s['ticks']:,}  scores {s['scores']:,}  rejected {s['rejected']:,}  "
         f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
         f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"

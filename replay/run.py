@@ -50,6 +50,7 @@ class ReplayOptions:
     sndhwm: int = 100_000
     progress: bool = True
     limit: int | None = None
+    rt_priority: int | None = None
 
 
 @dataclass
@@ -180,7 +181,9 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             recorder_capacity=max(len(ticks), 1),
             progress=progress,
         )
-        runner = AgentRunner(agent, make_idle(opts.idle), pin_core=opts.pin)
+        runner = AgentRunner(
+            agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority
+        )
         runner.run()
         progress.finish()
     finally:
@@ -221,6 +224,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "idle": opts.idle,
             "errors": runner.errors,
             "pin": runner.pin.message if runner.pin else "",
+            "scheduler": runner.scheduler,
             "latency_from_intended_ns": corrected_stats.as_contract() if corrected_stats else None,
             "out_of_range": stats.out_of_range,
         },

@@ -111,3 +111,11 @@ def test_pinning_to_missing_core_is_reported_not_raised():
     res = pin_current_thread(10_000)
     assert not res.ok and "not available" in res.message
     assert os.sched_getaffinity(0) == before
+
+
+def test_refused_realtime_priority_is_reported_not_raised():
+    from engine.agent import set_realtime_priority
+
+    assert set_realtime_priority(None) == "default scheduler"
+    msg = set_realtime_priority(500)  # out of range for SCHED_FIFO everywhere
+    assert "refused" in msg or "not available" in msg
