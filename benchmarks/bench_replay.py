@@ -63,6 +63,8 @@ def _one_run(backend: str, data: str | None, model: str | None, pin: int | None,
     s = res.summary
     return {
         "backend": backend,
+        "backend_used": s["backend"],
+        "backend_selection": s.get("backend_selection"),
         "latency_ns": s["latency_ns"],
         "throughput_tps": s["throughput_tps"],
         "scores": s["scores"],

@@ -318,6 +318,8 @@ class AgentRunner:
                     cycles += 1
                     if not cycles & mask:
                         hk(clock())
+                        # housekeeping may swap the agent's do_work (hot model reload)
+                        do_work = agent.do_work
             except Exception as exc:  # noqa: BLE001 - error handler + counter, loop survives
                 self.errors += 1
                 self.error_handler(exc)
