@@ -35,6 +35,9 @@ __all__ = [
     "REJECT_UNKNOWN_INSTRUMENT",
     "REJECT_BAD_KIND",
     "REJECT_MALFORMED",
+    "REJECT_UNKNOWN_ORDER",
+    "REJECT_ABSURD_PRICE",
+    "REJECT_BOOK_FULL",
     "REJECT_NAMES",
     "N_REJECT_REASONS",
     "empty_ticks",
@@ -102,6 +105,9 @@ REJECT_TIME_BACKWARDS = 4  #: ts_event_ns earlier than the instrument's previous
 REJECT_UNKNOWN_INSTRUMENT = 5  #: symbol / id not in the instrument table
 REJECT_BAD_KIND = 6  #: event kind not handled by this feature set
 REJECT_MALFORMED = 7  #: undecodable wire message or row (wrong length, types, ...)
+REJECT_UNKNOWN_ORDER = 8  #: book modify/delete for an order id that is not in the book
+REJECT_ABSURD_PRICE = 9  #: price above the feature set's max_price or outside its band around the mid
+REJECT_BOOK_FULL = 10  #: book add while the preallocated order table is full
 REJECT_NAMES = (
     "ok",
     "nonfinite",
@@ -111,6 +117,9 @@ REJECT_NAMES = (
     "unknown_instrument",
     "bad_kind",
     "malformed",
+    "unknown_order",
+    "absurd_price",
+    "book_full",
 )
 N_REJECT_REASONS = len(REJECT_NAMES)
 

@@ -1,0 +1,692 @@
+"""L3 (order-by-order) feature kernels: book update + features in one numba call.
+
+Same signatures as :mod:`features.kernels` (``apply_tick``, ``update_tick``,
+``compute_batch``, ``new_state``), so the scoring agent, the batch command and
+a fused features + model kernel use them unchanged.  Per event,
+:func:`apply_tick` checks the instrument, the kind (trade, book add / modify /
+delete; a quote is ``bad_kind``) and the event-time order, applies the event to
+the instrument's order book (:func:`features.book.book_apply`, which also
+validates it and applies the messy-data rules documented in
+:mod:`features.book`), advances the time-decayed accumulators to the event
+time, and writes the feature vector of the ``l3`` feature set (documented in
+:mod:`features.featureset`).
+
+State is :func:`features.book.new_book_state`'s two flat arrays; this module
+owns columns ``C_*`` (>= 1) of the per-instrument float block and column
+``I_HAVE_MID`` of the int block.  Times stay int64 ns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from engine.schema import (
+    FLAG_CLIPPED,
+    FLAG_NO_BOOK,
+    FLAG_STALE_QUOTE,
+    FLAG_WARMUP,
+    KIND_BOOK_DELETE,
+    KIND_TRADE,
+    REJECT_BAD_KIND,
+    REJECT_BOOK_FULL,
+    REJECT_OK,
+    REJECT_TIME_BACKWARDS,
+    REJECT_UNKNOWN_INSTRUMENT,
+)
+from features import book as _bk
+from features.book import (
+    A_CROSSED,
+    A_LOCKED,
+    A_SAME_TS,
+    A_SNAPSHOT,
+    H_F_OFF_LEVELS,
+    H_LEVELS,
+    H_N_INST,
+    H_OFF_INST,
+    I_ANOM,
+    I_FIRST_TS,
+    I_LAST_TOP_TS,
+    I_LAST_TRADE_TS,
+    I_LAST_TS,
+    I_N_BOOK,
+    I_N_EVENTS,
+    I_NA,
+    I_NB,
+    I_SPARE,
+    NF_INST,
+    NI_INST,
+    book_apply,
+)
+
+__all__ = [
+    "N_FEATURES",
+    "N_PARAMS",
+    "PARAM_NAMES",
+    "FEATURE_NAMES",
+    "DEFAULT_PARAMS",
+    "new_state",
+    "apply_tick",
+    "update_tick",
+    "compute_batch",
+]
+
+_LN2 = math.log(2.0)
+_NS_PER_S = 1e9
+
+
+def _drop_stale_cache() -> None:
+    """Delete this module's numba cache if features/book.py changed after it was written.
+
+    numba's on-disk cache only tracks the caller's own source file, but these
+    kernels inline the book's functions: a cache older than book.py would run
+    the old book against the new state layout.
+    """
+    import glob
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        t_book = os.path.getmtime(os.path.join(here, "book.py"))
+    except OSError:
+        return
+    for f in glob.glob(os.path.join(here, "__pycache__", "kernels_l3.*.nb[ic]")):
+        try:
+            if os.path.getmtime(f) < t_book:
+                os.remove(f)
+        except OSError:
+            pass
+
+
+_drop_stale_cache()
+_BPS = 1e4
+INT64_MIN = np.iinfo(np.int64).min
+
+FEATURE_NAMES = (
+    "spread_bps",
+    "micro_offset_bps",
+    "l1_imbalance",
+    "depth_imb_short",
+    "depth_imb_long",
+    "ret_fast_bps",
+    "ret_mid_bps",
+    "ret_slow_bps",
+    "log_vol_fast",
+    "log_vol_mid",
+    "log_vol_slow",
+    "log_book_rate",
+    "order_flow_imb",
+    "cancel_share",
+    "trade_flow_imb",
+    "log_trade_rate",
+    "vwap_dev_bps",
+    "log_trade_age_s",
+    "log_top_age_s",
+)
+N_FEATURES = len(FEATURE_NAMES)
+X_SPREAD = 0
+X_MICRO = 1
+X_IMB = 2
+X_DEPTH_S = 3
+X_DEPTH_L = 4
+X_RET = 5  # + k
+X_VOL = 8  # + k
+X_BOOK_RATE = 11
+X_OFI = 12
+X_CXL = 13
+X_FLOW = 14
+X_TRADE_RATE = 15
+X_VWAP = 16
+X_TRADE_AGE = 17
+X_TOP_AGE = 18
+
+PARAM_NAMES = (
+    "max_price",
+    "price_band",
+    "uncross",
+    "hl_ret_fast_ns",
+    "hl_ret_mid_ns",
+    "hl_ret_slow_ns",
+    "hl_trade_ns",
+    "hl_vwap_ns",
+    "hl_book_ns",
+    "warmup_events",
+    "warmup_ns",
+    "stale_top_ns",
+    "spread_max_bps",
+    "ret_max_bps",
+    "vol_max_bps_sqrt_s",
+    "rate_max_per_s",
+    "vwap_dev_max_bps",
+    "age_max_s",
+    "depth_levels_short",
+    "depth_levels_long",
+)
+N_PARAMS = len(PARAM_NAMES)
+assert PARAM_NAMES[_bk.P_MAX_PRICE] == "max_price"
+assert PARAM_NAMES[_bk.P_PRICE_BAND] == "price_band"
+assert PARAM_NAMES[_bk.P_UNCROSS] == "uncross"
+P_HL_RET = 3
+P_HL_TRADE = 6
+P_HL_VWAP = 7
+P_HL_BOOK = 8
+P_WARMUP_EVENTS = 9
+P_WARMUP_NS = 10
+P_STALE_NS = 11
+P_SPREAD_MAX = 12
+P_RET_MAX = 13
+P_VOL_MAX = 14
+P_RATE_MAX = 15
+P_VWAP_MAX = 16
+P_AGE_MAX = 17
+P_DEPTH_S = 18
+P_DEPTH_L = 19
+
+#: Default parameters (the ``l3`` feature set's).
+DEFAULT_PARAMS: dict[str, float] = {
+    "max_price": 1e9,
+    "price_band": 10.0,
+    "uncross": 1.0,
+    "hl_ret_fast_ns": 100e6,
+    "hl_ret_mid_ns": 1e9,
+    "hl_ret_slow_ns": 10e9,
+    "hl_trade_ns": 1e9,
+    "hl_vwap_ns": 10e9,
+    "hl_book_ns": 1e9,
+    "warmup_events": 50.0,
+    "warmup_ns": 10e9,
+    "stale_top_ns": 1e9,
+    "spread_max_bps": 1000.0,
+    "ret_max_bps": 500.0,
+    "vol_max_bps_sqrt_s": 1000.0,
+    "rate_max_per_s": 1e6,
+    "vwap_dev_max_bps": 500.0,
+    "age_max_s": 86400.0,
+    "depth_levels_short": 5.0,
+    "depth_levels_long": 10.0,
+}
+assert tuple(DEFAULT_PARAMS) == PARAM_NAMES
+
+# per-instrument float columns (column 0 is the book's last trade price)
+C_LOGMID = 1
+C_RET = 2  # + k
+C_VAR = 5  # + k
+C_TIME = 8  # + k
+C_FLOW_SV = 11
+C_FLOW_V = 12
+C_TRADE_N = 13
+C_VWAP_PV = 14
+C_VWAP_V = 15
+C_BOOK_N = 16
+C_OFI = 17
+C_OF_ABS = 18
+C_ADD_V = 19
+C_CXL_V = 20
+C_BID = 21
+C_ASK = 22
+C_LOGVWAP = 23
+assert C_LOGVWAP < NF_INST
+I_HAVE_MID = I_SPARE  # 1 once the instrument had a two-sided book
+
+
+def new_state(
+    n_instruments: int,
+    *,
+    max_orders: int = _bk.DEFAULT_MAX_ORDERS,
+    max_levels: int = _bk.DEFAULT_MAX_LEVELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return fresh ``(fstate, istate)`` for ``n_instruments`` (see :func:`features.book.new_book_state`).
+
+    The capacities are not feature-set parameters (they do not change any
+    feature while they are not exceeded, and a model must not depend on them):
+    pass larger ones for very deep or very many books.  Exceeding them is
+    counted (``book_full`` rejects, ``level_overflow`` anomalies).
+    """
+    return _bk.new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _clip(x, lo, hi, neutral):
+    if x < lo:
+        return lo, True
+    if x > hi:
+        return hi, True
+    if x != x:
+        return neutral, True
+    return x, False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decay(x, params, p, a0, a1, a2):
+    """Return exp(x / params[p]), reusing a return half-life's factor when equal."""
+    hl = params[p]
+    if hl == params[P_HL_RET]:
+        return a0
+    if hl == params[P_HL_RET + 1]:
+        return a1
+    if hl == params[P_HL_RET + 2]:
+        return a2
+    return math.exp(x / hl)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _log1p(v):
+    """Return log(1 + v) for v >= 0 (features are float32: log1p's extra digits are not needed)."""
+    return math.log(1.0 + v)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _reject(x_out, counters, reason):
+    counters[reason] += 1
+    for k in range(x_out.shape[0]):
+        x_out[k] = np.nan
+    return -reason
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
+    """Validate and apply ``ticks[i]`` to its book; write its features; return flags or -reason.
+
+    Parameters
+    ----------
+    ticks : ndarray of TICK_DTYPE
+        Only row ``i`` is read.  Times int64 ns.
+    i : int
+    fstate, istate : ndarray
+        L3 state from :func:`new_state`, updated in place.
+    params : ndarray of float64, shape (N_PARAMS,)
+    x_out : ndarray of float32, shape (N_FEATURES,)
+        Receives the features; all NaN if the event is rejected.
+    counters : ndarray of int64, shape (N_REJECT_REASONS,)
+        ``counters[0]`` accepted events, ``counters[r]`` rejects of reason r.
+
+    Returns
+    -------
+    int
+        Flags (>= 0) if accepted, ``-reason`` if rejected (state unchanged
+        except ``counters`` and ``x_out``).
+
+    Allocates: no.
+    """
+    t = ticks[i]
+    inst = t.instrument
+    if inst < 0 or inst >= istate[H_N_INST]:
+        return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)
+    kind = t.kind
+    if kind < KIND_TRADE or kind > KIND_BOOK_DELETE:
+        return _reject(x_out, counters, REJECT_BAD_KIND)
+    ib = istate[H_OFF_INST] + inst * NI_INST
+    fb = inst * NF_INST
+    ts = t.ts_event_ns
+    if ts < istate[ib + I_LAST_TS]:
+        return _reject(x_out, counters, REJECT_TIME_BACKWARDS)
+    had_book = istate[ib + I_NB] > 0 and istate[ib + I_NA] > 0
+
+    code, side, added, removed = book_apply(ticks, i, fstate, istate, params)
+    if code < 0:
+        return _reject(x_out, counters, -code)
+    counters[REJECT_OK] += 1
+
+    flags = 0
+    snapshot = False
+    n_ev = istate[ib + I_N_EVENTS]
+    if n_ev == 0:
+        istate[ib + I_FIRST_TS] = ts
+        snapshot = True  # the first event (and any at the same time) is state, not flow
+    else:
+        if ts == istate[ib + I_FIRST_TS]:
+            snapshot = True
+            istate[ib + I_ANOM + A_SNAPSHOT] += 1
+        elif ts == istate[ib + I_LAST_TS]:
+            istate[ib + I_ANOM + A_SAME_TS] += 1
+        dt_ns = np.float64(ts - istate[ib + I_LAST_TS])
+        if dt_ns > 0.0:
+            x = -_LN2 * dt_ns
+            a0 = math.exp(x / params[P_HL_RET])
+            a1 = math.exp(x / params[P_HL_RET + 1])
+            a2 = math.exp(x / params[P_HL_RET + 2])
+            for k in range(3):
+                a = a0 if k == 0 else (a1 if k == 1 else a2)
+                fstate[fb + C_RET + k] *= a
+                fstate[fb + C_VAR + k] *= a
+                if had_book:
+                    # exact integral of the decay kernel over (t_prev, ts], in s
+                    hl = params[P_HL_RET + k]
+                    fstate[fb + C_TIME + k] = a * fstate[fb + C_TIME + k] + (1.0 - a) * (
+                        hl / (_LN2 * _NS_PER_S)
+                    )
+            a = _decay(x, params, P_HL_TRADE, a0, a1, a2)
+            fstate[fb + C_FLOW_SV] *= a
+            fstate[fb + C_FLOW_V] *= a
+            fstate[fb + C_TRADE_N] *= a
+            a = _decay(x, params, P_HL_VWAP, a0, a1, a2)
+            fstate[fb + C_VWAP_PV] *= a
+            fstate[fb + C_VWAP_V] *= a
+            a = _decay(x, params, P_HL_BOOK, a0, a1, a2)
+            for c in range(C_BOOK_N, C_CXL_V + 1):
+                fstate[fb + c] *= a
+    istate[ib + I_LAST_TS] = ts
+    istate[ib + I_N_EVENTS] = n_ev + 1
+
+    # -- the event's own contribution ---------------------------------------------
+    if code == 1:  # trade
+        size = t.size
+        fstate[fb + C_FLOW_SV] += side * size
+        fstate[fb + C_FLOW_V] += size
+        fstate[fb + C_TRADE_N] += 1.0
+        fstate[fb + C_VWAP_PV] += t.price * size
+        fstate[fb + C_VWAP_V] += size
+        # VWAP = PV / V is unchanged by decay (both decay alike): log it on trades only
+        fstate[fb + C_LOGVWAP] = math.log(fstate[fb + C_VWAP_PV] / fstate[fb + C_VWAP_V])
+        if istate[ib + I_LAST_TOP_TS] != INT64_MIN and (
+            np.float64(ts - istate[ib + I_LAST_TOP_TS]) > params[P_STALE_NS]
+        ):
+            flags |= FLAG_STALE_QUOTE
+        istate[ib + I_LAST_TRADE_TS] = ts
+    else:
+        istate[ib + I_N_BOOK] += 1
+        if not snapshot:
+            fstate[fb + C_BOOK_N] += 1.0
+            fstate[fb + C_OFI] += side * (added - removed)
+            fstate[fb + C_OF_ABS] += added + removed
+            fstate[fb + C_ADD_V] += added
+            fstate[fb + C_CXL_V] += removed
+
+    # -- top of book after the event --------------------------------------------------
+    L = istate[H_LEVELS]
+    nb = istate[ib + I_NB]
+    na = istate[ib + I_NA]
+    bbase = istate[H_F_OFF_LEVELS] + (inst * 2) * 4 * L
+    abase = bbase + 4 * L
+    bid = fstate[bbase + nb - 1] if nb > 0 else 0.0
+    ask = -fstate[abase + na - 1] if na > 0 else 0.0
+    two_sided = nb > 0 and na > 0
+    if bid != fstate[fb + C_BID] or ask != fstate[fb + C_ASK]:
+        fstate[fb + C_BID] = bid
+        fstate[fb + C_ASK] = ask
+        istate[ib + I_LAST_TOP_TS] = ts
+        if two_sided:
+            logmid = math.log(0.5 * bid + 0.5 * ask)
+            if istate[ib + I_HAVE_MID] != 0:
+                r = _BPS * (logmid - fstate[fb + C_LOGMID])
+                for k in range(3):
+                    fstate[fb + C_RET + k] += r
+                    fstate[fb + C_VAR + k] += r * r
+            fstate[fb + C_LOGMID] = logmid
+            istate[ib + I_HAVE_MID] = 1
+
+    # -- features ----------------------------------------------------------------------
+    clipped = False
+    age_max = params[P_AGE_MAX]
+    rate_max = params[P_RATE_MAX]
+    age_first_s = np.float64(ts - istate[ib + I_FIRST_TS]) / _NS_PER_S
+    if two_sided:
+        if bid >= ask:
+            istate[ib + I_ANOM + (A_CROSSED if bid > ask else A_LOCKED)] += 1
+        mid = 0.5 * bid + 0.5 * ask
+        spread = _BPS * (ask - bid) / mid
+        bsz = fstate[bbase + L + nb - 1]
+        asz = fstate[abase + L + na - 1]
+        imb = (bsz - asz) / (bsz + asz)
+        smax = params[P_SPREAD_MAX]
+        v, c = _clip(spread, 0.0, smax, 0.0)
+        clipped |= c
+        x_out[X_SPREAD] = v
+        v, c = _clip(0.5 * spread * imb, -0.5 * smax, 0.5 * smax, 0.0)
+        clipped |= c
+        x_out[X_MICRO] = v
+        v, c = _clip(imb, -1.0, 1.0, 0.0)
+        clipped |= c
+        x_out[X_IMB] = v
+        if fstate[fb + C_VWAP_V] > 0.0:
+            dmax = params[P_VWAP_MAX]
+            v, c = _clip(_BPS * (fstate[fb + C_LOGMID] - fstate[fb + C_LOGVWAP]), -dmax, dmax, 0.0)
+            clipped |= c
+            x_out[X_VWAP] = v
+        else:
+            x_out[X_VWAP] = 0.0
+    else:
+        flags |= FLAG_NO_BOOK
+        x_out[X_SPREAD] = 0.0
+        x_out[X_MICRO] = 0.0
+        x_out[X_IMB] = 0.0
+        x_out[X_VWAP] = 0.0
+    # depth imbalance over the first N levels (defined on a one-sided book: +-1)
+    n_s = np.int64(params[P_DEPTH_S])
+    n_l = np.int64(params[P_DEPTH_L])
+    sb_s = 0.0
+    sb_l = 0.0
+    for q in range(min(nb, n_l)):
+        v = fstate[bbase + L + nb - 1 - q]
+        sb_l += v
+        if q < n_s:
+            sb_s += v
+    sa_s = 0.0
+    sa_l = 0.0
+    for q in range(min(na, n_l)):
+        v = fstate[abase + L + na - 1 - q]
+        sa_l += v
+        if q < n_s:
+            sa_s += v
+    tot = sb_s + sa_s
+    x_out[X_DEPTH_S] = (sb_s - sa_s) / tot if tot > 0.0 else 0.0
+    tot = sb_l + sa_l
+    x_out[X_DEPTH_L] = (sb_l - sa_l) / tot if tot > 0.0 else 0.0
+    if istate[ib + I_HAVE_MID] != 0:
+        rmax = params[P_RET_MAX]
+        vmax = params[P_VOL_MAX]
+        for k in range(3):
+            v, c = _clip(fstate[fb + C_RET + k], -rmax, rmax, 0.0)
+            clipped |= c
+            x_out[X_RET + k] = v
+            tsum = fstate[fb + C_TIME + k]
+            vol = math.sqrt(fstate[fb + C_VAR + k] / tsum) if tsum > 0.0 else 0.0
+            v, c = _clip(vol, 0.0, vmax, 0.0)
+            clipped |= c
+            x_out[X_VOL + k] = _log1p(v)
+    else:
+        for k in range(3):
+            x_out[X_RET + k] = 0.0
+            x_out[X_VOL + k] = 0.0
+    rate = fstate[fb + C_BOOK_N] * (_LN2 * _NS_PER_S) / params[P_HL_BOOK]
+    v, c = _clip(rate, 0.0, rate_max, 0.0)
+    clipped |= c
+    x_out[X_BOOK_RATE] = _log1p(v)
+    tot = fstate[fb + C_OF_ABS]
+    x_out[X_OFI] = min(1.0, max(-1.0, fstate[fb + C_OFI] / tot)) if tot > 0.0 else 0.0
+    tot = fstate[fb + C_ADD_V] + fstate[fb + C_CXL_V]
+    x_out[X_CXL] = min(1.0, max(0.0, fstate[fb + C_CXL_V] / tot)) if tot > 0.0 else 0.0
+    if istate[ib + I_LAST_TRADE_TS] == INT64_MIN:
+        x_out[X_FLOW] = 0.0
+        x_out[X_TRADE_RATE] = 0.0
+        age_t = age_first_s
+    else:
+        vol_t = fstate[fb + C_FLOW_V]
+        if vol_t > 0.0:
+            v, c = _clip(fstate[fb + C_FLOW_SV] / vol_t, -1.0, 1.0, 0.0)
+            clipped |= c
+            x_out[X_FLOW] = v
+        else:
+            x_out[X_FLOW] = 0.0
+        rate = fstate[fb + C_TRADE_N] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
+        v, c = _clip(rate, 0.0, rate_max, 0.0)
+        clipped |= c
+        x_out[X_TRADE_RATE] = _log1p(v)
+        age_t = np.float64(ts - istate[ib + I_LAST_TRADE_TS]) / _NS_PER_S
+    v, c = _clip(age_t, 0.0, age_max, 0.0)
+    clipped |= c
+    x_out[X_TRADE_AGE] = _log1p(v)
+    top_ts = istate[ib + I_LAST_TOP_TS]
+    age_q = age_first_s if top_ts == INT64_MIN else np.float64(ts - top_ts) / _NS_PER_S
+    v, c = _clip(age_q, 0.0, age_max, 0.0)
+    clipped |= c
+    x_out[X_TOP_AGE] = _log1p(v)
+
+    if clipped:
+        flags |= FLAG_CLIPPED
+    if snapshot or np.float64(n_ev + 1) < params[P_WARMUP_EVENTS] or (
+        np.float64(ts - istate[ib + I_FIRST_TS]) < params[P_WARMUP_NS]
+    ):
+        flags |= FLAG_WARMUP
+    return flags
+
+
+@njit(cache=True, nogil=True)
+def update_tick(ticks, i, fstate, istate, params, x_out, counters):
+    """Apply one event (live entry point, one numba dispatch); see :func:`apply_tick`.
+
+    Allocates: no.
+    """
+    return apply_tick(ticks, i, fstate, istate, params, x_out, counters)
+
+
+@njit(cache=True, nogil=True)
+def compute_batch(ticks, fstate, istate, params, X_out, flags_out, counters):
+    """Apply every row in order with the streaming core; return the number accepted.
+
+    ``X_out`` float32 ``(n, N_FEATURES)``, ``flags_out`` int32 ``(n,)``; state is
+    carried in place, so chunk after chunk equals one call.  Allocates: one
+    feature-row scratch per call (a row view per event would cost two atomic
+    reference-count updates per event).
+    """
+    n_ok = 0
+    F = X_out.shape[1]
+    x = np.empty(F, dtype=np.float32)
+    for j in range(ticks.shape[0]):
+        f = apply_tick(ticks, j, fstate, istate, params, x, counters)
+        for k in range(F):
+            X_out[j, k] = x[k]
+        flags_out[j] = f
+        if f >= 0:
+            n_ok += 1
+    return n_ok
+
+
+def describe_rows(p: dict[str, float]) -> list[dict]:
+    """Return one dict per feature (name, unit, range, neutral, formula, description)."""
+    lg = math.log1p
+    sm = p["spread_max_bps"]
+    hl = {"fast": p["hl_ret_fast_ns"], "mid": p["hl_ret_mid_ns"], "slow": p["hl_ret_slow_ns"]}
+    ns, nl = int(p["depth_levels_short"]), int(p["depth_levels_long"])
+    rows = [
+        {"name": "spread_bps", "unit": "bps", "range": [0.0, sm], "neutral": 0.0,
+         "formula": "1e4 * (best_ask - best_bid) / mid", "description": "Spread of the rebuilt book."},
+        {"name": "micro_offset_bps", "unit": "bps", "range": [-sm / 2, sm / 2], "neutral": 0.0,
+         "formula": "spread_bps * l1_imbalance / 2", "description": "Microprice offset from the mid."},
+        {"name": "l1_imbalance", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": "(B - A) / (B + A), sizes at the best levels", "description": "Top-level imbalance."},
+        {"name": "depth_imb_short", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": f"(sum bid sizes - sum ask sizes) / total over the first {ns} levels per side",
+         "description": "Depth imbalance, short (defined on a one-sided book: +-1)."},
+        {"name": "depth_imb_long", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": f"same over the first {nl} levels per side", "description": "Depth imbalance, long."},
+    ]
+    for k in ("fast", "mid", "slow"):
+        rows.append({
+            "name": f"ret_{k}_bps", "unit": "bps", "range": [-p["ret_max_bps"], p["ret_max_bps"]],
+            "neutral": 0.0, "formula": "sum_i r_i w_h(t_i), r_i = 1e4 dlog(mid) on top-of-book changes",
+            "description": f"Time-decayed sum of mid returns, half-life {hl[k] / 1e9:g} s.",
+        })
+    for k in ("fast", "mid", "slow"):
+        rows.append({
+            "name": f"log_vol_{k}", "unit": "log1p(bps/sqrt(s))",
+            "range": [0.0, lg(p["vol_max_bps_sqrt_s"])], "neutral": 0.0,
+            "formula": "log1p(sqrt(sum_i r_i^2 w_i / decayed time with a two-sided book))",
+            "description": f"Realised mid volatility, half-life {hl[k] / 1e9:g} s.",
+        })
+    hb = p["hl_book_ns"] / 1e9
+    rows += [
+        {"name": "log_book_rate", "unit": "log1p(1/s)", "range": [0.0, lg(p["rate_max_per_s"])],
+         "neutral": 0.0, "formula": "log1p(ln2 / h * sum_book_events w_h)",
+         "description": f"Add/modify/delete intensity (snapshot excluded), half-life {hb:g} s."},
+        {"name": "order_flow_imb", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": "sum side (added - cancelled) w / sum (added + cancelled) w",
+         "description": f"Signed order-flow share of book events, half-life {hb:g} s."},
+        {"name": "cancel_share", "unit": "1", "range": [0.0, 1.0], "neutral": 0.0,
+         "formula": "cancelled / (added + cancelled), decayed",
+         "description": f"Share of cancelled volume in book flow, half-life {hb:g} s."},
+        {"name": "trade_flow_imb", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": "sum aggressor_side size w / sum size w",
+         "description": f"Signed trade volume share (fills: opposite of the resting side), half-life "
+                        f"{p['hl_trade_ns'] / 1e9:g} s."},
+        {"name": "log_trade_rate", "unit": "log1p(1/s)", "range": [0.0, lg(p["rate_max_per_s"])],
+         "neutral": 0.0, "formula": "log1p(ln2 / h * sum_trades w_h)",
+         "description": f"Trade intensity, half-life {p['hl_trade_ns'] / 1e9:g} s."},
+        {"name": "vwap_dev_bps", "unit": "bps", "range": [-p["vwap_dev_max_bps"], p["vwap_dev_max_bps"]],
+         "neutral": 0.0, "formula": "1e4 * log(mid / VWAP)",
+         "description": f"Mid against the decayed VWAP, half-life {p['hl_vwap_ns'] / 1e9:g} s."},
+        {"name": "log_trade_age_s", "unit": "log1p(s)", "range": [0.0, lg(p["age_max_s"])],
+         "neutral": "seconds since the instrument's first event (log1p)",
+         "formula": "log1p((t - t_last_trade) / 1e9)", "description": "Event-time age of the last trade."},
+        {"name": "log_top_age_s", "unit": "log1p(s)", "range": [0.0, lg(p["age_max_s"])],
+         "neutral": "seconds since the instrument's first event (log1p)",
+         "formula": "log1p((t - t_last_top_change) / 1e9)",
+         "description": "Event-time age of the best bid/ask prices."},
+    ]
+    return rows
+
+
+@njit(cache=True, nogil=True)
+def compute_batch_top(ticks, fstate, istate, params, X_out, flags_out, counters, bid_out, ask_out):
+    """:func:`compute_batch` that also records the best bid / ask after every event.
+
+    ``bid_out`` / ``ask_out`` float64 ``(n,)`` receive the instrument's best
+    prices after the event (NaN for an empty side or a rejected event); for
+    labels and research, not the hot path.  Allocates: no.
+    """
+    n_ok = 0
+    for j in range(ticks.shape[0]):
+        f = apply_tick(ticks, j, fstate, istate, params, X_out[j], counters)
+        flags_out[j] = f
+        if f >= 0:
+            n_ok += 1
+            b, a = _bk.best_prices(fstate, istate, ticks[j].instrument)
+            bid_out[j] = b
+            ask_out[j] = a
+        else:
+            bid_out[j] = np.nan
+            ask_out[j] = np.nan
+    return n_ok
+
+
+@njit(cache=True, nogil=True)
+def compute_batch_grow(ticks, fstate, istate, params, X_out, flags_out, counters):
+    """:func:`compute_batch` that stops before an event the full order table would refuse.
+
+    Returns the number of rows processed: ``ticks.shape[0]``, or the index of the
+    first add rejected as ``book_full`` (not counted, nothing changed), so the
+    caller can :func:`features.book.grow_book_state` and resume from that row.
+    Allocates: one feature-row scratch per call.
+    """
+    F = X_out.shape[1]
+    x = np.empty(F, dtype=np.float32)
+    for j in range(ticks.shape[0]):
+        f = apply_tick(ticks, j, fstate, istate, params, x, counters)
+        if f == -REJECT_BOOK_FULL:
+            counters[REJECT_BOOK_FULL] -= 1
+            return j
+        for k in range(F):
+            X_out[j, k] = x[k]
+        flags_out[j] = f
+    return ticks.shape[0]
+
+
+def compute_batch_auto(ticks, state, params, X_out, flags_out, counters, grow=4):
+    """Run :func:`compute_batch_grow` over ``ticks``, growing the order table as needed.
+
+    ``state`` is a two-item list ``[fstate, istate]`` replaced in place when the
+    table grows (by ``grow`` x).  Returns the number of growths.
+    """
+    j = 0
+    n = ticks.shape[0]
+    grown = 0
+    while j < n:
+        done = compute_batch_grow(ticks[j:], state[0], state[1], params, X_out[j:], flags_out[j:], counters)
+        j += done
+        if j < n:
+            cap = int(state[1][_bk.H_MAX_LIVE])
+            state[0], state[1] = _bk.grow_book_state(state[0], state[1], cap * grow)
+            grown += 1
+    return grown

@@ -1,0 +1,386 @@
+"""Trade-only feature kernels (``trades`` feature set): features that need no book.
+
+Same signatures as :mod:`features.kernels` (``apply_tick``, ``update_tick``,
+``compute_batch``, ``new_state``).  Only trades (kind 2) are handled; any other
+kind is rejected as ``bad_kind``.  Every accepted trade advances the
+time-decayed accumulators of its instrument to the trade time and writes the
+feature vector documented in :mod:`features.featureset` (feature set
+``trades``).
+
+Aggressor side: ``side`` +1 / -1 when the feed gives it; 0 (unknown) is
+replaced by the **tick rule**: an uptick is a buy, a downtick a sell, a
+zero-tick repeats the previous inferred sign (0 before the first price change).
+
+Price checks (besides NaN / <= 0): a price above ``max_price`` or outside
+``[last / price_band, last * price_band]`` of the instrument's last accepted
+trade price is rejected as ``absurd_price`` (a fat finger or a vendor sentinel
+must not poison the returns and the VWAP).
+
+State: ``fstate`` float64 ``(n_instruments, NF_STATE)``, ``istate`` int64
+``(n_instruments, NI_STATE)``; times stay int64 ns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from engine.schema import (
+    FLAG_CLIPPED,
+    FLAG_WARMUP,
+    KIND_TRADE,
+    REJECT_ABSURD_PRICE,
+    REJECT_BAD_KIND,
+    REJECT_NONFINITE,
+    REJECT_NONPOSITIVE,
+    REJECT_OK,
+    REJECT_TIME_BACKWARDS,
+    REJECT_UNKNOWN_INSTRUMENT,
+)
+
+__all__ = [
+    "N_FEATURES",
+    "N_PARAMS",
+    "PARAM_NAMES",
+    "FEATURE_NAMES",
+    "DEFAULT_PARAMS",
+    "NF_STATE",
+    "NI_STATE",
+    "new_state",
+    "apply_tick",
+    "update_tick",
+    "compute_batch",
+]
+
+INT64_MIN = np.iinfo(np.int64).min
+_LN2 = math.log(2.0)
+_NS_PER_S = 1e9
+_BPS = 1e4
+
+FEATURE_NAMES = (
+    "ret_fast_bps",
+    "ret_mid_bps",
+    "ret_slow_bps",
+    "log_vol_fast",
+    "log_vol_mid",
+    "log_vol_slow",
+    "trade_flow_imb",
+    "log_trade_rate",
+    "trade_rate_rel",
+    "vwap_dev_bps",
+    "log_size_rel",
+    "log_trade_gap_s",
+)
+N_FEATURES = len(FEATURE_NAMES)
+X_RET = 0
+X_VOL = 3
+X_FLOW = 6
+X_RATE = 7
+X_RATE_REL = 8
+X_VWAP = 9
+X_SIZE_REL = 10
+X_GAP = 11
+
+PARAM_NAMES = (
+    "max_price",
+    "price_band",
+    "hl_ret_fast_ns",
+    "hl_ret_mid_ns",
+    "hl_ret_slow_ns",
+    "hl_trade_ns",
+    "hl_slow_ns",
+    "warmup_events",
+    "warmup_ns",
+    "ret_max_bps",
+    "vol_max_bps_sqrt_s",
+    "rate_max_per_s",
+    "rate_rel_max",
+    "vwap_dev_max_bps",
+    "size_rel_max",
+    "age_max_s",
+)
+N_PARAMS = len(PARAM_NAMES)
+P_MAX_PRICE = 0
+P_BAND = 1
+P_HL_RET = 2  # + k
+P_HL_TRADE = 5
+P_HL_SLOW = 6
+P_WARMUP_EVENTS = 7
+P_WARMUP_NS = 8
+P_RET_MAX = 9
+P_VOL_MAX = 10
+P_RATE_MAX = 11
+P_RATE_REL_MAX = 12
+P_VWAP_MAX = 13
+P_SIZE_REL_MAX = 14
+P_AGE_MAX = 15
+
+#: Default parameters of the ``trades`` feature set.
+DEFAULT_PARAMS: dict[str, float] = {
+    "max_price": 1e9,
+    "price_band": 10.0,
+    "hl_ret_fast_ns": 1e9,
+    "hl_ret_mid_ns": 10e9,
+    "hl_ret_slow_ns": 60e9,
+    "hl_trade_ns": 1e9,
+    "hl_slow_ns": 60e9,
+    "warmup_events": 20.0,
+    "warmup_ns": 30e9,
+    "ret_max_bps": 500.0,
+    "vol_max_bps_sqrt_s": 1000.0,
+    "rate_max_per_s": 1e5,
+    "rate_rel_max": 5.0,
+    "vwap_dev_max_bps": 500.0,
+    "size_rel_max": 10.0,
+    "age_max_s": 86400.0,
+}
+assert tuple(DEFAULT_PARAMS) == PARAM_NAMES
+
+F_LAST_PX = 0  #: last accepted trade price
+F_LOGPX = 1  #: its log
+F_RET = 2  # + k: decayed sum of log-price returns (bps)
+F_VAR = 5  # + k: decayed sum of squared returns (bps^2)
+F_TIME = 8  # + k: decayed elapsed time since the first trade (s)
+F_FLOW_SV = 11  #: decayed signed volume (hl_trade)
+F_FLOW_V = 12  #: decayed volume (hl_trade)
+F_N_FAST = 13  #: decayed trade count (hl_trade)
+F_N_SLOW = 14  #: decayed trade count (hl_slow)
+F_PV = 15  #: decayed price * size (hl_slow)
+F_V = 16  #: decayed size (hl_slow)
+F_LOGVWAP = 17  #: log(F_PV / F_V), refreshed on each trade
+F_TICK_SIGN = 18  #: last tick-rule sign (+1 / -1 / 0)
+NF_STATE = 19
+
+I_LAST_TS = 0
+I_FIRST_TS = 1
+I_N_EVENTS = 2
+NI_STATE = 3
+
+
+def new_state(n_instruments: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return fresh ``(fstate, istate)``: float64 ``(n, NF_STATE)`` zeros, int64 ``(n, NI_STATE)``."""
+    if n_instruments < 0:
+        raise ValueError(f"n_instruments must be >= 0, got {n_instruments}")
+    fstate = np.zeros((n_instruments, NF_STATE), dtype=np.float64)
+    istate = np.zeros((n_instruments, NI_STATE), dtype=np.int64)
+    istate[:, I_LAST_TS] = INT64_MIN
+    istate[:, I_FIRST_TS] = INT64_MIN
+    return fstate, istate
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _clip(x, lo, hi, neutral):
+    if x < lo:
+        return lo, True
+    if x > hi:
+        return hi, True
+    if x != x:
+        return neutral, True
+    return x, False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _reject(x_out, counters, reason):
+    counters[reason] += 1
+    for k in range(x_out.shape[0]):
+        x_out[k] = np.nan
+    return -reason
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
+    """Validate and apply trade ``ticks[i]``; write its features; return flags or -reason.
+
+    Arguments, effects and return value as :func:`features.kernels.apply_tick`:
+    ``x_out`` float32 ``(N_FEATURES,)``, ``counters`` int64 ``(N_REJECT_REASONS,)``,
+    times int64 ns; a rejected trade changes nothing but ``counters`` and ``x_out``.
+
+    Allocates: no.
+    """
+    t = ticks[i]
+    inst = t.instrument
+    if inst < 0 or inst >= istate.shape[0]:
+        return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)
+    if t.kind != KIND_TRADE:
+        return _reject(x_out, counters, REJECT_BAD_KIND)
+    p = t.price
+    q = t.size
+    if not (math.isfinite(p) and math.isfinite(q)):
+        return _reject(x_out, counters, REJECT_NONFINITE)
+    if p <= 0.0 or q <= 0.0:
+        return _reject(x_out, counters, REJECT_NONPOSITIVE)
+    fs = fstate[inst]
+    st = istate[inst]
+    last = fs[F_LAST_PX]
+    band = params[P_BAND]
+    if p > params[P_MAX_PRICE] or (last > 0.0 and (p > last * band or p * band < last)):
+        return _reject(x_out, counters, REJECT_ABSURD_PRICE)
+    ts = t.ts_event_ns
+    if ts < st[I_LAST_TS]:
+        return _reject(x_out, counters, REJECT_TIME_BACKWARDS)
+    counters[REJECT_OK] += 1
+
+    n_prev = st[I_N_EVENTS]
+    gap_s = 0.0
+    if n_prev == 0:
+        st[I_FIRST_TS] = ts
+    else:
+        dt_ns = np.float64(ts - st[I_LAST_TS])
+        gap_s = dt_ns / _NS_PER_S
+        if dt_ns > 0.0:
+            x = -_LN2 * dt_ns
+            for k in range(3):
+                hl = params[P_HL_RET + k]
+                a = math.exp(x / hl)
+                fs[F_RET + k] *= a
+                fs[F_VAR + k] *= a
+                fs[F_TIME + k] = a * fs[F_TIME + k] + (1.0 - a) * (hl / (_LN2 * _NS_PER_S))
+            a = math.exp(x / params[P_HL_TRADE])
+            fs[F_FLOW_SV] *= a
+            fs[F_FLOW_V] *= a
+            fs[F_N_FAST] *= a
+            a = math.exp(x / params[P_HL_SLOW])
+            fs[F_N_SLOW] *= a
+            fs[F_PV] *= a
+            fs[F_V] *= a
+    st[I_LAST_TS] = ts
+    st[I_N_EVENTS] = n_prev + 1
+
+    # -- apply the trade ------------------------------------------------------------
+    logp = math.log(p)
+    side = 1.0 if t.side > 0 else (-1.0 if t.side < 0 else 0.0)
+    if n_prev > 0:
+        r = _BPS * (logp - fs[F_LOGPX])
+        if r != 0.0:
+            for k in range(3):
+                fs[F_RET + k] += r
+                fs[F_VAR + k] += r * r
+            fs[F_TICK_SIGN] = 1.0 if r > 0.0 else -1.0
+    if side == 0.0:
+        side = fs[F_TICK_SIGN]
+    # decayed mean trade size before this trade (F_V and F_N_SLOW decay alike)
+    mean_size_before = fs[F_V] / fs[F_N_SLOW] if fs[F_N_SLOW] > 0.0 else q
+    fs[F_LAST_PX] = p
+    fs[F_LOGPX] = logp
+    fs[F_FLOW_SV] += side * q
+    fs[F_FLOW_V] += q
+    fs[F_N_FAST] += 1.0
+    fs[F_N_SLOW] += 1.0
+    fs[F_PV] += p * q
+    fs[F_V] += q
+    fs[F_LOGVWAP] = math.log(fs[F_PV] / fs[F_V])
+
+    # -- features -----------------------------------------------------------------------
+    clipped = False
+    rmax = params[P_RET_MAX]
+    vmax = params[P_VOL_MAX]
+    for k in range(3):
+        v, c = _clip(fs[F_RET + k], -rmax, rmax, 0.0)
+        clipped |= c
+        x_out[X_RET + k] = v
+        tsum = fs[F_TIME + k]
+        vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
+        v, c = _clip(vol, 0.0, vmax, 0.0)
+        clipped |= c
+        x_out[X_VOL + k] = math.log(1.0 + v)
+    vt = fs[F_FLOW_V]
+    v, c = _clip(fs[F_FLOW_SV] / vt if vt > 0.0 else 0.0, -1.0, 1.0, 0.0)
+    clipped |= c
+    x_out[X_FLOW] = v
+    rate_max = params[P_RATE_MAX]
+    rate_f = fs[F_N_FAST] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
+    rate_s = fs[F_N_SLOW] * (_LN2 * _NS_PER_S) / params[P_HL_SLOW]
+    v, c = _clip(rate_f, 0.0, rate_max, 0.0)
+    clipped |= c
+    x_out[X_RATE] = math.log(1.0 + v)
+    rr = params[P_RATE_REL_MAX]
+    v, c = _clip(math.log((rate_f + 1e-3) / (rate_s + 1e-3)), -rr, rr, 0.0)
+    clipped |= c
+    x_out[X_RATE_REL] = v
+    dmax = params[P_VWAP_MAX]
+    v, c = _clip(_BPS * (logp - fs[F_LOGVWAP]), -dmax, dmax, 0.0)
+    clipped |= c
+    x_out[X_VWAP] = v
+    smax = params[P_SIZE_REL_MAX]
+    v, c = _clip(math.log(q / mean_size_before) if mean_size_before > 0.0 else 0.0, -smax, smax, 0.0)
+    clipped |= c
+    x_out[X_SIZE_REL] = v
+    v, c = _clip(gap_s, 0.0, params[P_AGE_MAX], 0.0)
+    clipped |= c
+    x_out[X_GAP] = math.log(1.0 + v)
+
+    flags = 0
+    if clipped:
+        flags |= FLAG_CLIPPED
+    if np.float64(n_prev + 1) < params[P_WARMUP_EVENTS] or (
+        np.float64(ts - st[I_FIRST_TS]) < params[P_WARMUP_NS]
+    ):
+        flags |= FLAG_WARMUP
+    return flags
+
+
+@njit(cache=True, nogil=True)
+def update_tick(ticks, i, fstate, istate, params, x_out, counters):
+    """Apply one trade (live entry point, one numba dispatch); see :func:`apply_tick`.
+
+    Allocates: no.
+    """
+    return apply_tick(ticks, i, fstate, istate, params, x_out, counters)
+
+
+@njit(cache=True, nogil=True)
+def compute_batch(ticks, fstate, istate, params, X_out, flags_out, counters):
+    """Apply every row in order; return the number accepted (state carried in place).
+
+    ``X_out`` float32 ``(n, N_FEATURES)``, ``flags_out`` int32 ``(n,)``.  Allocates: no.
+    """
+    n_ok = 0
+    for j in range(ticks.shape[0]):
+        f = apply_tick(ticks, j, fstate, istate, params, X_out[j], counters)
+        flags_out[j] = f
+        if f >= 0:
+            n_ok += 1
+    return n_ok
+
+
+def describe_rows(p: dict[str, float]) -> list[dict]:
+    """Return one dict per feature (name, unit, range, neutral, formula, description)."""
+    hl = {"fast": p["hl_ret_fast_ns"], "mid": p["hl_ret_mid_ns"], "slow": p["hl_ret_slow_ns"]}
+    lg = math.log1p
+    rows = []
+    for k in ("fast", "mid", "slow"):
+        rows.append({
+            "name": f"ret_{k}_bps", "unit": "bps", "range": [-p["ret_max_bps"], p["ret_max_bps"]],
+            "neutral": 0.0, "formula": "sum_i r_i w_h(t_i), r_i = 1e4 dlog(trade price)",
+            "description": f"Time-decayed sum of trade-price log returns, half-life {hl[k] / 1e9:g} s.",
+        })
+    for k in ("fast", "mid", "slow"):
+        rows.append({
+            "name": f"log_vol_{k}", "unit": "log1p(bps/sqrt(s))",
+            "range": [0.0, lg(p["vol_max_bps_sqrt_s"])], "neutral": 0.0,
+            "formula": "log1p(sqrt(sum_i r_i^2 w_i / decayed time since the first trade))",
+            "description": f"Realised volatility of trade prices, half-life {hl[k] / 1e9:g} s.",
+        })
+    rows += [
+        {"name": "trade_flow_imb", "unit": "1", "range": [-1.0, 1.0], "neutral": 0.0,
+         "formula": "sum side_j size_j w_j / sum size_j w_j (tick rule when side unknown)",
+         "description": f"Signed volume share, half-life {p['hl_trade_ns'] / 1e9:g} s."},
+        {"name": "log_trade_rate", "unit": "log1p(1/s)", "range": [0.0, lg(p["rate_max_per_s"])],
+         "neutral": 0.0, "formula": "log1p(ln2 / h * sum_j w_h(t_j))",
+         "description": f"Trade intensity, half-life {p['hl_trade_ns'] / 1e9:g} s."},
+        {"name": "trade_rate_rel", "unit": "log ratio", "range": [-p["rate_rel_max"], p["rate_rel_max"]],
+         "neutral": 0.0, "formula": "log((rate_fast + 1e-3) / (rate_slow + 1e-3))",
+         "description": f"Trade intensity relative to its {p['hl_slow_ns'] / 1e9:g} s level."},
+        {"name": "vwap_dev_bps", "unit": "bps", "range": [-p["vwap_dev_max_bps"], p["vwap_dev_max_bps"]],
+         "neutral": 0.0, "formula": "1e4 * log(price / VWAP_slow)",
+         "description": f"Trade price against the decayed VWAP, half-life {p['hl_slow_ns'] / 1e9:g} s."},
+        {"name": "log_size_rel", "unit": "log ratio", "range": [-p["size_rel_max"], p["size_rel_max"]],
+         "neutral": 0.0, "formula": "log(size / decayed mean size before the trade)",
+         "description": "Trade size relative to recent trades."},
+        {"name": "log_trade_gap_s", "unit": "log1p(s)", "range": [0.0, lg(p["age_max_s"])],
+         "neutral": 0.0, "formula": "log1p((t - t_previous_trade) / 1e9)",
+         "description": "Event-time gap since the instrument's previous trade (0 on the first)."},
+    ]
+    return rows
