@@ -273,6 +273,7 @@ class AgentRunner:
         """Start, loop until done or stopped, close.  Re-raises only start-up errors."""
         agent = self.agent
         agent.on_start()
+        affinity_before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         try:
             self.pin = pin_current_thread(self.pin_core)
             agent.warmup()
@@ -288,6 +289,13 @@ class AgentRunner:
             if self.rt_priority and hasattr(os, "sched_setscheduler"):
                 try:  # back to normal scheduling for reporting and teardown
                     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                except OSError:
+                    pass
+            if affinity_before is not None:
+                # unpin: threads created later in this process (a next run's ZeroMQ I/O
+                # thread, ...) must not inherit the hot core
+                try:
+                    os.sched_setaffinity(0, affinity_before)
                 except OSError:
                     pass
             if self.freeze_gc:

@@ -119,3 +119,11 @@ def test_refused_realtime_priority_is_reported_not_raised():
     assert set_realtime_priority(None) == "default scheduler"
     msg = set_realtime_priority(500)  # out of range for SCHED_FIFO everywhere
     assert "refused" in msg or "not available" in msg
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity API")
+def test_runner_restores_the_thread_affinity_after_the_run():
+    before = os.sched_getaffinity(0)
+    agent = _CountingAgent(10)
+    AgentRunner(agent, BusySpinIdle(), pin_core=sorted(before)[-1], freeze_gc=False).run()
+    assert os.sched_getaffinity(0) == before
