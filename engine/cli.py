@@ -31,6 +31,16 @@ def _pin(text: str):
         raise argparse.ArgumentTypeError(f"--pin takes a core number or 'none', got {text!r}") from None
 
 
+def _reload_at(text: str):
+    seq, sep, path = text.partition("=")
+    try:
+        if not sep or not path:
+            raise ValueError
+        return int(seq), path
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--reload-at takes SEQ=MODEL.onnx, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``tickscore`` command."""
     p = argparse.ArgumentParser(
@@ -50,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--data", help="Parquet/CSV file in the normalised tick schema (default: embedded)")
     r.add_argument("--model", help="ONNX model file (default: the shipped int8 model)")
-    r.add_argument("--backend", default="ort", choices=["ort"], help="model runtime (default: ort)")
+    r.add_argument(
+        "--backend", default="auto", choices=["auto", "ort", "fused"],
+        help="model runtime: fused (numba, features + model in one call; checked against ort "
+        "first), ort (onnxruntime), auto = fused when supported and parity passes, else ort "
+        "(default auto)",
+    )
+    r.add_argument(
+        "--reload-at", action="append", default=[], type=_reload_at, metavar="SEQ=MODEL",
+        help="hot-reload MODEL once SEQ scores were published (repeatable)",
+    )
+    r.add_argument(
+        "--watch-model", metavar="PATH",
+        help="hot-reload PATH whenever it changes (replace it atomically, e.g. mv)",
+    )
     r.add_argument(
         "--speed", type=_speed, default=None, metavar="max|1|N",
         help="'max' (default) = as fast as possible; N = N x recorded speed",
@@ -89,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
 
+    from replay.features_cli import add_features_parser, add_input_arguments
+
+    add_input_arguments(r)  # --map, --map-file, --shape, --sort-by-exchange-time, --chunk-rows
+    add_features_parser(sub)
+
+    from engine.service import add_serve_parser  # serve, control
+    from engine.subscribe import add_subscribe_parser
+    from replay.wire_mode import add_wire_arguments
+
+    add_serve_parser(sub)
+    add_subscribe_parser(sub)
+    add_wire_arguments(r)
+
+    from models.train import add_train_parser
+
+    add_train_parser(sub)
+
+    from models.evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     g = sub.add_parser("generate", help="write a synthetic market data file (seeded, reproducible)")
     g.add_argument("--out", required=True, help="output .parquet path")
     g.add_argument("--events", type=int, default=200_000)
@@ -97,7 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mapping(args: argparse.Namespace):
+    from replay.mapping import mapping_from_cli
+
+    return mapping_from_cli(args.map, args.map_file, args.shape)
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
+    if getattr(args, "via", None):  # wire mode: publisher + service + subscriber processes
+        from replay.wire_mode import cmd_replay_wire
+
+        return cmd_replay_wire(args)
     from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT
     from replay.run import ReplayOptions, run_inprocess
 
@@ -117,6 +171,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         limit=args.limit,
         rt_priority=args.rt_priority,
+        reload_at=args.reload_at,
+        watch_model=args.watch_model,
+        shape=args.shape,
+        mapping=_mapping(args),
+        sort_by_exchange_time=args.sort_by_exchange_time,
+        chunk_rows=args.chunk_rows,
     )
     res = run_inprocess(opts)
     s = res.summary
@@ -131,6 +191,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
         f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"
     )
+    for t in s.get("reloads", []):
+        print(f"  reload {t['path']}: {t['status']} at seq {t['swap_seq']} -> {t['version']}"
+              f" ({t['backend']}) {t['message']}")
     if s["rejected_by_reason"]:
         reasons = ", ".join(f"{k} {v:,}" for k, v in s["rejected_by_reason"].items())
         print(f"  rejected by reason: {reasons}")
@@ -158,7 +221,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return cmd_report(args)
 
 
-_COMMANDS = {"replay": _cmd_replay, "generate": _cmd_generate, "report": _cmd_report}
+def _lazy(module: str, func: str):
+    """Return a command that imports ``module.func`` only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+_COMMANDS = {
+    "replay": _cmd_replay,
+    "generate": _cmd_generate,
+    "report": _cmd_report,
+    "features": _lazy("replay.features_cli", "cmd_features"),
+    "serve": _lazy("engine.service", "cmd_serve"),
+    "control": _lazy("engine.service", "cmd_control"),
+    "subscribe": _lazy("engine.subscribe", "cmd_subscribe"),
+    "train": _lazy("models.train", "cmd_train"),
+    "evaluate": _lazy("models.evaluate", "cmd_evaluate"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

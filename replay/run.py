@@ -27,7 +27,6 @@ from engine.agent import AgentRunner, make_idle
 from engine.scorer import ScoringAgent
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.latency import LatencyStats, format_table, latency_stats, plot_percentiles, write_hgrm
-from replay.source import ReplaySource
 
 __all__ = ["ReplayOptions", "ReplayResult", "run_inprocess", "summarise"]
 
@@ -42,7 +41,7 @@ class ReplayOptions:
     pin: int | None = 1
     publish: str | None = DEFAULT_PUBLISH_ENDPOINT
     out: str | None = None
-    backend: str = "ort"
+    backend: str = "auto"
     warmup_ticks: int = 1_000
     idle: str = "busy-spin"
     wait_subscribers: int = 0
@@ -51,6 +50,13 @@ class ReplayOptions:
     progress: bool = True
     limit: int | None = None
     rt_priority: int | None = None
+    reload_at: list[tuple[int, str]] = field(default_factory=list)
+    watch_model: str | None = None
+    # input (replay.inputs): event shape, vendor column mapping, ordering, chunking
+    shape: str | None = None
+    mapping: object | None = None
+    sort_by_exchange_time: bool = False
+    chunk_rows: int | None = None
 
 
 @dataclass
@@ -128,32 +134,44 @@ class _NullSink:
         pass
 
 
-def _load_backend(kind: str, model_path: str | None):
+def _load_backend(kind: str, model_path: str | None, ticks: np.ndarray | None = None, feature_set=None):
+    """Return ``(backend, model_path, choice)`` for ``--backend auto|ort|fused``.
+
+    ``choice`` (:class:`models.fused.BackendChoice`) says which backend was used
+    and why; the fused parity check runs on features of ``ticks`` (the replay
+    data).  The choice is printed on stderr.
+    """
     from features.featureset import DEFAULT_FEATURE_SET
+    from models.fused import select_backend
     from models.loader import default_model_path
-    from models.ort_backend import OrtBackend
 
     path = model_path or str(default_model_path())
-    if kind != "ort":
-        raise ValueError(f"unknown backend {kind!r}; available: ort")
-    return OrtBackend(path, DEFAULT_FEATURE_SET), path
+    choice = select_backend(
+        kind, path, feature_set if feature_set is not None else DEFAULT_FEATURE_SET, ticks=ticks,
+        logger=lambda m: print(f"tickscore: backend {kind}: {m}", file=sys.stderr),
+    )
+    if kind == "ort":
+        print("tickscore: backend ort (requested)", file=sys.stderr)
+    return choice.backend, path, choice
 
 
 def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     """Replay ``opts.data`` through the scoring agent in this process and report."""
-    from features.featureset import DEFAULT_FEATURE_SET
     from replay.generator import default_data_path
-    from replay.reader import read_ticks
+    from replay.inputs import open_replay_data
 
     data_path = opts.data or str(default_data_path())
-    td = read_ticks(data_path)
-    ticks = td.ticks if opts.limit is None else td.ticks[: opts.limit]
-    backend, model_path = _load_backend(opts.backend, opts.model)
+    # shape, model, feature set (from the model's metadata) and kernels, source
+    data = open_replay_data(opts, data_path)
+    fs = data.feature_set
+    backend, model_path, choice = _load_backend(opts.backend, data.model_path, data.first_ticks, fs)
 
     # Create every helper thread (ZeroMQ I/O) before the hot thread is pinned,
     # and put it on another core than the hot one.
     io_cpu = None
     if opts.pin is not None:
+        # (the runner restores this thread's affinity after a run, so a second run in the
+        # same process still sees every core here)
         others = sorted(os.sched_getaffinity(0) - {opts.pin})
         io_cpu = others[0] if others else None
     sink = (
@@ -170,52 +188,68 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
                     f"{opts.wait_timeout_s:g}s; replaying anyway",
                     file=sys.stderr,
                 )
-        source = ReplaySource(ticks, opts.speed)
-        progress = _Progress(len(ticks), opts.progress)
+        source = data.source
+        progress = _Progress(data.total, opts.progress)
         agent = ScoringAgent(
             source,
             backend,
             [sink],
-            td.symbols,
-            DEFAULT_FEATURE_SET.params_array(),
-            recorder_capacity=max(len(ticks), 1),
+            data.symbols,
+            fs.params_array(),
+            recorder_capacity=data.recorder_capacity,
             progress=progress,
+            update=data.kernels.update_tick,
+            new_state=data.kernels.new_state,
+            backend_kind=opts.backend,
+            feature_set=fs,
+            triggers=_reload_triggers(opts),
+            parity_X=choice.parity_X,
         )
         runner = AgentRunner(
             agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority
         )
+        if data.chunked:
+            source.attach(agent)
         runner.run()
         progress.finish()
     finally:
         sink.close()
+        data.finish()
 
     t_in, t_out = agent.recorder.snapshot(agent.seq)
     lat = t_out - t_in
     warm = min(opts.warmup_ticks, max(len(lat) - 1, 0))
-    stats = latency_stats(lat[warm:])
     corrected = corrected_stats = None
-    if source.intended_ns is not None and agent.seq:
-        accepted = np.ones(len(ticks), dtype=bool)
-        accepted[agent.rejected_idx] = False
-        intended = source.intended_ns[accepted][: agent.seq]
-        corrected = t_out - intended
-        corrected_stats = latency_stats(corrected[warm:])
-    wall_s = (int(t_out[-1]) - int(t_in[0])) / 1e9 if agent.seq else 0.0
+    if data.chunked:  # every tick is in the chunk histograms; raw arrays may be a window
+        stats = source.latency.stats()
+        if source.latency_intended is not None:
+            corrected_stats = source.latency_intended.stats()
+        wall_s = source.wall_s()
+    else:
+        stats = latency_stats(lat[warm:])
+        if source.intended_ns is not None and agent.seq:
+            accepted = np.ones(len(source.ticks), dtype=bool)
+            accepted[agent.rejected_idx] = False
+            intended = source.intended_ns[accepted][: agent.seq]
+            corrected = t_out - intended
+            corrected_stats = latency_stats(corrected[warm:])
+        wall_s = (int(t_out[-1]) - int(t_in[0])) / 1e9 if agent.seq else 0.0
+    reader_rejected = sum(data.reader_rejected.values())
     summary = summarise(
-        ticks=len(ticks) + td.rejected_total,
+        ticks=data.ticks_total(),
         scores=agent.seq,
         dropped=int(getattr(sink, "drops", 0)),
-        rejected=agent.rejected + td.rejected_total,
-        rejected_by_reason=_merge(td.rejected, agent.rejected_by_reason()),
+        rejected=agent.rejected + reader_rejected,
+        rejected_by_reason=_merge(data.reader_rejected, agent.rejected_by_reason()),
         wall_s=wall_s,
         stats=stats,
         mode="inprocess",
-        backend=opts.backend,
+        backend=choice.kind,
         model_path=model_path,
         model_version=backend.version,
         quantization=getattr(backend, "quantization", "unknown"),
         data_path=data_path,
-        data_rows=td.rows,
+        data_rows=data.rows,
         pinned=runner.pin.pinned if runner.pin else [],
         extra={
             "warmup_ticks_excluded": warm,
@@ -225,8 +259,13 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "errors": runner.errors,
             "pin": runner.pin.message if runner.pin else "",
             "scheduler": runner.scheduler,
+            "backend_selection": choice.as_dict(),
+            "reloads": [t.as_dict() for t in agent.reloads],
+            "backend_final": getattr(agent.backend, "kind", "ort"),
+            "model_version_final": agent.backend.version,
             "latency_from_intended_ns": corrected_stats.as_contract() if corrected_stats else None,
             "out_of_range": stats.out_of_range,
+            **_input_summary(data, agent),
         },
     )
     result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
@@ -236,7 +275,38 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             raw["intended"] = t_out - corrected
         raw.update(agent.recorder.stage_snapshot(agent.seq))
         result.out_files = write_outputs(result, opts.out, raw)
+        if data.chunked:  # the .hgrm of every tick, not only of the raw window
+            source.latency.write_hgrm(Path(opts.out) / "latency.hgrm")
     return result
+
+
+def _input_summary(data, agent) -> dict:
+    """Return the summary keys describing the input: shape, feature set, anomalies, chunks."""
+    anomalies = _merge(data.reader_anomalies, data.kernels.anomalies(agent.istate))
+    out = {
+        "shape": data.shape,
+        "feature_set": data.feature_set.id,
+        "anomalies": anomalies,
+        "unavailable_features": data.unavailable,
+        "chunked": data.chunked,
+    }
+    if data.mapping is not None:
+        out["mapping"] = data.mapping.describe()
+    if data.chunked:
+        src = data.source
+        out["chunks"] = {"chunk_rows": data.chunks.chunk_rows, "served": src.chunks_served,
+                         "raw_latency_window": int(min(agent.seq, agent.recorder.capacity))}  # fmt: skip
+    return out
+
+
+def _reload_triggers(opts: ReplayOptions) -> list:
+    """Return the housekeeping triggers for ``--reload-at`` / ``--watch-model``."""
+    from engine.scorer import ReloadAt, WatchModel
+
+    triggers: list = [ReloadAt(seq, path) for seq, path in opts.reload_at]
+    if opts.watch_model:
+        triggers.append(WatchModel(opts.watch_model))
+    return triggers
 
 
 def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

@@ -70,7 +70,8 @@ def test_replay_out_dir_has_contract_summary_hgrm_and_plot(tmp_path):
     lat = s["latency_ns"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["p9999"]
     assert lat["p9999"] <= lat["max"] * 1.001  # histogram buckets are within 0.1 %
-    assert s["mode"] == "inprocess" and s["backend"] == "ort"
+    # --backend auto (default): fused when supported and parity passes, else ort
+    assert s["mode"] == "inprocess" and s["backend"] in ("ort", "fused")
     assert s["model"]["quantization"] == "int8-qdq"
     assert s["scores"] == 20000 - s["rejected"] and s["throughput_tps"] > 0
     assert s["data"]["rows"] >= 200_000

@@ -1,0 +1,484 @@
+"""Service configuration: one TOML file decoded into frozen msgspec structs.
+
+``tickscore serve --config FILE`` reads the file once at start-up with
+:func:`load_config`; a bad key or value is a :class:`ConfigError` naming the key
+path and the value (``service.toml: engine.pin = "two": expected int ...``)
+before anything starts.  Hot-path code never sees these structs: the service
+turns them into plain ints, strings and preallocated objects.
+
+Layout (every table and key is optional; see ``engine/examples/service.toml``)::
+
+    instruments = ["CLF7", "ESZ6", "NQZ6"]    # symbol table: id = position
+
+    [engine]    pin, helper_cpus, idle, freeze_gc, housekeeping_every,
+                recorder_capacity, warmup_ticks, drain_timeout_ms, drain_quiet_ms
+    [model]     path, backend
+    [sources.zmq]    endpoint, bind, subscribe, rcvhwm     (ticks in over ZeroMQ SUB)
+    [sources.aeron]  channel, stream_id                    (ticks in over an Aeron subscription)
+    [sinks.zmq]      endpoint, bind, sndhwm                (scores out over ZeroMQ PUB)
+    [sinks.aeron]    channel, stream_id, back_pressure_retries, not_connected_retries, linger_ms
+    [aeron]     embedded, dir, threading, driver_timeout_ms     (media driver, if Aeron is used)
+    [control]   endpoint                                   (ZeroMQ REP: status / reload / stop)
+    [output]    dir                                        (final summary.json, hgrm, plot)
+
+Without a ``[sources]`` table the service reads ticks from the default ZeroMQ
+endpoint; without a ``[sinks]`` table it publishes scores on the default ZeroMQ
+endpoint.  When a ``[sources]`` (``[sinks]``) table is present, exactly the
+transports listed in it are used.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "TICK_STREAM_ID",
+    "SCORE_STREAM_ID",
+    "DEFAULT_TICK_ENDPOINT",
+    "DEFAULT_SCORE_ENDPOINT",
+    "DEFAULT_CONTROL_ENDPOINT",
+    "ConfigError",
+    "EngineConfig",
+    "ModelConfig",
+    "ZmqSourceConfig",
+    "AeronSourceConfig",
+    "SourcesConfig",
+    "ZmqSinkConfig",
+    "AeronSinkConfig",
+    "SinksConfig",
+    "AeronConfig",
+    "ControlConfig",
+    "OutputConfig",
+    "ServiceConfig",
+    "load_config",
+    "parse_config",
+    "default_aeron_dir",
+    "to_toml",
+]
+
+#: Aeron stream id of Tick messages (schema id 1) sent to the service.
+TICK_STREAM_ID = 1001
+#: Aeron stream id of Score messages (schema id 2) published by the service.
+SCORE_STREAM_ID = 1002
+
+#: Default ZeroMQ endpoint the service binds a SUB socket to for ticks.
+DEFAULT_TICK_ENDPOINT = "ipc:///tmp/tickscore-ticks.ipc"
+#: Default ZeroMQ endpoint the service binds its score PUB (XPUB) socket to.
+DEFAULT_SCORE_ENDPOINT = "ipc:///tmp/tickscore-scores.ipc"
+#: Default control endpoint (ZeroMQ REP, loopback only).
+DEFAULT_CONTROL_ENDPOINT = "tcp://127.0.0.1:5590"
+
+_ZMQ_SCHEMES = ("ipc://", "tcp://", "inproc://")
+_AERON_SCHEMES = ("aeron:ipc", "aeron:udp")
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration file cannot be read or has a bad key or value (message names both)."""
+
+
+class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Hot loop: pinning, idle strategy, GC, recording, graceful-stop bounds."""
+
+    #: Core of the hot loop; ``"none"`` leaves it unpinned.  A refused pin is reported.
+    pin: NonNegative | Literal["none"] = 1
+    #: Cores for helper threads (ZeroMQ I/O, Aeron driver and client); [] = all allowed but ``pin``.
+    helper_cpus: list[NonNegative] = []
+    #: What the loop does when no tick is ready.
+    idle: Literal["busy-spin", "yield", "backoff", "sleep"] = "busy-spin"
+    #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
+    freeze_gc: bool = True
+    #: Duty cycles between housekeeping calls (control socket, stats); power of two, 0 = by idle.
+    housekeeping_every: NonNegative = 0
+    #: Latest ticks whose (t_in, t_out) are kept in the ring for the final statistics.
+    recorder_capacity: Positive = 1 << 20
+    #: First N latencies of the run excluded from the final statistics.
+    warmup_ticks: NonNegative = 1000
+    #: Graceful stop: at most this long scoring what was already received.
+    drain_timeout_ms: NonNegative = 2000
+    #: Graceful stop: the drain ends once no tick arrived for this long.
+    drain_quiet_ms: NonNegative = 20
+
+    def __post_init__(self) -> None:
+        h = self.housekeeping_every
+        if h and h & (h - 1):
+            raise ValueError(f"housekeeping_every = {h}: must be a power of two (or 0 = automatic)")
+
+
+class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Model file and runtime."""
+
+    #: ONNX model with tickscore metadata; "" = the shipped int8 model.
+    path: str = ""
+    #: Model runtime, as for ``tickscore replay --backend`` (checked when the model is loaded).
+    backend: str = "ort"
+
+
+def _check_zmq_endpoint(key: str, endpoint: str) -> None:
+    if not endpoint.startswith(_ZMQ_SCHEMES):
+        raise ValueError(
+            f"{key} = {endpoint!r}: not a ZeroMQ endpoint (use ipc://PATH, tcp://HOST:PORT or inproc://NAME)"
+        )
+
+
+def _check_aeron_channel(key: str, channel: str) -> None:
+    if not channel.startswith(_AERON_SCHEMES):
+        raise ValueError(
+            f"{key} = {channel!r}: not an Aeron channel (use aeron:ipc or aeron:udp?endpoint=HOST:PORT)"
+        )
+    if channel.startswith("aeron:udp") and "endpoint=" not in channel and "control=" not in channel:
+        raise ValueError(f"{key} = {channel!r}: a UDP channel needs endpoint=HOST:PORT")
+
+
+class ZmqSourceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ticks in over a ZeroMQ SUB socket (``[topic, payload]`` frames)."""
+
+    endpoint: str = DEFAULT_TICK_ENDPOINT
+    #: True = bind (publishers connect to the service); False = connect to a publisher.
+    bind: bool = True
+    #: Topic prefixes to subscribe to ("" = every instrument).
+    subscribe: list[str] = msgspec.field(default_factory=lambda: [""])
+    #: Receive queue bound in messages (0 = unbounded).
+    rcvhwm: NonNegative = 100_000
+
+    def __post_init__(self) -> None:
+        _check_zmq_endpoint("endpoint", self.endpoint)
+
+
+class AeronSourceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ticks in over an Aeron subscription (payload only, one Tick per message)."""
+
+    channel: str = "aeron:ipc"
+    stream_id: Port = TICK_STREAM_ID
+
+    def __post_init__(self) -> None:
+        _check_aeron_channel("channel", self.channel)
+
+
+class SourcesConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tick sources; one or both."""
+
+    zmq: ZmqSourceConfig | None = None
+    aeron: AeronSourceConfig | None = None
+
+
+class ZmqSinkConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Scores out over a ZeroMQ XPUB (PUB-compatible) socket."""
+
+    endpoint: str = DEFAULT_SCORE_ENDPOINT
+    bind: bool = True
+    #: Per-subscriber queue bound in messages; beyond it a score is a counted drop.
+    sndhwm: NonNegative = 100_000
+    #: At stop, wait up to this long for queued scores to be sent.
+    linger_ms: NonNegative = 2000
+
+    def __post_init__(self) -> None:
+        _check_zmq_endpoint("endpoint", self.endpoint)
+
+
+class AeronSinkConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Scores out over an Aeron exclusive publication."""
+
+    channel: str = "aeron:ipc"
+    stream_id: Port = SCORE_STREAM_ID
+    #: Extra offers of one score after BACK_PRESSURED / ADMIN_ACTION before it is a counted drop.
+    back_pressure_retries: NonNegative = 16
+    #: Extra offers of one score after NOT_CONNECTED (no subscriber) before it is a counted drop.
+    not_connected_retries: NonNegative = 1
+    #: At stop, keep the publication (and an embedded driver) up this long so subscribers drain it.
+    linger_ms: NonNegative = 250
+
+    def __post_init__(self) -> None:
+        _check_aeron_channel("channel", self.channel)
+
+
+class SinksConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Score sinks; one or both (each score goes to every sink)."""
+
+    zmq: ZmqSinkConfig | None = None
+    aeron: AeronSinkConfig | None = None
+
+
+class AeronConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Aeron media driver: embedded in the service (default) or an external one."""
+
+    #: Run the C media driver inside the service; False = use a running driver in ``dir``.
+    embedded: bool = True
+    #: Driver directory; "" = /dev/shm/tickscore-aeron-USER (embedded) or Aeron's default (external).
+    dir: str = ""
+    #: Threading of the embedded driver.
+    threading: Literal["shared", "dedicated", "shared_network"] = "shared"
+    #: How long the client waits for the driver before giving up.
+    driver_timeout_ms: Positive = 10_000
+
+
+class ControlConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Control channel: ZeroMQ REP socket; "" disables it."""
+
+    endpoint: str = DEFAULT_CONTROL_ENDPOINT
+
+    def __post_init__(self) -> None:
+        if self.endpoint:
+            _check_zmq_endpoint("endpoint", self.endpoint)
+
+
+class OutputConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where the final report goes besides stderr."""
+
+    #: Directory for summary.json, latency.hgrm, latency.png, latency_raw.npz ("" = none).
+    dir: str = ""
+
+
+class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole ``tickscore serve`` configuration."""
+
+    #: Instrument table: symbol -> id (position).  Ticks for other symbols are rejected.
+    instruments: list[str] = msgspec.field(default_factory=lambda: ["CLF7", "ESZ6", "NQZ6"])
+    engine: EngineConfig = EngineConfig()
+    model: ModelConfig = ModelConfig()
+    sources: SourcesConfig | None = None
+    sinks: SinksConfig | None = None
+    aeron: AeronConfig = AeronConfig()
+    control: ControlConfig = ControlConfig()
+    output: OutputConfig = OutputConfig()
+
+    def __post_init__(self) -> None:
+        if not self.instruments:
+            raise ValueError("instruments = []: list at least one symbol")
+        seen = set()
+        for s in self.instruments:
+            if not s or s in seen:
+                raise ValueError(f"instruments = {self.instruments!r}: {s!r} is empty or listed twice")
+            seen.add(s)
+        src, snk = self.effective_sources, self.effective_sinks
+        if src.zmq is None and src.aeron is None:
+            raise ValueError("[sources] lists no source: add [sources.zmq] and/or [sources.aeron]")
+        if snk.zmq is None and snk.aeron is None:
+            raise ValueError("[sinks] lists no sink: add [sinks.zmq] and/or [sinks.aeron]")
+        if src.aeron is not None and snk.aeron is not None:
+            if src.aeron.channel == snk.aeron.channel and src.aeron.stream_id == snk.aeron.stream_id:
+                raise ValueError(
+                    f"sources.aeron and sinks.aeron use the same channel and stream id "
+                    f"({src.aeron.channel!r}, {src.aeron.stream_id}): the service would read its own scores"
+                )
+        if src.zmq is not None and snk.zmq is not None and src.zmq.endpoint == snk.zmq.endpoint:
+            raise ValueError(f"sources.zmq and sinks.zmq use the same endpoint {src.zmq.endpoint!r}")
+
+    @property
+    def effective_sources(self) -> SourcesConfig:
+        """Return ``sources`` or, when the table is absent, the default ZeroMQ source."""
+        return self.sources if self.sources is not None else SourcesConfig(zmq=ZmqSourceConfig())
+
+    @property
+    def effective_sinks(self) -> SinksConfig:
+        """Return ``sinks`` or, when the table is absent, the default ZeroMQ sink."""
+        return self.sinks if self.sinks is not None else SinksConfig(zmq=ZmqSinkConfig())
+
+    @property
+    def uses_aeron(self) -> bool:
+        """Return whether any source or sink is an Aeron one (the driver is needed)."""
+        return self.effective_sources.aeron is not None or self.effective_sinks.aeron is not None
+
+    @property
+    def pin_core(self) -> int | None:
+        """Return the hot core, or None when unpinned."""
+        return None if self.engine.pin == "none" else int(self.engine.pin)
+
+    @property
+    def aeron_dir(self) -> str:
+        """Return the Aeron directory the service uses (resolving the "" default)."""
+        if self.aeron.dir:
+            return self.aeron.dir
+        if self.aeron.embedded:
+            return default_aeron_dir()
+        import pyaeron
+
+        return pyaeron.default_path()
+
+
+def default_aeron_dir() -> str:
+    """Return the default directory of the embedded driver: /dev/shm/tickscore-aeron-USER."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = str(os.getuid())
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"tickscore-aeron-{user}")
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for m in re.finditer(r"\.([^.\[]+)|\[(\d+)\]", path):
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+    return parts
+
+
+def _dotted(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def _lookup(raw: Any, parts: list[str | int]) -> tuple[bool, Any]:
+    cur = raw
+    for p in parts:
+        try:
+            cur = cur[p]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, cur
+
+
+def _struct_for(parts: list[str | int]) -> type | None:
+    """Return the struct type at a key path of ServiceConfig (for listing valid keys)."""
+    import typing
+
+    cur: Any = ServiceConfig
+    for p in parts:
+        if isinstance(p, int):
+            return None
+        hints = typing.get_type_hints(cur, include_extras=True)
+        t = hints.get(p)
+        if t is None:
+            return None
+        args = [a for a in typing.get_args(t) if a is not type(None)] or [t]
+        nxt = next((a for a in args if isinstance(a, type) and issubclass(a, msgspec.Struct)), None)
+        if nxt is None:
+            return None
+        cur = nxt
+    return cur
+
+
+def _choices(parts: list[str | int]) -> list[str] | None:
+    """Return the allowed strings of a Literal-typed key, or None."""
+    import typing
+
+    if not parts or isinstance(parts[-1], int):
+        return None
+    struct = _struct_for(parts[:-1])
+    if struct is None:
+        return None
+    t = typing.get_type_hints(struct, include_extras=True).get(parts[-1])
+    out: list[str] = []
+    for a in (t,) if typing.get_origin(t) is Literal else typing.get_args(t):
+        if typing.get_origin(a) is Literal:
+            out.extend(str(x) for x in typing.get_args(a))
+        elif a is not type(None) and typing.get_origin(a) is Annotated:
+            out.append("a number")
+    return out or None
+
+
+def _format_error(exc: msgspec.ValidationError, raw: dict, source: str) -> str:
+    msg = str(exc)
+    m = _PATH_RE.search(msg)
+    parts = _split_path(m.group("path")) if m else []
+    detail = msg[: m.start()] if m else msg
+    u = _UNKNOWN_RE.match(detail)
+    if u:
+        key = _dotted([*parts, u.group("field")])
+        struct = _struct_for(parts)
+        valid = f" (valid keys here: {', '.join(struct.__struct_fields__)})" if struct else ""
+        return f"{source}: unknown key {key!r}{valid}"
+    # __post_init__ checks say "FIELD = VALUE: why"; attach the field to the struct's path.
+    f = re.match(r"^(\w+) = ", detail)
+    if f and _struct_for(parts) is not None and f.group(1) in _struct_for(parts).__struct_fields__:
+        return f"{source}: {_dotted([*parts, f.group(1)])}{detail[len(f.group(1)):]}"
+    if detail.startswith("Invalid enum value"):
+        choices = _choices(parts)
+        if choices:
+            detail += f" (choose one of: {', '.join(choices)})"
+    detail = detail[0].lower() + detail[1:] if detail else detail
+    if not parts:
+        return f"{source}: {detail}"
+    found, value = _lookup(raw, parts)
+    shown = f" = {value!r}" if found and not isinstance(value, dict) else ""
+    return f"{source}: {_dotted(parts)}{shown}: {detail}"
+
+
+def parse_config(raw: dict, source: str = "config") -> ServiceConfig:
+    """Return the :class:`ServiceConfig` of a decoded TOML document; raise :class:`ConfigError`."""
+    try:
+        return msgspec.convert(raw, ServiceConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_format_error(exc, raw, source)) from None
+
+
+def load_config(path: str | Path | None) -> ServiceConfig:
+    """Read and validate a TOML config file (``None`` = all defaults); raise :class:`ConfigError`."""
+    if path is None:
+        return ServiceConfig()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(raw, str(p))
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: ServiceConfig) -> str:
+    """Return ``cfg`` as a TOML document (effective sources/sinks spelled out)."""
+    d = msgspec.to_builtins(cfg)
+    d["sources"] = msgspec.to_builtins(cfg.effective_sources)
+    d["sinks"] = msgspec.to_builtins(cfg.effective_sinks)
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+
+    def emit(name: str, table: dict) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if scalars or not subs:
+            lines.append("")
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in subs.items():
+            emit(f"{name}.{k}", v)
+
+    for name, table in tables:
+        emit(name, table)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""Control channel of the service: a ZeroMQ REP socket polled from housekeeping.
+
+Requests are one frame of UTF-8 text (or a JSON object with the same fields);
+replies are one frame holding a JSON object with ``"ok": true|false``:
+
+=====================  =====================================================================
+request                reply
+=====================  =====================================================================
+``status``             counters so far: ticks in, scores out, rejected (by reason), drops and
+                       back-pressure per sink, model version, latency percentiles (ns) ...
+``reload PATH``        the reload ticket (``status`` pending/swapped/rejected, ``message``,
+                       ``swap_seq``, ``version``), or ``"ok": false`` when this build of the
+                       agent has no hot reload
+``stop``               graceful stop: stop reading, score what was received, flush the sinks;
+                       the reply (sent once that is done) is the final report
+``{"command": "reload", "path": "m.onnx"}``   JSON form of the same requests
+=====================  =====================================================================
+
+The service polls the socket without blocking from the agent's housekeeping
+(every few thousand idle duty cycles, i.e. within milliseconds), never on the
+per-tick path.  :func:`request` is the client side (``tickscore control``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+__all__ = ["ControlServer", "DEFER", "parse_request", "request", "ControlError"]
+
+#: Returned by a handler to answer later with :meth:`ControlServer.reply_deferred`.
+DEFER = object()
+
+COMMANDS = ("status", "reload", "stop")
+
+
+class ControlError(RuntimeError):
+    """The control endpoint did not answer (service not running, wrong endpoint, timeout)."""
+
+
+def parse_request(msg: bytes) -> tuple[str, str | None]:
+    """Return ``(command, argument)`` of a request; raise ValueError with a message for the reply."""
+    try:
+        text = msg.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("request is not UTF-8 text") from None
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"request is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
+            raise ValueError('JSON request must be an object with a "command" string')
+        cmd = obj["command"].strip().lower()
+        arg = obj.get("path", obj.get("arg"))
+        arg = None if arg is None else str(arg)
+    else:
+        cmd, _, rest = text.partition(" ")
+        cmd = cmd.lower()
+        arg = rest.strip() or None
+    if cmd not in COMMANDS:
+        raise ValueError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+    if cmd == "reload" and not arg:
+        raise ValueError("reload needs a model path: 'reload /path/to/model.onnx'")
+    return cmd, arg
+
+
+class ControlServer:
+    """REP socket answering control requests, polled without blocking.
+
+    Parameters
+    ----------
+    ctx : zmq.Context
+    endpoint : str
+        Where to bind (default config: ``tcp://127.0.0.1:5590``).
+    handler : callable
+        ``handler(command, arg) -> dict | DEFER``; the dict is sent as JSON.
+    """
+
+    def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object]) -> None:
+        import zmq
+
+        self.endpoint = endpoint
+        self.handler = handler
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise OSError(f"cannot bind the control socket to {endpoint!r}: {exc}") from exc
+        self._get = self.sock.get
+        self._events = int(zmq.EVENTS)
+        self._pollin = int(zmq.POLLIN)
+        self._nb = int(zmq.NOBLOCK)
+        self._again = zmq.Again
+        self.deferred = False
+        self.handled = 0
+
+    def poll(self) -> int:
+        """Answer at most one waiting request; return 1 if one was handled, else 0."""
+        if self.deferred or not self._get(self._events) & self._pollin:
+            return 0
+        try:
+            msg = self.sock.recv(self._nb)
+        except self._again:
+            return 0
+        self.handled += 1
+        try:
+            cmd, arg = parse_request(msg)
+        except ValueError as exc:
+            self._send({"ok": False, "error": str(exc)})
+            return 1
+        try:
+            reply = self.handler(cmd, arg)
+        except Exception as exc:  # noqa: BLE001 - a failing command must not kill the loop
+            reply = {"ok": False, "command": cmd, "error": f"{type(exc).__name__}: {exc}"}
+        if reply is DEFER:
+            self.deferred = True
+        else:
+            self._send(reply)
+        return 1
+
+    def _send(self, obj) -> None:
+        self.sock.send(json.dumps(obj, default=str).encode())
+
+    def reply_deferred(self, obj) -> None:
+        """Send the answer of a deferred request (e.g. the final report of ``stop``)."""
+        if self.deferred:
+            self._send(obj)
+            self.deferred = False
+
+    def close(self) -> None:
+        """Close the socket (a reply just sent is flushed for up to 1 s)."""
+        self.sock.close()
+
+
+def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:
+    """Send one control request and return the decoded JSON reply.
+
+    Raises
+    ------
+    ControlError
+        No reply within ``timeout_s`` (service not running, wrong endpoint).
+    """
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(command.encode())
+        if not sock.poll(int(timeout_s * 1000)):
+            raise ControlError(
+                f"no reply from the tickscore control endpoint {endpoint!r} within {timeout_s:g}s"
+            )
+        return json.loads(sock.recv().decode())
+    finally:
+        sock.close(0)

@@ -1,0 +1,758 @@
+"""The live service: ``tickscore serve --config FILE``.
+
+Builds, from one :class:`engine.config.ServiceConfig`, exactly what the replay
+builds (model backend, :class:`engine.scorer.ScoringAgent`, :class:`engine.agent.AgentRunner`
+with pinning, warm-up and GC freeze) but fed by network sources
+(:mod:`engine.sources`) and publishing to network sinks (ZeroMQ
+:class:`engine.zmq_io.ZmqPublisher`, Aeron :class:`engine.aeron_io.AeronPublisher`,
+either or both).  Live and replay run the same agent code.
+
+Threads and cores: every helper thread (ZeroMQ I/O threads, the embedded Aeron
+media driver, the Aeron client conductor) is created *before* the hot thread is
+pinned and is moved to the helper cores (default: every allowed core except the
+hot one); the hot loop runs on the main thread, pinned to ``engine.pin``
+(default core 1), so signal handlers keep working.
+
+Lifecycle:
+
+1. start-up: config already validated; load the model, start the Aeron driver
+   (embedded by default) and bind/connect sockets; any error stops here with a
+   clear message (exit 2);
+2. warm-up (JIT, model), ``gc.freeze``; then ``ready`` on stderr and the control
+   socket answers;
+3. loop: one tick per duty cycle; housekeeping (every ``housekeeping_every`` idle
+   or busy cycles, at most every millisecond) answers control requests;
+4. graceful stop (``stop`` request, SIGTERM or SIGINT): stop the loop, keep scoring
+   what already arrived until no tick came for ``drain_quiet_ms`` (at most
+   ``drain_timeout_ms``), close the sources, flush the sinks, print the final
+   report on stderr, write ``summary.json`` (+ hgrm, plot, raw) if ``output.dir``
+   is set, answer a pending ``stop`` with the report, exit 0.  Every tick the
+   service accepted has been scored and published by then (the signal handler
+   only sets a flag, so a tick in flight is finished).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import ServiceConfig
+
+__all__ = [
+    "Service",
+    "run_service",
+    "RunningHistogram",
+    "pin_helper_threads",
+    "add_serve_parser",
+    "cmd_serve",
+    "cmd_control",
+]
+
+_HK_BY_IDLE = {"busy-spin": 1024, "yield": 1024, "backoff": 64, "sleep": 16}
+_CONTROL_PERIOD_NS = 1_000_000
+_SLOW_PERIOD_NS = 100_000_000
+
+
+def _log(msg: str) -> None:
+    print(f"tickscore serve: {msg}", file=sys.stderr, flush=True)
+
+
+class RunningHistogram:
+    """Log-bucketed latency histogram for ``status`` (all ticks so far, bounded memory).
+
+    Each power of two is split into 128 buckets (< 0.8 % relative error); values are
+    folded in from the agent's latency ring in housekeeping, vectorised.
+    Percentiles report a bucket's upper edge, never above the exact maximum.
+    """
+
+    SUB = 128
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(64 * self.SUB, dtype=np.int64)
+        self.count = 0
+        self.max = 0
+        self.total = 0
+
+    def add(self, values_ns: np.ndarray) -> None:
+        """Fold ``values_ns`` (int64 ns) into the histogram."""
+        v = np.maximum(np.asarray(values_ns, dtype=np.int64), 1)
+        if v.size == 0:
+            return
+        m, e = np.frexp(v.astype(np.float64))
+        idx = e.astype(np.int64) * self.SUB + ((m - 0.5) * (2 * self.SUB)).astype(np.int64)
+        self.counts += np.bincount(np.clip(idx, 0, self.counts.size - 1), minlength=self.counts.size)
+        self.count += int(v.size)
+        self.total += int(v.sum())
+        self.max = max(self.max, int(v.max()))
+
+    def percentiles(self) -> dict:
+        """Return p50 ... p9999, max, mean (ns) and count."""
+        out: dict = {"count": self.count}
+        if not self.count:
+            out.update({k: 0 for k in ("p50", "p90", "p99", "p999", "p9999", "max")})
+            out["mean"] = 0.0
+            return out
+        cum = np.cumsum(self.counts)
+        for key, p in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9), ("p9999", 99.99)):
+            rank = max(1, int(np.ceil(p / 100.0 * self.count)))
+            i = int(np.searchsorted(cum, rank))
+            e, sub = divmod(i, self.SUB)
+            upper = (0.5 + (sub + 1) / (2 * self.SUB)) * 2.0**e
+            out[key] = min(int(upper), self.max)
+        out["max"] = self.max
+        out["mean"] = self.total / self.count
+        return out
+
+
+def pin_helper_threads(cpus: set[int]) -> list[str]:
+    """Move every thread of this process except the main one to ``cpus``; return what was done.
+
+    Used for threads created by C libraries (Aeron driver and client conductor,
+    ZeroMQ I/O), which Python cannot name.  Refusals are reported, never raised.
+    """
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return []
+    main = threading.main_thread().native_id
+    done = []
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return []
+    for tid in tids:
+        if tid == main:
+            continue
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended
+        try:
+            os.sched_setaffinity(tid, cpus)
+            done.append(f"{name}[{tid}]->{sorted(cpus)}")
+        except OSError as exc:
+            done.append(f"{name}[{tid}] not moved: {exc}")
+    return done
+
+
+def _load_backend(kind: str, path: str | None):
+    """Load the model exactly as the replay does; return (backend, path, kind_used)."""
+    from replay import run as replay_run
+
+    try:
+        res = replay_run._load_backend(kind, path)
+    except ValueError as exc:
+        if kind != "auto" or "unknown backend" not in str(exc):
+            raise
+        res = replay_run._load_backend("ort", path)  # a build without backend selection
+    backend, model_path = res[0], res[1]
+    choice = res[2] if len(res) > 2 else None
+    used = getattr(choice, "kind", None) or getattr(backend, "kind", None) or kind
+    return backend, model_path, used
+
+
+class Service:
+    """One running ``tickscore serve``: build with :meth:`build`, then :meth:`run`.
+
+    Parameters
+    ----------
+    cfg : ServiceConfig
+    config_path : str, optional
+        Shown in reports.
+    """
+
+    def __init__(self, cfg: ServiceConfig, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.state = "starting"
+        self.stop_requested = False
+        self.stop_reason = ""
+        self.hurry = False
+        self.runner = None
+        self.agent = None
+        self.source = None
+        self.sources: list = []
+        self._sources_closed = False
+        self.sinks: list = []
+        self.zmq_sink = None
+        self.aeron_sink = None
+        self.control = None
+        self.aeron = None
+        self.ctx = None
+        self.hist = RunningHistogram()
+        self.folded = 0
+        self.t_start_ns = time.perf_counter_ns()
+        self.t_ready_ns = 0
+        self.t_stop_ns = 0
+        self.drained = 0
+        self.drain_s = 0.0
+        self.helper_cpus: set[int] = set()
+        self.helper_threads: list[str] = []
+        self._next_ctrl = 0
+        self._next_slow = 0
+        self._fold_threshold = 1 << 19
+        self.final: dict | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def request_stop(self, reason: str) -> None:
+        """Ask for a graceful stop (safe from a signal handler); a second request hurries the drain."""
+        if self.stop_requested:
+            self.hurry = True
+            return
+        self.stop_requested = True
+        self.stop_reason = reason
+        if self.runner is not None:
+            self.runner.stop()
+
+    def _cores(self) -> tuple[int | None, set[int]]:
+        hot = self.cfg.pin_core
+        try:
+            allowed = set(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            return hot, set()
+        if self.cfg.engine.helper_cpus:
+            helpers = set(self.cfg.engine.helper_cpus) & allowed
+        else:
+            helpers = allowed - {hot} if hot is not None else set()
+        return hot, helpers or set()
+
+    def build(self) -> None:
+        """Create backend, driver, sockets, agent and runner; raise (cleaned up) on any error."""
+        try:
+            self._build()
+        except BaseException:
+            self._close_resources()
+            raise
+
+    def _build(self) -> None:
+        import zmq
+
+        from engine.agent import AgentRunner, make_idle
+        from engine.scorer import ScoringAgent
+        from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
+        from features.featureset import DEFAULT_FEATURE_SET
+
+        cfg = self.cfg
+        hot, helpers = self._cores()
+        self.helper_cpus = helpers
+        io_cpu = min(helpers) if helpers else None
+
+        self.backend, self.model_path, self.backend_kind = _load_backend(
+            cfg.model.backend, cfg.model.path or None
+        )
+
+        # Helper threads first (they must exist before the hot thread is pinned).
+        self.ctx = zmq.Context(io_threads=1)
+        if io_cpu is not None:
+            for c in sorted(helpers):
+                try:
+                    self.ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, c)
+                except (zmq.ZMQError, AttributeError):
+                    pass
+        if cfg.uses_aeron:
+            from engine.aeron_io import AeronRuntime
+
+            self.aeron = AeronRuntime(
+                cfg.aeron_dir,
+                embedded=cfg.aeron.embedded,
+                threading=cfg.aeron.threading,
+                driver_timeout_ms=cfg.aeron.driver_timeout_ms,
+            )
+
+        src_cfg, snk_cfg = cfg.effective_sources, cfg.effective_sinks
+        slot = TickSlot(cfg.instruments)
+        if src_cfg.zmq is not None:
+            z = src_cfg.zmq
+            self.sources.append(
+                ZmqTickSource(self.ctx, z.endpoint, bind=z.bind, subscribe=z.subscribe,
+                              rcvhwm=z.rcvhwm, slot=slot)
+            )
+        if src_cfg.aeron is not None:
+            a = src_cfg.aeron
+            self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
+        self.source = self.sources[0] if len(self.sources) == 1 else MultiSource(self.sources)
+
+        if snk_cfg.zmq is not None:
+            from engine.zmq_io import ZmqPublisher
+
+            z = snk_cfg.zmq
+            self.zmq_sink = ZmqPublisher(
+                z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms
+            )
+            self.sinks.append(self.zmq_sink)
+        if snk_cfg.aeron is not None:
+            from engine.aeron_io import AeronPublisher
+
+            a = snk_cfg.aeron
+            self.aeron_sink = AeronPublisher(
+                self.aeron.client, a.channel, a.stream_id,
+                back_pressure_retries=a.back_pressure_retries,
+                not_connected_retries=a.not_connected_retries,
+                linger_ms=a.linger_ms,
+            )
+            self.sinks.append(self.aeron_sink)
+
+        if cfg.control.endpoint:
+            from engine.control import ControlServer
+
+            self.control = ControlServer(self.ctx, cfg.control.endpoint, self._on_control)
+
+        kwargs = {}
+        params = inspect.signature(ScoringAgent.__init__).parameters
+        if "backend_kind" in params:
+            kwargs["backend_kind"] = cfg.model.backend
+        if "feature_set" in params:
+            kwargs["feature_set"] = DEFAULT_FEATURE_SET
+        self.agent = ScoringAgent(
+            self.source,
+            self.backend,
+            self.sinks,
+            cfg.instruments,
+            DEFAULT_FEATURE_SET.params_array(),
+            recorder_capacity=cfg.engine.recorder_capacity,
+            progress=self._housekeeping,
+            **kwargs,
+        )
+        self.source.bind_counters(self.agent.counters)
+        self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
+
+        self.helper_threads = pin_helper_threads(helpers)
+        hk = cfg.engine.housekeeping_every or _HK_BY_IDLE[cfg.engine.idle]
+        self.runner = AgentRunner(
+            self.agent,
+            make_idle(cfg.engine.idle),
+            pin_core=hot,
+            freeze_gc=cfg.engine.freeze_gc,
+            housekeeping_every=hk,
+        )
+        if self.stop_requested:
+            self.runner.stop()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        """Run until a graceful stop; return the final report (summary dict)."""
+        self.state = "warming up"
+        try:
+            if not self.stop_requested:
+                self.runner.run()
+        except BaseException:
+            self._close_resources()
+            raise
+        self.t_stop_ns = time.perf_counter_ns()
+        self.state = "draining"
+        try:
+            self._drain()
+        finally:
+            self._stop_sources()
+            for s in self.sinks:
+                flush = getattr(s, "flush", None)
+                if flush is not None:
+                    flush()
+            self.state = "stopped"
+            self.final = self._final_report()
+            if self.control is not None:
+                self.control.reply_deferred({"ok": True, "command": "stop", "report": self.final})
+            self._close_resources()
+        return self.final
+
+    def _housekeeping(self, agent, now_ns: int) -> None:
+        """Off the per-tick path: control requests, stats folding, subscriber counts."""
+        if self.stop_requested:
+            self.runner.stop()
+            return
+        if not self.t_ready_ns:
+            self.t_ready_ns = now_ns
+            self.state = "running"
+            self._log_ready()
+        if now_ns < self._next_ctrl:
+            return
+        self._next_ctrl = now_ns + _CONTROL_PERIOD_NS
+        if self.control is not None:
+            self.control.poll()
+        if agent.seq - self.folded >= self._fold_threshold:
+            self._fold()
+        if now_ns >= self._next_slow:
+            self._next_slow = now_ns + _SLOW_PERIOD_NS
+            if self.zmq_sink is not None:
+                self.zmq_sink.poll_subscriptions()
+            # The replay keeps rejected indices to align intended times; live they only grow.
+            agent.rejected_idx.clear()
+
+    def _drain(self) -> None:
+        """Score what already arrived: until quiet for drain_quiet_ms or drain_timeout_ms passed."""
+        agent = self.agent
+        if agent is None:
+            return
+        clock = time.perf_counter_ns
+        t0 = last = clock()
+        deadline = t0 + self.cfg.engine.drain_timeout_ms * 1_000_000
+        quiet = self.cfg.engine.drain_quiet_ms * 1_000_000
+        n = 0
+        while True:
+            try:
+                worked = agent.do_work()
+            except Exception as exc:  # noqa: BLE001 - as in the runner: count, go on
+                self.runner.errors += 1
+                print(f"tickscore: error while draining (continuing): {exc!r}", file=sys.stderr)
+                worked = 1
+            now = clock()
+            if worked:
+                n += 1
+                last = now
+            elif now - last >= quiet or now >= deadline or self.hurry:
+                break
+            if now >= deadline or self.hurry:
+                break
+        self.drained = n
+        self.drain_s = (clock() - t0) / 1e9
+
+    def _stop_sources(self) -> None:
+        if self._sources_closed:
+            return
+        self._sources_closed = True
+        for s in self.sources:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _close_resources(self) -> None:
+        self._stop_sources()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception as exc:  # noqa: BLE001
+                print(f"tickscore: closing sink {getattr(s, 'name', s)}: {exc}", file=sys.stderr)
+        self.sinks = []
+        if self.aeron is not None:
+            self.aeron.close()
+            self.aeron = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    # ------------------------------------------------------------------ control
+    def _on_control(self, cmd: str, arg: str | None):
+        from engine.control import DEFER
+
+        if cmd == "status":
+            return self.status()
+        if cmd == "stop":
+            self.request_stop("control stop")
+            return DEFER
+        if cmd == "reload":
+            return self._reload(arg or "")
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _reload(self, path: str) -> dict:
+        agent = self.agent
+        if not hasattr(agent, "request_reload"):
+            return {"ok": False, "command": "reload",
+                    "error": "reload not available in this build (the agent has no hot reload)"}
+        path = os.path.abspath(os.path.expanduser(path))
+        ticket = agent.request_reload(path)
+        # The agent loads on a new thread, which inherited the hot core: move it off.
+        pin_helper_threads(self.helper_cpus)
+        info = ticket.as_dict() if hasattr(ticket, "as_dict") else {
+            k: getattr(ticket, k, None) for k in ("path", "status", "message", "swap_seq", "version")
+        }
+        return {"ok": info.get("status") != "rejected", "command": "reload", **info}
+
+    def _fold(self) -> None:
+        agent = self.agent
+        seq = agent.seq
+        start = max(self.folded, seq - agent.recorder.capacity)
+        if seq > start:
+            rec = agent.recorder
+            idx = np.arange(start, seq, dtype=np.int64) & rec.mask
+            self.hist.add(rec.t_out[idx] - rec.t_in[idx])
+        self.folded = seq
+
+    def _sink_counters(self) -> dict:
+        out = {}
+        if self.zmq_sink is not None:
+            z = self.zmq_sink
+            out["zmq"] = {"endpoint": z.endpoint, "sent": z.sent, "drops": z.drops,
+                          "subscribers": z.subscriptions}
+        if self.aeron_sink is not None:
+            a = self.aeron_sink
+            out["aeron"] = {"channel": a.channel, "stream_id": a.stream_id, **a.counters()}
+        return out
+
+    def status(self) -> dict:
+        """Return the ``status`` reply: counters and latency so far (folds new latencies first)."""
+        agent = self.agent
+        self._fold()
+        c = agent.counters
+        sinks = self._sink_counters()
+        now = time.perf_counter_ns()
+        srcs = self.sources or []
+        rec = {
+            "ok": True,
+            "command": "status",
+            "state": self.state,
+            "pid": os.getpid(),
+            "uptime_s": (now - self.t_start_ns) / 1e9,
+            "ticks_in": int(c.sum()),
+            "scores_out": int(agent.seq),
+            "rejected": int(c[1:].sum()),
+            "rejected_by_reason": agent.rejected_by_reason(),
+            "messages_received": int(sum(getattr(s, "received", 0) for s in srcs)),
+            "drops": int(sum(s.get("drops", 0) for s in sinks.values())),
+            "back_pressure": int(sinks.get("aeron", {}).get("back_pressured", 0)),
+            "not_connected": int(sinks.get("aeron", {}).get("not_connected", 0)),
+            "sinks": sinks,
+            "model": {
+                "version": getattr(agent, "model_version", self.backend.version),
+                "path": str(getattr(agent.backend, "path", self.model_path)),
+                "backend": getattr(agent.backend, "kind", self.backend_kind),
+                "quantization": getattr(agent.backend, "quantization", "unknown"),
+            },
+            "latency_ns": self.hist.percentiles(),
+            "last_event_ns": self._last_event_ns(),
+            "errors": self.runner.errors if self.runner else 0,
+            "aeron": None if self.aeron is None else {
+                "dir": self.aeron.dir, "embedded": self.aeron.embedded, "errors": self.aeron.errors,
+            },
+            "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
+        }
+        reloads = getattr(agent, "reloads", None)
+        if reloads:
+            rec["reloads"] = [t.as_dict() for t in reloads[-8:]]
+        return rec
+
+    def _last_event_ns(self) -> int:
+        """Return the latest accepted ``ts_event_ns`` (0 if none): replays start after it."""
+        from features.kernels import I_LAST_TS
+
+        last = 0
+        istate = getattr(self.agent, "istate", None)
+        if istate is not None and getattr(istate, "ndim", 0) == 2 and istate.shape[1] > I_LAST_TS:
+            last = int(istate[:, I_LAST_TS].max())  # last accepted ts_event_ns per instrument
+        if self.agent.seq:
+            last = max(last, int(self.source.ts_list[0]))
+        return max(last, 0)
+
+    # ------------------------------------------------------------------ reporting
+    def _describe(self) -> tuple[str, str]:
+        cfg = self.cfg
+        src, snk = cfg.effective_sources, cfg.effective_sinks
+        ins, outs = [], []
+        if src.zmq is not None:
+            ins.append(f"zmq {src.zmq.endpoint} ({'bind' if src.zmq.bind else 'connect'})")
+        if src.aeron is not None:
+            ins.append(f"aeron {src.aeron.channel} stream {src.aeron.stream_id}")
+        if snk.zmq is not None:
+            outs.append(f"zmq {snk.zmq.endpoint} ({'bind' if snk.zmq.bind else 'connect'})")
+        if snk.aeron is not None:
+            outs.append(f"aeron {snk.aeron.channel} stream {snk.aeron.stream_id}")
+        return ", ".join(ins), ", ".join(outs)
+
+    def _log_ready(self) -> None:
+        ins, outs = self._describe()
+        parts = [f"ready: ticks in {ins}; scores out {outs}"]
+        if self.control is not None:
+            parts.append(f"control {self.control.endpoint}")
+        if self.aeron is not None:
+            parts.append(f"aeron dir {self.aeron.dir} ({'embedded' if self.aeron.embedded else 'external'})")
+        parts.append(f"model {self.backend.version} ({self.backend_kind})")
+        if self.runner.pin is not None:
+            parts.append(self.runner.pin.message)
+        _log("; ".join(parts))
+
+    def _mode(self) -> str:
+        src = self.cfg.effective_sources
+        kinds = [k for k, v in (("zmq", src.zmq), ("aeron", src.aeron)) if v is not None]
+        return "+".join(kinds)
+
+    def _final_report(self) -> dict:
+        from replay.latency import format_table, latency_stats
+        from replay.run import ReplayResult, summarise, write_outputs
+
+        agent = self.agent
+        if agent is None:
+            return {"ticks": 0, "scores": 0, "stop_reason": self.stop_reason}
+        cfg = self.cfg
+        t_in, t_out = agent.recorder.snapshot(agent.seq)
+        lat = t_out - t_in
+        first_seq = agent.seq - len(lat)
+        warm = max(0, min(cfg.engine.warmup_ticks - first_seq, max(len(lat) - 1, 0)))
+        stats = latency_stats(lat[warm:])
+        c = agent.counters
+        ticks_in = int(c.sum())
+        rejected = int(c[1:].sum())
+        sinks = self._sink_counters()
+        dropped = int(sum(s.get("drops", 0) for s in sinks.values()))
+        t0 = self.t_ready_ns or self.t_start_ns
+        wall_s = max(0.0, ((self.t_stop_ns or time.perf_counter_ns()) - t0) / 1e9)
+        ins, outs = self._describe()
+        pinned = self.runner.pin.pinned if self.runner and self.runner.pin else []
+        summary = summarise(
+            ticks=ticks_in,
+            scores=agent.seq,
+            dropped=dropped,
+            rejected=rejected,
+            rejected_by_reason=agent.rejected_by_reason(),
+            wall_s=wall_s,
+            stats=stats,
+            mode=self._mode(),
+            backend=str(getattr(agent.backend, "kind", self.backend_kind)),
+            model_path=str(self.model_path),
+            model_version=getattr(agent, "model_version", self.backend.version),
+            quantization=getattr(agent.backend, "quantization", "unknown"),
+            data_path=ins,
+            data_rows=ticks_in,
+            pinned=pinned,
+            extra={
+                "role": "service",
+                "config": self.config_path,
+                "stop_reason": self.stop_reason,
+                "drained_ticks": self.drained,
+                "drain_s": self.drain_s,
+                "scores_out_to": outs,
+                "sinks": sinks,
+                "messages_received": int(sum(getattr(s, "received", 0) for s in self.sources)),
+                "warmup_ticks_excluded": warm,
+                "latency_window": {"first_seq": first_seq, "count": int(len(lat))},
+                "errors": self.runner.errors if self.runner else 0,
+                "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
+                "helper_threads": self.helper_threads,
+                "idle": cfg.engine.idle,
+                "out_of_range": stats.out_of_range,
+                "reloads": [t.as_dict() for t in getattr(agent, "reloads", [])],
+            },
+        )
+        files = {}
+        if cfg.output.dir:
+            raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}
+            raw.update(agent.recorder.stage_snapshot(agent.seq))
+            try:
+                files = write_outputs(ReplayResult(summary, lat, stats), cfg.output.dir, raw)
+            except Exception as exc:  # noqa: BLE001 - the report must still be printed
+                _log(f"could not write outputs to {cfg.output.dir}: {exc}")
+        summary["out_files"] = files
+
+        lines = [
+            f"stopped ({self.stop_reason or 'end'}) after {wall_s:.2f}s running; "
+            f"drained {self.drained:,} ticks in {self.drain_s:.3f}s",
+            f"  ticks in {ticks_in:,}  scores out {agent.seq:,}  rejected {rejected:,}  dropped {dropped:,}"
+            f"  errors {summary['errors']}",
+        ]
+        if summary["rejected_by_reason"]:
+            lines.append("  rejected by reason: " + ", ".join(
+                f"{k} {v:,}" for k, v in summary["rejected_by_reason"].items()))
+        for name, s in sinks.items():
+            lines.append(f"  sink {name}: " + "  ".join(
+                f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
+                for k, v in s.items()))
+        lines.append(f"  final report (first {warm:,} latencies excluded as warm-up):")
+        table = format_table({"service": stats})
+        lines.extend("    " + ln for ln in table.splitlines())
+        for name, path in files.items():
+            lines.append(f"  {name:<8} {path}")
+        _log("\n".join(lines))
+        return summary
+
+
+def _install_signals(service: Service) -> dict:
+    old = {}
+
+    def handler(signum, frame):
+        service.request_stop(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def run_service(cfg: ServiceConfig, config_path: str | None = None) -> dict:
+    """Build and run the service until a graceful stop; return the final report."""
+    service = Service(cfg, config_path)
+    old = _install_signals(service)
+    try:
+        _log(f"starting (pid {os.getpid()}, config {config_path or 'defaults'})")
+        service.build()
+        return service.run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_serve_parser(sub) -> None:
+    """Add ``tickscore serve`` and ``tickscore control`` to the CLI's subparsers."""
+    s = sub.add_parser(
+        "serve",
+        help="run the live scoring service (ticks in over ZeroMQ/Aeron, scores out)",
+        description=(
+            "Score every tick received over ZeroMQ and/or Aeron and publish the scores over "
+            "ZeroMQ and/or Aeron, as configured in a TOML file (see engine/examples/service.toml). "
+            "SIGTERM/SIGINT or 'tickscore control stop' stop it gracefully."
+        ),
+    )
+    s.add_argument("--config", metavar="FILE", help="service TOML (default: built-in defaults)")
+    s.add_argument("--check", action="store_true",
+                   help="validate the config, print the effective config and exit")
+    s.add_argument("--json", action="store_true", help="print the final report JSON on stdout at exit")
+
+    c = sub.add_parser(
+        "control",
+        help="send status / reload MODEL / stop to a running service",
+        description="Talk to a running service's control socket; prints the JSON reply.",
+    )
+    c.add_argument("action", choices=["status", "reload", "stop"], help="what to ask")
+    c.add_argument("model", nargs="?", help="model file for 'reload'")
+    c.add_argument("--config", metavar="FILE", help="take the control endpoint from this service config")
+    c.add_argument("--endpoint", help="control endpoint (default: the config's, else tcp://127.0.0.1:5590)")
+    c.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
+
+
+def cmd_serve(args) -> int:
+    """Run ``tickscore serve``."""
+    from engine.config import load_config, to_toml
+
+    cfg = load_config(args.config)
+    if args.check:
+        print(to_toml(cfg), end="")
+        print(f"# {args.config or 'defaults'}: OK", file=sys.stderr)
+        return 0
+    final = run_service(cfg, args.config)
+    if args.json:
+        print(json.dumps(final, indent=2, default=str))
+    return 0
+
+
+def cmd_control(args) -> int:
+    """Run ``tickscore control``."""
+    from engine.config import DEFAULT_CONTROL_ENDPOINT, load_config
+    from engine.control import ControlError, request
+
+    endpoint = args.endpoint
+    if endpoint is None and args.config:
+        endpoint = load_config(args.config).control.endpoint
+        if not endpoint:
+            raise ValueError(f"{args.config}: the control channel is disabled ([control] endpoint = \"\")")
+    endpoint = endpoint or DEFAULT_CONTROL_ENDPOINT
+    text = args.action
+    if args.action == "reload":
+        if not args.model:
+            raise ValueError("reload needs a model file: tickscore control reload MODEL.onnx")
+        text = json.dumps({"command": "reload", "path": os.path.abspath(args.model)})
+    try:
+        reply = request(endpoint, text, timeout_s=args.timeout)
+    except ControlError as exc:
+        print(f"tickscore control: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else 1

@@ -1,0 +1,186 @@
+"""``tickscore subscribe``: print or record the scores of a running service.
+
+A small client meant to be copied: it needs only ``msgspec`` (or any MessagePack
+decoder, see the README's wire format) plus ``pyzmq`` or ``pyaeron``.
+
+    tickscore subscribe ipc:///tmp/tickscore-scores.ipc               # ZeroMQ, every instrument
+    tickscore subscribe tcp://127.0.0.1:5556 --topic ESZ6             # ZeroMQ, one instrument
+    tickscore subscribe aeron:ipc --aeron-dir /dev/shm/tickscore-aeron-$USER   # Aeron, stream 1002
+    tickscore subscribe aeron:udp?endpoint=127.0.0.1:40124 --out scores.parquet --count 10000
+
+Each printed line is ``instrument seq score flags model_version wire_us`` where
+``wire_us`` = this process's CLOCK_MONOTONIC at receipt minus the service's
+``ts_out_ns`` (meaningful on the same host only).  ``--out FILE.parquet``
+records every score with its receive time ``recv_ns``.  Stops on Ctrl-C /
+SIGTERM, after ``--count`` scores or ``--duration`` seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import msgspec
+
+__all__ = ["Score", "subscribe_zmq", "subscribe_aeron", "add_subscribe_parser", "cmd_subscribe"]
+
+
+class Score(msgspec.Struct, array_like=True, tag=2, frozen=True):
+    """A score as on the wire: MessagePack array, schema id 2 first (see README)."""
+
+    instrument: str
+    seq: int
+    ts_event_ns: int
+    ts_in_ns: int
+    ts_out_ns: int
+    score: float
+    model_version: str
+    flags: int
+
+
+FLAG_NAMES = {1: "warmup", 2: "stale_quote", 4: "no_book", 8: "clipped"}
+COLUMNS = ("instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score", "model_version",
+           "flags", "recv_ns")
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.flag = False
+
+    def __call__(self, signum, frame) -> None:
+        self.flag = True
+
+
+def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout_ms: int = 100) -> None:
+    """Call ``on_score(score, recv_ns)`` for every score on a ZeroMQ endpoint until ``stop()``."""
+    import zmq
+
+    decode = msgspec.msgpack.Decoder(Score).decode
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+    sock.connect(endpoint)
+    try:
+        while not (stop and stop()):
+            if not sock.poll(timeout_ms):
+                continue
+            frames = sock.recv_multipart()
+            recv_ns = time.perf_counter_ns()
+            if len(frames) != 2:
+                print(f"skipping a message of {len(frames)} frames", file=sys.stderr)
+                continue
+            try:
+                s = decode(frames[1])
+            except msgspec.MsgspecError as exc:
+                print(f"skipping an undecodable score: {exc}", file=sys.stderr)
+                continue
+            on_score(s, recv_ns)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def subscribe_aeron(channel: str, stream_id: int, aeron_dir: str, topics=("",), on_score=None,
+                    stop=None) -> None:
+    """Call ``on_score(score, recv_ns)`` for every score on an Aeron stream until ``stop()``."""
+    import pyaeron
+
+    decode = msgspec.msgpack.Decoder(Score).decode
+    # An error handler keeps the client alive when the service's driver goes away
+    # (without one the Aeron C client exits the process).
+    errors = []
+    ctx = pyaeron.Context(dir=aeron_dir, error_handler=lambda code, msg: errors.append(msg))
+    try:
+        aeron = pyaeron.Aeron(context=ctx)
+    except pyaeron.AeronError as exc:
+        raise OSError(f"no Aeron media driver in {aeron_dir!r}: {str(exc).splitlines()[0]}") from None
+    wanted = tuple(t for t in topics if t)
+
+    def handler(buf, header):
+        recv_ns = time.perf_counter_ns()
+        try:
+            s = decode(buf)
+        except msgspec.MsgspecError as exc:
+            print(f"skipping an undecodable score: {exc}", file=sys.stderr)
+            return
+        if not wanted or s.instrument.startswith(wanted):
+            on_score(s, recv_ns)
+
+    try:
+        sub = aeron.add_subscription(channel, stream_id)
+        idle = pyaeron.IdleStrategy.backoff()
+        while not (stop and stop()):
+            if errors:
+                print(f"aeron: {errors.pop(0)}", file=sys.stderr)
+            idle.idle(sub.poll(handler, 64))
+    finally:
+        aeron.close()
+
+
+def add_subscribe_parser(sub) -> None:
+    """Add ``tickscore subscribe`` to the CLI's subparsers."""
+    p = sub.add_parser(
+        "subscribe",
+        help="print or record the scores of a running service (ZeroMQ or Aeron)",
+        description="Subscribe to a service's scores and print them, or record them to Parquet.",
+    )
+    p.add_argument("endpoint", help="ZeroMQ endpoint (ipc://..., tcp://...) or Aeron channel (aeron:ipc, "
+                   "aeron:udp?endpoint=HOST:PORT)")
+    p.add_argument("--topic", action="append", default=None, metavar="SYM",
+                   help="only this instrument (repeatable; prefix match); default all")
+    p.add_argument("--out", metavar="FILE.parquet", help="record every score here (written at exit)")
+    p.add_argument("--count", type=int, default=0, help="stop after N scores")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds")
+    p.add_argument("--quiet", action="store_true", help="do not print each score")
+    p.add_argument("--stream-id", type=int, default=None, help="Aeron stream id (default 1002)")
+    p.add_argument("--aeron-dir", default=None,
+                   help="Aeron driver directory (default: the service's embedded driver, "
+                        "/dev/shm/tickscore-aeron-USER)")
+
+
+def cmd_subscribe(args) -> int:
+    """Run ``tickscore subscribe``."""
+    from engine.config import SCORE_STREAM_ID, default_aeron_dir
+
+    topics = tuple(args.topic or ("",))
+    rows: list[tuple] = []
+    n = [0]
+    deadline = time.monotonic() + args.duration if args.duration > 0 else None
+    stopper = _Stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopper)
+
+    def stop() -> bool:
+        return stopper.flag or (deadline is not None and time.monotonic() >= deadline) or (
+            args.count > 0 and n[0] >= args.count)
+
+    def on_score(s: Score, recv_ns: int) -> None:
+        n[0] += 1
+        if args.out:
+            rows.append((s.instrument, s.seq, s.ts_event_ns, s.ts_in_ns, s.ts_out_ns, s.score,
+                         s.model_version, s.flags, recv_ns))
+        if not args.quiet:
+            flags = "|".join(v for k, v in FLAG_NAMES.items() if s.flags & k) or "-"
+            print(f"{s.instrument:<8} seq={s.seq:<10} score={s.score:.6f} flags={flags:<12} "
+                  f"{s.model_version}  wire_us={(recv_ns - s.ts_out_ns) / 1000:.1f}", flush=True)
+
+    if args.endpoint.startswith("aeron:"):
+        subscribe_aeron(args.endpoint, args.stream_id or SCORE_STREAM_ID,
+                        args.aeron_dir or default_aeron_dir(), topics, on_score, stop)
+    else:
+        subscribe_zmq(args.endpoint, topics, on_score, stop)
+    print(f"tickscore subscribe: {n[0]:,} scores", file=sys.stderr)
+    if args.out:
+        import polars as pl
+
+        df = pl.DataFrame(rows, schema=[
+            ("instrument", pl.Utf8), ("seq", pl.Int64), ("ts_event_ns", pl.Int64), ("ts_in_ns", pl.Int64),
+            ("ts_out_ns", pl.Int64), ("score", pl.Float64), ("model_version", pl.Utf8),
+            ("flags", pl.Int64), ("recv_ns", pl.Int64),
+        ], orient="row")
+        df.write_parquet(args.out)
+        print(f"tickscore subscribe: wrote {len(df):,} rows to {args.out}", file=sys.stderr)
+    return 0

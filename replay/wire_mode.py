@@ -1,0 +1,907 @@
+"""Wire-mode replay: publisher process -> service -> subscriber process, wire-to-wire latency.
+
+``tickscore replay --via zmq|aeron [--service-config FILE | --spawn]`` measures
+what a trading system on the same host sees: three processes besides the
+coordinator,
+
+* a **publisher** (``python -m replay.wire_mode publish``) that sends the ticks of
+  the data file as ``Tick`` messages at the chosen pace,
+* the **service** (``tickscore serve``): a running one (``--service-config``) or
+  one spawned for the run (``--spawn``, the default),
+* a **subscriber** (``python -m replay.wire_mode subscribe``) that receives the
+  scores,
+
+and reports **wire-to-wire latency = subscriber receive time - the tick's
+intended send time**, both read from CLOCK_MONOTONIC (``time.perf_counter_ns``)
+on the same host.  The intended send time of tick ``i`` is fixed before the run
+(``start + i / rate``, or ``start + (ts_event[i] - ts_event[0]) / speed``), so a
+stall anywhere (publisher, service, subscriber) shows in every tick queued behind
+it: coordinated omission is not hidden.  With ``--rate max`` ticks are sent back
+to back and the intended time is the actual send time.
+
+Event times are shifted so the first tick's ``ts_event_ns`` is the wall-clock
+time at the start of the run, or 1 s after the latest event the service has
+accepted (``last_event_ns`` of its ``status``) if that is later; differences,
+hence features and scores, are unchanged, and a long-running service never
+sees a replayed tick as going backwards in time.  A score is matched to its tick by (instrument,
+``ts_event_ns``) in send order, so ticks the service rejected or scores that
+were lost are counted, not mismatched.
+
+Outputs (``--out DIR``), same files as the in-process replay:
+``summary.json`` (run-summary contract, ``mode`` = ``zmq`` / ``aeron``,
+``latency_ns`` = wire-to-wire from the intended send time), ``latency.hgrm``,
+``latency.png`` and ``latency_raw.npz`` with ``t_in`` = intended send time and
+``t_out`` = receive time (so ``tickscore report`` recomputes the same numbers),
+plus ``t_sent``, ``t_svc_in``, ``t_svc_out``, ``seq`` of every matched score.
+
+CPU placement on a small machine: the service's hot loop is pinned to
+``--pin`` (default core 1); the publisher and the subscriber are pinned to the
+other cores and, when idle, yield the CPU (``sched_yield``) instead of spinning,
+so on one shared core they hand it to each other within microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
+
+_DEFAULT_RATE = 2_000.0
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin_self(cpus: list[int] | None) -> str:
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return "not pinned"
+    try:
+        os.sched_setaffinity(0, set(cpus))
+    except OSError as exc:
+        return f"pinning refused: {exc}"
+    return f"pinned to {sorted(cpus)}"
+
+
+def _timer_slack_1ns() -> bool:
+    """Ask for 1 ns timer slack (default 50 us) so sleeps end on time; False if refused."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        return False
+
+
+def _lowest_priority() -> str:
+    """Make this process SCHED_IDLE (runs only when its core has nothing else to do)."""
+    if os.environ.get("TICKSCORE_WIRE_SUB_PRIO") == "nice":
+        os.nice(19)
+        return "nice 19"
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (OSError, AttributeError):
+        try:
+            os.nice(19)
+            return "nice 19"
+        except OSError:
+            return "default priority"
+
+
+def _rate(text: str) -> float | None:
+    if text.strip().lower() in ("max", "inf"):
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate takes ticks per second or 'max', got {text!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"--rate must be positive, got {text!r}")
+    return v
+
+
+def intended_times(
+    ts_event: np.ndarray, start_ns: int, *, speed: float | None, rate: float | None
+) -> np.ndarray:
+    """Return the intended send time (ns, CLOCK_MONOTONIC) of every tick; zeros = as fast as possible."""
+    n = len(ts_event)
+    if speed is not None:
+        rel = (ts_event.astype(np.int64) - int(ts_event[0])).astype(np.float64) / speed
+        return start_ns + rel.astype(np.int64)
+    if rate is not None:
+        return start_ns + (np.arange(n, dtype=np.float64) * (1e9 / rate)).astype(np.int64)
+    return np.zeros(n, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ publisher process
+
+
+def _publisher(spec: dict) -> int:
+    """Send the ticks at the pace; write intended/sent times; return exit code."""
+    from engine.wire import Tick, encode_tick
+    from replay.reader import read_ticks
+
+    pin = _pin_self(spec.get("cpus"))
+    td = read_ticks(spec["data"])
+    ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
+    n = len(ticks)
+    symbols = td.symbols
+    ts0 = int(ticks["ts_event_ns"][0]) if n else 0
+    # keep event-time differences, start at "now" and after whatever the service saw last
+    base = max(time.time_ns(), int(spec.get("min_event_ns", 0)))
+    ts_event = ticks["ts_event_ns"].astype(np.int64) - ts0 + base
+    ts_recv = ticks["ts_recv_ns"].astype(np.int64) - ts0 + base
+    cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
+                                        "price", "size", "side", "order_id")]
+    ev, rv = ts_event.tolist(), ts_recv.tolist()
+    payloads = []
+    topics = [s.encode() for s in symbols]
+    tp = []
+    for i in range(n):
+        k, inst, bp, bs, ap, az, p, s, side, oid = (c[i] for c in cols)
+        payloads.append(encode_tick(Tick(k, symbols[inst], ev[i], rv[i], bp, bs, ap, az, p, s, side, oid)))
+        tp.append(topics[inst])
+
+    via = spec["via"]
+    if via == "zmq":
+        import zmq
+
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 5000)
+        if spec["bind"]:
+            sock.bind(spec["endpoint"])
+        else:
+            sock.connect(spec["endpoint"])
+        # wait for the service's SUB subscription, else the first ticks are lost
+        if not sock.poll(int(spec.get("connect_timeout_s", 30) * 1000)):
+            print("publisher: the service did not subscribe to the tick endpoint", file=sys.stderr)
+            return 3
+        sock.recv()
+        time.sleep(0.05)
+        more, flags_last = zmq.SNDMORE, 0
+        sendz = sock.send
+
+        def send(i: int) -> int:
+            sendz(tp[i], more)
+            sendz(payloads[i], flags_last)
+            return 0
+    else:
+        from engine.aeron_io import connect_client
+
+        aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: print(f"publisher: aeron {m}",
+                                                                              file=sys.stderr))
+        pub = aeron.add_exclusive_publication(spec["channel"], spec["stream_id"])
+        try:
+            pub.await_connected(timeout=spec.get("connect_timeout_s", 30))
+        except Exception as exc:  # noqa: BLE001
+            print(f"publisher: the service is not subscribed to {spec['channel']} "
+                  f"stream {spec['stream_id']}: {exc}", file=sys.stderr)
+            return 3
+        offer = pub.offer
+
+        def send(i: int) -> int:
+            p = payloads[i]
+            retries = 0
+            while offer(p) is not True:  # back-pressured / not connected: retry, time keeps running
+                retries += 1
+                if retries & 1023 == 0:
+                    os.sched_yield()
+                if retries > 50_000_000:
+                    raise RuntimeError("publisher: offer kept failing")
+            return retries
+
+    print("ready", flush=True)
+    slack = _timer_slack_1ns()
+    sched = "default scheduler"
+    rt = int(spec.get("rt_priority") or 0)
+    paced_run = spec.get("speed") is not None or spec.get("rate") is not None
+    if rt and paced_run:
+        # this thread only (the I/O / conductor threads were created before): it sleeps
+        # between ticks, and wakes up on time even when the subscriber spins on its core
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt))
+            sched = f"SCHED_FIFO {rt}"
+        except (OSError, AttributeError) as exc:
+            sched = f"SCHED_FIFO {rt} refused ({exc}); default scheduler"
+    margin = int(spec.get("sleep_margin_us", 150) * 1000)
+    clock = time.perf_counter_ns
+    start = clock() + 20_000_000
+    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
+    paced = spec.get("speed") is not None or spec.get("rate") is not None
+    due = intended.tolist()
+    sent = np.zeros(n, dtype=np.int64)
+    retries_total = 0
+    gc.collect()
+    gc.disable()  # no collector pauses while sending
+    for i in range(n):
+        if paced:
+            d = due[i]
+            while True:
+                now = clock()
+                if now >= d:
+                    break
+                if d - now > margin:  # sleep, waking `margin` early; spin the rest
+                    time.sleep((d - now - margin) / 1e9)
+                # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
+                # priority) subscriber for a whole scheduler tick
+        else:
+            now = clock()
+        sent[i] = now
+        retries_total += send(i)
+    gc.enable()
+    if sched.startswith("SCHED_FIFO") and "refused" not in sched:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    if not paced:
+        intended = sent.copy()
+    time.sleep(0.2)
+    np.savez(spec["out"], intended=intended, sent=sent, ts_event=ts_event,
+             inst=ticks["instrument"].astype(np.int32))
+    print(json.dumps({"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
+                      "sleep_margin_us": margin / 1000, "scheduler": sched}), flush=True)
+    if via == "zmq":
+        sock.close()
+        ctx.term()
+    else:
+        aeron.close()
+    return 0
+
+
+# ------------------------------------------------------------------------ subscriber process
+
+
+def _subscriber(spec: dict) -> int:
+    """Receive scores until ``expected`` arrived or ``idle_s`` passed without one; write them."""
+    pin = _pin_self(spec.get("cpus"))
+    mode = spec.get("client_idle", "spin")
+    prio = "default priority"
+    expected = int(spec["expected"])
+    idle_ns = int(spec.get("idle_s", 3.0) * 1e9)
+    max_wait_ns = int(spec.get("max_wait_s", 600) * 1e9)
+    clock = time.perf_counter_ns
+    recv_ns = np.zeros(expected + 1024, dtype=np.int64)
+    payloads: list[bytes] = []
+    cap = len(recv_ns)
+    k = 0
+    yield_ = os.sched_yield
+    via = spec["via"]
+    if via == "zmq":
+        import zmq
+
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if spec["bind"]:
+            sock.bind(spec["endpoint"])
+        else:
+            sock.connect(spec["endpoint"])
+        print("ready", flush=True)
+        if mode == "spin":  # this thread only: the I/O thread keeps its normal priority
+            prio = _lowest_priority()
+        gc.disable()
+        recv, get = sock.recv, sock.get
+        NB, EV, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+        Again = zmq.Again
+        t_last = t_start = clock()
+        if mode == "block":
+            while k < expected:
+                if not sock.poll(200):
+                    now = clock()
+                    if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
+                        break
+                    continue
+                recv()
+                p = recv()
+                t = clock()
+                if k < cap:
+                    recv_ns[k] = t
+                payloads.append(p)
+                k += 1
+                t_last = t
+        else:
+            misses = 0
+            while k < expected:
+                if not get(EV) & POLLIN:
+                    if mode == "yield":
+                        yield_()
+                    misses += 1
+                    if not misses & 4095:
+                        now = clock()
+                        if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
+                            break
+                    continue
+                while True:  # drain what is there without readiness checks
+                    try:
+                        recv(NB)
+                    except Again:
+                        break
+                    p = recv(NB)
+                    t = clock()
+                    if k < cap:
+                        recv_ns[k] = t
+                    payloads.append(p)
+                    k += 1
+                    t_last = t
+                misses = 0
+        sock.close(0)
+        ctx.term()
+    else:
+        from engine.aeron_io import connect_client
+
+        aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: None)
+        sub = aeron.add_subscription(spec["channel"], spec["stream_id"])
+        try:
+            sub.await_connected(timeout=spec.get("connect_timeout_s", 30))
+        except Exception as exc:  # noqa: BLE001
+            print(f"subscriber: no publication on {spec['channel']} stream {spec['stream_id']}: {exc}",
+                  file=sys.stderr)
+            return 3
+        print("ready", flush=True)
+        if mode == "spin":  # this thread only: the client conductor keeps its normal priority
+            prio = _lowest_priority()
+        gc.disable()
+        box = [0]
+
+        def handler(buf, header):
+            t = clock()
+            j = box[0]
+            if j < cap:
+                recv_ns[j] = t
+            payloads.append(buf.tobytes())
+            box[0] = j + 1
+
+        poll = sub.poll
+        t_last = t_start = clock()
+        misses = 0
+        spin = mode != "yield"
+        while box[0] < expected:
+            if poll(handler, 16):
+                t_last = clock()
+                misses = 0
+                continue
+            if not spin:
+                yield_()
+            misses += 1
+            if not misses & 4095:
+                now = clock()
+                if (box[0] and now - t_last > idle_ns) or now - t_start > max_wait_ns:
+                    break
+        k = box[0]
+        aeron.close()
+
+    gc.enable()
+    from engine.wire import decode_score
+
+    sym_index = {s: i for i, s in enumerate(spec["symbols"])}
+    m = min(k, cap)
+    seq = np.zeros(m, dtype=np.int64)
+    ts_event = np.zeros(m, dtype=np.int64)
+    inst = np.full(m, -1, dtype=np.int32)
+    ts_in = np.zeros(m, dtype=np.int64)
+    ts_out = np.zeros(m, dtype=np.int64)
+    score = np.zeros(m, dtype=np.float64)
+    versions: dict[str, int] = {}
+    bad = 0
+    for j in range(m):
+        try:
+            s = decode_score(payloads[j])
+        except Exception:  # noqa: BLE001 - counted
+            bad += 1
+            continue
+        seq[j], ts_event[j], score[j] = s.seq, s.ts_event_ns, s.score
+        ts_in[j], ts_out[j] = s.ts_in_ns, s.ts_out_ns
+        inst[j] = sym_index.get(s.instrument, -1)
+        versions[s.model_version] = versions.get(s.model_version, 0) + 1
+    np.savez(spec["out"], recv_ns=recv_ns[:m], seq=seq, ts_event=ts_event, inst=inst, ts_in=ts_in,
+             ts_out=ts_out, score=score)
+    print(json.dumps({"received": k, "bad": bad, "model_versions": versions, "pin": pin, "priority": prio,
+                      "idle": mode}), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------ matching
+
+
+def match_scores(pub_inst: np.ndarray, pub_ts: np.ndarray, sub_inst: np.ndarray,
+                 sub_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (tick index, score index) pairs matching scores to sent ticks in send order.
+
+    Scores arrive in the order the ticks were sent (one publisher, one service
+    loop); a tick without a score (rejected, dropped) is skipped.  Scores that
+    match no remaining tick (another publisher's) are ignored.
+    """
+    n, m = len(pub_ts), len(sub_ts)
+    if n == m and np.array_equal(pub_inst, sub_inst) and np.array_equal(pub_ts, sub_ts):
+        idx = np.arange(n, dtype=np.int64)
+        return idx, idx
+    keys = {}
+    for i, key in enumerate(zip(pub_inst.tolist(), pub_ts.tolist(), strict=True)):
+        keys.setdefault(key, []).append(i)
+    ti, si = [], []
+    last = -1
+    for j, key in enumerate(zip(sub_inst.tolist(), sub_ts.tolist(), strict=True)):
+        cands = keys.get(key)
+        if not cands:
+            continue
+        i = next((c for c in cands if c > last), None)
+        if i is None:
+            continue
+        ti.append(i)
+        si.append(j)
+        last = i
+    return np.asarray(ti, dtype=np.int64), np.asarray(si, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ coordinator
+
+
+def _spawn_config(args, symbols: list[str], tmp: Path) -> tuple[Path, dict]:
+    """Write a service config for this run; return its path and the endpoints."""
+    from engine.config import SCORE_STREAM_ID, TICK_STREAM_ID
+
+    ctl = f"tcp://127.0.0.1:{_free_port()}"
+    lines = [f"instruments = {json.dumps(symbols)}", "", "[engine]",
+             f"pin = {json.dumps('none' if args.pin is None else args.pin)}",
+             f"idle = {json.dumps(args.idle)}", f"warmup_ticks = {int(args.warmup_ticks)}", "",
+             "[model]", f"path = {json.dumps(str(Path(args.model).resolve()) if args.model else '')}",
+             f"backend = {json.dumps(args.backend)}", "",
+             "[control]", f"endpoint = {json.dumps(ctl)}", ""]
+    if args.via == "zmq":
+        t_ep, s_ep = f"ipc://{tmp}/ticks.ipc", f"ipc://{tmp}/scores.ipc"
+        lines += ["[sources.zmq]", f"endpoint = {json.dumps(t_ep)}", "",
+                  "[sinks.zmq]", f"endpoint = {json.dumps(s_ep)}", f"sndhwm = {int(args.hwm)}", ""]
+        ep = {"ticks": {"endpoint": t_ep, "bind": False}, "scores": {"endpoint": s_ep, "bind": False}}
+    else:
+        adir = f"/dev/shm/tickscore-wire-{os.getpid()}" if os.path.isdir("/dev/shm") else str(tmp / "aeron")
+        t_ch = s_ch = "aeron:ipc"
+        if args.aeron_udp:
+            t_ch = f"aeron:udp?endpoint=127.0.0.1:{_free_udp_port()}"
+            s_ch = f"aeron:udp?endpoint=127.0.0.1:{_free_udp_port()}"
+        lines += ["[sources.aeron]", f"channel = {json.dumps(t_ch)}", f"stream_id = {TICK_STREAM_ID}", "",
+                  "[sinks.aeron]", f"channel = {json.dumps(s_ch)}", f"stream_id = {SCORE_STREAM_ID}", "",
+                  "[aeron]", "embedded = true", f"dir = {json.dumps(adir)}", ""]
+        ep = {"aeron_dir": adir,
+              "ticks": {"channel": t_ch, "stream_id": TICK_STREAM_ID},
+              "scores": {"channel": s_ch, "stream_id": SCORE_STREAM_ID}}
+    ep["control"] = ctl
+    path = tmp / "service.toml"
+    path.write_text("\n".join(lines))
+    return path, ep
+
+
+def _endpoints_from_config(cfg, via: str) -> dict:
+    src, snk = cfg.effective_sources, cfg.effective_sinks
+    if via == "zmq":
+        if src.zmq is None or snk.zmq is None:
+            raise ValueError("--via zmq: the service config needs [sources.zmq] and [sinks.zmq]")
+        ep = {"ticks": {"endpoint": src.zmq.endpoint, "bind": not src.zmq.bind},
+              "scores": {"endpoint": snk.zmq.endpoint, "bind": not snk.zmq.bind}}
+    else:
+        if src.aeron is None or snk.aeron is None:
+            raise ValueError("--via aeron: the service config needs [sources.aeron] and [sinks.aeron]")
+        ep = {"aeron_dir": cfg.aeron_dir,
+              "ticks": {"channel": src.aeron.channel, "stream_id": src.aeron.stream_id},
+              "scores": {"channel": snk.aeron.channel, "stream_id": snk.aeron.stream_id}}
+    ep["control"] = cfg.control.endpoint or None
+    return ep
+
+
+class WireRun:
+    """Result of a wire-mode run: summary JSON, arrays, output files."""
+
+    def __init__(self, summary: dict, series: dict, out_files: dict) -> None:
+        self.summary = summary
+        self.series = series
+        self.out_files = out_files
+
+    def table(self) -> str:
+        """Return the percentile table (µs) of the wire and service series."""
+        from replay.latency import format_table, latency_stats
+
+        stats = {k: latency_stats(v) for k, v in self.series.items()}
+        tps = {k: self.summary["throughput_tps"] for k in stats}
+        return format_table(stats, throughput=tps)
+
+
+def _status(endpoint: str | None, timeout_s: float = 5.0) -> dict | None:
+    if not endpoint:
+        return None
+    from engine.control import ControlError, request
+
+    try:
+        return request(endpoint, "status", timeout_s)
+    except ControlError:
+        return None
+
+
+def _wait_service(proc, endpoint: str, timeout_s: float, log: Path) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the spawned service exited with code {proc.returncode}:\n"
+                               f"{log.read_text()[-3000:]}")
+        st = _status(endpoint, 1.0)
+        if st is not None and st.get("state") == "running":
+            return st
+        time.sleep(0.1)
+    raise RuntimeError(f"the spawned service did not become ready within {timeout_s:g}s:\n"
+                       f"{log.read_text()[-3000:]}")
+
+
+def _client(role: str, spec: dict, spec_path: Path) -> subprocess.Popen:
+    spec_path.write_text(json.dumps(spec))
+    return subprocess.Popen(
+        [sys.executable, "-m", "replay.wire_mode", role, str(spec_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+
+
+def _expect_ready(proc: subprocess.Popen, role: str, timeout_s: float) -> None:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sel.select(0.2):
+            line = proc.stdout.readline()
+            if line.strip() == "ready":
+                return
+            if not line and proc.poll() is not None:
+                break
+        elif proc.poll() is not None:
+            break
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise RuntimeError(f"the {role} process did not get ready: {err.strip()[-2000:]}")
+
+
+def _last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
+
+
+def run_wire(args) -> WireRun:
+    """Run a wire-mode replay as configured by the ``tickscore replay`` arguments."""
+    from replay.generator import default_data_path
+    from replay.latency import latency_stats
+    from replay.reader import read_ticks
+    from replay.run import summarise
+
+    data_path = str(Path(args.data).resolve()) if args.data else str(default_data_path())
+    td = read_ticks(data_path)
+    n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
+    if n == 0:
+        raise ValueError(f"{data_path}: no acceptable ticks to send")
+    speed = args.speed
+    rate = None if speed is not None else args.rate
+    hot = args.pin
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        allowed = []
+    if args.client_cpus:
+        clients = [int(c) for c in args.client_cpus.split(",")]
+    else:
+        clients = [c for c in allowed if c != hot] or allowed
+
+    tmpdir = tempfile.TemporaryDirectory(prefix="tickscore-wire-")
+    tmp = Path(tmpdir.name)
+    service = None
+    log_path = tmp / "service.log"
+    procs: list[subprocess.Popen] = []
+    spawned = args.service_config is None
+    try:
+        if spawned:
+            cfg_path, ep = _spawn_config(args, td.symbols, tmp)
+            log = open(log_path, "w")  # noqa: SIM115 - closed below
+            service = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg_path)],
+                stdout=subprocess.DEVNULL, stderr=log, cwd=str(Path(__file__).resolve().parents[1]),
+            )
+            _progress(args, f"spawned service pid {service.pid} ({cfg_path}); waiting for warm-up ...")
+            before = _wait_service(service, ep["control"], args.service_timeout, log_path)
+        else:
+            from engine.config import load_config
+
+            cfg = load_config(args.service_config)
+            ep = _endpoints_from_config(cfg, args.via)
+            before = _status(ep["control"])
+            if before is None and ep["control"]:
+                raise RuntimeError(f"the service of {args.service_config} does not answer on "
+                                   f"{ep['control']} (is it running?)")
+            missing = set(td.symbols) - set(cfg.instruments)
+            if missing:
+                print(f"tickscore replay: warning: the service does not know {sorted(missing)}; "
+                      f"those ticks will be rejected", file=sys.stderr)
+
+        client_idle = args.client_idle
+        if client_idle == "auto":
+            client_idle = "block" if args.via == "zmq" else "spin"
+        if client_idle == "block" and args.via == "aeron":
+            raise ValueError("--client-idle block is for ZeroMQ (Aeron has no blocking receive)")
+        common = {"via": args.via, "symbols": td.symbols, "connect_timeout_s": 30,
+                  "client_idle": client_idle, "cpus": clients}
+        if args.via == "zmq":
+            sub_spec = {**common, **ep["scores"]}
+            pub_spec = {**common, **ep["ticks"]}
+        else:
+            sub_spec = {**common, **ep["scores"], "aeron_dir": ep["aeron_dir"]}
+            pub_spec = {**common, **ep["ticks"], "aeron_dir": ep["aeron_dir"]}
+        sub_spec.update(expected=n, out=str(tmp / "sub.npz"), idle_s=args.idle_timeout)
+        pub_spec.update(data=data_path, limit=n, speed=speed, rate=rate, out=str(tmp / "pub.npz"),
+                        sleep_margin_us=args.sleep_margin_us, rt_priority=args.client_rt_priority,
+                        min_event_ns=int((before or {}).get("last_event_ns", 0)) + 1_000_000_000)
+
+        subs0 = (before or {}).get("sinks", {}).get("zmq", {}).get("subscribers", 0)
+        sub = _client("subscribe", sub_spec, tmp / "sub.json")
+        procs.append(sub)
+        _expect_ready(sub, "subscriber", 60)
+        if args.via == "zmq" and ep["control"]:  # wait until the service's XPUB saw the subscription
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                st = _status(ep["control"], 1.0) or {}
+                if st.get("sinks", {}).get("zmq", {}).get("subscribers", 0) > subs0:
+                    break
+                time.sleep(0.05)
+        time.sleep(0.2)
+        pace = f"speed {speed:g}x" if speed is not None else (f"{rate:,.0f} ticks/s" if rate else "max rate")
+        _progress(args, f"sending {n:,} ticks via {args.via} at {pace} ...")
+        pub = _client("publish", pub_spec, tmp / "pub.json")
+        procs.append(pub)
+        expected_s = (n / rate if rate else 0) + 120
+        pub_out, pub_err = pub.communicate(timeout=expected_s + 600)
+        if pub.returncode != 0:
+            raise RuntimeError(f"the publisher failed ({pub.returncode}): {pub_err.strip()[-2000:]}")
+        sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
+        if sub.returncode != 0:
+            raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
+        after = _status(ep["control"])
+        final = None
+        if spawned:
+            final = _stop_service(service, ep["control"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if service is not None and service.poll() is None:
+            service.kill()
+            service.wait()
+        keep_log = log_path.read_text() if log_path.exists() else ""
+        tmp_files = {}
+        if (tmp / "pub.npz").exists() and (tmp / "sub.npz").exists():
+            tmp_files = {"pub": dict(np.load(tmp / "pub.npz")), "sub": dict(np.load(tmp / "sub.npz"))}
+        tmpdir.cleanup()
+    if not tmp_files:
+        raise RuntimeError(f"no results (service log: {keep_log[-2000:]})")
+
+    pubd, subd = tmp_files["pub"], tmp_files["sub"]
+    ti, si = match_scores(pubd["inst"], pubd["ts_event"], subd["inst"], subd["ts_event"])
+    intended, sent = pubd["intended"][ti], pubd["sent"][ti]
+    recv = subd["recv_ns"][si]
+    svc_in, svc_out = subd["ts_in"][si], subd["ts_out"][si]
+    wire = recv - intended
+    warm = min(args.warmup_ticks, max(len(wire) - 1, 0))
+    stats = latency_stats(wire[warm:])
+    from_send = latency_stats((recv - sent)[warm:])
+    service_t = latency_stats((svc_out - svc_in)[warm:])
+    send_lag = latency_stats((sent - intended)[warm:])
+    wall_s = (int(recv[-1]) - int(sent[0])) / 1e9 if len(recv) else 0.0
+    d_rej = d_drop = None
+    status = after or before or {}
+    if before is not None and after is not None:
+        d_rej = after["rejected"] - before["rejected"]
+        d_drop = after["drops"] - before["drops"]
+    elif final is not None:
+        d_rej, d_drop = final.get("rejected"), final.get("dropped")
+    rejected = int(d_rej or 0)
+    model = status.get("model", {})
+    pub_info, sub_info = _last_json(pub_out), _last_json(sub_out)
+    summary = summarise(
+        ticks=n,
+        scores=len(ti),
+        dropped=n - rejected - len(ti),
+        rejected=rejected,
+        rejected_by_reason=_delta(before, after),
+        wall_s=wall_s,
+        stats=stats,
+        mode=args.via,
+        backend=str(model.get("backend", args.backend)),
+        model_path=str(model.get("path", args.model or "")),
+        model_version=str(model.get("version", "")),
+        quantization=str(model.get("quantization", "")),
+        data_path=data_path,
+        data_rows=td.rows,
+        pinned=[] if hot is None else [hot],
+        extra={
+            "latency_definition": "wire-to-wire: subscriber receive CLOCK_MONOTONIC - intended send time",
+            "warmup_ticks_excluded": warm,
+            "speed": speed if speed is not None else "max",
+            "rate_tps": rate,
+            "latency_from_send_ns": from_send.as_contract(),
+            "service_time_ns": service_t.as_contract(),
+            "send_lag_ns": send_lag.as_contract(),
+            "service_sink_drops": d_drop,
+            "received": int(sub_info.get("received", len(subd["recv_ns"]))),
+            "unmatched_scores": int(len(subd["recv_ns"]) - len(si)),
+            "service": "spawned" if spawned else str(args.service_config),
+            "service_final": final,
+            "client_cpus": clients,
+            "client_idle": client_idle,
+            "publisher": pub_info,
+            "subscriber": sub_info,
+            "out_of_range": stats.out_of_range,
+        },
+    )
+    series = {
+        "wire (intended)": wire[warm:],
+        "wire (sent)": (recv - sent)[warm:],
+        "service": (svc_out - svc_in)[warm:],
+    }
+    files = {}
+    if args.out:
+        files = _write(summary, args.out, intended, recv, sent, svc_in, svc_out, subd["seq"][si], warm,
+                       series)
+    return WireRun(summary, series, files)
+
+
+def _delta(before: dict | None, after: dict | None) -> dict:
+    if not after:
+        return {}
+    b = (before or {}).get("rejected_by_reason", {})
+    out = {k: v - b.get(k, 0) for k, v in after.get("rejected_by_reason", {}).items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def _stop_service(proc: subprocess.Popen, endpoint: str) -> dict | None:
+    from engine.control import ControlError, request
+
+    report = None
+    try:
+        reply = request(endpoint, "stop", timeout_s=30)
+        report = reply.get("report")
+    except ControlError:
+        proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return report
+
+
+def _write(summary, out_dir, intended, recv, sent, svc_in, svc_out, seq, warm, series) -> dict:
+    from replay.latency import plot_percentiles, write_hgrm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"summary": str(out / "summary.json")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files["hgrm"] = str(write_hgrm(recv[warm:] - intended[warm:], out / "latency.hgrm"))
+    labels = {"wire (intended)": "wire-to-wire from intended send time",
+              "wire (sent)": "wire-to-wire from actual send time",
+              "service": "service time (ts_out - ts_in)"}
+    files["png"] = str(plot_percentiles({labels[k]: v for k, v in series.items()}, out / "latency.png",
+                                        title=f"wire-to-wire latency ({summary['mode']}) by percentile"))
+    np.savez_compressed(out / "latency_raw.npz", t_in=intended, t_out=recv, warmup=np.int64(warm),
+                        t_sent=sent, t_svc_in=svc_in, t_svc_out=svc_out, seq=seq)
+    files["raw"] = str(out / "latency_raw.npz")
+    return files
+
+
+def _progress(args, msg: str) -> None:
+    if not args.no_progress:
+        print(f"tickscore replay: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def add_wire_arguments(r) -> None:
+    """Add the wire-mode flags to the ``tickscore replay`` parser."""
+    g = r.add_argument_group(
+        "wire mode",
+        "--via sends the ticks from a separate publisher process to a service and receives the "
+        "scores in a separate subscriber process; latency is wire-to-wire from the intended send time",
+    )
+    g.add_argument("--via", choices=["zmq", "aeron"], default=None,
+                   help="replay over the wire instead of in-process")
+    g.add_argument("--service-config", metavar="FILE",
+                   help="use the running service of this config (default: spawn one)")
+    g.add_argument("--spawn", action="store_true",
+                   help="start a service for the run and stop it after "
+                   "(the default without --service-config)")
+    g.add_argument("--rate", type=_rate, default=_DEFAULT_RATE, metavar="TPS|max",
+                   help=f"send rate in ticks/s when --speed is not given (default {_DEFAULT_RATE:,.0f}; "
+                   "'max' = back to back)")
+    g.add_argument("--aeron-udp", action="store_true",
+                   help="with --via aeron --spawn: use aeron:udp on 127.0.0.1 instead of aeron:ipc")
+    g.add_argument("--client-cpus", metavar="LIST",
+                   help="cores for the publisher and subscriber (default: all but --pin)")
+    g.add_argument("--client-idle", choices=["auto", "spin", "yield", "block"], default="auto",
+                   help="subscriber while waiting: spin = busy-poll at the lowest priority (SCHED_IDLE, "
+                   "so it never delays the publisher or I/O threads on its core), yield, block "
+                   "(ZeroMQ only: blocking receive); auto (default) = spin for Aeron, block for ZeroMQ "
+                   "(whose I/O threads need the shared core: measured lower p99)")
+    g.add_argument("--client-rt-priority", type=int, default=0, metavar="1-99",
+                   help="run the publisher's send loop SCHED_FIFO at this priority while paced (it "
+                   "sleeps between ticks; needs CAP_SYS_NICE, refused = reported); default 0 = off")
+    g.add_argument("--sleep-margin-us", type=float, default=150.0, metavar="US",
+                   help="publisher sleeps until this long before each send time, then spins (default 150)")
+    g.add_argument("--idle-timeout", type=float, default=3.0, metavar="S",
+                   help="subscriber stops after S seconds without a score (default 3)")
+    g.add_argument("--service-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for a spawned service to warm up (default 120)")
+
+
+def cmd_replay_wire(args) -> int:
+    """Run ``tickscore replay --via ...``."""
+    if args.spawn and args.service_config:
+        raise ValueError("--spawn and --service-config exclude each other")
+    res = run_wire(args)
+    s = res.summary
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    pace = f"speed {s['speed']}x" if s["rate_tps"] is None and s["speed"] != "max" else (
+        f"{s['rate_tps']:,.0f} ticks/s" if s["rate_tps"] else "max rate")
+    print(
+        f"tickscore replay --via {s['mode']}: {s['data']['path']}\n"
+        f"  service {s['service']}: model {s['model']['version']} ({s['model']['quantization']}, "
+        f"backend {s['backend']}), hot loop on core {s['host']['pinned'] or 'any'}; "
+        f"clients on {s['client_cpus']} ({s['client_idle']}); {pace}\n"
+        f"  ticks {s['ticks']:,}  scores {s['scores']:,}  rejected {s['rejected']:,}  "
+        f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
+        f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"
+    )
+    print("  wire (intended) = receive - intended send time (the headline, latency_ns); "
+          "wire (sent) = receive - actual send; service = ts_out - ts_in inside the service")
+    print()
+    print(res.table())
+    if res.out_files:
+        print()
+        for name, path in res.out_files.items():
+            print(f"  {name:<8} {path}")
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("publish", "subscribe"):
+        print("usage: python -m replay.wire_mode publish|subscribe SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[1]).read_text())
+    return _publisher(spec) if argv[0] == "publish" else _subscriber(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

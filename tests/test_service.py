@@ -1,0 +1,429 @@
+"""`tickscore serve` in a subprocess, fed and read by independent processes over real sockets.
+
+Publishers and subscribers are ``tests/wire_clients.py`` processes that encode
+Ticks and decode Scores with the plain ``msgpack`` package and the README's
+layouts.  Every endpoint is loopback / ipc under ``tmp_path`` / a unique Aeron
+directory in /dev/shm; every subprocess is killed in ``finally``.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_config, parse_config
+from engine.control import request
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = ROOT / "tests" / "wire_clients.py"
+sys.path.insert(0, str(ROOT / "tests"))
+from wire_clients import GARBAGE_EXPECTED, GARBAGE_EXPECTED_AERON  # noqa: E402
+
+SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
+
+
+def _free_port(kind=socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _aeron_dir() -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+    return f"{base}/tickscore-test-{uuid.uuid4().hex[:12]}"
+
+
+class Svc:
+    """A service subprocess with its config, control endpoint and stderr log."""
+
+    def __init__(self, tmp: Path, toml: str, name: str = "svc") -> None:
+        self.tmp = tmp
+        self.control = f"tcp://127.0.0.1:{_free_port()}"
+        self.out = tmp / f"{name}-out"
+        self.cfg = tmp / f"{name}.toml"
+        self.cfg.write_text(
+            f'instruments = {json.dumps(SYMBOLS)}\n{toml}\n'
+            f'[control]\nendpoint = "{self.control}"\n[output]\ndir = "{self.out}"\n'
+        )
+        self.log = tmp / f"{name}.log"
+        self._logf = open(self.log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--config", str(self.cfg)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._logf,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"service exited early:\n{self.log.read_text()}"
+            try:
+                st = request(self.control, "status", timeout_s=1.0)
+                if st.get("state") == "running":
+                    return st
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"service not ready after {timeout}s:\n{self.log.read_text()}")
+
+    def status(self) -> dict:
+        return request(self.control, "status", timeout_s=10.0)
+
+    def wait_for(self, pred, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        st = self.status()
+        while not pred(st) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            st = self.status()
+        return st
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._logf.close()
+
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+
+def _client(role: str, spec: dict, tmp: Path, name: str) -> subprocess.Popen:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, str(CLIENTS), role, str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise AssertionError(f"{name} not ready: {line!r} {proc.communicate()[1][-2000:]}")
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _kill_all(*procs) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_bad_config_key_or_value_is_a_clear_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'engine\.pinn'.*valid keys here: pin"):
+        parse_config({"engine": {"pinn": 1}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"sources\.aeron\.stream_id = 0: expected `int` >= 1"):
+        parse_config({"sources": {"aeron": {"stream_id": 0}}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"engine\.idle = 'spin'.*busy-spin, yield, backoff, sleep"):
+        parse_config({"engine": {"idle": "spin"}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"sinks\.zmq\.endpoint = 'http://x': not a ZeroMQ endpoint"):
+        parse_config({"sinks": {"zmq": {"endpoint": "http://x"}}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"sources\.zmq\.subscribe\[1\] = 2: expected `str`"):
+        parse_config({"sources": {"zmq": {"subscribe": ["", 2]}}}, "svc.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\npin = 1\n[engine]\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    # the examples shipped with the project are valid
+    for example in (ROOT / "engine" / "examples").glob("*.toml"):
+        load_config(example)
+
+
+def test_serve_with_a_bad_config_exits_2_before_starting_anything(tmp_path):
+    port = _free_port()
+    cfg = tmp_path / "svc.toml"
+    cfg.write_text(f'[control]\nendpoint = "tcp://127.0.0.1:{port}"\n[sinks.aeron]\nstream_id = "x"\n')
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "sinks.aeron.stream_id = 'x'" in run.stderr and "Traceback" not in run.stderr
+    assert "starting" not in run.stderr  # nothing was started
+
+
+# ------------------------------------------------------------------------------ ZeroMQ
+
+
+@pytest.fixture(scope="module")
+def zmq_service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zmqsvc")
+    svc = Svc(tmp, (
+        '[engine]\npin = "none"\nidle = "backoff"\n'
+        f'[sources.zmq]\nendpoint = "ipc://{tmp}/ticks.ipc"\n'
+        f'[sinks.zmq]\nendpoint = "ipc://{tmp}/scores.ipc"\n'
+    ))
+    svc.ticks = f"ipc://{tmp}/ticks.ipc"
+    svc.scores = f"ipc://{tmp}/scores.ipc"
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_zmq_n_ticks_in_give_n_scores_out_with_contiguous_seq(zmq_service, tmp_path):
+    svc = zmq_service
+    before = svc.status()
+    n = 3000
+    sub = pub = None
+    try:
+        sub = _client("subscribe", {"via": "zmq", "endpoint": svc.scores, "expect": n,
+                                    "out": str(tmp_path / "sub.json")}, tmp_path, "sub")
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] > before["sinks"]["zmq"]["subscribers"], 10)
+        pub = _client("publish", {"via": "zmq", "endpoint": svc.ticks, "n": n, "first": 100_000},
+                      tmp_path, "pub")
+        _finish(pub)
+        _finish(sub)
+    finally:
+        _kill_all(pub, sub)
+    got = json.loads((tmp_path / "sub.json").read_text())
+    st = svc.status()
+    assert got["bad"] == []
+    assert got["count"] == n
+    assert got["in_order"] and got["seqs_sorted_contiguous"]
+    assert got["first_seq"] == before["scores_out"] and got["last_seq"] == before["scores_out"] + n - 1
+    assert got["topics_match_instrument"] and got["scores_ok"]
+    assert set(got["instruments"]) == set(SYMBOLS)
+    assert got["model_versions"] == [st["model"]["version"]]
+    assert st["ticks_in"] - before["ticks_in"] == n
+    assert st["scores_out"] - before["scores_out"] == n
+    assert st["drops"] == 0 and st["errors"] == 0
+    lat = st["latency_ns"]
+    assert lat["count"] == st["scores_out"] and 0 < lat["p50"] <= lat["max"]
+
+
+def test_malformed_ticks_are_counted_by_reason_and_the_service_keeps_scoring(zmq_service, tmp_path):
+    svc = zmq_service
+    before = svc.status()
+    n = 500
+    sub = pub = None
+    try:
+        sub = _client("subscribe", {"via": "zmq", "endpoint": svc.scores, "expect": n,
+                                    "out": str(tmp_path / "sub.json")}, tmp_path, "sub")
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] > before["sinks"]["zmq"]["subscribers"], 10)
+        pub = _client("publish", {"via": "zmq", "endpoint": svc.ticks, "n": n, "first": 200_000,
+                                  "garbage": True}, tmp_path, "pub")
+        _finish(pub)
+        _finish(sub)
+    finally:
+        _kill_all(pub, sub)
+    st = svc.status()
+    got = json.loads((tmp_path / "sub.json").read_text())
+    rejected = {k: v - before["rejected_by_reason"].get(k, 0) for k, v in st["rejected_by_reason"].items()}
+    assert {k: v for k, v in rejected.items() if v} == GARBAGE_EXPECTED
+    # every good tick sent after the garbage was scored, in order
+    assert got["count"] == n and got["in_order"] and got["seqs_sorted_contiguous"] and got["bad"] == []
+    assert st["scores_out"] - before["scores_out"] == n
+    assert st["ticks_in"] - before["ticks_in"] == n + sum(GARBAGE_EXPECTED.values())
+    assert st["state"] == "running" and st["errors"] == 0
+
+
+def test_tickscore_subscribe_records_scores_to_parquet(zmq_service, tmp_path):
+    import polars as pl
+
+    svc = zmq_service
+    before = svc.status()
+    n = 300
+    out = tmp_path / "scores.parquet"
+    sub = pub = None
+    try:
+        sub = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "subscribe", svc.scores, "--out", str(out),
+             "--count", str(n), "--duration", "60"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] > before["sinks"]["zmq"]["subscribers"], 10)
+        pub = _client("publish", {"via": "zmq", "endpoint": svc.ticks, "n": n, "first": 300_000},
+                      tmp_path, "pub")
+        _finish(pub)
+        stdout, stderr = sub.communicate(timeout=60)
+    finally:
+        _kill_all(pub, sub)
+    assert sub.returncode == 0, stderr
+    df = pl.read_parquet(out)
+    assert df.columns == ["instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score",
+                          "model_version", "flags", "recv_ns"]
+    assert df.height == n and df["seq"].diff().drop_nulls().to_list() == [1] * (n - 1)
+    assert (df["recv_ns"] >= df["ts_out_ns"]).all() and (df["ts_out_ns"] >= df["ts_in_ns"]).all()
+    assert stdout.count("seq=") == n  # one printed line per score
+
+
+def test_control_rejects_unknown_commands_and_reload_swaps_or_says_unavailable(zmq_service):
+    svc = zmq_service
+    bad = request(svc.control, "explode")
+    assert bad["ok"] is False and "unknown command" in bad["error"]
+    missing = request(svc.control, "reload")
+    assert missing["ok"] is False and "model path" in missing["error"]
+    fp32 = ROOT / "models" / "default" / "risk_fp32.onnx"
+    reply = request(svc.control, json.dumps({"command": "reload", "path": str(fp32)}))
+    if not reply["ok"] and "not available" in reply.get("error", ""):
+        return  # this build's agent has no hot reload: the reply says so
+    assert reply["ok"], reply
+    assert reply["status"] in ("pending", "swapped")
+    st = svc.wait_for(lambda s: s.get("reloads", [{}])[-1].get("status") != "pending", 60)
+    last = st["reloads"][-1]
+    assert last["status"] == "swapped", last
+    assert st["model"]["version"] == last["version"]
+
+
+# ------------------------------------------------------------------------------ Aeron
+
+
+def test_aeron_ipc_and_zmq_both_ways_at_once_every_tick_scored_on_both_sinks(tmp_path):
+    adir = _aeron_dir()
+    n_zmq, n_aeron = 1500, 1500
+    svc = sub_a = sub_z = pub_a = pub_z = None
+    try:
+        # default engine settings: hot loop pinned to core 1, busy-spin
+        svc = Svc(tmp_path, (
+            f'[sources.zmq]\nendpoint = "ipc://{tmp_path}/ticks.ipc"\n'
+            f'[sources.aeron]\nchannel = "aeron:ipc"\n'
+            f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/scores.ipc"\n'
+            f'[sinks.aeron]\nchannel = "aeron:ipc"\n'
+            f'[aeron]\ndir = "{adir}"\n'
+        ))
+        n = n_zmq + n_aeron
+        aer = {"via": "aeron", "aeron_dir": adir}
+        sub_a = _client("subscribe", {**aer, "channel": "aeron:ipc", "stream_id": 1002, "expect": n,
+                                      "out": str(tmp_path / "sub_a.json")}, tmp_path, "sub_a")
+        sub_z = _client("subscribe", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/scores.ipc", "expect": n,
+                                      "out": str(tmp_path / "sub_z.json")}, tmp_path, "sub_z")
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] >= 1 and s["sinks"]["aeron"]["connected"], 10)
+        # disjoint instruments, so the two streams' event times never interleave backwards
+        pub_a = _client("publish", {**aer, "channel": "aeron:ipc", "stream_id": 1001, "n": n_aeron,
+                                    "garbage": True, "rate": 5000, "symbols": ["CLF7", "ESZ6"]},
+                        tmp_path, "pub_a")
+        pub_z = _client("publish", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/ticks.ipc", "n": n_zmq,
+                                    "rate": 5000, "symbols": ["NQZ6"]}, tmp_path, "pub_z")
+        _finish(pub_a)
+        _finish(pub_z)
+        _finish(sub_a)
+        _finish(sub_z)
+        st = svc.status()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=60) == 0, svc.log.read_text()
+    finally:
+        _kill_all(pub_a, pub_z, sub_a, sub_z)
+        if svc is not None:
+            svc.stop()
+        shutil.rmtree(adir, ignore_errors=True)
+    for name in ("sub_a", "sub_z"):
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        assert got["count"] == n, (name, got)
+        assert got["seqs_sorted_contiguous"] and got["in_order"] and got["bad"] == [] and got["scores_ok"]
+    assert st["scores_out"] == n
+    assert {k: v for k, v in st["rejected_by_reason"].items() if v} == GARBAGE_EXPECTED_AERON
+    assert st["sinks"]["aeron"]["sent"] == n and st["sinks"]["zmq"]["sent"] == n and st["drops"] == 0
+    assert st["aeron"]["dir"] == adir and st["aeron"]["embedded"]
+    s = svc.summary()
+    assert s["mode"] == "zmq+aeron" and s["scores"] == n
+    assert s["ticks"] == s["scores"] + s["rejected"]
+    assert "pinned to core 1" in s["pin"] or "not available" in s["pin"] or "refused" in s["pin"]
+    assert not os.path.exists(adir)  # the embedded driver removed its directory
+
+
+def test_aeron_udp_loopback_between_separate_media_drivers(tmp_path):
+    adir = _aeron_dir()
+    t_port, s_port = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_DGRAM)
+    t_ch = f"aeron:udp?endpoint=127.0.0.1:{t_port}"
+    s_ch = f"aeron:udp?endpoint=127.0.0.1:{s_port}"
+    n = 2000
+    svc = sub = pub = None
+    try:
+        svc = Svc(tmp_path, (
+            '[engine]\npin = "none"\nidle = "backoff"\n'
+            f'[sources.aeron]\nchannel = "{t_ch}"\n[sinks.aeron]\nchannel = "{s_ch}"\n'
+            f'[aeron]\ndir = "{adir}"\n'
+        ))
+        # publisher and subscriber each run their own embedded driver: real UDP between drivers
+        sub = _client("subscribe", {"via": "aeron", "embedded": True, "channel": s_ch, "stream_id": 1002,
+                                    "expect": n, "out": str(tmp_path / "sub.json")}, tmp_path, "sub")
+        svc.wait_for(lambda s: s["sinks"]["aeron"]["connected"], 20)
+        pub = _client("publish", {"via": "aeron", "embedded": True, "channel": t_ch, "stream_id": 1001,
+                                  "n": n, "rate": 10000}, tmp_path, "pub")
+        _finish(pub)
+        _finish(sub)
+        st = svc.status()
+    finally:
+        _kill_all(pub, sub)
+        if svc is not None:
+            svc.stop()
+        shutil.rmtree(adir, ignore_errors=True)
+    got = json.loads((tmp_path / "sub.json").read_text())
+    assert got["count"] == n and got["seqs_sorted_contiguous"] and got["in_order"] and got["bad"] == []
+    assert st["ticks_in"] == n and st["scores_out"] == n and st["rejected"] == 0
+
+
+# ------------------------------------------------------------------------------ graceful stop
+
+
+def test_sigterm_mid_stream_exits_0_with_final_report_and_no_accepted_tick_unscored(tmp_path):
+    svc = sub = pub = None
+    n = 20_000
+    try:
+        svc = Svc(tmp_path, (
+            '[engine]\npin = "none"\nidle = "yield"\n'
+            f'[sources.zmq]\nendpoint = "ipc://{tmp_path}/ticks.ipc"\n'
+            f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/scores.ipc"\n'
+        ))
+        sub = _client("subscribe", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/scores.ipc", "idle_s": 3.0,
+                                    "out": str(tmp_path / "sub.json")}, tmp_path, "sub")
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] >= 1, 10)
+        pub = _client("publish", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/ticks.ipc", "n": n,
+                                  "rate": 4000, "garbage": True}, tmp_path, "pub")
+        svc.wait_for(lambda s: s["scores_out"] >= 2000, 30)
+        svc.proc.send_signal(signal.SIGTERM)
+        code = svc.proc.wait(timeout=60)
+        pub.kill()
+        _finish(sub)
+    finally:
+        _kill_all(pub, sub)
+        if svc is not None:
+            svc.stop()
+    log = svc.log.read_text()
+    assert code == 0, log
+    assert "stopped (SIGTERM)" in log and "final report" in log and "Traceback" not in log
+    s = svc.summary()
+    got = json.loads((tmp_path / "sub.json").read_text())
+    assert 2000 <= s["scores"] < n  # stopped mid-stream
+    assert s["ticks"] == s["scores"] + s["rejected"]  # every accepted tick was scored
+    assert s["rejected_by_reason"] == GARBAGE_EXPECTED
+    assert s["stop_reason"] == "SIGTERM" and s["errors"] == 0 and s["dropped"] == 0
+    # ... and published: the subscriber got every score, seq 0 .. scores-1
+    assert got["count"] == s["scores"] and got["first_seq"] == 0 and got["last_seq"] == s["scores"] - 1
+    assert got["seqs_sorted_contiguous"] and got["in_order"]
+    assert (svc.out / "latency.hgrm").exists() and (svc.out / "latency_raw.npz").exists()
+
+
+def test_control_stop_replies_with_the_final_report_and_exits_0(tmp_path):
+    svc = None
+    try:
+        svc = Svc(tmp_path, (
+            '[engine]\npin = "none"\nidle = "sleep"\n'
+            f'[sources.zmq]\nendpoint = "ipc://{tmp_path}/ticks.ipc"\n'
+            f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/scores.ipc"\n'
+        ))
+        reply = request(svc.control, "stop", timeout_s=30)
+        assert svc.proc.wait(timeout=30) == 0
+    finally:
+        if svc is not None:
+            svc.stop()
+    assert reply["ok"] and reply["command"] == "stop"
+    assert reply["report"]["stop_reason"] == "control stop" and reply["report"]["ticks"] == 0
+    assert json.loads((svc.out / "summary.json").read_text())["stop_reason"] == "control stop"
