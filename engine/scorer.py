@@ -396,7 +396,17 @@ class ScoringAgent(Agent):
         clock = time.perf_counter_ns
         t_feat = clock()
         score = self._run()
-        t_model = clock()
+        return self._finish_sampled(src, i, t_in, t_feat, clock(), flags, score, seq)
+
+    def _finish_sampled(
+        self, src, i: int, t_in: int, t_feat: int, t_model: int, flags: int, score: float, seq: int
+    ) -> int:
+        """Publish and record a stage-sampled tick (1 in ``stage_every``; both backends).
+
+        The per-tick paths (:meth:`do_work`, :meth:`_do_work_fused`) inline the same
+        publish-and-record steps on purpose: a Python call per tick is the main cost.
+        """
+        clock = time.perf_counter_ns
         inst = src.inst_list[i]
         payload = self.encoder.encode(
             Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
@@ -454,23 +464,8 @@ class ScoringAgent(Agent):
 
     def _finish_fused_sampled(self, src, i: int, t_in: int, flags: int, score: float, seq: int) -> int:
         """Stage-sampled fused tick: features and model are one call, so t_features = t_model."""
-        clock = time.perf_counter_ns
-        t_model = clock()
-        inst = src.inst_list[i]
-        payload = self.encoder.encode(
-            Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
-        )
-        self._publish(self.topics[inst], payload)
-        t_out = clock()
-        rec = self.recorder
-        k = seq & rec.mask
-        rec.t_in[k] = t_in
-        rec.t_out[k] = t_out
-        j = (seq >> rec.stage_shift) & rec.stage_mask
-        rec.stage_t_features[j] = t_model
-        rec.stage_t_model[j] = t_model
-        self.seq = seq + 1
-        return 1
+        t_model = time.perf_counter_ns()
+        return self._finish_sampled(src, i, t_in, t_model, t_model, flags, score, seq)
 
     def housekeeping(self, now_ns: int) -> None:
         """Swap in a validated model, run reload triggers, report progress (off the per-tick path)."""
