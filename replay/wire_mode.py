@@ -97,9 +97,6 @@ def _timer_slack_1ns() -> bool:
 
 def _lowest_priority() -> str:
     """Make this process SCHED_IDLE (runs only when its core has nothing else to do)."""
-    if os.environ.get("TICKSCORE_WIRE_SUB_PRIO") == "nice":
-        os.nice(19)
-        return "nice 19"
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         return "SCHED_IDLE"
