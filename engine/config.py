@@ -126,7 +126,7 @@ class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: ONNX model with tickscore metadata; "" = the shipped int8 model.
     path: str = ""
     #: Model runtime, as for ``tickscore replay --backend`` (checked when the model is loaded).
-    backend: str = "ort"
+    backend: Literal["auto", "ort", "fused"] = "auto"
 
 
 def _check_zmq_endpoint(key: str, endpoint: str) -> None:

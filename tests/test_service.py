@@ -138,6 +138,9 @@ def test_bad_config_key_or_value_is_a_clear_error_naming_it(tmp_path):
         parse_config({"sinks": {"zmq": {"endpoint": "http://x"}}}, "svc.toml")
     with pytest.raises(ConfigError, match=r"sources\.zmq\.subscribe\[1\] = 2: expected `str`"):
         parse_config({"sources": {"zmq": {"subscribe": ["", 2]}}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"model\.backend = 'onnx'.*auto, ort, fused"):
+        parse_config({"model": {"backend": "onnx"}}, "svc.toml")
+    assert parse_config({}, "svc.toml").model.backend == "auto"  # as the replay's --backend
     bad = tmp_path / "bad.toml"
     bad.write_text("[engine]\npin = 1\n[engine]\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -206,6 +209,9 @@ def test_zmq_n_ticks_in_give_n_scores_out_with_contiguous_seq(zmq_service, tmp_p
     assert st["drops"] == 0 and st["errors"] == 0
     lat = st["latency_ns"]
     assert lat["count"] == st["scores_out"] and 0 < lat["p50"] <= lat["max"]
+    # no [model] backend in the config: "auto", as in the replay, picks the fused
+    # numba backend for the shipped model (its graph is supported and parity passes)
+    assert st["model"]["backend"] == "fused", st["model"]
 
 
 def test_malformed_ticks_are_counted_by_reason_and_the_service_keeps_scoring(zmq_service, tmp_path):
