@@ -14,10 +14,27 @@ import time
 
 import zmq
 
-__all__ = ["ZmqPublisher", "DEFAULT_PUBLISH_ENDPOINT"]
+__all__ = ["ZmqPublisher", "DEFAULT_PUBLISH_ENDPOINT", "raw_send"]
 
 #: Default score endpoint: an ipc socket in the run directory of the host.
 DEFAULT_PUBLISH_ENDPOINT = "ipc:///tmp/tickscore-scores.ipc"
+
+
+def raw_send(sock: zmq.Socket):
+    """Return ``sock``'s send method without pyzmq's Python-level wrapper.
+
+    ``zmq.Socket.send`` (pyzmq's "sugar" layer) is a Python function that checks
+    ``routing_id``/``group`` (SERVER and RADIO sockets only) and then calls the
+    Cython ``zmq.backend.Socket.send``; that layer alone costs ~0.35 µs per frame
+    here, 0.7 µs of a two-frame publish.  The Cython method has the same
+    signature and semantics (``send(data, flags=0, copy=True, track=False)``).
+    Falls back to the normal method where the backend class is not available.
+    """
+    base = getattr(zmq.backend, "Socket", None)
+    fn = getattr(base, "send", None)
+    if fn is None or not isinstance(sock, base):
+        return sock.send
+    return fn.__get__(sock)
 
 
 class ZmqPublisher:
@@ -69,7 +86,7 @@ class ZmqPublisher:
         self.sent = 0
         self.drops = 0
         self.subscriptions = 0
-        self._send = self.sock.send
+        self._send = raw_send(self.sock)  # per tick: skip pyzmq's Python wrapper
         self._flags_more = zmq.SNDMORE | zmq.NOBLOCK
         self._flags_last = zmq.NOBLOCK
 

@@ -181,7 +181,9 @@ def _publisher(spec: dict) -> int:
         sock.recv()
         time.sleep(0.05)
         more, flags_last = zmq.SNDMORE, 0
-        sendz = sock.send
+        from engine.zmq_io import raw_send
+
+        sendz = raw_send(sock)
 
         def send(i: int) -> int:
             sendz(tp[i], more)

@@ -156,3 +156,30 @@ def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_pa
     assert s["scores"] == 40000 - s["rejected"]  # every tick scored, none waited for the subscriber
     assert s["dropped"] > 0
     assert s["dropped"] < s["scores"]  # the first messages did fit in the queues
+
+
+def test_raw_send_skips_pyzmqs_python_wrapper_and_still_delivers_and_raises_again(tmp_path):
+    """The per-tick send is the Cython ``zmq.backend.Socket.send``, with its behaviour."""
+    import zmq
+
+    from engine.zmq_io import raw_send
+
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        pub.setsockopt(zmq.SNDHWM, 1)
+        endpoint = f"ipc://{tmp_path}/raw.ipc"
+        pub.bind(endpoint)
+        send = raw_send(pub)
+        assert send.__func__ is zmq.backend.Socket.send  # not zmq.Socket.send (the sugar)
+        with pytest.raises(zmq.Again):  # no peer yet: NOBLOCK send refuses, as the wrapper did
+            send(b"x", zmq.NOBLOCK)
+        sub.connect(endpoint)
+        send(b"topic", zmq.SNDMORE)
+        send(b"payload", 0)
+        assert sub.poll(5000)
+        assert sub.recv_multipart() == [b"topic", b"payload"]
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
