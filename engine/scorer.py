@@ -41,7 +41,7 @@ import numpy as np
 
 from engine.agent import Agent
 from engine.schema import N_REJECT_REASONS, REJECT_NAMES, TICK_DTYPE
-from engine.wire import Score, ScoreEncoder
+from engine.wire import SCORE_SCHEMA_ID, ScoreEncoder
 from features.kernels import new_state as _l1_new_state
 from features.kernels import update_tick as _l1_update_tick
 
@@ -287,6 +287,7 @@ class ScoringAgent(Agent):
         self.recorder = LatencyRecorder(recorder_capacity, stage_every)
         self._stage_mask = self.recorder.stage_every - 1
         self.encoder = ScoreEncoder()
+        self._encode_row, self._buf = self.encoder.encode_row_into, self.encoder.buf
         self.seq = 0
         self.rejected_idx: list[int] = []
         self.progress = progress
@@ -354,7 +355,7 @@ class ScoringAgent(Agent):
             t0 = clock()
             fl = update(ticks, i, fstate, istate, self.params, self._x, counters)
             s = self._run()
-            self.encoder.encode(Score("W", i, i, t0, clock(), s, self._version, max(fl, 0)))
+            self.encoder.encode_row((SCORE_SCHEMA_ID, "W", i, i, t0, clock(), s, self._version, max(fl, 0)))
         if self._tick is not None:
             _warm_tick(self.backend, self.new_state, self.params, n)
         self.backend.warmup()
@@ -379,8 +380,11 @@ class ScoringAgent(Agent):
             return self._do_work_sampled(src, i, t_in, flags, seq)
         score = self._run()
         inst = src.inst_list[i]
-        payload = self.encoder.encode(
-            Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
+        payload = self._buf  # a Score, encoded as its (schema id, *fields) row
+        self._encode_row(
+            (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
+             self._version, flags),
+            payload,
         )
         self._publish(self.topics[inst], payload)
         t_out = clock()
@@ -408,8 +412,11 @@ class ScoringAgent(Agent):
         """
         clock = time.perf_counter_ns
         inst = src.inst_list[i]
-        payload = self.encoder.encode(
-            Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
+        payload = self._buf  # a Score, encoded as its (schema id, *fields) row
+        self._encode_row(
+            (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
+             self._version, flags),
+            payload,
         )
         self._publish(self.topics[inst], payload)
         t_out = clock()
@@ -450,8 +457,11 @@ class ScoringAgent(Agent):
         if not seq & self._stage_mask:
             return self._finish_fused_sampled(src, i, t_in, flags, score, seq)
         inst = src.inst_list[i]
-        payload = self.encoder.encode(
-            Score(self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score, self._version, flags)
+        payload = self._buf  # a Score, encoded as its (schema id, *fields) row
+        self._encode_row(
+            (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
+             self._version, flags),
+            payload,
         )
         self._publish(self.topics[inst], payload)
         t_out = clock()

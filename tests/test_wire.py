@@ -49,6 +49,23 @@ def test_score_payload_is_a_plain_msgpack_array_in_documented_order():
     assert b"\xcb" + struct.pack(">d", 0.125) in payload
 
 
+@pytest.mark.parametrize("kw", [
+    {}, {"seq": 0, "score": 0.0, "flags": 0}, {"seq": 2**40, "score": 1.0, "ts_in_ns": 2**62},
+    {"instrument": "X" * 40, "model_version": "m" * 300, "score": math.pi},
+])
+def test_hot_path_row_encoding_gives_the_same_bytes_as_the_score_struct(kw):
+    """The scorer encodes (SCORE_SCHEMA_ID, *fields) tuples; subscribers must not see a difference."""
+    enc = ScoreEncoder(capacity=8)
+    sc = _score(**kw)
+    want = bytes(ScoreEncoder().encode(sc))
+    row = (SCORE_SCHEMA_ID, *(getattr(sc, f) for f in SCORE_FIELDS))
+    assert bytes(enc.encode_row(row)) == want
+    buf = enc.buf
+    enc.encode_row_into(row, buf)
+    assert bytes(buf) == want and buf is enc.buf  # same reused buffer, resized in place
+    assert decode_score(want) == sc
+
+
 def test_tick_written_by_plain_msgpack_decodes_into_tick():
     raw = msgpack.packb([TICK_SCHEMA_ID, 1, "NQZ6", 10, 12, 99.5, 3.0, 99.75, 4.0, 0.0, 0.0, 0, 0])
     t = decode_tick(raw)
