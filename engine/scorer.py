@@ -106,6 +106,14 @@ class LatencyRecorder:
         return self.t_in[idx].copy(), self.t_out[idx].copy()
 
 
+def _allowed_cpus() -> set[int]:
+    """Cores the calling thread may run on (empty where the OS cannot say)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set()
+
+
 @dataclass(eq=False)
 class ReloadTicket:
     """Progress of one hot model reload (returned by :meth:`ScoringAgent.request_reload`).
@@ -127,6 +135,9 @@ class ReloadTicket:
         Backend kind of the new model (``"ort"`` / ``"fused"``).
     requested_seq : int
         The agent's ``seq`` when the reload was requested.
+    cpus : set of int
+        Cores the loading thread runs on: the process's cores minus the hot
+        thread's (empty = left where it started).
     """
 
     path: str
@@ -136,6 +147,7 @@ class ReloadTicket:
     version: str | None = None
     backend: str | None = None
     requested_seq: int = 0
+    cpus: set[int] = field(default_factory=set)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _swapped: threading.Event = field(default_factory=threading.Event, repr=False)
     _new: Any = field(default=None, repr=False)
@@ -302,6 +314,9 @@ class ScoringAgent(Agent):
         self._pending: ReloadTicket | None = None
         self._reloading: ReloadTicket | None = None
         self._reload_lock = threading.Lock()
+        # cores this process may use, read before the runner pins the hot thread:
+        # reload threads go to these minus the hot thread's own
+        self._process_cpus = _allowed_cpus()
         self._bind()
 
     # -- wiring -------------------------------------------------------------------
@@ -504,6 +519,8 @@ class ScoringAgent(Agent):
                 )
                 return ticket
             self._reloading = ticket
+        hot = _allowed_cpus()  # the calling (hot) thread's cores
+        ticket.cpus = (self._process_cpus - hot) if self._process_cpus - hot else set()
         threading.Thread(
             target=self._prepare_reload, args=(ticket,), name="tickscore-reload", daemon=True
         ).start()
@@ -527,6 +544,11 @@ class ScoringAgent(Agent):
         0.1 ms) so the hot thread waits at most ~0.1 ms when this thread holds
         the GIL (Python-level loading work); restored afterwards.
         """
+        if ticket.cpus:  # off the hot core (a new thread inherits its creator's affinity)
+            try:
+                os.sched_setaffinity(0, ticket.cpus)
+            except OSError:
+                pass  # stays where it is: it only shares a core, it is still correct
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, _RELOAD_SWITCH_INTERVAL_S))
         try:

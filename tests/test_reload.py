@@ -235,3 +235,39 @@ def test_cli_reload_at_with_a_subscriber_counting_versions_and_seq_gaps(tmp_path
     assert got["versions"] == [s["model"]["version"], reload["version"]]
     assert s["model_version_final"] == reload["version"]
     assert "reload" in run.stdout and "swapped" in run.stdout
+
+
+@pytest.mark.skipif(len(getattr(__import__("os"), "sched_getaffinity", lambda _: {0})(0)) < 2,
+                    reason="needs two cores to keep the reload thread off the hot one")
+def test_reload_thread_runs_off_the_hot_core(ticks):
+    """A thread inherits its creator's affinity: the loader must move itself off the hot core."""
+    import os
+    import threading
+
+    seen: dict = {}
+    first = select_backend("ort", A, FS)
+
+    def loader(path):
+        seen["cpus"] = os.sched_getaffinity(0)
+        return OrtBackend(path, FS)
+
+    agent = ScoringAgent(
+        ReplaySource(ticks[:10], None), first.backend, [_Capture()], ["ESZ6", "NQZ6", "CLF7"],
+        FS.params_array(), backend_loader=loader,
+    )
+    allowed = os.sched_getaffinity(0)
+    hot = max(allowed)
+    box = {}
+
+    def hot_thread():
+        os.sched_setaffinity(0, {hot})  # what the runner does to the hot thread
+        box["ticket"] = agent.request_reload(str(B))
+
+    t = threading.Thread(target=hot_thread)
+    t.start()
+    t.join()
+    deadline = time.monotonic() + 60
+    while "cpus" not in seen and time.monotonic() < deadline:  # (the swap itself needs a running loop)
+        time.sleep(0.01)
+    assert seen.get("cpus") == allowed - {hot}, (seen, box["ticket"])
+    assert box["ticket"].cpus == allowed - {hot}
