@@ -14,6 +14,14 @@ time, and writes the feature vector of the ``l3`` feature set (documented in
 State is :func:`features.book.new_book_state`'s two flat arrays; this module
 owns columns ``C_*`` (>= 1) of the per-instrument float block and column
 ``I_HAVE_MID`` of the int block.  Times stay int64 ns.
+
+Batch kernels (:func:`compute_batch`, :func:`compute_batch_grow`) return the
+same bits as :func:`apply_tick` row by row (tests/test_book.py checks it) but
+run the per-event core (:func:`_apply_core`) over blocks of ``_BLOCK`` events
+and then compute the block's seven log1p features together, with a SIMD
+polynomial log whose float32 rounding is accepted only when provably equal to
+libm's (:func:`_log_checked`; libm for the rest, about 1 in 2000); they also
+prefetch the order-table slot an event a few rows ahead will look up.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ from features.book import (
     A_LOCKED,
     A_SAME_TS,
     A_SNAPSHOT,
+    DEPTH_CLEAN,
     H_F_OFF_LEVELS,
     H_LEVELS,
     H_N_INST,
     H_OFF_INST,
     I_ANOM,
+    I_DEPTH_CHG,
     I_FIRST_TS,
     I_LAST_TOP_TS,
     I_LAST_TRADE_TS,
@@ -58,6 +68,8 @@ from features.book import (
     I_SPARE,
     NF_INST,
     NI_INST,
+    _f2i,
+    _i2f,
     book_apply,
 )
 
@@ -102,6 +114,18 @@ def _drop_stale_cache() -> None:
 
 _drop_stale_cache()
 _BPS = 1e4
+# _log_checked / _log_approx constants
+_LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
+_F32_DROP_MASK = (1 << 29) - 1  # float64 mantissa bits below float32's
+_F32_HALF = 1 << 28  # ... the rounding midpoint
+_F32_MARGIN = 1 << 17
+_ALL_LANES = np.uint64(0x0101010101010101)
+_LOG_X_MIN = 2.0**-1000
+_LOG_X_MAX = 2.0**1000
+_MANT_MASK = (1 << 52) - 1
+_EXP_ONE = 1023 << 52
+_EXP_STEP = 1 << 52
+_SQRT2_BITS = 0x3FF6A09E667F3BCD  # float64 bits of sqrt(2)
 INT64_MIN = np.iinfo(np.int64).min
 
 FEATURE_NAMES = (
@@ -227,7 +251,15 @@ C_CXL_V = 20
 C_BID = 21
 C_ASK = 22
 C_LOGVWAP = 23
-assert C_LOGVWAP < NF_INST
+C_DEPTH = 24  #: + 2 * side + (0: first depth_levels_short, 1: first depth_levels_long): summed sizes
+C_DEPTH_NS = 28  #: depth_levels_short / _long the sums above were computed for
+C_DEPTH_NL = 29
+#: scratch: the last event's arguments v of the seven log1p features (LOG_FEATURES order)
+C_LOG_IN = 30
+assert C_LOG_IN + 7 <= NF_INST
+#: features written as log1p(v) (float32): computed after the core, see _apply_core
+LOG_FEATURES = (X_VOL, X_VOL + 1, X_VOL + 2, X_BOOK_RATE, X_TRADE_RATE, X_TRADE_AGE, X_TOP_AGE)
+N_LOG = 7
 I_HAVE_MID = I_SPARE  # 1 once the instrument had a two-sided book
 
 
@@ -271,10 +303,71 @@ def _decay(x, params, p, a0, a1, a2):
     return math.exp(x / hl)
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _log_checked(x):
+    """Return ``(y, ok)``: y ~ log(x); if ok, float32(y) == float32(math.log(x)) exactly.
+
+    Branch-free (the batch kernels run it over a whole block in SIMD).  y is
+    within 2**-44 (relative) of log(x) (see :func:`_log_approx`) and libm's log
+    within 0.52 ulp (2**-52), so they round to the same float32 unless y lies
+    near the midpoint between two float32: ``ok`` requires the 29 float64
+    mantissa bits that float32 rounding drops to be more than 2**17 (>= 2**-36
+    relative, 200x the two errors together) away from that midpoint, and x in
+    [2**-1000, 2**1000].  (Then y is 0 (x = 1, exactly, as libm's) or
+    |y| > 2**-54: a normal float32, which the mantissa test is right for.)
+    Fails for about 1 value in 2000 (then the caller uses libm).
+    """
+    inr = (x >= _LOG_X_MIN) & (x <= _LOG_X_MAX)
+    y = _log_approx(x if inr else 1.0)
+    low = _f2i(y) & _F32_DROP_MASK
+    return y, inr & (abs(low - _F32_HALF) > _F32_MARGIN)
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _log_approx(x):
+    """Return log(x) for a normal, finite x > 0 with a relative error below 2**-44.
+
+    x = 2**e * m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1),
+    |s| <= 0.1716, as 2 s (1 + s^2/3 + ... + s^14/15): truncation below
+    0.1716**16 / 17 < 2**-44.7 (measured: 2**-44.7 over 1.2e9 values), rounding below 2**-50.
+    """
+    b = _f2i(x)
+    e = (b >> 52) - 1023
+    mb = (b & _MANT_MASK) | _EXP_ONE
+    big = mb > _SQRT2_BITS
+    mb = mb - _EXP_STEP if big else mb  # m / 2
+    e = e + 1 if big else e
+    f = _i2f(mb) - 1.0  # exact (Sterbenz)
+    s = f / (2.0 + f)
+    z = s * s
+    p = _LOG_C[6]
+    p = p * z + _LOG_C[5]
+    p = p * z + _LOG_C[4]
+    p = p * z + _LOG_C[3]
+    p = p * z + _LOG_C[2]
+    p = p * z + _LOG_C[1]
+    p = p * z + _LOG_C[0]
+    s2 = s + s
+    return np.float64(e) * _LN2 + (s2 + s2 * (z * p))
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _log1p(v):
-    """Return log(1 + v) for v >= 0 (features are float32: log1p's extra digits are not needed)."""
-    return math.log(1.0 + v)
+def _depth_sums(fstate, out, top, n, n_s, n_l):
+    """Write the sizes of a side's first ``n_s`` and ``n_l`` levels, summed best level first.
+
+    ``top`` is the fstate index of the best level's size (deeper levels below it).
+    One running sum: the short sum is the long one's prefix (same additions, same order).
+    """
+    m_l = min(n, n_l)
+    m_s = max(np.int64(0), min(m_l, n_s))
+    acc = 0.0
+    for q in range(m_s):
+        acc += fstate[top - q]
+    s_short = acc
+    for q in range(m_s, m_l):
+        acc += fstate[top - q]
+    fstate[out] = s_short
+    fstate[out + 1] = acc
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -288,6 +381,44 @@ def _reject(x_out, counters, reason):
 @njit(cache=True, nogil=True, _nrt=False)
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]`` to its book; write its features; return flags or -reason.
+
+    Parameters
+    ----------
+    ticks : ndarray of TICK_DTYPE
+        Only row ``i`` is read.  Times int64 ns.
+    i : int
+    fstate, istate : ndarray
+        L3 state from :func:`new_state`, updated in place.
+    params : ndarray of float64, shape (N_PARAMS,)
+    x_out : ndarray of float32, shape (N_FEATURES,)
+        Receives the features; all NaN if the event is rejected.
+    counters : ndarray of int64, shape (N_REJECT_REASONS,)
+        ``counters[0]`` accepted events, ``counters[r]`` rejects of reason r.
+
+    Returns
+    -------
+    int
+        Flags (>= 0) if accepted, ``-reason`` if rejected (state unchanged
+        except ``counters`` and ``x_out``).
+
+    Allocates: no.
+    """
+    f = _apply_core(ticks, i, fstate, istate, params, x_out, counters)
+    if f >= 0:
+        c = ticks[i].instrument * NF_INST + C_LOG_IN
+        for k in range(N_LOG):
+            x_out[LOG_FEATURES[k]] = math.log(1.0 + fstate[c + k])
+    return f
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
+    """:func:`apply_tick` without its seven log1p features (the ``LOG_FEATURES``).
+
+    Their arguments are left in the instrument's scratch columns
+    ``C_LOG_IN .. C_LOG_IN + 6`` of ``fstate``: :func:`apply_tick` takes their
+    logs at once, the batch kernels for a block of events at a time
+    (:func:`_log_block`, vectorised; same float32 bits).
 
     Parameters
     ----------
@@ -453,23 +584,25 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         x_out[X_MICRO] = 0.0
         x_out[X_IMB] = 0.0
         x_out[X_VWAP] = 0.0
-    # depth imbalance over the first N levels (defined on a one-sided book: +-1)
+    # depth imbalance over the first N levels (defined on a one-sided book: +-1); a side's
+    # sums are kept until the book reports a change within its first n_l levels
+    if params[P_DEPTH_S] != fstate[fb + C_DEPTH_NS] or params[P_DEPTH_L] != fstate[fb + C_DEPTH_NL]:
+        fstate[fb + C_DEPTH_NS] = params[P_DEPTH_S]
+        fstate[fb + C_DEPTH_NL] = params[P_DEPTH_L]
+        istate[ib + I_DEPTH_CHG] = 0
+        istate[ib + I_DEPTH_CHG + 1] = 0
     n_s = np.int64(params[P_DEPTH_S])
     n_l = np.int64(params[P_DEPTH_L])
-    sb_s = 0.0
-    sb_l = 0.0
-    for q in range(min(nb, n_l)):
-        v = fstate[bbase + L + nb - 1 - q]
-        sb_l += v
-        if q < n_s:
-            sb_s += v
-    sa_s = 0.0
-    sa_l = 0.0
-    for q in range(min(na, n_l)):
-        v = fstate[abase + L + na - 1 - q]
-        sa_l += v
-        if q < n_s:
-            sa_s += v
+    if istate[ib + I_DEPTH_CHG] < n_l:
+        _depth_sums(fstate, fb + C_DEPTH, bbase + L + nb - 1, nb, n_s, n_l)
+    if istate[ib + I_DEPTH_CHG + 1] < n_l:
+        _depth_sums(fstate, fb + C_DEPTH + 2, abase + L + na - 1, na, n_s, n_l)
+    istate[ib + I_DEPTH_CHG] = DEPTH_CLEAN
+    istate[ib + I_DEPTH_CHG + 1] = DEPTH_CLEAN
+    sb_s = fstate[fb + C_DEPTH]
+    sb_l = fstate[fb + C_DEPTH + 1]
+    sa_s = fstate[fb + C_DEPTH + 2]
+    sa_l = fstate[fb + C_DEPTH + 3]
     tot = sb_s + sa_s
     x_out[X_DEPTH_S] = (sb_s - sa_s) / tot if tot > 0.0 else 0.0
     tot = sb_l + sa_l
@@ -485,22 +618,22 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             vol = math.sqrt(fstate[fb + C_VAR + k] / tsum) if tsum > 0.0 else 0.0
             v, c = _clip(vol, 0.0, vmax, 0.0)
             clipped |= c
-            x_out[X_VOL + k] = _log1p(v)
+            fstate[fb + C_LOG_IN + k] = v
     else:
         for k in range(3):
             x_out[X_RET + k] = 0.0
-            x_out[X_VOL + k] = 0.0
+            fstate[fb + C_LOG_IN + k] = 0.0
     rate = fstate[fb + C_BOOK_N] * (_LN2 * _NS_PER_S) / params[P_HL_BOOK]
     v, c = _clip(rate, 0.0, rate_max, 0.0)
     clipped |= c
-    x_out[X_BOOK_RATE] = _log1p(v)
+    fstate[fb + C_LOG_IN + 3] = v
     tot = fstate[fb + C_OF_ABS]
     x_out[X_OFI] = min(1.0, max(-1.0, fstate[fb + C_OFI] / tot)) if tot > 0.0 else 0.0
     tot = fstate[fb + C_ADD_V] + fstate[fb + C_CXL_V]
     x_out[X_CXL] = min(1.0, max(0.0, fstate[fb + C_CXL_V] / tot)) if tot > 0.0 else 0.0
     if istate[ib + I_LAST_TRADE_TS] == INT64_MIN:
         x_out[X_FLOW] = 0.0
-        x_out[X_TRADE_RATE] = 0.0
+        fstate[fb + C_LOG_IN + 4] = 0.0
         age_t = age_first_s
     else:
         vol_t = fstate[fb + C_FLOW_V]
@@ -513,16 +646,16 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         rate = fstate[fb + C_TRADE_N] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
         v, c = _clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
-        x_out[X_TRADE_RATE] = _log1p(v)
+        fstate[fb + C_LOG_IN + 4] = v
         age_t = np.float64(ts - istate[ib + I_LAST_TRADE_TS]) / _NS_PER_S
     v, c = _clip(age_t, 0.0, age_max, 0.0)
     clipped |= c
-    x_out[X_TRADE_AGE] = _log1p(v)
+    fstate[fb + C_LOG_IN + 5] = v
     top_ts = istate[ib + I_LAST_TOP_TS]
     age_q = age_first_s if top_ts == INT64_MIN else np.float64(ts - top_ts) / _NS_PER_S
     v, c = _clip(age_q, 0.0, age_max, 0.0)
     clipped |= c
-    x_out[X_TOP_AGE] = _log1p(v)
+    fstate[fb + C_LOG_IN + 6] = v
 
     if clipped:
         flags |= FLAG_CLIPPED
@@ -542,26 +675,92 @@ def update_tick(ticks, i, fstate, istate, params, x_out, counters):
     return apply_tick(ticks, i, fstate, istate, params, x_out, counters)
 
 
+#: events per block of the batch kernels (their log1p features are computed per block)
+_BLOCK = 256
+#: the batch kernels prefetch the order-table slot of the event this many rows ahead
+_PREFETCH = 4
+#: ... and the input events this many rows ahead
+_PREFETCH_ROWS = 16
+
+
 @njit(cache=True, nogil=True)
 def compute_batch(ticks, fstate, istate, params, X_out, flags_out, counters):
     """Apply every row in order with the streaming core; return the number accepted.
 
     ``X_out`` float32 ``(n, N_FEATURES)``, ``flags_out`` int32 ``(n,)``; state is
-    carried in place, so chunk after chunk equals one call.  Allocates: one
-    feature-row scratch per call (a row view per event would cost two atomic
-    reference-count updates per event).
+    carried in place, so chunk after chunk equals one call.  The same features
+    (bit for bit) as :func:`apply_tick` row by row: the core runs per event and
+    the seven log1p features of a block of events are computed together
+    (:func:`_log_block`).  Allocates: a few kB of scratch per call (a row view
+    per event would cost two atomic reference-count updates per event).
     """
     n_ok = 0
     F = X_out.shape[1]
     x = np.empty(F, dtype=np.float32)
-    for j in range(ticks.shape[0]):
-        f = apply_tick(ticks, j, fstate, istate, params, x, counters)
-        for k in range(F):
-            X_out[j, k] = x[k]
-        flags_out[j] = f
-        if f >= 0:
-            n_ok += 1
+    lv = np.zeros(_BLOCK * 8, dtype=np.float64)
+    ly = np.empty(_BLOCK * 8, dtype=np.float32)
+    lok = np.empty(_BLOCK * 8, dtype=np.bool_)
+    n = ticks.shape[0]
+    for j0 in range(0, n, _BLOCK):
+        j1 = min(n, j0 + _BLOCK)
+        for j in range(j0, j1):
+            if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
+                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
+                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
+            if j + _PREFETCH < n:
+                _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+            f = _apply_core(ticks, j, fstate, istate, params, x, counters)
+            for k in range(F):
+                X_out[j, k] = x[k]
+            flags_out[j] = f
+            if f >= 0:
+                n_ok += 1
+                _stash_log_args(fstate, ticks[j].instrument, lv, j - j0)
+        _log_block(lv, ly, lok, j1 - j0, X_out, flags_out, j0)
     return n_ok
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _stash_log_args(fstate, inst, lv, r):
+    """Copy the last event's log1p arguments into row ``r`` (8 lanes) of the block buffer."""
+    c = inst * NF_INST + C_LOG_IN
+    for k in range(N_LOG):
+        lv[r * 8 + k] = fstate[c + k]
+    lv[r * 8 + N_LOG] = 0.0
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _log_block(lv, ly, lok, rows, X_out, flags_out, j0):
+    """Write the log1p features of block rows ``0 .. rows-1`` (events ``j0 + r``; rejects skipped).
+
+    ``ly = float32(log(1 + lv))`` lane by lane with :func:`_log_checked` in one
+    branch-free loop (SIMD); a lane whose float32 the approximation cannot
+    decide (``lok`` False, about 1 in 2000) is recomputed with libm.  The
+    result is float32(math.log(1.0 + v)), bit for bit.
+    """
+    m = rows * 8
+    for q in range(m):
+        y, ok = _log_checked(1.0 + lv[q])
+        ly[q] = np.float32(y)
+        lok[q] = ok
+    all_ok = lok.view(np.uint64)  # 8 lanes of a row (lane 7: log(1) = 0, always ok)
+    for r in range(rows):
+        j = j0 + r
+        if flags_out[j] < 0:
+            continue
+        q = r * 8
+        if all_ok[r] == _ALL_LANES:
+            X_out[j, X_VOL] = ly[q]
+            X_out[j, X_VOL + 1] = ly[q + 1]
+            X_out[j, X_VOL + 2] = ly[q + 2]
+            X_out[j, X_BOOK_RATE] = ly[q + 3]
+            X_out[j, X_TRADE_RATE] = ly[q + 4]
+            X_out[j, X_TRADE_AGE] = ly[q + 5]
+            X_out[j, X_TOP_AGE] = ly[q + 6]
+        else:
+            for k in range(N_LOG):
+                y = ly[q + k] if lok[q + k] else np.float32(math.log(1.0 + lv[q + k]))
+                X_out[j, LOG_FEATURES[k]] = y
 
 
 def describe_rows(p: dict[str, float]) -> list[dict]:
@@ -658,19 +857,34 @@ def compute_batch_grow(ticks, fstate, istate, params, X_out, flags_out, counters
     Returns the number of rows processed: ``ticks.shape[0]``, or the index of the
     first add rejected as ``book_full`` (not counted, nothing changed), so the
     caller can :func:`features.book.grow_book_state` and resume from that row.
-    Allocates: one feature-row scratch per call.
+    Allocates: a few kB of scratch per call.
     """
     F = X_out.shape[1]
     x = np.empty(F, dtype=np.float32)
-    for j in range(ticks.shape[0]):
-        f = apply_tick(ticks, j, fstate, istate, params, x, counters)
-        if f == -REJECT_BOOK_FULL:
-            counters[REJECT_BOOK_FULL] -= 1
-            return j
-        for k in range(F):
-            X_out[j, k] = x[k]
-        flags_out[j] = f
-    return ticks.shape[0]
+    lv = np.zeros(_BLOCK * 8, dtype=np.float64)
+    ly = np.empty(_BLOCK * 8, dtype=np.float32)
+    lok = np.empty(_BLOCK * 8, dtype=np.bool_)
+    n = ticks.shape[0]
+    for j0 in range(0, n, _BLOCK):
+        j1 = min(n, j0 + _BLOCK)
+        for j in range(j0, j1):
+            if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
+                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
+                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
+            if j + _PREFETCH < n:
+                _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+            f = _apply_core(ticks, j, fstate, istate, params, x, counters)
+            if f == -REJECT_BOOK_FULL:
+                counters[REJECT_BOOK_FULL] -= 1
+                _log_block(lv, ly, lok, j - j0, X_out, flags_out, j0)
+                return j
+            for k in range(F):
+                X_out[j, k] = x[k]
+            flags_out[j] = f
+            if f >= 0:
+                _stash_log_args(fstate, ticks[j].instrument, lv, j - j0)
+        _log_block(lv, ly, lok, j1 - j0, X_out, flags_out, j0)
+    return n
 
 
 def compute_batch_auto(ticks, state, params, X_out, flags_out, counters, grow=4):

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.schema import (
+    FLAG_CLIPPED,
     FLAG_NO_BOOK,
     FLAG_WARMUP,
     KIND_BOOK_ADD,
@@ -530,3 +531,145 @@ def test_growing_the_order_table_mid_stream_changes_no_feature_and_no_book():
     for i in range(n_inst):
         assert book_levels(fs, is_, i) == book_levels(st[0], st[1], i)
         assert book_orders(fs, is_, i) == book_orders(st[0], st[1], i)
+
+
+# ============================================================================ batch kernels' shortcuts
+def _messy(ticks, seed=5):
+    """Return a copy of ``ticks`` with rejects and messy-data cases sprinkled in."""
+    t = ticks.copy()
+    rng = np.random.default_rng(seed)
+    n = len(t)
+
+    def pick(frac):
+        return rng.choice(n, max(1, int(n * frac)), replace=False)
+
+    t["price"][pick(0.003)] = np.nan
+    t["size"][pick(0.003)] = -1.0
+    t["price"][pick(0.002)] = 9999999999.0
+    t["order_id"][pick(0.005)] = rng.integers(1, 2**63, max(1, int(n * 0.005)), dtype=np.uint64)
+    t["kind"][pick(0.005)] = ADD  # often a duplicate add
+    i = pick(0.001)
+    t["kind"][i], t["order_id"][i] = DEL, 0  # clears
+    t["ts_event_ns"][pick(0.002)] -= 10**9  # time backwards
+    t["kind"][pick(0.002)] = KIND_QUOTE
+    i = pick(0.004)
+    t["price"][i] = np.round(t["price"][i] * 0.98, 2)  # crossing adds / modifies
+    return t
+
+
+def test_batch_blocks_equal_streaming_on_messy_data_and_changing_params():
+    """compute_batch (blocks of events, log1p features per block, prefetching) == update_tick.
+
+    Rejected rows (NaN features) inside blocks, clears, uncrossing, a table that
+    grows mid-block, tight clip limits, and depth / half-life parameters that
+    change between calls on the same state (the cached depth sums must follow).
+    """
+    ticks, n_inst = _stream(6_000, seed=4)
+    ticks = _messy(ticks)
+    p1 = L3_FEATURE_SET.params_array()
+    p2 = p1.copy()
+    for name, v in (("depth_levels_short", 2.0), ("depth_levels_long", 4.0), ("vol_max_bps_sqrt_s", 5.0),
+                    ("rate_max_per_s", 30.0), ("hl_trade_ns", 3e8), ("age_max_s", 0.01)):  # fmt: skip
+        p2[K.PARAM_NAMES.index(name)] = v
+    cut = [0, 1_000, 1_700, 3_333, len(ticks)]
+    params = [p1, p2, p1, p2]
+    # streaming, one event at a time
+    fs, is_ = K.new_state(n_inst)
+    c1 = np.zeros(N_REJECT_REASONS, np.int64)
+    X1 = np.empty((len(ticks), K.N_FEATURES), np.float32)
+    f1 = np.empty(len(ticks), np.int32)
+    for a, b, p in zip(cut, cut[1:], params, strict=False):
+        n_s, n_l = (int(p[K.PARAM_NAMES.index(k)]) for k in ("depth_levels_short", "depth_levels_long"))
+        for j in range(a, b):
+            f1[j] = K.update_tick(ticks, j, fs, is_, p, X1[j], c1)
+            if f1[j] >= 0:  # depth imbalances from scratch (the kernel keeps sums while a side is unchanged)
+                lv = book_levels(fs, is_, int(ticks["instrument"][j]))
+                want = []
+                for n in (n_s, n_l):
+                    sums = []
+                    for side in ("bids", "asks"):
+                        acc = 0.0
+                        for _, size, _ in lv[side][:n]:
+                            acc += size
+                        sums.append(acc)
+                    tot = sums[0] + sums[1]
+                    want.append((sums[0] - sums[1]) / tot if tot > 0.0 else 0.0)
+                assert X1[j, K.X_DEPTH_S] == np.float32(want[0]), j
+                assert X1[j, K.X_DEPTH_L] == np.float32(want[1]), j
+    # batch, the same chunks; and the growing batch path from a tiny table
+    fs, is_ = K.new_state(n_inst)
+    st = list(K.new_state(n_inst, max_orders=8))
+    c2, c3 = np.zeros_like(c1), np.zeros_like(c1)
+    X2, X3 = np.empty_like(X1), np.empty_like(X1)
+    f2, f3 = np.empty_like(f1), np.empty_like(f1)
+    for a, b, p in zip(cut, cut[1:], params, strict=False):
+        K.compute_batch(ticks[a:b], fs, is_, p, X2[a:b], f2[a:b], c2)
+        K.compute_batch_auto(ticks[a:b], st, p, X3[a:b], f3[a:b], c3)
+    assert (f1 < 0).sum() > 50 and ((f1 >= 0) & (f1 & FLAG_CLIPPED != 0)).sum() > 50  # both occurred
+    for X, f, c in ((X2, f2, c2), (X3, f3, c3)):
+        np.testing.assert_array_equal(X.view(np.uint32), X1.view(np.uint32))
+        np.testing.assert_array_equal(f, f1)
+        np.testing.assert_array_equal(c, c1)
+
+
+def test_batch_log1p_shortcut_rounds_like_libm():
+    """The batch kernels' SIMD log (kept only when its float32 is certain) == float32(math.log)."""
+    from numba import njit
+
+    check = njit(error_model="numpy")(_log_check_loop)
+    rng = np.random.default_rng(0)
+    n = 400_000
+    v = np.concatenate([
+        10.0 ** rng.uniform(-20, 7, n), rng.uniform(0, 2, n), np.floor(rng.uniform(0, 1e6, n)),
+        np.arange(n) * 1e-9, rng.uniform(-0.999, 0, n), 10.0 ** rng.uniform(-30, 300, n),
+        np.array([0.0, -0.0, 5e-324, 1e-310, 1.0, math.sqrt(2) - 1, np.nextafter(math.sqrt(2), 0) - 1,
+                  np.nextafter(math.sqrt(2), 3) - 1, 1e300, 1e308, np.inf, np.nan, -1.0, -2.0]),
+    ])  # fmt: skip
+    mismatches, fallbacks = check(v, K._log_checked)
+    assert mismatches == 0
+    assert fallbacks < 0.002 * len(v)
+
+
+def _log_check_loop(v, log_checked):
+    bad = 0
+    fb = 0
+    for i in range(v.shape[0]):
+        x = 1.0 + v[i]
+        y, ok = log_checked(x)
+        if not ok:
+            fb += 1
+        elif np.float32(y) != np.float32(math.log(x)):
+            bad += 1
+    return bad, fb
+
+
+@pytest.mark.parametrize("stride", [1, 3, 16, 1 << 20])
+def test_order_table_with_dense_and_strided_ids_matches_reference(stride):
+    """Runs of consecutive ids share cache lines (see features.book._home): probing and
+    backward-shift deletion stay exact with dense, strided and high-bit-only ids, near-full."""
+    rng = np.random.default_rng(stride)
+    b = Book(n_inst=2, max_orders=600, max_levels=64)
+    ref = RefBook(2, 1e9, 10.0, True)
+    ts = 0
+    live = [[], []]
+    nxt = 1
+    for step in range(4_000):
+        ts += 1
+        inst = int(rng.integers(2))
+        if live[inst] and (len(live[0]) + len(live[1]) >= 590 or rng.random() < 0.45):
+            k = int(rng.integers(len(live[inst]))) if rng.random() < 0.7 else -1  # random or newest
+            oid = live[inst].pop(k)
+            e = (ts, DEL, oid * stride, 0, 0.0, 0.0, inst)
+        else:
+            side = 1 if rng.random() < 0.5 else -1
+            px = 100.0 - side * float(rng.integers(1, 30)) * 0.25
+            oid = nxt if rng.random() < 0.9 else nxt + 7  # mostly sequential, some gaps
+            nxt = oid + 1
+            live[inst].append(oid)
+            e = (ts, ADD, oid * stride, side, px, 1.0, inst)
+        got = b(*e)
+        want = ref.apply(e[0], e[1], e[6], e[2], e[3], e[4], e[5])
+        assert (got >= 0) == (want >= 0), (step, e)
+    for i in (0, 1):
+        assert b.orders(i) == ref.live(i)
+        assert b.levels(i) == ref.book(i)
