@@ -2,9 +2,10 @@
 
 :class:`ReplaySource` serves an in-memory tick array; :class:`ChunkedReplaySource`
 serves a file larger than memory chunk by chunk (:func:`replay.reader.iter_tick_chunks`):
-a background thread reads and normalises the next chunk while the agent works
-on the current one, and the source swaps ``ticks`` / ``inst_list`` / ``ts_list``
-at the chunk boundary (the agent re-reads them on every ``do_work``).
+a reader *process* (:mod:`replay.chunk_worker`) decodes and normalises the next
+chunks into shared memory while the agent works on the current one, and the
+source swaps ``ticks`` / ``inst_list`` / ``ts_list`` at the chunk boundary (the
+agent re-reads them on every ``do_work``).
 
 Pacing: ``speed=None`` releases ticks as fast as the agent takes them; ``speed=s``
 releases tick ``i`` at ``start + (ts_event[i] - ts_event[0]) / s`` on the
@@ -15,17 +16,19 @@ tick is kept (``intended_ns``) so reports can measure latency from when a tick
 
 from __future__ import annotations
 
-import array
+import functools
+import itertools
+import operator
 import os
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
 
-__all__ = ["ReplaySource", "ChunkedReplaySource", "ChunkLatency", "parse_speed"]
+from replay.chunk_worker import ChunkReadError, ChunkWorker
+
+__all__ = ["ReplaySource", "ChunkedReplaySource", "ChunkLatency", "ChunkReadError", "parse_speed"]
 
 
 def parse_speed(text: str | float | None) -> float | None:
@@ -113,12 +116,12 @@ class ChunkLatency:
     The agent's latency ring is drained at every chunk boundary into a
     log-linear count array with HdrHistogram's bucket layout for 3 significant
     digits (values below 2048 ns exact, above: 1024 sub-buckets per power of
-    two), with one vectorised ``bincount`` (a few ms per million ticks), and exact
-    count / min / max / mean.  :meth:`stats` records each bucket once into an
-    HdrHistogram (1 ns .. 1 h, 3 digits, as :mod:`replay.latency`): every tick
-    lands in the bucket it would have landed in if recorded one by one, so the
-    percentiles are those of the raw values.  The first ``warmup`` scored ticks
-    are left out.
+    two), by one numba pass straight over the ring (:meth:`add_ring`, ~8 ms per
+    million ticks, no copy), with exact count / min / max / mean.  :meth:`stats`
+    records each bucket once into an HdrHistogram (1 ns .. 1 h, 3 digits, as
+    :mod:`replay.latency`): every tick lands in the bucket it would have landed
+    in if recorded one by one, so the percentiles are those of the raw values.
+    The first ``warmup`` scored ticks are left out.
     """
 
     _SUB = 2048  # sub-buckets per magnitude (3 significant digits)
@@ -151,6 +154,21 @@ class ChunkLatency:
         self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
         self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
         self.count += int(v.size)
+        self.total += float(acc[0])
+        self._hist = None
+
+    def add_ring(self, t_in: np.ndarray, t_out: np.ndarray, mask: int, seq0: int, seq1: int) -> None:
+        """Record ``t_out - t_in`` (ns) of seqs [seq0, seq1) of a latency ring, in place (no copy)."""
+        s0 = max(seq0, self.warmup)
+        if s0 >= seq1:
+            return
+        acc = np.zeros(3, dtype=np.float64)
+        oor = _ring_add(t_in, t_out, mask, s0, seq1, self.counts, self._lo, self._hi, acc)
+        self.out_of_range += int(oor)
+        vmax, vmin = int(acc[1]), int(acc[2])
+        self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
+        self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
+        self.count += seq1 - s0
         self.total += float(acc[0])
         self._hist = None
 
@@ -190,6 +208,21 @@ class ChunkLatency:
         Path(path).write_bytes(buf.getvalue())
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_of(v, lo, hi):
+    """Return the log-linear bucket of ``v`` (ns), clamped to [lo, hi]."""
+    if v > hi:
+        v = hi
+    elif v < lo:
+        v = lo
+    e = 0
+    x = v >> 11
+    while x > 0:
+        x >>= 1
+        e += 1
+    return e * 2048 + (v >> e)
+
+
 @njit(cache=True, nogil=True)
 def _bucket_add(values, counts, lo, hi, acc):
     """Add ``values`` (ns) to the log-linear ``counts``; acc = [sum, max, min]; return out-of-range count."""
@@ -206,28 +239,39 @@ def _bucket_add(values, counts, lo, hi, acc):
             vmin = v
         if v > hi:
             oor += 1
-            v = hi
-        elif v < lo:
-            v = lo
-        e = 0
-        x = v >> 11
-        while x > 0:
-            x >>= 1
-            e += 1
-        counts[e * 2048 + (v >> e)] += 1
+        counts[_bucket_of(v, lo, hi)] += 1
     acc[0] += s
     acc[1] = vmax
     acc[2] = vmin
     return oor
 
 
-@dataclass
-class _Loaded:
-    ticks: np.ndarray
-    inst_list: array.array
-    ts_list: array.array
-    rejected: dict = field(default_factory=dict)
-    rows_after: int = 0
+@njit(cache=True, nogil=True)
+def _ring_add(t_in, t_out, mask, s0, s1, counts, lo, hi, acc):
+    """Add ``t_out - t_in`` (ns) of seqs [s0, s1) of a ring (index ``seq & mask``); as :func:`_bucket_add`.
+
+    Allocates: no.
+    """
+    oor = 0
+    s = 0.0
+    k = s0 & mask
+    vmax = t_out[k] - t_in[k]
+    vmin = vmax
+    for seq in range(s0, s1):
+        k = seq & mask
+        v = t_out[k] - t_in[k]
+        s += v
+        if v > vmax:
+            vmax = v
+        if v < vmin:
+            vmin = v
+        if v > hi:
+            oor += 1
+        counts[_bucket_of(v, lo, hi)] += 1
+    acc[0] += s
+    acc[1] = vmax
+    acc[2] = vmin
+    return oor
 
 
 class ChunkedReplaySource:
@@ -236,7 +280,9 @@ class ChunkedReplaySource:
     Parameters
     ----------
     chunks : replay.reader.TickChunks
-        The file's chunk iterator (not yet started).
+        The file's chunk iterator (not yet started); it runs in a reader process
+        (:class:`replay.chunk_worker.ChunkWorker`) and this object's ``rows_read``
+        / ``rejected`` / ``anomalies`` follow the chunks received.
     speed : float or None
         None = as fast as possible; else the factor of recorded speed.
     limit : int, optional
@@ -244,20 +290,31 @@ class ChunkedReplaySource:
     warmup : int
         Scored ticks left out of the latency statistics.
     prefetch : int
-        Chunks read ahead by the background thread (memory: about
-        ``prefetch + 2`` chunks).
+        Chunks waiting in shared memory for the hot thread (``prefetch + 1`` slots
+        of ``chunk_rows`` ticks, 80 bytes each); the reader process decodes one
+        more meanwhile.
     cpus : set of int, optional
-        Cores for the background reader thread (keep it off the hot core).
+        Cores for the reader process (keep it off the hot core).
 
-    ``inst_list`` / ``ts_list`` are ``array.array`` (int32 / int64): indexing
-    returns Python ints like a list, at a fifth of a list's memory, and building
-    them is one copy (a list of a million ints would hold the GIL for tens of
-    ms on the reader thread while the hot thread waits).
+    Why a process: a reader thread takes the GIL for milliseconds while it
+    decodes and normalises a chunk, and each GIL hand-over stalls the hot loop.
+    In its own process it never blocks the hot thread; it still needs about a
+    quarter of another core.  The hot thread's work per chunk is one message, a
+    numpy view of the ready slot and two memoryviews (``inst_list`` /
+    ``ts_list``: indexing returns Python ints like a list, without building
+    one), plus draining the latency ring in place (~8 ms per million ticks).
+
+    ``poll`` at ``speed=None`` is ``functools.partial(next, chain, -1)`` over one
+    ``range`` iterator per chunk, a C call per tick; the chunk switch runs inside
+    the chain, in :meth:`_ranges`.  ``ticks`` (and the memoryviews) are valid until
+    the next chunk boundary: the slot is then handed back and rewritten.
 
     The agent must be attached (:meth:`attach`) before the run: at every chunk
     boundary the source drains the agent's latency ring into :attr:`latency`
     (and :attr:`latency_intended` when paced) and truncates
-    ``agent.rejected_idx``, so nothing grows with the file.
+    ``agent.rejected_idx``, so nothing grows with the file.  :meth:`finish` stops
+    the reader process and raises :class:`ChunkReadError` if reading failed (the
+    run then ends at the failed chunk, with every earlier tick scored).
     """
 
     def __init__(self, chunks, speed: float | None = None, *, limit: int | None = None,
@@ -273,173 +330,73 @@ class ChunkedReplaySource:
         self.chunks_served = 0
         self.max_chunk_ticks = 0
         self.done = False
-        self.error: BaseException | None = None
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
-        self._stop = threading.Event()
+        self.error: Exception | None = None
         self._handed = 0
-        self._rows_done = 0
         self._agent = None
         self._drained_seq = 0
-        self._rej_start = 0
         self._first_t_in = 0
         self._last_t_out = 0
         self._start_ns = 0
         self._ts0 = None
         self._inv_speed = 1.0 / speed if speed else 0.0
+        self._paced = speed is not None
         self._cpus = set(cpus) if cpus else None
-        self._thread = threading.Thread(target=self._produce, name="tickscore-chunks", daemon=True)
-        self._thread.start()
         self.ticks = np.zeros(0, dtype=chunks_dtype())
-        self.inst_list: array.array = array.array("i")
-        self.ts_list: array.array = array.array("q")
-        self.intended_ns = None
+        self.inst_list = memoryview(self.ticks["instrument"])
+        self.ts_list = memoryview(self.ticks["ts_event_ns"])
         self.n = 0
         self._i = 0
-        self._next_chunk()  # the first chunk, synchronously
-        if speed is not None:
-            self.poll = self._poll_paced  # type: ignore[method-assign]
-
-    # -- producer (background thread) -------------------------------------------------
-    def _produce(self) -> None:
-        if self._cpus:
-            try:
-                os.sched_setaffinity(0, self._cpus)  # this thread only (Linux)
-            except (OSError, ValueError):
-                pass
-        left = self.limit
+        self._it = None
+        self._slot = -1
+        slot_rows = max(1, min(int(chunks.chunk_rows), max(self.total, 1)))
+        self.intended_ns = np.zeros(slot_rows, dtype=np.int64) if speed is not None else None
+        self._worker = ChunkWorker(chunks, limit=limit, slot_rows=slot_rows,
+                                   slots=max(1, int(prefetch)) + 1, cpus=cpus)  # fmt: skip
         try:
-            for ch in self.chunks:
-                if self._stop.is_set():
-                    return
-                t = ch.ticks
-                if left is not None:
-                    t = t[:left]
-                    left -= len(t)
-                t = np.ascontiguousarray(t)
-                inst = array.array("i", np.ascontiguousarray(t["instrument"], dtype=np.int32).tobytes())
-                ts = array.array("q", np.ascontiguousarray(t["ts_event_ns"], dtype=np.int64).tobytes())
-                item = _Loaded(t, inst, ts, ch.rejected, self.chunks.rows_read)
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if left is not None and left <= 0:
-                    break
-        except BaseException as e:  # noqa: BLE001 - reported by the consumer
-            self.error = e
-        finally:
-            while not self._stop.is_set():
-                try:
-                    self._q.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    def _next_chunk(self) -> bool:
-        """Swap in the next non-empty chunk; return False at the end (hot thread, off the clock)."""
-        while True:
-            item = self._q.get()
-            if item is None:
+            if not self._next_chunk():  # the first chunk, synchronously
                 if self.error is not None:
-                    raise RuntimeError(f"reading {self.chunks.path} failed: {self.error}") from self.error
+                    raise self.error
+                self.done = True
+        except BaseException:
+            self._worker.close()
+            raise
+        if speed is not None:
+            self.poll = self._poll_paced
+        else:
+            self.poll = functools.partial(next, itertools.chain.from_iterable(self._ranges()), -1)
+
+    # -- chunk boundary (hot thread, between two ticks) -----------------------------------
+    def _next_chunk(self) -> bool:
+        """Swap in the next non-empty chunk; return False at the end or on a read error."""
+        self._handed += self.n  # the finished chunk was handed out whole
+        self.n = self._i = 0
+        self._it = None
+        w = self._worker
+        while True:
+            try:
+                item = w.next()
+            except ChunkReadError as e:
+                self.error = e
                 return False
-            for k, v in item.rejected.items():
+            if item is None:
+                return False
+            view, slot, rejected = item
+            for k, v in rejected.items():
                 self.reader_rejected[k] = self.reader_rejected.get(k, 0) + v
-            self._rows_done = item.rows_after
-            if len(item.ticks) == 0:
+            if view is None:
                 continue
-            self._handed += self._i  # ticks of the finished chunk
-            self.ticks = item.ticks
-            self.inst_list = item.inst_list
-            self.ts_list = item.ts_list
-            self.n = len(item.ticks)
-            self._i = 0
+            old, self._slot = self._slot, slot
+            self.ticks = view
+            self.inst_list = memoryview(view["instrument"])
+            self.ts_list = memoryview(view["ts_event_ns"])
+            w.release(old)  # nothing reads the previous slot any more
+            self.n = n = len(view)
             self.chunks_served += 1
-            self.max_chunk_ticks = max(self.max_chunk_ticks, self.n)
+            if n > self.max_chunk_ticks:
+                self.max_chunk_ticks = n
             if self._ts0 is None:
                 self._ts0 = self.ts_list[0]
-            if self.speed is not None:
-                self.intended_ns = np.zeros(self.n, dtype=np.int64)
             return True
-
-    def attach(self, agent) -> None:
-        """Remember the agent whose latency ring is drained at chunk boundaries.
-
-        Call from the thread that will run the agent, before it pins itself: every
-        other thread of the process that exists now (the reader, the polars and
-        pyarrow pools it started) is moved to ``cpus``, off the hot core.
-        """
-        self._agent = agent
-        if self._cpus:
-            me = threading.get_native_id()
-            try:
-                tids = [int(t) for t in os.listdir("/proc/self/task")]
-            except OSError:
-                tids = []
-            for tid in tids:
-                if tid != me:
-                    try:
-                        os.sched_setaffinity(tid, self._cpus)
-                    except (OSError, ValueError):
-                        pass
-        cap = agent.recorder.capacity
-        if cap < 2 * max(self.max_chunk_ticks, self.chunks.chunk_rows):
-            raise ValueError(f"the agent's latency ring ({cap}) must hold two chunks")
-
-    def _drain(self) -> None:
-        """Move the finished chunk's latencies into the histograms (runs between chunks)."""
-        agent = self._agent
-        if agent is None:
-            return
-        seq0, seq1 = self._drained_seq, agent.seq
-        rec = agent.recorder
-        if seq1 > seq0:
-            idx = np.arange(seq0, seq1, dtype=np.int64) & rec.mask
-            t_out = rec.t_out[idx]
-            if seq0 == 0:
-                self._first_t_in = int(rec.t_in[idx[0]])
-            self._last_t_out = int(t_out[-1])
-            self.latency.add(t_out - rec.t_in[idx], seq0)
-            if self.latency_intended is not None and self.intended_ns is not None:
-                rej = agent.rejected_idx[self._rej_start:]
-                keep = np.ones(self.n, dtype=bool)
-                if rej:
-                    keep[np.asarray(rej, dtype=np.int64)] = False
-                intended = self.intended_ns[: self._i][keep[: self._i]]
-                m = min(len(intended), len(t_out))
-                self.latency_intended.add(t_out[:m] - intended[:m], seq0)
-        self._drained_seq = seq1
-        # rejected indices are chunk-local: keep the count, drop the list
-        del agent.rejected_idx[:]
-        self._rej_start = 0
-
-    def wall_s(self) -> float:
-        """Return seconds from the first tick's ingress to the last tick's publish."""
-        return (self._last_t_out - self._first_t_in) / 1e9 if self._last_t_out else 0.0
-
-    def finish(self) -> None:
-        """Drain the last chunk and stop the reader thread (after the run)."""
-        self._drain()
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-    # -- source protocol ----------------------------------------------------------------
-    def start(self, now_ns: int | None = None) -> None:
-        """Fix the pacing origin; without a call, the first poll fixes it."""
-        self._start_ns = time.perf_counter_ns() if now_ns is None else now_ns
-
-    @property
-    def handed(self) -> int:
-        """Return the ticks handed out so far."""
-        return self._handed + self._i
-
-    @property
-    def position(self) -> int:
-        """Return the rows consumed so far (handed-out ticks + reader rejects of past chunks)."""
-        h = self.handed
-        return min(h + sum(self.reader_rejected.values()), max(self.total, h))
 
     def _advance(self) -> bool:
         self._drain()
@@ -448,17 +405,147 @@ class ChunkedReplaySource:
             return False
         return True
 
-    def poll(self) -> int:
-        """Return the next tick index in ``ticks``, or -1 once exhausted (sets ``done``)."""
-        i = self._i
-        if i >= self.n:
-            if self.done or not self._advance():
-                return -1
-            i = 0
-        self._i = i + 1
-        return i
+    def _ranges(self):
+        """Yield one ``range`` iterator per chunk; switch chunks in between (see ``poll``).
+
+        An exception at a chunk switch ends the run (a finished generator cannot
+        resume): ``done`` is set, so the next ``poll`` returns -1 and the loop stops,
+        and :meth:`finish` raises it again.
+        """
+        try:
+            while not self.done:
+                self._it = it = iter(range(self.n))
+                yield it
+                self._advance()
+        except BaseException as e:
+            self.done = True
+            if isinstance(e, Exception) and self.error is None:
+                self.error = e
+            raise
+
+    def attach(self, agent) -> None:
+        """Remember the agent whose latency ring is drained at chunk boundaries.
+
+        Call from the thread that will run the agent, before it pins itself: every
+        other thread of the process that exists now (the polars and pyarrow pools
+        of the file scan, ...) is moved to ``cpus``, off the hot core.  Loads the
+        drain kernels (numba cache) now, not at the first chunk boundary.
+        """
+        self._agent = agent
+        cpus = self._cpus
+        if cpus:
+            me = threading.get_native_id()
+            try:
+                tids = [int(t) for t in os.listdir("/proc/self/task")]
+            except OSError:
+                tids = []
+            for tid in tids:
+                if tid != me:
+                    try:
+                        os.sched_setaffinity(tid, cpus)
+                    except (OSError, ValueError):
+                        pass
+        cap = agent.recorder.capacity
+        if cap < 2 * max(self.max_chunk_ticks, self.chunks.chunk_rows):
+            raise ValueError(f"the agent's latency ring ({cap}) must hold two chunks")
+        z = np.zeros(1, dtype=np.int64)
+        scratch = np.zeros_like(self.latency.counts)
+        _ring_add(z, z, 0, 0, 1, scratch, 1, 2, np.zeros(3))
+        _bucket_add(z, scratch, 1, 2, np.zeros(3))
+
+    def _drain(self) -> None:
+        """Move the finished chunk's latencies into the histograms (runs between chunks).
+
+        Reads the ring in place (no copy of the latencies for ``speed=None``).
+        """
+        agent = self._agent
+        if agent is None:
+            return
+        seq0, seq1 = self._drained_seq, agent.seq
+        rec = agent.recorder
+        if seq1 > seq0:
+            mask = rec.mask
+            if seq0 == 0:
+                self._first_t_in = int(rec.t_in[0])
+            self._last_t_out = int(rec.t_out[(seq1 - 1) & mask])
+            self.latency.add_ring(rec.t_in, rec.t_out, mask, seq0, seq1)
+            if self.latency_intended is not None:
+                idx = np.arange(seq0, seq1, dtype=np.int64) & mask
+                t_out = rec.t_out[idx]
+                keep = np.ones(self.n, dtype=bool)
+                if agent.rejected_idx:
+                    keep[np.asarray(agent.rejected_idx, dtype=np.int64)] = False
+                intended = self.intended_ns[: self._i][keep[: self._i]]
+                m = min(len(intended), len(t_out))
+                self.latency_intended.add(t_out[:m] - intended[:m], seq0)
+        self._drained_seq = seq1
+        # rejected indices are chunk-local: keep the count, drop the list
+        del agent.rejected_idx[:]
+
+    def wall_s(self) -> float:
+        """Return seconds from the first tick's ingress to the last tick's publish."""
+        return (self._last_t_out - self._first_t_in) / 1e9 if self._last_t_out else 0.0
+
+    def finish(self) -> None:
+        """Drain the last chunk and stop the reader process (after the run).
+
+        Raises
+        ------
+        ChunkReadError
+            Reading the file failed (corrupt data, the reader process died); the
+            message names the file and the rows read before the failure.  Any
+            other error that ended the run at a chunk switch is raised as is.
+        """
+        try:
+            self._drain()
+        finally:
+            self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop the reader process and drop this side's views of the shared memory (idempotent).
+
+        ``handed`` keeps counting the ticks of the last chunk.  The memory is
+        unmapped once nothing else (an agent still bound to the last chunk) holds
+        a view of it.
+        """
+        self._handed += self._pos()
+        self.n = self._i = 0
+        self._it = None
+        self.ticks = np.zeros(0, dtype=chunks_dtype())
+        self.inst_list = memoryview(self.ticks["instrument"])
+        self.ts_list = memoryview(self.ticks["ts_event_ns"])
+        self._slot = -1
+        self.done = True
+        self.poll = _exhausted
+        self._worker.close()
+
+    # -- source protocol ----------------------------------------------------------------
+    def start(self, now_ns: int | None = None) -> None:
+        """Fix the pacing origin; without a call, the first poll fixes it."""
+        self._start_ns = time.perf_counter_ns() if now_ns is None else now_ns
+
+    def _pos(self) -> int:
+        """Return the ticks of the current chunk handed out so far."""
+        if self._paced:
+            return self._i
+        it = self._it
+        return self.n - operator.length_hint(it) if it is not None else 0
+
+    @property
+    def handed(self) -> int:
+        """Return the ticks handed out so far."""
+        return self._handed + self._pos()
+
+    @property
+    def position(self) -> int:
+        """Return the rows consumed so far (handed-out ticks + reader rejects of past chunks)."""
+        h = self.handed
+        return min(h + sum(self.reader_rejected.values()), max(self.total, h))
 
     def _poll_paced(self) -> int:
+        """Return the next tick index once it is due, else -1 (sets ``done`` when exhausted)."""
         i = self._i
         if i >= self.n:
             if self.done or not self._advance():
@@ -473,6 +560,11 @@ class ChunkedReplaySource:
         self.intended_ns[i] = due
         self._i = i + 1
         return i
+
+
+def _exhausted() -> int:
+    """``poll`` of a closed source."""
+    return -1
 
 
 def chunks_dtype():
