@@ -418,28 +418,8 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     Their arguments are left in the instrument's scratch columns
     ``C_LOG_IN .. C_LOG_IN + 6`` of ``fstate``: :func:`apply_tick` takes their
     logs at once, the batch kernels for a block of events at a time
-    (:func:`_log_block`, vectorised; same float32 bits).
-
-    Parameters
-    ----------
-    ticks : ndarray of TICK_DTYPE
-        Only row ``i`` is read.  Times int64 ns.
-    i : int
-    fstate, istate : ndarray
-        L3 state from :func:`new_state`, updated in place.
-    params : ndarray of float64, shape (N_PARAMS,)
-    x_out : ndarray of float32, shape (N_FEATURES,)
-        Receives the features; all NaN if the event is rejected.
-    counters : ndarray of int64, shape (N_REJECT_REASONS,)
-        ``counters[0]`` accepted events, ``counters[r]`` rejects of reason r.
-
-    Returns
-    -------
-    int
-        Flags (>= 0) if accepted, ``-reason`` if rejected (state unchanged
-        except ``counters`` and ``x_out``).
-
-    Allocates: no.
+    (:func:`_log_block`, vectorised; same float32 bits).  Parameters, return
+    value and rejects as :func:`apply_tick`.  Allocates: no.
     """
     t = ticks[i]
     inst = t.instrument
