@@ -520,7 +520,7 @@ class ScoringAgent(Agent):
                 return ticket
             self._reloading = ticket
         hot = _allowed_cpus()  # the calling (hot) thread's cores
-        ticket.cpus = (self._process_cpus - hot) if self._process_cpus - hot else set()
+        ticket.cpus = self._process_cpus - hot  # empty: nowhere else to go
         threading.Thread(
             target=self._prepare_reload, args=(ticket,), name="tickscore-reload", daemon=True
         ).start()
