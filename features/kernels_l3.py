@@ -663,6 +663,18 @@ _PREFETCH = 4
 _PREFETCH_ROWS = 16
 
 
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _prefetch_ahead(ticks, j, n, istate):
+    """Cache hints of the batch loops at row ``j`` of ``n``: the input event
+    ``_PREFETCH_ROWS`` ahead and the order slot of the event ``_PREFETCH`` ahead.
+    Changes no result."""
+    if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
+        _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
+        _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
+    if j + _PREFETCH < n:
+        _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+
+
 @njit(cache=True, nogil=True)
 def compute_batch(ticks, fstate, istate, params, X_out, flags_out, counters):
     """Apply every row in order with the streaming core; return the number accepted.
@@ -684,11 +696,7 @@ def compute_batch(ticks, fstate, istate, params, X_out, flags_out, counters):
     for j0 in range(0, n, _BLOCK):
         j1 = min(n, j0 + _BLOCK)
         for j in range(j0, j1):
-            if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
-                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
-                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
-            if j + _PREFETCH < n:
-                _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+            _prefetch_ahead(ticks, j, n, istate)
             f = _apply_core(ticks, j, fstate, istate, params, x, counters)
             for k in range(F):
                 X_out[j, k] = x[k]
@@ -848,11 +856,7 @@ def compute_batch_grow(ticks, fstate, istate, params, X_out, flags_out, counters
     for j0 in range(0, n, _BLOCK):
         j1 = min(n, j0 + _BLOCK)
         for j in range(j0, j1):
-            if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
-                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
-                _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
-            if j + _PREFETCH < n:
-                _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+            _prefetch_ahead(ticks, j, n, istate)
             f = _apply_core(ticks, j, fstate, istate, params, x, counters)
             if f == -REJECT_BOOK_FULL:
                 counters[REJECT_BOOK_FULL] -= 1
