@@ -147,15 +147,9 @@ class ChunkLatency:
         v = values[skip:] if skip else values
         if v.size == 0:
             return
-        acc = np.zeros(4, dtype=np.float64)
+        acc = np.zeros(3, dtype=np.float64)
         oor = _bucket_add(np.ascontiguousarray(v, dtype=np.int64), self.counts, self._lo, self._hi, acc)
-        self.out_of_range += int(oor)
-        vmax, vmin = int(acc[1]), int(acc[2])
-        self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
-        self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
-        self.count += int(v.size)
-        self.total += float(acc[0])
-        self._hist = None
+        self._fold(int(v.size), oor, acc)
 
     def add_ring(self, t_in: np.ndarray, t_out: np.ndarray, mask: int, seq0: int, seq1: int) -> None:
         """Record ``t_out - t_in`` (ns) of seqs [seq0, seq1) of a latency ring, in place (no copy)."""
@@ -164,11 +158,15 @@ class ChunkLatency:
             return
         acc = np.zeros(3, dtype=np.float64)
         oor = _ring_add(t_in, t_out, mask, s0, seq1, self.counts, self._lo, self._hi, acc)
+        self._fold(seq1 - s0, oor, acc)
+
+    def _fold(self, n: int, oor: int, acc: np.ndarray) -> None:
+        """Fold one batch's ``n`` values, out-of-range count and [sum, max, min] into the totals."""
         self.out_of_range += int(oor)
         vmax, vmin = int(acc[1]), int(acc[2])
         self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
         self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
-        self.count += seq1 - s0
+        self.count += n
         self.total += float(acc[0])
         self._hist = None
 
