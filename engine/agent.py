@@ -55,6 +55,9 @@ class Agent:
     def housekeeping(self, now_ns: int) -> None:
         """Periodic off-tick work (progress, stats); called every few thousand duty cycles."""
 
+    def keep_warm(self) -> None:
+        """Exercise the hot path on throwaway state while idle (see ``keep_warm_ns``)."""
+
     def on_close(self) -> None:
         """Release resources; called once, also after an error or a stop."""
 
@@ -236,6 +239,11 @@ class AgentRunner:
         Receives exceptions raised by ``do_work``; ``errors`` counts them.
     max_errors : int
         After this many errors the runner gives up (the agent is broken, not the input).
+    keep_warm_ns : int
+        While idle, call ``agent.keep_warm()`` once per this many ns without work
+        (0 = never).  A hot path left cold for a few hundred microseconds (the code,
+        the model's weights, the branch predictors) runs its next tick several times
+        slower; exercising it on throwaway state keeps the first real tick fast.
     """
 
     def __init__(
@@ -249,6 +257,7 @@ class AgentRunner:
         error_handler: Callable[[BaseException], None] = _default_error_handler,
         max_errors: int = 1000,
         rt_priority: int | None = None,
+        keep_warm_ns: int = 0,
     ) -> None:
         if housekeeping_every & (housekeeping_every - 1):
             raise ValueError("housekeeping_every must be a power of two")
@@ -259,6 +268,9 @@ class AgentRunner:
         self._hk_mask = housekeeping_every - 1
         self.error_handler = error_handler
         self.max_errors = max_errors
+        self.keep_warm_ns = max(0, int(keep_warm_ns))
+        #: Calls of ``agent.keep_warm`` so far.
+        self.warm_calls = 0
         self.errors = 0
         self.running = False
         self.pin: PinResult | None = None
@@ -313,6 +325,9 @@ class AgentRunner:
         clock = time.perf_counter_ns
         cycles = 0
         idled = False
+        warm_ns = self.keep_warm_ns
+        keep_warm = agent.keep_warm
+        warm_due = 0
         while self.running and not agent.done:
             try:
                 while self.running and not agent.done:
@@ -321,6 +336,14 @@ class AgentRunner:
                             reset()
                             idled = False
                     else:
+                        if warm_ns:
+                            now = clock()
+                            if not idled:
+                                warm_due = now + warm_ns
+                            elif now >= warm_due:
+                                keep_warm()
+                                self.warm_calls += 1
+                                warm_due = clock() + warm_ns
                         idle()
                         idled = True
                     cycles += 1

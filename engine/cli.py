@@ -31,6 +31,16 @@ def _pin(text: str):
         raise argparse.ArgumentTypeError(f"--pin takes a core number or 'none', got {text!r}") from None
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return v
+
+
 def _reload_at(text: str):
     seq, sep, path = text.partition("=")
     try:
@@ -96,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--idle", default="busy-spin", choices=["busy-spin", "yield", "backoff", "sleep"],
         help="idle strategy while waiting for the next paced tick (default busy-spin)",
+    )
+    r.add_argument(
+        "--keep-warm-us", type=_non_negative_int, default=100, metavar="US",
+        help="while waiting, run a synthetic tick through features + model on throwaway state "
+        "every US microseconds so the next real tick is not slowed by a cold path (0 = off; "
+        "default 100; the spawned service of --via gets the same)",
     )
     r.add_argument(
         "--wait-subscribers", type=int, default=0, metavar="N", help="wait for N subscribers first"
@@ -165,6 +181,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         backend=args.backend,
         warmup_ticks=args.warmup_ticks,
         idle=args.idle,
+        keep_warm_us=args.keep_warm_us,
         wait_subscribers=args.wait_subscribers,
         wait_timeout_s=args.wait_timeout,
         sndhwm=args.hwm,

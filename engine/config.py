@@ -101,6 +101,10 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     helper_cpus: list[NonNegative] = []
     #: What the loop does when no tick is ready.
     idle: Literal["busy-spin", "yield", "backoff", "sleep"] = "busy-spin"
+    #: While idle, run one synthetic tick through features + model on throwaway state
+    #: every this many microseconds, so the next real tick finds the code and the
+    #: model warm (0 = off).  Costs one model call per period on the hot core only.
+    keep_warm_us: NonNegative = 100
     #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
     freeze_gc: bool = True
     #: Duty cycles between housekeeping calls (control socket, stats); power of two, 0 = by idle.

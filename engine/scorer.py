@@ -317,6 +317,7 @@ class ScoringAgent(Agent):
         # cores this process may use, read before the runner pins the hot thread:
         # reload threads go to these minus the hot thread's own
         self._process_cpus = _allowed_cpus()
+        self._warm: dict | None = None
         self._bind()
 
     # -- wiring -------------------------------------------------------------------
@@ -374,6 +375,59 @@ class ScoringAgent(Agent):
         if self._tick is not None:
             _warm_tick(self.backend, self.new_state, self.params, n)
         self.backend.warmup()
+
+    # -- keeping the path warm while idle -----------------------------------------
+    _WARM_TICKS = 4096
+
+    def _prepare_warm(self) -> None:
+        """Build the throwaway ticks, state and buffers :meth:`keep_warm` runs on."""
+        n = self._WARM_TICKS
+        ticks = np.zeros(n, dtype=TICK_DTYPE)
+        ticks["ts_event_ns"] = np.arange(n, dtype=np.int64) * 1_000_000
+        ticks["ts_recv_ns"] = ticks["ts_event_ns"]
+        ticks["kind"] = np.where(np.arange(n) % 3 == 2, 2, 1)
+        ticks["bid_px"], ticks["ask_px"] = 100.0, 100.25
+        ticks["bid_sz"], ticks["ask_sz"] = 5.0 + np.arange(n) % 7, 7.0
+        ticks["price"], ticks["size"], ticks["side"] = 100.25, 1.0, 1
+        fstate, istate = self.new_state(1)
+        counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
+        w = {"ticks": ticks, "fstate": fstate, "istate": istate, "counters": counters,
+             "x": np.zeros_like(self._x), "buf": bytearray(), "j": 0, "backend": self.backend}
+        if self._tick is not None:
+            from models.fused import TickContext
+
+            tick, _ = self.backend.make_tick(fstate, istate, self.params, counters, ticks)
+            mi, mf = self.backend.program.new_arrays()
+            w["tctx"] = TickContext(fstate, istate, self.params, counters, mi, mf, ticks)
+            w["tick"] = tick
+        self._warm = w
+
+    def keep_warm(self) -> None:
+        """Run one synthetic tick through features, model and encoder; touch nothing live.
+
+        Called by the runner while idle (``keep_warm_ns``).  Features go to
+        throwaway state and a scratch input row; the ort backend's model runs on its
+        bound input (the last tick's features, unchanged: a real tick rewrites it
+        before scoring); the fused kernel runs on a throwaway context; the Score is
+        encoded into a scratch buffer.  Nothing is published and no counter moves.
+        """
+        w = self._warm
+        if w is None or w["backend"] is not self.backend:  # first call, or a model was swapped in
+            self._prepare_warm()
+            w = self._warm
+        j = w["j"]
+        if j == self._WARM_TICKS:  # the warm ticks' times would go backwards: fresh state
+            fstate, istate = self.new_state(1)
+            w["fstate"][:] = fstate
+            w["istate"][:] = istate
+            j = 0
+        w["j"] = j + 1
+        if self._tick is not None:
+            flags, score = w["tick"](j, w["tctx"].addr)
+        else:
+            flags = self.update(w["ticks"], j, w["fstate"], w["istate"], self.params, w["x"], w["counters"])
+            score = self._run()
+        self._encode_row((SCORE_SCHEMA_ID, "W", j, j, j, j, score, self._version, max(flags, 0)), w["buf"])
 
     # -- hot path -----------------------------------------------------------------
     def do_work(self) -> int:

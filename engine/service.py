@@ -330,6 +330,7 @@ class Service:
             pin_core=hot,
             freeze_gc=cfg.engine.freeze_gc,
             housekeeping_every=hk,
+            keep_warm_ns=cfg.engine.keep_warm_us * 1000,
         )
         if self.stop_requested:
             self.runner.stop()

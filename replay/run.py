@@ -44,6 +44,7 @@ class ReplayOptions:
     backend: str = "auto"
     warmup_ticks: int = 1_000
     idle: str = "busy-spin"
+    keep_warm_us: int = 100
     wait_subscribers: int = 0
     wait_timeout_s: float = 10.0
     sndhwm: int = 100_000
@@ -206,7 +207,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             parity_X=choice.parity_X,
         )
         runner = AgentRunner(
-            agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority
+            agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority,
+            keep_warm_ns=opts.keep_warm_us * 1000,
         )
         if data.chunked:
             source.attach(agent)
@@ -256,6 +258,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
             "idle": opts.idle,
+            "keep_warm_us": opts.keep_warm_us,
+            "keep_warm_calls": runner.warm_calls,
             "errors": runner.errors,
             "pin": runner.pin.message if runner.pin else "",
             "scheduler": runner.scheduler,

@@ -1,0 +1,148 @@
+"""Keep-warm while idle: the runner exercises the hot path between ticks, and nothing live changes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.agent import Agent, AgentRunner, BusySpinIdle
+from engine.scorer import ReloadAt, ScoringAgent
+from engine.wire import decode_score
+from features.featureset import DEFAULT_FEATURE_SET
+from models.fused import select_backend
+from models.loader import default_model_path
+from replay.generator import default_data_path
+from replay.reader import read_ticks
+from replay.source import ReplaySource
+
+FS = DEFAULT_FEATURE_SET
+A = default_model_path("int8")
+B = default_model_path("fp32")
+SYMBOLS = ["ESZ6", "NQZ6", "CLF7"]
+
+
+class _IdleThenWork(Agent):
+    """Idle (return 0) for ``idle_ns`` before each of ``n`` units of work; count keep_warm calls."""
+
+    def __init__(self, n: int, idle_ns: int) -> None:
+        self.n, self.idle_ns = n, idle_ns
+        self.done_units = 0
+        self.warm_calls_at: list[int] = []  # units done when keep_warm ran
+        self._next = time.perf_counter_ns() + idle_ns
+
+    def do_work(self) -> int:
+        if time.perf_counter_ns() < self._next:
+            return 0
+        self.done_units += 1
+        self.done = self.done_units >= self.n
+        self._next = time.perf_counter_ns() + self.idle_ns
+        return 1
+
+    def keep_warm(self) -> None:
+        self.warm_calls_at.append(self.done_units)
+
+
+def test_runner_keeps_the_agent_warm_only_while_idle_and_only_when_asked():
+    agent = _IdleThenWork(5, idle_ns=3_000_000)
+    runner = AgentRunner(agent, BusySpinIdle(), freeze_gc=False, keep_warm_ns=500_000)
+    runner.run()
+    calls = len(agent.warm_calls_at)
+    assert runner.warm_calls == calls
+    # 5 idle stretches of 3 ms at one call per >= 0.5 ms: at most 6 per stretch
+    assert 5 <= calls <= 5 * 6, calls
+    assert set(agent.warm_calls_at) <= set(range(5))  # never after the last unit
+
+    off = _IdleThenWork(5, idle_ns=1_000_000)
+    runner = AgentRunner(off, BusySpinIdle(), freeze_gc=False)  # default: off
+    runner.run()
+    assert off.warm_calls_at == [] and runner.warm_calls == 0
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+
+    def publish(self, topic, payload) -> bool:
+        s = decode_score(bytes(payload))
+        self.rows.append((topic, s.instrument, s.seq, s.ts_event_ns, s.score, s.model_version, s.flags))
+        return True
+
+
+@pytest.fixture(scope="module")
+def ticks():
+    t = np.ascontiguousarray(read_ticks(default_data_path()).ticks[:1500])
+    # a few ticks the feature kernel rejects, so the counters are exercised too
+    t["bid_px"][[100, 700]] = np.nan
+    return t
+
+
+class _HoldingSource:
+    """Paced source that stops yielding ticks at ``hold_from`` while a reload is pending.
+
+    On a busy machine the reload could otherwise still be loading when the replay ends.
+    """
+
+    def __init__(self, ticks, speed, hold_from) -> None:
+        self._src = ReplaySource(ticks, speed)
+        self.ticks, self.inst_list, self.ts_list = ticks, self._src.inst_list, self._src.ts_list
+        self.hold_from = hold_from
+        self.agent = None
+
+    @property
+    def done(self) -> bool:
+        return self._src.done
+
+    def poll(self) -> int:
+        if self._src.position >= self.hold_from and any(t.status == "pending" for t in self.agent.reloads):
+            return -1
+        return self._src.poll()
+
+
+def _run(ticks, kind: str, keep_warm_ns: int, *, triggers=(), model=A, reload_kind="auto"):
+    choice = select_backend(kind, model, FS)
+    sink = _Capture()
+    # mean event gap ~13 ms; speed 30 -> ~0.4 ms of idle between ticks
+    src = _HoldingSource(ticks, 30.0, hold_from=600)
+    agent = ScoringAgent(src, choice.backend, [sink], SYMBOLS,
+                         FS.params_array(), recorder_capacity=len(ticks), backend_kind=reload_kind,
+                         feature_set=FS, triggers=triggers, parity_X=choice.parity_X)
+    src.agent = agent
+    runner = AgentRunner(agent, BusySpinIdle(), pin_core=None, housekeeping_every=64,
+                         keep_warm_ns=keep_warm_ns)
+    runner.run()
+    assert runner.errors == 0
+    return agent, sink, runner
+
+
+@pytest.mark.parametrize("kind", ["ort", "fused"])
+def test_keep_warm_changes_no_score_no_state_and_no_counter(ticks, kind):
+    cold, cold_sink, cold_runner = _run(ticks, kind, 0)
+    warm, warm_sink, warm_runner = _run(ticks, kind, 50_000)
+    assert cold_runner.warm_calls == 0
+    assert warm_runner.warm_calls > 100  # it did run, many times
+    assert warm._warm is not None and warm._warm["j"] > 0
+    assert warm_sink.rows == cold_sink.rows  # same topics, seq, scores, versions, flags
+    assert warm.seq == cold.seq == len(ticks) - 2
+    assert np.array_equal(warm.counters, cold.counters) and warm.counters[1:].sum() == 2
+    assert np.array_equal(warm.fstate, cold.fstate, equal_nan=True)
+    assert np.array_equal(warm.istate, cold.istate)
+
+
+def test_keep_warm_follows_a_hot_reload_to_the_new_model(ticks):
+    trigger = ReloadAt(300, str(B))
+    # fused -> ort: the warm context changes kind (ort reloads fast: no parity check)
+    agent, sink, runner = _run(ticks, "fused", 50_000, triggers=[trigger], reload_kind="ort")
+    ticket = trigger.ticket
+    assert ticket.status == "swapped", ticket
+    versions = [r[5] for r in sink.rows]
+    k = ticket.swap_seq
+    assert len(set(versions[:k])) == 1 and set(versions[k:]) == {agent.backend.version}
+    assert [r[2] for r in sink.rows] == list(range(len(sink.rows)))
+    # the warm context was rebuilt for the swapped-in backend, and is in use
+    assert agent._warm["backend"] is agent.backend
+    # scores after the swap equal a run that used the new model from the start
+    assert agent._tick is None  # the ort path, warmed by the ort branch of keep_warm
+    ref_agent, ref_sink, _ = _run(ticks, "ort", 0, model=B)
+    assert [r[4] for r in sink.rows[k:]] == pytest.approx([r[4] for r in ref_sink.rows[k:]], abs=1e-6)
