@@ -64,7 +64,7 @@ def one_run(via: str, args) -> dict:
         sys.executable, "-m", "engine.cli", "replay", "--via", via, "--limit", str(args.limit),
         "--rate", str(args.rate), "--backend", args.backend, "--pin", str(args.pin), "--json",
         "--no-progress", "--warmup-ticks", str(args.warmup), "--client-idle", args.client_idle[via],
-        "--client-rt-priority", str(args.client_rt_priority),
+        "--client-rt-priority", str(args.client_rt_priority), "--keep-warm-us", str(args.keep_warm_us),
     ]
     bg = background_busy()
     t0 = time.time()
@@ -115,7 +115,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backend", default="ort")
     ap.add_argument("--pin", default="1")
-    ap.add_argument("--client-rt-priority", type=int, default=0)
+    ap.add_argument("--keep-warm-us", type=int, default=100,
+                    help="service keep-warm period while idle, us (0 = off; default 100, as the service)")
+    ap.add_argument("--client-rt-priority", type=int, default=10,
+                    help="publisher SCHED_FIFO priority while paced (0 = off; default 10, as replay --via)")
     ap.add_argument("--zmq-client-idle", default="auto", choices=["auto", "spin", "yield", "block"])
     ap.add_argument("--aeron-client-idle", default="auto", choices=["auto", "spin", "yield"])
     ap.add_argument("--max-foreign", type=float, default=0.05,
@@ -165,7 +168,7 @@ def main() -> None:
         "benchmark": "wire-to-wire latency, tickscore replay --via (spawned service)",
         "params": {"limit": args.limit, "rate_tps": args.rate, "warmup": args.warmup, "repeat": args.repeat,
                    "backend": args.backend, "pin": args.pin, "client_rt_priority": args.client_rt_priority,
-                   "client_idle": args.client_idle},
+                   "keep_warm_us": args.keep_warm_us, "client_idle": args.client_idle},
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                  "machine": platform.machine()},
         "created_unix": time.time(),

@@ -216,22 +216,25 @@ def _publisher(spec: dict) -> int:
 
     print("ready", flush=True)
     slack = _timer_slack_1ns()
-    sched = "default scheduler"
+    sched, fifo = "default scheduler", False
     rt = int(spec.get("rt_priority") or 0)
-    paced_run = spec.get("speed") is not None or spec.get("rate") is not None
-    if rt and paced_run:
+    margin = int(spec.get("sleep_margin_us", 150) * 1000)
+    paced = spec.get("speed") is not None or spec.get("rate") is not None
+    clock = time.perf_counter_ns
+    start = clock() + 20_000_000
+    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
+    if rt and paced and n > 1 and float(np.median(np.diff(intended))) < 2 * margin:
+        # ticks closer than twice the spin margin: a FIFO thread would spin without a
+        # break and starve the core's other threads (subscriber, I/O, Aeron conductors)
+        sched = f"SCHED_FIFO {rt} not used: ticks are closer than 2 x the sleep margin"
+    elif rt and paced:
         # this thread only (the I/O / conductor threads were created before): it sleeps
         # between ticks, and wakes up on time even when the subscriber spins on its core
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt))
-            sched = f"SCHED_FIFO {rt}"
+            sched, fifo = f"SCHED_FIFO {rt}", True
         except (OSError, AttributeError) as exc:
             sched = f"SCHED_FIFO {rt} refused ({exc}); default scheduler"
-    margin = int(spec.get("sleep_margin_us", 150) * 1000)
-    clock = time.perf_counter_ns
-    start = clock() + 20_000_000
-    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
-    paced = spec.get("speed") is not None or spec.get("rate") is not None
     due = intended.tolist()
     sent = np.zeros(n, dtype=np.int64)
     retries_total = 0
@@ -253,7 +256,7 @@ def _publisher(spec: dict) -> int:
         sent[i] = now
         retries_total += send(i)
     gc.enable()
-    if sched.startswith("SCHED_FIFO") and "refused" not in sched:
+    if fifo:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     if not paced:
         intended = sent.copy()
@@ -466,7 +469,8 @@ def _spawn_config(args, symbols: list[str], tmp: Path) -> tuple[Path, dict]:
     ctl = f"tcp://127.0.0.1:{_free_port()}"
     lines = [f"instruments = {json.dumps(symbols)}", "", "[engine]",
              f"pin = {json.dumps('none' if args.pin is None else args.pin)}",
-             f"idle = {json.dumps(args.idle)}", f"warmup_ticks = {int(args.warmup_ticks)}", "",
+             f"idle = {json.dumps(args.idle)}", f"warmup_ticks = {int(args.warmup_ticks)}",
+             f"keep_warm_us = {int(args.keep_warm_us)}", "",
              "[model]", f"path = {json.dumps(str(Path(args.model).resolve()) if args.model else '')}",
              f"backend = {json.dumps(args.backend)}", "",
              "[control]", f"endpoint = {json.dumps(ctl)}", ""]
@@ -852,9 +856,11 @@ def add_wire_arguments(r) -> None:
                    "so it never delays the publisher or I/O threads on its core), yield, block "
                    "(ZeroMQ only: blocking receive); auto (default) = spin for Aeron, block for ZeroMQ "
                    "(whose I/O threads need the shared core: measured lower p99)")
-    g.add_argument("--client-rt-priority", type=int, default=0, metavar="1-99",
-                   help="run the publisher's send loop SCHED_FIFO at this priority while paced (it "
-                   "sleeps between ticks; needs CAP_SYS_NICE, refused = reported); default 0 = off")
+    g.add_argument("--client-rt-priority", type=int, default=10, metavar="0-99",
+                   help="run the publisher's send loop SCHED_FIFO at this priority while paced, so "
+                   "it wakes up on time next to the spinning subscriber (it sleeps between ticks; "
+                   "not used when ticks are closer than 2 x --sleep-margin-us; needs CAP_SYS_NICE, "
+                   "a refusal is reported); 0 = off; default 10")
     g.add_argument("--sleep-margin-us", type=float, default=150.0, metavar="US",
                    help="publisher sleeps until this long before each send time, then spins (default 150)")
     g.add_argument("--idle-timeout", type=float, default=3.0, metavar="S",
