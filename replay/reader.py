@@ -382,6 +382,8 @@ class _Plan:
     ts_unit: str | None = None
     ts_recv_unit: str | None = None
     oid_hash: bool | None = None
+    #: code tables of the fast path (:func:`_code_lut`), built on first use per dtype
+    luts: dict | None = None
 
 
 def _find(columns: list[str], name: str) -> str | None:
@@ -755,22 +757,25 @@ class _Norm:
     n_skipped: int
 
 
+def _instruments(raw_sym: pl.Series, index: dict[str, int]) -> tuple[pl.Series, pl.Series]:
+    """Return (Int32 instrument ids, -1 where unknown or null; Boolean symbol-null flags)."""
+    if raw_sym.dtype == pl.String:  # fast path: clean symbols map without trimming
+        inst = raw_sym.replace_strict(index, default=None, return_dtype=pl.Int32)
+        if not (inst.is_null() & raw_sym.is_not_null()).any():
+            return inst.fill_null(-1), raw_sym.is_null()
+    sym = _text(raw_sym)
+    return sym.replace_strict(index, default=-1, return_dtype=pl.Int32), sym.is_null()
+
+
 def _normalise(frame: pl.DataFrame, plan: _Plan, mp: ColumnMapping, index: dict[str, int]) -> _Norm:
     """Return the normalised ticks of a frame (no per-row Python)."""
+    if _fast_ok(frame, plan, mp):
+        return _normalise_fast(frame, plan, mp, index)
     n = frame.height
     shape = plan.shape
     raw_sym = _column(frame, plan, "symbol")
     assert raw_sym is not None
-    sym_null = None
-    if raw_sym.dtype == pl.String:  # fast path: clean symbols map without trimming
-        inst = raw_sym.replace_strict(index, default=None, return_dtype=pl.Int32)
-        if not (inst.is_null() & raw_sym.is_not_null()).any():
-            sym_null = raw_sym.is_null()
-            inst = inst.fill_null(-1)
-    if sym_null is None:
-        sym = _text(raw_sym)
-        sym_null = sym.is_null()
-        inst = sym.replace_strict(index, default=-1, return_dtype=pl.Int32)
+    inst, sym_null = _instruments(raw_sym, index)
 
     ts_event, ts_nonfinite = _to_ns(_column(frame, plan, "ts_event"), mp.ts_unit, mp, plan, "event")  # type: ignore[arg-type]
     raw_recv = _column(frame, plan, "ts_recv")
@@ -905,6 +910,239 @@ def _validate_rows(ticks, last_ts, reasons_out, counts_out):
             last_ts[ticks[i].instrument] = ticks[i].ts_event_ns
             n_ok += 1
     return n_ok
+
+
+# =========================================================================== fast path
+# A frame already in the normalised schema with native column types (what the
+# project's generator writes: Int64 times, String symbol, small-integer kind and
+# side, Float64 prices and sizes) is normalised by one nogil numba pass over the
+# columns' Arrow buffers (zero copy) instead of ~40 polars expressions.  It is
+# taken only when every step of the general path above is, for those types,
+# either the identity (the casts, ``_as_price`` / ``_scale`` with scale 1, the
+# ``ns`` timestamps) or an elementwise code-table lookup over a small integer
+# domain; the lookup tables are built by running the general path's own
+# :func:`_codes` over the whole domain (:func:`_code_lut`) and the symbols go
+# through the same :func:`_instruments`, so both paths give the same ticks and
+# the same counts.  Anything else (other types, mappings with scales or dates,
+# coalesced or constant columns, order ids, the ``trades``/``l3`` shapes) takes
+# the general path.
+_FAST_CODE_TYPES = {pl.Int8: np.int8, pl.UInt8: np.uint8, pl.Int16: np.int16, pl.UInt16: np.uint16}
+_FAST_FLOAT_FIELDS = ("bid_px", "bid_sz", "ask_px", "ask_sz", "price", "size")
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    """Return a read-only view of ``a``: one numba signature whatever the arrays' origin."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+_EMPTY_U8 = _ro(np.zeros(0, dtype=np.uint8))
+_EMPTY_I64 = _ro(np.zeros(0, dtype=np.int64))
+_EMPTY_F64 = _ro(np.zeros(0, dtype=np.float64))
+
+
+def _fast_plan_ok(plan: _Plan, mp: ColumnMapping) -> bool:
+    """Return True when the plan and mapping allow :func:`_normalise_fast` (column types aside)."""
+    if plan.shape != "l1" or plan.const or plan.default_kind is not None:
+        return False
+    if "order_id" in plan.cols or "kind" not in plan.cols or "ts_event" not in plan.cols:
+        return False
+    if any(len(names) != 1 for names in plan.cols.values()):
+        return False
+    return not (mp.ts_unit != "ns" or (mp.ts_recv_unit or "ns") != "ns" or mp.ts_date
+                or mp.price_scale != 1.0 or mp.price_int_scale != 1.0 or mp.size_scale != 1.0)  # fmt: skip
+
+
+def _fast_ok(frame: pl.DataFrame, plan: _Plan, mp: ColumnMapping) -> bool:
+    """Return True when :func:`_normalise_fast` is provably equivalent for ``frame``."""
+    if not _fast_plan_ok(plan, mp):
+        return False
+    schema = frame.schema
+    for fld, names in plan.cols.items():
+        if len(names) != 1 or names[0] not in schema:
+            return False
+        dt = schema[names[0]]
+        if fld in ("ts_event", "ts_recv"):
+            ok = dt == pl.Int64
+        elif fld == "symbol":
+            ok = dt == pl.String
+        elif fld in ("kind", "side"):
+            ok = dt.base_type() in _FAST_CODE_TYPES
+        elif fld in _FAST_FLOAT_FIELDS:
+            ok = dt == pl.Float64
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _buffers(s: pl.Series, np_dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (values, validity bitmap or empty when no null, bit offset) of a numeric series, zero copy."""
+    import pyarrow as pa
+
+    a = s.to_arrow()
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    n, off = len(a), a.offset
+    bufs = a.buffers()
+    if n == 0:
+        return _ro(np.zeros(0, dtype=np_dtype)), _EMPTY_U8, 0
+    vals = _ro(np.frombuffer(bufs[1], dtype=np_dtype, count=off + n)[off:])
+    if a.null_count and bufs[0] is not None:
+        return vals, _ro(np.frombuffer(bufs[0], dtype=np.uint8)), off
+    return vals, _EMPTY_U8, 0
+
+
+def _code_lut(plan: _Plan, fld: str, dt: pl.DataType, table: dict[str, int], keep_ints: bool):
+    """Return (codes, valid, lowest value) of :func:`_codes` over the whole domain of ``dt``."""
+    if plan.luts is None:
+        plan.luts = {}
+    key = (fld, str(dt))
+    if key not in plan.luts:
+        info = np.iinfo(_FAST_CODE_TYPES[dt.base_type()])
+        dom = pl.Series(fld, np.arange(int(info.min), int(info.max) + 1, dtype=np.int64)).cast(dt)
+        codes = _codes(dom, table, keep_ints=keep_ints)
+        plan.luts[key] = (
+            _ro(codes.fill_null(0).to_numpy().astype(np.int64)),
+            _ro(codes.is_not_null().to_numpy().astype(np.uint8)),
+            int(info.min),
+        )
+    return plan.luts[key]
+
+
+def _normalise_fast(frame: pl.DataFrame, plan: _Plan, mp: ColumnMapping, index: dict[str, int]) -> _Norm:
+    """:func:`_normalise` for a frame accepted by :func:`_fast_ok` (same result)."""
+    n = frame.height
+    cols = plan.cols
+    inst, sym_null = _instruments(frame[cols["symbol"][0]], index)
+    inst_np = _ro(np.ascontiguousarray(inst.to_numpy(), dtype=np.int32))
+    sym_null_np = _ro(np.ascontiguousarray(sym_null.to_numpy(), dtype=np.bool_))
+    ts, ts_v, ts_o = _buffers(frame[cols["ts_event"][0]], np.int64)
+    if "ts_recv" in cols:
+        rc, rc_v, rc_o = _buffers(frame[cols["ts_recv"][0]], np.int64)
+    else:
+        rc, rc_v, rc_o = _EMPTY_I64, _EMPTY_U8, 0
+    raw = frame[cols["kind"][0]]
+    klut, klut_v, klo = _code_lut(plan, "kind", raw.dtype, mp.kinds, True)
+    kd, kd_v, kd_o = _buffers(raw, _FAST_CODE_TYPES[raw.dtype.base_type()])
+    if "side" in cols:
+        raw = frame[cols["side"][0]]
+        slut, slut_v, slo = _code_lut(plan, "side", raw.dtype, mp.sides, False)
+        sd, sd_v, sd_o = _buffers(raw, _FAST_CODE_TYPES[raw.dtype.base_type()])
+    else:
+        slut, slut_v, slo = _EMPTY_I64, _EMPTY_U8, 0
+        sd, sd_v, sd_o = _EMPTY_I64, _EMPTY_U8, 0
+    f = {}
+    for c in _FAST_FLOAT_FIELDS:
+        f[c] = _buffers(frame[cols[c][0]], np.float64) if c in cols else (_EMPTY_F64, _EMPTY_U8, 0)
+    ticks = np.zeros(n, dtype=TICK_DTYPE)
+    n_keep, n_bad, n_skip = _fill_fast(
+        ticks, inst_np, sym_null_np, ts, ts_v, ts_o, rc, rc_v, rc_o, "ts_recv" in cols,
+        kd, kd_v, kd_o, klut, klut_v, klo, sd, sd_v, sd_o, slut, slut_v, slo, "side" in cols,
+        *f["bid_px"], *f["bid_sz"], *f["ask_px"], *f["ask_sz"], all(c in cols for c in QUOTE_COLUMNS),
+        *f["price"], *f["size"], all(c in cols for c in TRADE_COLUMNS), mp.trade_side == "resting",
+    )  # fmt: skip
+    if n_keep < n:
+        ticks = ticks[:n_keep].copy()
+    return _Norm(ticks, int(n_bad), 0, int(n_skip))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ok(valid, off, i):
+    """Return True if row ``i`` is not null (``valid``: Arrow validity bitmap, empty = no null)."""
+    if valid.shape[0] == 0:
+        return True
+    b = off + i
+    return (valid[b >> 3] >> (b & 7)) & 1 == 1
+
+
+@njit(cache=True, nogil=True)
+def _fill_fast(out, inst, sym_null, ts, ts_v, ts_o, rc, rc_v, rc_o, has_recv, kd, kd_v, kd_o, klut,
+               klut_v, klo, sd, sd_v, sd_o, slut, slut_v, slo, has_side, bpx, bpx_v, bpx_o, bsz, bsz_v,
+               bsz_o, apx, apx_v, apx_o, asz, asz_v, asz_o, has_q, px, px_v, px_o, sz, sz_v, sz_o, has_t,
+               resting):  # fmt: skip
+    """One pass of :func:`_normalise` + :func:`_fill_ticks` (``l1``); return (kept, malformed, skipped)."""
+    j = 0
+    n_bad = 0
+    n_skip = 0
+    for i in range(inst.shape[0]):
+        bad = sym_null[i]
+        t = np.int64(0)
+        if _ok(ts_v, ts_o, i):
+            t = ts[i]
+        else:
+            bad = True
+        r_t = t
+        if has_recv and _ok(rc_v, rc_o, i):
+            r_t = rc[i]
+        code = np.int64(0)
+        code_ok = False
+        if _ok(kd_v, kd_o, i):
+            c = np.int64(kd[i]) - klo
+            code_ok = klut_v[c] == 1
+            if code_ok:
+                code = klut[c]
+        if not code_ok:
+            bad = True
+        skip = code_ok and code == KIND_SKIP
+        is_q = code_ok and code == KIND_QUOTE
+        is_t = code_ok and (code == KIND_TRADE or code == KIND_PRINT)
+        is_b = code_ok and (code == KIND_BOOK_ADD or code == KIND_BOOK_MODIFY or code == KIND_BOOK_DELETE)
+        if is_q and not (has_q and _ok(bpx_v, bpx_o, i) and _ok(bsz_v, bsz_o, i)
+                         and _ok(apx_v, apx_o, i) and _ok(asz_v, asz_o, i)):  # fmt: skip
+            bad = True
+        if is_t and not (has_t and _ok(px_v, px_o, i) and _ok(sz_v, sz_o, i)):
+            bad = True
+        sd_i = np.int64(0)
+        if has_side and _ok(sd_v, sd_o, i):
+            c = np.int64(sd[i]) - slo
+            if slut_v[c] == 1:
+                sd_i = slut[c]
+                if sd_i < -1 or sd_i > 1:
+                    bad = True
+            else:
+                bad = True
+        if skip:
+            n_skip += 1
+            continue
+        if bad:
+            n_bad += 1
+            continue
+        r = out[j]
+        r.ts_event_ns = t
+        r.ts_recv_ns = r_t
+        r.instrument = inst[i]
+        k = code
+        if k == KIND_PRINT:
+            k = KIND_TRADE
+        elif k == KIND_CLEAR:
+            k = KIND_BOOK_DELETE
+        r.kind = k if 0 <= k <= 255 else 0
+        tb = is_t or is_b
+        if resting and is_t:
+            sd_i = -sd_i
+        r.side = sd_i if tb else 0
+        if is_q:
+            r.bid_px = bpx[i]
+            r.bid_sz = bsz[i]
+            r.ask_px = apx[i]
+            r.ask_sz = asz[i]
+        else:
+            r.bid_px = 0.0
+            r.bid_sz = 0.0
+            r.ask_px = 0.0
+            r.ask_sz = 0.0
+        r.price = px[i] if tb and has_t and _ok(px_v, px_o, i) else 0.0
+        r.size = sz[i] if tb and has_t and _ok(sz_v, sz_o, i) else 0.0
+        r.order_id = 0
+        if code == KIND_CLEAR:
+            r.price = 0.0
+            r.size = 0.0
+            r.side = 0
+        j += 1
+    return j, n_bad, n_skip
 
 
 def _reasons(counts: np.ndarray) -> dict[str, int]:
@@ -1146,10 +1384,66 @@ class TickChunks:
         self._started = True
         return self._gen()
 
+    def _fast_parquet_columns(self) -> list[str] | None:
+        """Return the columns to read with polars' own Parquet reader, or None.
+
+        Only for a Parquet file whose plan takes the fast path and whose used
+        columns have plain Arrow types (64-bit integer times, string symbol, 8/16-bit
+        integer kind and side, double prices and sizes): for those types both
+        readers give the same frame, and polars' reader decodes about twice as
+        cheaply as pyarrow's batches converted to polars (strings especially).
+        """
+        plan, mp = self._plan, self.mapping
+        if plan is None or not _fast_plan_ok(plan, mp) or _format_of(self.path, mp) != "parquet":
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ints = (pa.int8(), pa.uint8(), pa.int16(), pa.uint16())
+        allowed = {"ts_event": (pa.int64(),), "ts_recv": (pa.int64(),),
+                   "symbol": (pa.string(), pa.large_string()), "kind": ints, "side": ints}  # fmt: skip
+        allowed.update({c: (pa.float64(),) for c in _FAST_FLOAT_FIELDS})
+        try:
+            schema = pq.read_schema(self.path)
+        except Exception:
+            return None
+        if len(set(schema.names)) != len(schema.names):
+            return None
+        cols = []
+        for fld, names in plan.cols.items():
+            if fld not in allowed or names[0] not in schema.names:
+                return None
+            if schema.field(names[0]).type not in allowed[fld]:
+                return None
+            cols.append(names[0])
+        return cols
+
+    def _frames(self) -> Iterator[pl.DataFrame]:
+        """Yield the raw frames of ``chunk_rows`` rows each (the last one shorter)."""
+        cols = self._fast_parquet_columns()
+        if cols is None:
+            yield from _iter_frames(self.path, self.mapping, self.chunk_rows, None, self._bad_rows)
+            return
+        _check_file(self.path)
+        try:
+            lf = pl.scan_parquet(self.path).select(cols)
+            off = 0
+            while True:
+                frame = lf.slice(off, self.chunk_rows).collect()
+                if frame.height:
+                    yield frame
+                if frame.height < self.chunk_rows:
+                    return
+                off += frame.height
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:
+            raise _read_error(self.path, "Parquet", e) from e
+
     def _normalised(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (candidate ticks, reader reject counts) per raw chunk, in file order."""
         mp = self.mapping
-        for frame in _iter_frames(self.path, mp, self.chunk_rows, None, self._bad_rows):
+        for frame in self._frames():
             if self._plan is None:
                 self._plan = _make_plan(frame.columns, mp, self.shape, self.path)
             norm = _normalise(frame, self._plan, mp, self._index)
@@ -1161,8 +1455,9 @@ class TickChunks:
             an = {"skipped": norm.n_skipped}
             if len(cand):
                 recv = cand["ts_recv_ns"]
-                prev = np.concatenate(([self._prev_recv], recv[:-1]))
-                an["recv_backwards"] = int(np.count_nonzero(recv < prev))
+                # = count_nonzero(recv < [prev_recv, recv[0], ..., recv[-2]]), without the copy
+                back = int(recv[0] < self._prev_recv)
+                an["recv_backwards"] = back + int(np.count_nonzero(recv[1:] < recv[:-1]))
                 self._prev_recv = int(recv[-1])
                 if self.sort:
                     ts = cand["ts_event_ns"]
