@@ -26,7 +26,8 @@ def _frame(n: int, seed: int, *, kind_dtype=pl.Int8, side_dtype=pl.Int8, drop=()
     if clean:
         syms = syms[:3]
     sym = syms[rng.integers(0, len(syms), n)]
-    info = np.iinfo({pl.Int8: np.int8, pl.UInt8: np.uint8, pl.Int16: np.int16, pl.UInt16: np.uint16}[kind_dtype])
+    np_int = {pl.Int8: np.int8, pl.UInt8: np.uint8, pl.Int16: np.int16, pl.UInt16: np.uint16}
+    info = np.iinfo(np_int[kind_dtype])
     kind_vals = np.array([1, 2, 1, 2, 1, 2, 3, 4, 5, 0, 6, 7, 9, int(info.min), int(info.max)])
     if info.min < 0:
         kind_vals = np.concatenate([kind_vals, [-1, -2, -3]])
@@ -119,7 +120,7 @@ def test_normalise_fast_equals_general(monkeypatch, mp_name, kind_dtype, drop, c
     assert R._fast_ok(frame, plan, mp)
     for index in ({"CLF7": 0, "ESZ6": 1, "NQZ6": 2}, {" ESZ6": 0, "ESZ6": 1}, {}):
         for piece in (frame, frame.slice(37, 1000), frame.head(0)):  # offsets into the buffers
-            fast, slow = _both(monkeypatch, lambda: R._normalise(piece, plan, mp, index))
+            fast, slow = _both(monkeypatch, lambda p=piece, ix=index: R._normalise(p, plan, mp, ix))
             _same_norm(fast, slow)
 
 
