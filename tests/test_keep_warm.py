@@ -140,8 +140,12 @@ def test_keep_warm_follows_a_hot_reload_to_the_new_model(ticks):
     k = ticket.swap_seq
     assert len(set(versions[:k])) == 1 and set(versions[k:]) == {agent.backend.version}
     assert [r[2] for r in sink.rows] == list(range(len(sink.rows)))
-    # the warm context was rebuilt for the swapped-in backend, and is in use
+    # the next warm call (if the replay ended before an idle moment) rebuilds the warm
+    # context for the swapped-in backend and changes nothing live
+    seq, counters = agent.seq, agent.counters.copy()
+    agent.keep_warm()
     assert agent._warm["backend"] is agent.backend
+    assert agent.seq == seq and np.array_equal(agent.counters, counters)
     # scores after the swap equal a run that used the new model from the start
     assert agent._tick is None  # the ort path, warmed by the ort branch of keep_warm
     ref_agent, ref_sink, _ = _run(ticks, "ort", 0, model=B)
