@@ -357,12 +357,7 @@ class ScoringAgent(Agent):
         Uses throwaway state, so the run's state, counters and seq are untouched.
         Publishes nothing.
         """
-        ticks = np.zeros(n, dtype=TICK_DTYPE)
-        ticks["ts_event_ns"] = np.arange(n, dtype=np.int64) * 1_000_000
-        ticks["kind"] = np.where(np.arange(n) % 3 == 2, 2, 1)
-        ticks["bid_px"], ticks["ask_px"] = 100.0, 100.25
-        ticks["bid_sz"], ticks["ask_sz"] = 5.0, 7.0
-        ticks["price"], ticks["size"], ticks["side"] = 100.25, 1.0, 1
+        ticks = _synthetic_ticks(n)
         fstate, istate = self.new_state(1)
         counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         clock = time.perf_counter_ns
@@ -381,25 +376,13 @@ class ScoringAgent(Agent):
 
     def _prepare_warm(self) -> None:
         """Build the throwaway ticks, state and buffers :meth:`keep_warm` runs on."""
-        n = self._WARM_TICKS
-        ticks = np.zeros(n, dtype=TICK_DTYPE)
-        ticks["ts_event_ns"] = np.arange(n, dtype=np.int64) * 1_000_000
-        ticks["ts_recv_ns"] = ticks["ts_event_ns"]
-        ticks["kind"] = np.where(np.arange(n) % 3 == 2, 2, 1)
-        ticks["bid_px"], ticks["ask_px"] = 100.0, 100.25
-        ticks["bid_sz"], ticks["ask_sz"] = 5.0 + np.arange(n) % 7, 7.0
-        ticks["price"], ticks["size"], ticks["side"] = 100.25, 1.0, 1
+        ticks = _synthetic_ticks(self._WARM_TICKS)
         fstate, istate = self.new_state(1)
         counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         w = {"ticks": ticks, "fstate": fstate, "istate": istate, "counters": counters,
              "x": np.zeros_like(self._x), "buf": bytearray(), "j": 0, "backend": self.backend}
         if self._tick is not None:
-            from models.fused import TickContext
-
-            tick, _ = self.backend.make_tick(fstate, istate, self.params, counters, ticks)
-            mi, mf = self.backend.program.new_arrays()
-            w["tctx"] = TickContext(fstate, istate, self.params, counters, mi, mf, ticks)
-            w["tick"] = tick
+            w["tick"], w["tctx"] = _throwaway_tick(self.backend, fstate, istate, self.params, counters, ticks)
         self._warm = w
 
     def keep_warm(self) -> None:
@@ -681,22 +664,35 @@ class ScoringAgent(Agent):
         return int(self.counters[1:].sum())
 
 
-def _warm_tick(backend, new_state: Callable, params: np.ndarray, n: int) -> None:
-    """Compile and exercise a fused backend's tick kernel on throwaway state and ticks."""
+def _synthetic_ticks(n: int) -> np.ndarray:
+    """Return ``n`` plain quotes and trades (1 ms apart, one instrument) for warm-up and keep-warm."""
     ticks = np.zeros(n, dtype=TICK_DTYPE)
     ticks["ts_event_ns"] = np.arange(n, dtype=np.int64) * 1_000_000
+    ticks["ts_recv_ns"] = ticks["ts_event_ns"]
     ticks["kind"] = np.where(np.arange(n) % 3 == 2, 2, 1)
     ticks["bid_px"], ticks["ask_px"] = 100.0, 100.25
-    ticks["bid_sz"], ticks["ask_sz"] = 5.0, 7.0
+    ticks["bid_sz"], ticks["ask_sz"] = 5.0 + np.arange(n) % 7, 7.0
     ticks["price"], ticks["size"], ticks["side"] = 100.25, 1.0, 1
-    fstate, istate = new_state(1)
-    counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-    # A throwaway copy of the model arrays: the live registers are not touched.
+    return ticks
+
+
+def _throwaway_tick(backend, fstate, istate, params, counters, ticks):
+    """Return ``(tick, ctx)``: a fused backend's kernel over these arrays and a copy of its model arrays.
+
+    The copy keeps the live model registers untouched.
+    """
     from models.fused import TickContext
 
     tick, _ = backend.make_tick(fstate, istate, params, counters, ticks)
     mi, mf = backend.program.new_arrays()
-    tctx = TickContext(fstate, istate, params, counters, mi, mf, ticks)
+    return tick, TickContext(fstate, istate, params, counters, mi, mf, ticks)
+
+
+def _warm_tick(backend, new_state: Callable, params: np.ndarray, n: int) -> None:
+    """Compile and exercise a fused backend's tick kernel on throwaway state and ticks."""
+    fstate, istate = new_state(1)
+    counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
+    tick, tctx = _throwaway_tick(backend, fstate, istate, params, counters, _synthetic_ticks(n))
     for i in range(n):
         tick(i, tctx.addr)
 

@@ -15,7 +15,7 @@ from models.fused import select_backend
 from models.loader import default_model_path
 from replay.generator import default_data_path
 from replay.reader import read_ticks
-from replay.source import ReplaySource
+from tests.holding_source import HoldingSource
 
 FS = DEFAULT_FEATURE_SET
 A = default_model_path("int8")
@@ -78,33 +78,11 @@ def ticks():
     return t
 
 
-class _HoldingSource:
-    """Paced source that stops yielding ticks at ``hold_from`` while a reload is pending.
-
-    On a busy machine the reload could otherwise still be loading when the replay ends.
-    """
-
-    def __init__(self, ticks, speed, hold_from) -> None:
-        self._src = ReplaySource(ticks, speed)
-        self.ticks, self.inst_list, self.ts_list = ticks, self._src.inst_list, self._src.ts_list
-        self.hold_from = hold_from
-        self.agent = None
-
-    @property
-    def done(self) -> bool:
-        return self._src.done
-
-    def poll(self) -> int:
-        if self._src.position >= self.hold_from and any(t.status == "pending" for t in self.agent.reloads):
-            return -1
-        return self._src.poll()
-
-
 def _run(ticks, kind: str, keep_warm_ns: int, *, triggers=(), model=A, reload_kind="auto"):
     choice = select_backend(kind, model, FS)
     sink = _Capture()
     # mean event gap ~13 ms; speed 30 -> ~0.4 ms of idle between ticks
-    src = _HoldingSource(ticks, 30.0, hold_from=600)
+    src = HoldingSource(ticks, 30.0, hold_from=600)
     agent = ScoringAgent(src, choice.backend, [sink], SYMBOLS,
                          FS.params_array(), recorder_capacity=len(ticks), backend_kind=reload_kind,
                          feature_set=FS, triggers=triggers, parity_X=choice.parity_X)

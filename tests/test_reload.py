@@ -25,6 +25,7 @@ from models.ort_backend import OrtBackend
 from replay.generator import default_data_path
 from replay.reader import read_ticks
 from replay.source import ReplaySource
+from tests.holding_source import HoldingSource
 
 ROOT = Path(__file__).resolve().parents[1]
 FS = DEFAULT_FEATURE_SET
@@ -48,34 +49,6 @@ class _Capture:
         return True
 
 
-class _Source:
-    """Paced replay source that holds its last ticks while a reload is still pending.
-
-    Ticks keep flowing at the paced rate while the new model is validated; the
-    hold only guarantees the swap lands mid-stream on a slow machine.
-    """
-
-    def __init__(self, ticks, speed, hold_from) -> None:
-        self._src = ReplaySource(ticks, speed)
-        self._poll = self._src.poll
-        self.ticks, self.inst_list, self.ts_list = ticks, self._src.inst_list, self._src.ts_list
-        self.hold_from = hold_from
-        self.agent = None
-
-    @property
-    def done(self) -> bool:
-        return self._src.done
-
-    @property
-    def position(self) -> int:
-        return self._src.position
-
-    def poll(self) -> int:
-        if self._src.position >= self.hold_from and any(t.status == "pending" for t in self.agent.reloads):
-            return -1
-        return self._poll()
-
-
 @pytest.fixture(scope="module")
 def ticks():
     return np.ascontiguousarray(read_ticks(default_data_path()).ticks[:30_000])
@@ -94,7 +67,7 @@ def offline(ticks):
 
 def _run(ticks, first_kind, reload_kind, reload_path, at_seq=4000, speed=150.0):
     first = select_backend(first_kind, A, FS)
-    src = _Source(ticks, speed, hold_from=len(ticks) - 500)
+    src = HoldingSource(ticks, speed, hold_from=len(ticks) - 500)
     sink = _Capture()
     trigger = ReloadAt(at_seq, str(reload_path))
     agent = ScoringAgent(
