@@ -1,6 +1,6 @@
 """Benchmark: what this machine allows, below tickscore (the floor under the wire-to-wire numbers).
 
-Four measurements, each with the placement and pace of ``bench_wire.py`` (hot
+Five measurements; the first four with the placement and pace of ``bench_wire.py`` (hot
 core 1, clients on core 0, 2,000 messages/s):
 
 * ``hiccups``: a thread spinning on core 1 reading the clock; every gap > 5 µs
@@ -17,6 +17,10 @@ core 1, clients on core 0, 2,000 messages/s):
   a subscriber on core 0 (busy-polling at SCHED_IDLE, or blocking in ``recv``).
 * ``aeron_hop``: the same path over bare pyaeron ``aeron:ipc`` (embedded driver
   in the subscriber process, busy-polling subscriber at SCHED_IDLE).
+* ``zmq_pingpong``: the issue's reference, a blocking pyzmq PUB/SUB ping-pong
+  over ipc between two unpinned processes (round trip = two hops), back to back
+  and with one round trip every 500 µs.  It calibrates this machine's ZeroMQ
+  against the figure the targets were set from.
 
     python benchmarks/bench_floor.py --json benchmarks/results/floor.json
 """
@@ -335,6 +339,61 @@ def aeron_hop(n: int) -> dict:
             "subscriber": "spin", "publisher": sched, **_pcts_us(lat[500:])}
 
 
+def _zmq_echo(ep_in: str, ep_out: str, n: int, ready) -> None:
+    import zmq
+
+    ctx = zmq.Context(1)
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(ep_in)
+    p = ctx.socket(zmq.PUB)
+    p.connect(ep_out)
+    ready.set()
+    for _ in range(n):
+        p.send(s.recv())
+
+
+def zmq_pingpong(n: int, period_us: int) -> dict:
+    """Round trips of a blocking PUB/SUB ping-pong over ipc, unpinned (the issue's reference setup)."""
+    import zmq
+
+    os.sched_setaffinity(0, {0, 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = f"ipc://{tmp}/a.ipc", f"ipc://{tmp}/b.ipc"
+        ctx = zmq.Context(1)
+        pub = ctx.socket(zmq.PUB)
+        pub.bind(a)
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.bind(b)
+        ready = mp.Event()
+        echo = mp.Process(target=_zmq_echo, args=(a, b, 1 << 30, ready))
+        echo.start()
+        ready.wait(30)
+        while True:  # until both subscriptions are through
+            pub.send(b"x")
+            if sub.poll(100):
+                sub.recv()
+                break
+        c = time.perf_counter_ns
+        rtt = np.zeros(n, np.int64)
+        msg = b"y" * 128
+        for i in range(n):
+            if period_us:
+                time.sleep(period_us / 1e6)
+            t = c()
+            pub.send(msg)
+            sub.recv()
+            rtt[i] = c() - t
+        echo.kill()
+        echo.join()
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+    return {"path": "ping-pong, two unpinned processes, blocking recv; round trip (two hops)",
+            "period_us": period_us, **_pcts_us(rtt[500:])}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="hiccup measurement per case (default 10)")
@@ -347,7 +406,8 @@ def main() -> int:
         print("bench_floor: needs 2 cores (0 and 1)", file=sys.stderr)
         return 2
     out = {
-        "benchmark": "machine floor: vCPU stalls, paced onnxruntime cold vs warm, bare ZeroMQ and Aeron hops",
+        "benchmark": "machine floor: vCPU stalls, paced onnxruntime cold vs warm, bare ZeroMQ and Aeron hops"
+                     ", ZeroMQ ping-pong",
         "command": "python benchmarks/bench_floor.py " + " ".join(sys.argv[1:]),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "created_unix": time.time(),
@@ -361,6 +421,8 @@ def main() -> int:
     print("zmq hop", json.dumps(out["zmq_hop"]), flush=True)
     out["aeron_hop"] = aeron_hop(args.messages)
     print("aeron hop", json.dumps(out["aeron_hop"]), flush=True)
+    out["zmq_pingpong"] = [zmq_pingpong(args.messages, 0), zmq_pingpong(args.messages, 500)]
+    print("zmq ping-pong", json.dumps(out["zmq_pingpong"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
