@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from engine.schema import KIND_BOOK_ADD, KIND_BOOK_DELETE, KIND_BOOK_MODIFY, KIND_TRADE
+from engine.schema import KIND_BOOK_ADD, KIND_BOOK_DELETE, KIND_BOOK_MODIFY, KIND_QUOTE, KIND_TRADE
 from replay.mapping import build_mapping, load_map_file, mapping_from_cli, parse_map_args
 from replay.reader import iter_tick_chunks, read_ticks
 
@@ -236,6 +236,67 @@ def test_lobster_preset_reads_a_message_file(tmp_path):
     assert t["side"].tolist() == [1, -1, 1, -1, 1]  # execution of a sell limit order: buyer-initiated
     base = int(dt.datetime(2012, 6, 21, 13, 30, tzinfo=dt.UTC).timestamp()) * 10**9
     assert t["ts_event_ns"][0] == base + 4241176
+
+
+# ------------------------------------------------------------------ L1 vendor layouts (README examples)
+TARDIS_QUOTES = """exchange,symbol,timestamp,local_timestamp,ask_amount,ask_price,bid_price,bid_amount
+binance-futures,BTCUSDT,1598918400045000,1598918400050363,2.159,11648.76,11648.75,7.389
+binance-futures,BTCUSDT,1598918400046000,1598918400051223,2.159,11648.76,11648.75,7.512
+binance-futures,BTCUSDT,1598918400049000,1598918400053000,1.1,11648.77,11648.76,0.512
+"""
+
+
+def test_tardis_quotes_layout_with_the_readme_mapping(tmp_path):
+    p = tmp_path / "binance-futures_quotes_2020-09-01_BTCUSDT.csv.gz"
+    p.write_bytes(gzip.compress(TARDIS_QUOTES.encode()))
+    m = mapping_from_cli(["kind==quote,ts_event=timestamp,ts_recv=local_timestamp",
+                          "bid_px=bid_price,bid_sz=bid_amount,ask_px=ask_price,ask_sz=ask_amount"])
+    td = read_ticks(p, mapping=m)
+    t = td.ticks
+    assert td.shape == "l1" and td.symbols == ["BTCUSDT"] and not any(td.rejected.values())
+    assert t["kind"].tolist() == [KIND_QUOTE] * 3
+    assert t["ts_event_ns"].tolist() == [1598918400045000000, 1598918400046000000, 1598918400049000000]
+    assert t["ts_recv_ns"][0] == 1598918400050363000
+    assert t["bid_px"].tolist() == [11648.75, 11648.75, 11648.76] and t["ask_sz"][2] == 1.1
+
+
+def test_binance_book_ticker_layout_with_the_readme_mapping(tmp_path):
+    p = tmp_path / "BTCUSDT-bookTicker-2024-01-01.csv"
+    p.write_text(
+        "update_id,best_bid_price,best_bid_qty,best_ask_price,best_ask_qty,transaction_time,event_time\n"
+        "4455906185541,42283.5,2.406,42283.6,13.564,1704067200003,1704067200007\n"
+        "4455906186055,42283.5,2.406,42283.6,13.551,1704067200004,1704067200008\n"
+    )
+    m = mapping_from_cli(["kind==quote,symbol==BTCUSDT,ts_event=transaction_time,ts_recv=event_time",
+                          "bid_px=best_bid_price,bid_sz=best_bid_qty,ask_px=best_ask_price,ask_sz=best_ask_qty"])
+    t = read_ticks(p, mapping=m).ticks
+    assert t["ts_event_ns"].tolist() == [1704067200003000000, 1704067200004000000]
+    assert t["ask_px"].tolist() == [42283.6, 42283.6] and t["ask_sz"].tolist() == [13.564, 13.551]
+
+
+def test_databento_mbp1_layout_trades_and_quotes_in_one_file(tmp_path):
+    p = tmp_path / "glbx-mdp3-20240102.mbp-1.csv"
+    head = ("ts_recv,ts_event,rtype,publisher_id,instrument_id,action,side,depth,price,size,flags,"
+            "ts_in_delta,sequence,bid_px_00,ask_px_00,bid_sz_00,ask_sz_00,bid_ct_00,ask_ct_00,symbol\n")
+    p.write_text(
+        head
+        + "1704186000403918695,1704186000402161763,1,1,5482,A,B,0,4786250000000,1,128,17214,3795,"
+          "4786250000000,4786500000000,14,12,9,7,ESH4\n"
+        + "1704186000404082931,1704186000403904127,1,1,5482,T,A,0,4786250000000,1,0,13564,3796,"
+          "4786250000000,4786500000000,13,12,8,7,ESH4\n"
+        + "1704186000404233817,1704186000404100911,1,1,5482,C,A,0,4786500000000,2,128,12711,3797,"
+          "4786250000000,4786500000000,13,10,8,6,ESH4\n"
+    )
+    m = mapping_from_cli(["kind=action,kinds.T=trade,kinds.A=quote,kinds.C=quote,kinds.M=quote,kinds.R=skip",
+                          "bid_px=bid_px_00,ask_px=ask_px_00,bid_sz=bid_sz_00,ask_sz=ask_sz_00,price_scale=1e-9"])
+    td = read_ticks(p, mapping=m)
+    t = td.ticks
+    assert td.symbols == ["ESH4"] and not any(td.rejected.values())
+    assert t["kind"].tolist() == [KIND_QUOTE, KIND_TRADE, KIND_QUOTE]
+    # a trade row carries the trade; its book columns do not apply (zero), the next quote row has the book
+    assert t["bid_px"].tolist() == [4786.25, 0.0, 4786.25] and t["ask_px"][0] == 4786.5
+    assert t["price"][1] == 4786.25 and t["size"][1] == 1 and t["side"][1] == -1  # sell aggressor
+    assert t["ts_event_ns"][0] == 1704186000402161763 and t["ts_recv_ns"][0] == 1704186000403918695
 
 
 def test_toml_file_equals_flat_flags(tmp_path):
