@@ -136,13 +136,33 @@ def intended_times(
 # ------------------------------------------------------------------------ publisher process
 
 
+def _read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
+    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort); L1 only.
+
+    The service scores the L1 feature set, so the wire carries L1 ticks (quotes and
+    trades); a trade-only or order-by-order file is refused here with the way to
+    replay it, instead of being scored by a model that was not trained on it.
+    """
+    from replay.mapping import mapping_from_cli
+    from replay.reader import read_ticks
+
+    mapping = mapping_from_cli(map_items, map_file, shape)
+    td = read_ticks(path, mapping=mapping, shape=shape, sort_by_exchange_time=sort_by_exchange_time)
+    if td.shape != "l1":
+        raise ValueError(
+            f"{path}: a {td.shape!r} file; replay --via sends L1 ticks (quotes and trades) only, "
+            f"because the service scores the L1 feature set. Replay it in-process (without --via)"
+        )
+    return td
+
+
 def _publisher(spec: dict) -> int:
     """Send the ticks at the pace; write intended/sent times; return exit code."""
     from engine.wire import Tick, encode_tick
-    from replay.reader import read_ticks
 
     pin = _pin_self(spec.get("cpus"))
-    td = read_ticks(spec["data"])
+    td = _read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
+                        bool(spec.get("sort_by_exchange_time")))
     ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
     n = len(ticks)
     symbols = td.symbols
@@ -597,11 +617,14 @@ def run_wire(args) -> WireRun:
     """Run a wire-mode replay as configured by the ``tickscore replay`` arguments."""
     from replay.generator import default_data_path
     from replay.latency import latency_stats
-    from replay.reader import read_ticks
     from replay.run import summarise
 
     data_path = str(Path(args.data).resolve()) if args.data else str(default_data_path())
-    td = read_ticks(data_path)
+    read_opts = {"map": list(args.map or []), "shape": args.shape,
+                 "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
+                 "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
+    td = _read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
+                        read_opts["sort_by_exchange_time"])
     n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
     if n == 0:
         raise ValueError(f"{data_path}: no acceptable ticks to send")
@@ -661,7 +684,8 @@ def run_wire(args) -> WireRun:
             sub_spec = {**common, **ep["scores"], "aeron_dir": ep["aeron_dir"]}
             pub_spec = {**common, **ep["ticks"], "aeron_dir": ep["aeron_dir"]}
         sub_spec.update(expected=n, out=str(tmp / "sub.npz"), idle_s=args.idle_timeout)
-        pub_spec.update(data=data_path, limit=n, speed=speed, rate=rate, out=str(tmp / "pub.npz"),
+        pub_spec.update(data=data_path, **read_opts, limit=n, speed=speed, rate=rate,
+                        out=str(tmp / "pub.npz"),
                         sleep_margin_us=args.sleep_margin_us, rt_priority=args.client_rt_priority,
                         min_event_ns=int((before or {}).get("last_event_ns", 0)) + 1_000_000_000)
 

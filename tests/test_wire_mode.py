@@ -97,3 +97,34 @@ def test_replay_over_the_wire_against_a_running_service_twice(tmp_path):
         assert st["scores_out"] == 2 * n and st["rejected"] == 0
     finally:
         svc.stop()
+
+
+def test_replay_over_the_wire_reads_a_vendor_layout_with_the_map_flags(tmp_path):
+    # a Tardis-style quotes file (microsecond times, vendor column names) sent through a real service
+    n = 600
+    rng = np.random.default_rng(7)
+    mid = 100 + np.cumsum(rng.normal(0, 0.01, n)).round(2)
+    ts = 1_598_918_400_000_000 + np.arange(n) * 1000
+    lines = ["exchange,symbol,timestamp,local_timestamp,ask_amount,ask_price,bid_price,bid_amount"]
+    lines += [f"venue,BTCUSDT,{t},{t + 150},{1 + i % 5},{m + 0.01:.2f},{m:.2f},{2 + i % 3}"
+              for i, (t, m) in enumerate(zip(ts.tolist(), mid.tolist(), strict=True))]
+    data = tmp_path / "quotes.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run = _replay("--via", "zmq", "--data", str(data), "--rate", "3000", "--warmup-ticks", "50",
+                  "--map", "kind==quote,ts_event=timestamp,ts_recv=local_timestamp",
+                  "--map", "bid_px=bid_price,bid_sz=bid_amount,ask_px=ask_price,ask_sz=ask_amount",
+                  "--out", str(out), "--idle", "backoff")
+    assert run.returncode == 0, run.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["ticks"] == n and s["scores"] == n and s["rejected"] == 0
+
+
+def test_replay_over_the_wire_refuses_a_file_the_service_cannot_score(tmp_path):
+    data = tmp_path / "AAPL_2012-06-21_34200000_57600000_message_10.csv"
+    data.write_text("34200.004241176,1,16113575,18,5853300,1\n34200.025552208,1,16120456,18,5859100,-1\n")
+    run = _replay("--via", "zmq", "--data", str(data), "--map", "preset=lobster,ts_date=2012-06-21",
+                  "--out", str(tmp_path / "run"), timeout=120)
+    assert run.returncode != 0
+    assert "'l3' file" in run.stderr and "without --via" in run.stderr
+    assert "Traceback" not in run.stderr
