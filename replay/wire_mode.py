@@ -620,6 +620,9 @@ def run_wire(args) -> WireRun:
     from replay.run import summarise
 
     data_path = str(Path(args.data).resolve()) if args.data else str(default_data_path())
+    if getattr(args, "chunk_rows", None):
+        print("tickscore replay: warning: --chunk-rows has no effect with --via (the publisher loads "
+              "the file whole)", file=sys.stderr)
     read_opts = {"map": list(args.map or []), "shape": args.shape,
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
                  "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
