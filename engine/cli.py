@@ -135,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from engine.service import add_serve_parser  # serve, control
     from engine.subscribe import add_subscribe_parser
+    from replay.publish import add_publish_parser
     from replay.wire_mode import add_wire_arguments
 
     add_serve_parser(sub)
     add_subscribe_parser(sub)
+    add_publish_parser(sub)
     add_wire_arguments(r)
 
     from models.train import add_train_parser
@@ -257,6 +259,7 @@ _COMMANDS = {
     "serve": _lazy("engine.service", "cmd_serve"),
     "control": _lazy("engine.service", "cmd_control"),
     "subscribe": _lazy("engine.subscribe", "cmd_subscribe"),
+    "publish": _lazy("replay.publish", "cmd_publish"),
     "train": _lazy("models.train", "cmd_train"),
     "evaluate": _lazy("models.evaluate", "cmd_evaluate"),
 }

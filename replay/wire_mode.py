@@ -157,139 +157,18 @@ def _read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time:
 
 
 def _publisher(spec: dict) -> int:
-    """Send the ticks at the pace; write intended/sent times; return exit code."""
-    from engine.wire import Tick, encode_tick
+    """Send the ticks at the pace (:func:`replay.publish.publish_ticks`); write intended/sent times."""
+    from replay.publish import publish_ticks
 
-    pin = _pin_self(spec.get("cpus"))
-    td = _read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
-                        bool(spec.get("sort_by_exchange_time")))
-    ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
-    n = len(ticks)
-    symbols = td.symbols
-    ts0 = int(ticks["ts_event_ns"][0]) if n else 0
-    # keep event-time differences, start at "now" and after whatever the service saw last
-    base = max(time.time_ns(), int(spec.get("min_event_ns", 0)))
-    ts_event = ticks["ts_event_ns"].astype(np.int64) - ts0 + base
-    ts_recv = ticks["ts_recv_ns"].astype(np.int64) - ts0 + base
-    cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
-                                        "price", "size", "side", "order_id")]
-    ev, rv = ts_event.tolist(), ts_recv.tolist()
-    payloads = []
-    topics = [s.encode() for s in symbols]
-    tp = []
-    for i in range(n):
-        k, inst, bp, bs, ap, az, p, s, side, oid = (c[i] for c in cols)
-        payloads.append(encode_tick(Tick(k, symbols[inst], ev[i], rv[i], bp, bs, ap, az, p, s, side, oid)))
-        tp.append(topics[inst])
-
-    via = spec["via"]
-    if via == "zmq":
-        import zmq
-
-        ctx = zmq.Context(io_threads=1)
-        sock = ctx.socket(zmq.XPUB)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.LINGER, 5000)
-        if spec["bind"]:
-            sock.bind(spec["endpoint"])
-        else:
-            sock.connect(spec["endpoint"])
-        # wait for the service's SUB subscription, else the first ticks are lost
-        if not sock.poll(int(spec.get("connect_timeout_s", 30) * 1000)):
-            print("publisher: the service did not subscribe to the tick endpoint", file=sys.stderr)
-            return 3
-        sock.recv()
-        time.sleep(0.05)
-        more, flags_last = zmq.SNDMORE, 0
-        from engine.zmq_io import raw_send
-
-        sendz = raw_send(sock)
-
-        def send(i: int) -> int:
-            sendz(tp[i], more)
-            sendz(payloads[i], flags_last)
-            return 0
-    else:
-        from engine.aeron_io import connect_client
-
-        aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: print(f"publisher: aeron {m}",
-                                                                              file=sys.stderr))
-        pub = aeron.add_exclusive_publication(spec["channel"], spec["stream_id"])
-        try:
-            pub.await_connected(timeout=spec.get("connect_timeout_s", 30))
-        except Exception as exc:  # noqa: BLE001
-            print(f"publisher: the service is not subscribed to {spec['channel']} "
-                  f"stream {spec['stream_id']}: {exc}", file=sys.stderr)
-            return 3
-        offer = pub.offer
-
-        def send(i: int) -> int:
-            p = payloads[i]
-            retries = 0
-            while offer(p) is not True:  # back-pressured / not connected: retry, time keeps running
-                retries += 1
-                if retries & 1023 == 0:
-                    os.sched_yield()
-                if retries > 50_000_000:
-                    raise RuntimeError("publisher: offer kept failing")
-            return retries
-
-    print("ready", flush=True)
-    slack = _timer_slack_1ns()
-    sched, fifo = "default scheduler", False
-    rt = int(spec.get("rt_priority") or 0)
-    margin = int(spec.get("sleep_margin_us", 150) * 1000)
-    paced = spec.get("speed") is not None or spec.get("rate") is not None
-    clock = time.perf_counter_ns
-    start = clock() + 20_000_000
-    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
-    if rt and paced and n > 1 and float(np.median(np.diff(intended))) < 2 * margin:
-        # ticks closer than twice the spin margin: a FIFO thread would spin without a
-        # break and starve the core's other threads (subscriber, I/O, Aeron conductors)
-        sched = f"SCHED_FIFO {rt} not used: ticks are closer than 2 x the sleep margin"
-    elif rt and paced:
-        # this thread only (the I/O / conductor threads were created before): it sleeps
-        # between ticks, and wakes up on time even when the subscriber spins on its core
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt))
-            sched, fifo = f"SCHED_FIFO {rt}", True
-        except (OSError, AttributeError) as exc:
-            sched = f"SCHED_FIFO {rt} refused ({exc}); default scheduler"
-    due = intended.tolist()
-    sent = np.zeros(n, dtype=np.int64)
-    retries_total = 0
-    gc.collect()
-    gc.disable()  # no collector pauses while sending
-    for i in range(n):
-        if paced:
-            d = due[i]
-            while True:
-                now = clock()
-                if now >= d:
-                    break
-                if d - now > margin:  # sleep, waking `margin` early; spin the rest
-                    time.sleep((d - now - margin) / 1e9)
-                # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
-                # priority) subscriber for a whole scheduler tick
-        else:
-            now = clock()
-        sent[i] = now
-        retries_total += send(i)
-    gc.enable()
-    if fifo:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    if not paced:
-        intended = sent.copy()
-    time.sleep(0.2)
-    np.savez(spec["out"], intended=intended, sent=sent, ts_event=ts_event,
-             inst=ticks["instrument"].astype(np.int32))
-    print(json.dumps({"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
-                      "sleep_margin_us": margin / 1000, "scheduler": sched}), flush=True)
-    if via == "zmq":
-        sock.close()
-        ctx.term()
-    else:
-        aeron.close()
+    try:
+        res = publish_ticks(spec, on_ready=lambda: print("ready", flush=True))
+    except TimeoutError as exc:
+        print(f"publisher: {exc}", file=sys.stderr)
+        return 3
+    np.savez(spec["out"], intended=res["intended"], sent=res["sent_ns"], ts_event=res["ts_event"],
+             inst=res["inst"])
+    keys = ("sent", "retries", "pin", "timer_slack_1ns", "sleep_margin_us", "scheduler")
+    print(json.dumps({k: res[k] for k in keys}), flush=True)
     return 0
 
 

@@ -1,0 +1,289 @@
+"""``tickscore publish``: send a market file's ticks to a running service, paced.
+
+The counterpart of ``tickscore subscribe``: ticks leave in the documented
+``Tick`` wire format (README, "Wire format"), over ZeroMQ (two frames, topic =
+symbol) or Aeron (stream 1001 by default), at a chosen pace.  The same code is
+the publisher process of ``tickscore replay --via``.
+
+    tickscore publish                                        # embedded data -> ipc:///tmp/tickscore-ticks.ipc
+    tickscore publish tcp://127.0.0.1:5555 --data day.parquet --rate 5000
+    tickscore publish aeron:ipc --speed 1 --limit 100000     # the service's embedded driver, stream 1001
+    tickscore publish ipc:///tmp/t.ipc --data q.csv.gz --map kind==quote,ts_event=timestamp,...
+
+Event times are rebased to now, keeping their differences, so a file can be
+sent to a running service again and again without its ticks being rejected as
+``time_backwards``; ``--keep-times`` sends them as recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["publish_ticks", "add_publish_parser", "cmd_publish"]
+
+
+def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
+    rate = i / (elapsed_ns / 1e9) if elapsed_ns > 0 else 0.0
+    eta = f", ETA {(n - i) / rate:,.0f} s" if rate > 0 else ""
+    print(f"tickscore publish: {i:,} / {n:,} ticks ({100 * i / max(n, 1):.0f} %), "
+          f"{rate:,.0f} ticks/s{eta}", file=sys.stderr, flush=True)
+
+
+def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
+    """Send a file's ticks as ``spec`` says; return what was sent and when.
+
+    ``spec`` keys: ``data`` and the reading options of :func:`replay.wire_mode._read_for_wire`
+    (``map``, ``map_file``, ``shape``, ``sort_by_exchange_time``), ``limit``; ``via``
+    (``zmq``: ``endpoint``, ``bind``; ``aeron``: ``aeron_dir``, ``channel``, ``stream_id``),
+    ``connect_timeout_s``; pace ``speed`` (x recorded) or ``rate`` (ticks/s), neither =
+    back to back; ``sleep_margin_us``, ``rt_priority``, ``cpus``; event times rebased
+    to now (after ``min_event_ns``) unless ``keep_times``.
+
+    ``on_ready()`` is called once connected, just before the first send.  With
+    ``progress_s`` > 0 a progress line goes to stderr every ``progress_s`` seconds.
+    Raises ``TimeoutError`` when no service takes the ticks within the connect timeout.
+    """
+    from engine.wire import Tick, encode_tick
+    from replay.wire_mode import _pin_self, _read_for_wire, _timer_slack_1ns, intended_times
+
+    pin = _pin_self(spec.get("cpus"))
+    td = _read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
+                        bool(spec.get("sort_by_exchange_time")))
+    ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
+    n = len(ticks)
+    symbols = td.symbols
+    ts0 = int(ticks["ts_event_ns"][0]) if n else 0
+    # keep event-time differences, start at "now" and after whatever the service saw last
+    base = ts0 if spec.get("keep_times") else max(time.time_ns(), int(spec.get("min_event_ns", 0)))
+    ts_event = ticks["ts_event_ns"].astype(np.int64) - ts0 + base
+    ts_recv = ticks["ts_recv_ns"].astype(np.int64) - ts0 + base
+    cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
+                                        "price", "size", "side", "order_id")]
+    ev, rv = ts_event.tolist(), ts_recv.tolist()
+    payloads = []
+    topics = [s.encode() for s in symbols]
+    tp = []
+    for i in range(n):
+        k, inst, bp, bs, ap, az, p, s, side, oid = (c[i] for c in cols)
+        payloads.append(encode_tick(Tick(k, symbols[inst], ev[i], rv[i], bp, bs, ap, az, p, s, side, oid)))
+        tp.append(topics[inst])
+
+    via = spec["via"]
+    if via == "zmq":
+        import zmq
+
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 5000)
+        if spec["bind"]:
+            sock.bind(spec["endpoint"])
+        else:
+            sock.connect(spec["endpoint"])
+        # wait for the service's SUB subscription, else the first ticks are lost
+        if not sock.poll(int(spec.get("connect_timeout_s", 30) * 1000)):
+            sock.close(0)
+            ctx.term()
+            raise TimeoutError(f"no service subscribed to the ticks on {spec['endpoint']} within "
+                               f"{spec.get('connect_timeout_s', 30)} s (is it running, and bound there?)")
+        sock.recv()
+        time.sleep(0.05)
+        more, flags_last = zmq.SNDMORE, 0
+        from engine.zmq_io import raw_send
+
+        sendz = raw_send(sock)
+
+        def send(i: int) -> int:
+            sendz(tp[i], more)
+            sendz(payloads[i], flags_last)
+            return 0
+    else:
+        from engine.aeron_io import connect_client
+
+        aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: print(f"publisher: aeron {m}",
+                                                                              file=sys.stderr))
+        pub = aeron.add_exclusive_publication(spec["channel"], spec["stream_id"])
+        try:
+            pub.await_connected(timeout=spec.get("connect_timeout_s", 30))
+        except Exception as exc:  # noqa: BLE001 - pyaeron raises its own error types
+            aeron.close()
+            raise TimeoutError(f"no service subscribed to {spec['channel']} stream {spec['stream_id']} "
+                               f"within {spec.get('connect_timeout_s', 30)} s: {exc}") from None
+        offer = pub.offer
+
+        def send(i: int) -> int:
+            p = payloads[i]
+            retries = 0
+            while offer(p) is not True:  # back-pressured / not connected: retry, time keeps running
+                retries += 1
+                if retries & 1023 == 0:
+                    os.sched_yield()
+                if retries > 50_000_000:
+                    raise RuntimeError("publisher: offer kept failing")
+            return retries
+
+    if on_ready is not None:
+        on_ready()
+    slack = _timer_slack_1ns()
+    sched, fifo = "default scheduler", False
+    rt = int(spec.get("rt_priority") or 0)
+    margin = int(spec.get("sleep_margin_us", 150) * 1000)
+    paced = spec.get("speed") is not None or spec.get("rate") is not None
+    clock = time.perf_counter_ns
+    start = clock() + 20_000_000
+    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
+    if rt and paced and n > 1 and float(np.median(np.diff(intended))) < 2 * margin:
+        # ticks closer than twice the spin margin: a FIFO thread would spin without a
+        # break and starve the core's other threads (subscriber, I/O, Aeron conductors)
+        sched = f"SCHED_FIFO {rt} not used: ticks are closer than 2 x the sleep margin"
+    elif rt and paced:
+        # this thread only (the I/O / conductor threads were created before): it sleeps
+        # between ticks, and wakes up on time even when the subscriber spins on its core
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt))
+            sched, fifo = f"SCHED_FIFO {rt}", True
+        except (OSError, AttributeError) as exc:
+            sched = f"SCHED_FIFO {rt} refused ({exc}); default scheduler"
+    due = intended.tolist()
+    sent = np.zeros(n, dtype=np.int64)
+    retries_total = 0
+    gc.collect()
+    gc.disable()  # no collector pauses while sending
+    t_start = clock()
+    progress_ns = int(progress_s * 1e9)
+    next_progress = t_start + progress_ns if progress_ns else 1 << 62
+    for i in range(n):
+        if not i & 1023 and clock() >= next_progress:
+            _progress_line(i, n, clock() - t_start)
+            next_progress += progress_ns
+        if paced:
+            d = due[i]
+            while True:
+                now = clock()
+                if now >= d:
+                    break
+                if d - now > margin:  # sleep, waking `margin` early; spin the rest
+                    time.sleep((d - now - margin) / 1e9)
+                # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
+                # priority) subscriber for a whole scheduler tick
+        else:
+            now = clock()
+        sent[i] = now
+        retries_total += send(i)
+    gc.enable()
+    if fifo:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    if not paced:
+        intended = sent.copy()
+    wall_s = (clock() - t_start) / 1e9
+    time.sleep(0.2)
+    if via == "zmq":
+        sock.close()  # linger: queued ticks are still delivered
+        ctx.term()
+    else:
+        aeron.close()
+    return {"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
+            "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
+            "symbols": symbols, "intended": intended, "sent_ns": sent, "ts_event": ts_event,
+            "inst": ticks["instrument"].astype(np.int32)}
+
+
+def add_publish_parser(sub) -> None:
+    """Add ``tickscore publish`` to the CLI's subparsers."""
+    from engine.cli import _speed
+    from replay.features_cli import add_input_arguments
+    from replay.wire_mode import _rate
+
+    p = sub.add_parser(
+        "publish",
+        help="send a market file's ticks to a running service (ZeroMQ or Aeron), paced",
+        description="Send ticks in the documented Tick wire format to a running service.",
+    )
+    p.add_argument("endpoint", nargs="?", default=None,
+                   help="ZeroMQ endpoint the service's tick SUB is bound to (default "
+                        "ipc:///tmp/tickscore-ticks.ipc, the service's default) or an Aeron channel "
+                        "(aeron:ipc, aeron:udp?endpoint=HOST:PORT)")
+    p.add_argument("--data", default=None, help="market file (default: the embedded dataset)")
+    p.add_argument("--rate", type=_rate, default=1000.0, metavar="TPS|max",
+                   help="ticks per second when --speed is not given (default 1,000; max = back to back)")
+    p.add_argument("--speed", type=_speed, default=None, metavar="N",
+                   help="N x the file's recorded pace instead of --rate")
+    p.add_argument("--limit", type=int, default=None, help="send only the first N ticks")
+    p.add_argument("--bind", action="store_true",
+                   help="ZeroMQ: bind the endpoint (for a service whose tick source connects)")
+    p.add_argument("--stream-id", type=int, default=None, help="Aeron stream id (default 1001)")
+    p.add_argument("--aeron-dir", default=None,
+                   help="Aeron driver directory (default: the service's embedded driver, "
+                        "/dev/shm/tickscore-aeron-USER)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up when no service takes the ticks within S seconds (default 10)")
+    p.add_argument("--keep-times", action="store_true",
+                   help="send the recorded event times instead of rebasing them to now")
+    p.add_argument("--control", default=None, metavar="ENDPOINT",
+                   help="the service's control endpoint, asked for the last event time it saw so "
+                        "rebased times start after it (default tcp://127.0.0.1:5590; '' = do not ask)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    add_input_arguments(p)
+
+
+def cmd_publish(args) -> int:
+    """Run ``tickscore publish``."""
+    from pathlib import Path
+
+    from engine.config import (
+        DEFAULT_CONTROL_ENDPOINT,
+        DEFAULT_TICK_ENDPOINT,
+        TICK_STREAM_ID,
+        default_aeron_dir,
+    )
+    from replay.generator import default_data_path
+    from replay.wire_mode import _status
+
+    if args.chunk_rows:
+        print("tickscore publish: warning: --chunk-rows has no effect (the file is loaded whole)",
+              file=sys.stderr)
+    endpoint = args.endpoint or DEFAULT_TICK_ENDPOINT
+    data = str(Path(args.data).resolve()) if args.data else str(default_data_path())
+    speed = args.speed
+    spec = {"data": data, "map": list(args.map or []), "shape": args.shape,
+            "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
+            "sort_by_exchange_time": bool(args.sort_by_exchange_time), "limit": args.limit,
+            "connect_timeout_s": args.connect_timeout, "keep_times": args.keep_times,
+            "speed": speed, "rate": None if speed is not None else args.rate,
+            "sleep_margin_us": 150.0, "rt_priority": 0}
+    control = DEFAULT_CONTROL_ENDPOINT if args.control is None else args.control
+    if not args.keep_times and control:
+        # the service rejects an instrument's tick older than its last one (time_backwards):
+        # start the rebased times after whatever it has seen, as replay --via does
+        st = _status(control, 2.0)
+        if st is None:
+            print(f"tickscore publish: warning: no service answered on {control}; event times start "
+                  f"now (ticks older than what the service already saw are rejected as time_backwards; "
+                  f"--control ENDPOINT names the service's control socket)", file=sys.stderr)
+        else:
+            spec["min_event_ns"] = int(st.get("last_event_ns") or 0) + 1_000_000_000
+    if endpoint.startswith("aeron:"):
+        spec.update(via="aeron", channel=endpoint, stream_id=args.stream_id or TICK_STREAM_ID,
+                    aeron_dir=args.aeron_dir or default_aeron_dir())
+        where = f"{endpoint} stream {spec['stream_id']} (driver {spec['aeron_dir']})"
+    else:
+        spec.update(via="zmq", endpoint=endpoint, bind=args.bind)
+        where = endpoint
+    pace = (f"{spec['rate']:,.0f} ticks/s" if spec["rate"] else
+            f"{spec['speed']:g}x recorded" if spec["speed"] else "back to back")
+
+    def ready() -> None:
+        print(f"tickscore publish: connected to {where}; sending at {pace} ...", file=sys.stderr, flush=True)
+
+    res = publish_ticks(spec, on_ready=ready, progress_s=0.0 if args.no_progress else 5.0)
+    n, wall = res["sent"], res["wall_s"]
+    rate = f", {n / wall:,.0f} ticks/s" if wall > 0 else ""
+    print(f"tickscore publish: sent {n:,} ticks ({', '.join(res['symbols'])}) in {wall:.2f} s{rate}"
+          f"{'; ' + format(res['retries'], ',') + ' Aeron offer retries' if res['retries'] else ''}",
+          file=sys.stderr)
+    return 0
