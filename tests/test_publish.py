@@ -1,5 +1,6 @@
 """`tickscore publish`: a market file's ticks into a running service over ZeroMQ and Aeron."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_publish_over_zmq_and_aeron_into_one_service_every_tick_scored(tmp_path)
         assert st["scores_out"] == 800 and st["rejected_by_reason"] == {"time_backwards": 100}
     finally:
         svc.stop()
+        shutil.rmtree(adir, ignore_errors=True)  # the killed service's embedded driver left it
 
 
 def test_publish_without_a_service_is_a_clear_error(tmp_path):
