@@ -55,8 +55,9 @@ class Agent:
     def housekeeping(self, now_ns: int) -> None:
         """Periodic off-tick work (progress, stats); called every few thousand duty cycles."""
 
-    def keep_warm(self) -> None:
-        """Exercise the hot path on throwaway state while idle (see ``keep_warm_ns``)."""
+    def keep_warm(self) -> bool:
+        """Exercise the hot path on throwaway state while idle (``keep_warm_ns``); return whether it ran."""
+        return False
 
     def on_close(self) -> None:
         """Release resources; called once, also after an error or a stop."""
@@ -341,8 +342,8 @@ class AgentRunner:
                             if not idled:
                                 warm_due = now + warm_ns
                             elif now >= warm_due:
-                                keep_warm()
-                                self.warm_calls += 1
+                                if keep_warm():
+                                    self.warm_calls += 1
                                 warm_due = clock() + warm_ns
                         idle()
                         idled = True

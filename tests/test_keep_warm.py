@@ -40,8 +40,9 @@ class _IdleThenWork(Agent):
         self._next = time.perf_counter_ns() + self.idle_ns
         return 1
 
-    def keep_warm(self) -> None:
+    def keep_warm(self) -> bool:
         self.warm_calls_at.append(self.done_units)
+        return True
 
 
 def test_runner_keeps_the_agent_warm_only_while_idle_and_only_when_asked():
@@ -128,3 +129,32 @@ def test_keep_warm_follows_a_hot_reload_to_the_new_model(ticks):
     assert agent._tick is None  # the ort path, warmed by the ort branch of keep_warm
     ref_agent, ref_sink, _ = _run(ticks, "ort", 0, model=B)
     assert [r[4] for r in sink.rows[k:]] == pytest.approx([r[4] for r in ref_sink.rows[k:]], abs=1e-6)
+
+
+def test_keep_warm_stands_aside_while_a_reload_is_validated(ticks):
+    """Keep-warm's GIL round trips made each nogil call of the validation thread wait (~25x slower)."""
+    import threading
+
+    from models.ort_backend import OrtBackend
+    from replay.source import ReplaySource
+
+    gate = threading.Event()
+
+    def loader(path):
+        gate.wait(30)
+        return OrtBackend(path, FS)
+
+    choice = select_backend("ort", A, FS)
+    agent = ScoringAgent(ReplaySource(ticks[:10], None), choice.backend, [_Capture()], SYMBOLS,
+                         FS.params_array(), backend_loader=loader, feature_set=FS)
+    assert agent.keep_warm() is True
+    ticket = agent.request_reload(str(B))
+    j = agent._warm["j"]
+    assert agent.keep_warm() is False and agent._warm["j"] == j  # validating: nothing ran
+    gate.set()
+    deadline = time.monotonic() + 60
+    while ticket.status == "pending" and time.monotonic() < deadline:
+        agent.housekeeping(time.perf_counter_ns())  # the swap happens here, between two ticks
+        time.sleep(0.005)
+    assert ticket.status == "swapped", ticket.message
+    assert agent.keep_warm() is True and agent._warm["backend"] is agent.backend
