@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-__all__ = ["ControlServer", "DEFER", "parse_request", "request", "ControlError"]
+__all__ = ["ControlServer", "DEFER", "parse_request", "request", "status_or_none", "ControlError"]
 
 #: Returned by a handler to answer later with :meth:`ControlServer.reply_deferred`.
 DEFER = object()
@@ -158,3 +158,13 @@ def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:
         return json.loads(sock.recv().decode())
     finally:
         sock.close(0)
+
+
+def status_or_none(endpoint: str | None, timeout_s: float = 5.0) -> dict | None:
+    """Return the service's ``status`` reply, or None when ``endpoint`` is empty or nothing answers."""
+    if not endpoint:
+        return None
+    try:
+        return request(endpoint, "status", timeout_s)
+    except ControlError:
+        return None

@@ -17,6 +17,7 @@ sent to a running service again and again without its ticks being rejected as
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
@@ -24,7 +25,76 @@ import time
 
 import numpy as np
 
-__all__ = ["publish_ticks", "add_publish_parser", "cmd_publish"]
+__all__ = ["publish_ticks", "read_for_wire", "intended_times", "parse_rate", "pin_self", "add_publish_parser",
+           "cmd_publish"]
+
+
+def pin_self(cpus: list[int] | None) -> str:
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return "not pinned"
+    try:
+        os.sched_setaffinity(0, set(cpus))
+    except OSError as exc:
+        return f"pinning refused: {exc}"
+    return f"pinned to {sorted(cpus)}"
+
+
+def _timer_slack_1ns() -> bool:
+    """Ask for 1 ns timer slack (default 50 us) so sleeps end on time; False if refused."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        return False
+
+
+def parse_rate(text: str) -> float | None:
+    if text.strip().lower() in ("max", "inf"):
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate takes ticks per second or 'max', got {text!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"--rate must be positive, got {text!r}")
+    return v
+
+
+def intended_times(
+    ts_event: np.ndarray, start_ns: int, *, speed: float | None, rate: float | None
+) -> np.ndarray:
+    """Return the intended send time (ns, CLOCK_MONOTONIC) of every tick; zeros = as fast as possible."""
+    n = len(ts_event)
+    if speed is not None:
+        rel = (ts_event.astype(np.int64) - int(ts_event[0])).astype(np.float64) / speed
+        return start_ns + rel.astype(np.int64)
+    if rate is not None:
+        return start_ns + (np.arange(n, dtype=np.float64) * (1e9 / rate)).astype(np.int64)
+    return np.zeros(n, dtype=np.int64)
+
+
+def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
+    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort); L1 only.
+
+    The service scores the L1 feature set, so the wire carries L1 ticks (quotes and
+    trades); a trade-only or order-by-order file is refused here with the way to
+    replay it, instead of being scored by a model that was not trained on it.
+    """
+    from replay.mapping import mapping_from_cli
+    from replay.reader import read_ticks
+
+    mapping = mapping_from_cli(map_items, map_file, shape)
+    td = read_ticks(path, mapping=mapping, shape=shape, sort_by_exchange_time=sort_by_exchange_time)
+    if td.shape != "l1":
+        raise ValueError(
+            f"{path}: a {td.shape!r} file; replay --via sends L1 ticks (quotes and trades) only, "
+            f"because the service scores the L1 feature set. Replay it in-process (without --via)"
+        )
+    if len(td.ticks) == 0:
+        why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
+        raise ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
+    return td
 
 
 def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
@@ -37,7 +107,7 @@ def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
 def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     """Send a file's ticks as ``spec`` says; return what was sent and when.
 
-    ``spec`` keys: ``data`` and the reading options of :func:`replay.wire_mode._read_for_wire`
+    ``spec`` keys: ``data`` and the reading options of :func:`read_for_wire`
     (``map``, ``map_file``, ``shape``, ``sort_by_exchange_time``), ``limit``; ``via``
     (``zmq``: ``endpoint``, ``bind``; ``aeron``: ``aeron_dir``, ``channel``, ``stream_id``),
     ``connect_timeout_s``; pace ``speed`` (x recorded) or ``rate`` (ticks/s), neither =
@@ -49,10 +119,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     Raises ``TimeoutError`` when no service takes the ticks within the connect timeout.
     """
     from engine.wire import Tick, encode_tick
-    from replay.wire_mode import _pin_self, _read_for_wire, _timer_slack_1ns, intended_times
 
-    pin = _pin_self(spec.get("cpus"))
-    td = _read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
+    pin = pin_self(spec.get("cpus"))
+    td = read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
                         bool(spec.get("sort_by_exchange_time")))
     ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
     n = len(ticks)
@@ -189,7 +258,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         aeron.close()
     return {"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
             "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
-            "symbols": symbols, "intended": intended, "sent_ns": sent, "ts_event": ts_event,
+            "symbols": symbols, "reader_rejected": {k: v for k, v in td.rejected.items() if v},
+            "intended": intended, "sent_ns": sent, "ts_event": ts_event,
             "inst": ticks["instrument"].astype(np.int32)}
 
 
@@ -197,7 +267,6 @@ def add_publish_parser(sub) -> None:
     """Add ``tickscore publish`` to the CLI's subparsers."""
     from engine.cli import _speed
     from replay.features_cli import add_input_arguments
-    from replay.wire_mode import _rate
 
     p = sub.add_parser(
         "publish",
@@ -209,7 +278,7 @@ def add_publish_parser(sub) -> None:
                         "ipc:///tmp/tickscore-ticks.ipc, the service's default) or an Aeron channel "
                         "(aeron:ipc, aeron:udp?endpoint=HOST:PORT)")
     p.add_argument("--data", default=None, help="market file (default: the embedded dataset)")
-    p.add_argument("--rate", type=_rate, default=1000.0, metavar="TPS|max",
+    p.add_argument("--rate", type=parse_rate, default=1000.0, metavar="TPS|max",
                    help="ticks per second when --speed is not given (default 1,000; max = back to back)")
     p.add_argument("--speed", type=_speed, default=None, metavar="N",
                    help="N x the file's recorded pace instead of --rate")
@@ -241,8 +310,8 @@ def cmd_publish(args) -> int:
         TICK_STREAM_ID,
         default_aeron_dir,
     )
+    from engine.control import status_or_none
     from replay.generator import default_data_path
-    from replay.wire_mode import _status
 
     if args.chunk_rows:
         print("tickscore publish: warning: --chunk-rows has no effect (the file is loaded whole)",
@@ -260,7 +329,7 @@ def cmd_publish(args) -> int:
     if not args.keep_times and control:
         # the service rejects an instrument's tick older than its last one (time_backwards):
         # start the rebased times after whatever it has seen, as replay --via does
-        st = _status(control, 2.0)
+        st = status_or_none(control, 2.0)
         if st is None:
             print(f"tickscore publish: warning: no service answered on {control}; event times start "
                   f"now (ticks older than what the service already saw are rejected as time_backwards; "
@@ -286,4 +355,7 @@ def cmd_publish(args) -> int:
     print(f"tickscore publish: sent {n:,} ticks ({', '.join(res['symbols'])}) in {wall:.2f} s{rate}"
           f"{'; ' + format(res['retries'], ',') + ' Aeron offer retries' if res['retries'] else ''}",
           file=sys.stderr)
+    if res["reader_rejected"]:
+        print("tickscore publish: rows of the file not sent (rejected by the reader): "
+              + ", ".join(f"{k} {v:,}" for k, v in res["reader_rejected"].items()), file=sys.stderr)
     return 0

@@ -42,7 +42,6 @@ so on one shared core they hand it to each other within microseconds.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -54,6 +53,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from engine.control import status_or_none
+from replay.publish import parse_rate, pin_self, read_for_wire
 
 __all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
 
@@ -75,26 +77,6 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _pin_self(cpus: list[int] | None) -> str:
-    if not cpus or not hasattr(os, "sched_setaffinity"):
-        return "not pinned"
-    try:
-        os.sched_setaffinity(0, set(cpus))
-    except OSError as exc:
-        return f"pinning refused: {exc}"
-    return f"pinned to {sorted(cpus)}"
-
-
-def _timer_slack_1ns() -> bool:
-    """Ask for 1 ns timer slack (default 50 us) so sleeps end on time; False if refused."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
-    except (OSError, AttributeError):
-        return False
-
-
 def _lowest_priority() -> str:
     """Make this process SCHED_IDLE (runs only when its core has nothing else to do)."""
     try:
@@ -108,52 +90,7 @@ def _lowest_priority() -> str:
             return "default priority"
 
 
-def _rate(text: str) -> float | None:
-    if text.strip().lower() in ("max", "inf"):
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rate takes ticks per second or 'max', got {text!r}") from None
-    if not np.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"--rate must be positive, got {text!r}")
-    return v
-
-
-def intended_times(
-    ts_event: np.ndarray, start_ns: int, *, speed: float | None, rate: float | None
-) -> np.ndarray:
-    """Return the intended send time (ns, CLOCK_MONOTONIC) of every tick; zeros = as fast as possible."""
-    n = len(ts_event)
-    if speed is not None:
-        rel = (ts_event.astype(np.int64) - int(ts_event[0])).astype(np.float64) / speed
-        return start_ns + rel.astype(np.int64)
-    if rate is not None:
-        return start_ns + (np.arange(n, dtype=np.float64) * (1e9 / rate)).astype(np.int64)
-    return np.zeros(n, dtype=np.int64)
-
-
 # ------------------------------------------------------------------------ publisher process
-
-
-def _read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
-    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort); L1 only.
-
-    The service scores the L1 feature set, so the wire carries L1 ticks (quotes and
-    trades); a trade-only or order-by-order file is refused here with the way to
-    replay it, instead of being scored by a model that was not trained on it.
-    """
-    from replay.mapping import mapping_from_cli
-    from replay.reader import read_ticks
-
-    mapping = mapping_from_cli(map_items, map_file, shape)
-    td = read_ticks(path, mapping=mapping, shape=shape, sort_by_exchange_time=sort_by_exchange_time)
-    if td.shape != "l1":
-        raise ValueError(
-            f"{path}: a {td.shape!r} file; replay --via sends L1 ticks (quotes and trades) only, "
-            f"because the service scores the L1 feature set. Replay it in-process (without --via)"
-        )
-    return td
 
 
 def _publisher(spec: dict) -> int:
@@ -177,7 +114,7 @@ def _publisher(spec: dict) -> int:
 
 def _subscriber(spec: dict) -> int:
     """Receive scores until ``expected`` arrived or ``idle_s`` passed without one; write them."""
-    pin = _pin_self(spec.get("cpus"))
+    pin = pin_self(spec.get("cpus"))
     mode = spec.get("client_idle", "spin")
     prio = "default priority"
     expected = int(spec["expected"])
@@ -430,24 +367,13 @@ class WireRun:
         return format_table(stats, throughput=tps)
 
 
-def _status(endpoint: str | None, timeout_s: float = 5.0) -> dict | None:
-    if not endpoint:
-        return None
-    from engine.control import ControlError, request
-
-    try:
-        return request(endpoint, "status", timeout_s)
-    except ControlError:
-        return None
-
-
 def _wait_service(proc, endpoint: str, timeout_s: float, log: Path) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the spawned service exited with code {proc.returncode}:\n"
                                f"{log.read_text()[-3000:]}")
-        st = _status(endpoint, 1.0)
+        st = status_or_none(endpoint, 1.0)
         if st is not None and st.get("state") == "running":
             return st
         time.sleep(0.1)
@@ -505,7 +431,7 @@ def run_wire(args) -> WireRun:
     read_opts = {"map": list(args.map or []), "shape": args.shape,
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
                  "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
-    td = _read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
+    td = read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
                         read_opts["sort_by_exchange_time"])
     n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
     if n == 0:
@@ -543,7 +469,7 @@ def run_wire(args) -> WireRun:
 
             cfg = load_config(args.service_config)
             ep = _endpoints_from_config(cfg, args.via)
-            before = _status(ep["control"])
+            before = status_or_none(ep["control"])
             if before is None and ep["control"]:
                 raise RuntimeError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
@@ -578,7 +504,7 @@ def run_wire(args) -> WireRun:
         if args.via == "zmq" and ep["control"]:  # wait until the service's XPUB saw the subscription
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                st = _status(ep["control"], 1.0) or {}
+                st = status_or_none(ep["control"], 1.0) or {}
                 if st.get("sinks", {}).get("zmq", {}).get("subscribers", 0) > subs0:
                     break
                 time.sleep(0.05)
@@ -594,7 +520,7 @@ def run_wire(args) -> WireRun:
         sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
         if sub.returncode != 0:
             raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
-        after = _status(ep["control"])
+        after = status_or_none(ep["control"])
         final = None
         if spawned:
             final = _stop_service(service, ep["control"])
@@ -750,7 +676,7 @@ def add_wire_arguments(r) -> None:
     g.add_argument("--spawn", action="store_true",
                    help="start a service for the run and stop it after "
                    "(the default without --service-config)")
-    g.add_argument("--rate", type=_rate, default=_DEFAULT_RATE, metavar="TPS|max",
+    g.add_argument("--rate", type=parse_rate, default=_DEFAULT_RATE, metavar="TPS|max",
                    help=f"send rate in ticks/s when --speed is not given (default {_DEFAULT_RATE:,.0f}; "
                    "'max' = back to back)")
     g.add_argument("--aeron-udp", action="store_true",

@@ -53,3 +53,9 @@ def test_publish_without_a_service_is_a_clear_error(tmp_path):
     assert "no service subscribed to the ticks" in r.stderr and "Traceback" not in r.stderr
     r = _publish(f"ipc://{tmp_path}/nobody.ipc", "--data", str(tmp_path / "missing.parquet"), timeout=60)
     assert r.returncode != 0 and "missing.parquet" in r.stderr and "Traceback" not in r.stderr
+    crossed = tmp_path / "crossed.csv"  # every quote crossed: nothing acceptable to send
+    crossed.write_text("ts,bid,ask\n1700000000000,101.0,100.0\n1700000000001,101.5,100.5\n")
+    r = _publish(f"ipc://{tmp_path}/nobody.ipc", "--data", str(crossed), "--control", "",
+                 "--map", "kind==quote,symbol==X,ts_event=ts,bid_px=bid,ask_px=ask,bid_sz==1,ask_sz==1",
+                 timeout=60)
+    assert r.returncode != 0 and "no acceptable ticks to send (rejected: crossed 2)" in r.stderr
