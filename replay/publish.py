@@ -25,8 +25,10 @@ import time
 
 import numpy as np
 
-__all__ = ["publish_ticks", "read_for_wire", "intended_times", "parse_rate", "pin_self", "add_publish_parser",
-           "cmd_publish"]
+__all__ = [
+    "publish_ticks", "first_event_after", "read_for_wire", "intended_times", "parse_rate", "pin_self",
+    "add_publish_parser", "cmd_publish",
+]
 
 
 def pin_self(cpus: list[int] | None) -> str:
@@ -95,6 +97,15 @@ def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: 
         why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
         raise ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
     return td
+
+
+def first_event_after(status: dict | None) -> int:
+    """Return the earliest event time (ns) to rebase ticks to for a service reporting ``status``.
+
+    The service rejects an instrument's tick older than its last one (``time_backwards``);
+    starting 1 s after the last event time it accepted keeps every sent tick newer.
+    """
+    return int((status or {}).get("last_event_ns") or 0) + 1_000_000_000
 
 
 def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
@@ -335,7 +346,7 @@ def cmd_publish(args) -> int:
                   f"now (ticks older than what the service already saw are rejected as time_backwards; "
                   f"--control ENDPOINT names the service's control socket)", file=sys.stderr)
         else:
-            spec["min_event_ns"] = int(st.get("last_event_ns") or 0) + 1_000_000_000
+            spec["min_event_ns"] = first_event_after(st)
     if endpoint.startswith("aeron:"):
         spec.update(via="aeron", channel=endpoint, stream_id=args.stream_id or TICK_STREAM_ID,
                     aeron_dir=args.aeron_dir or default_aeron_dir())

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.control import status_or_none
-from replay.publish import parse_rate, pin_self, read_for_wire
+from replay.publish import first_event_after, parse_rate, pin_self, read_for_wire
 
 __all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
 
@@ -495,7 +495,7 @@ def run_wire(args) -> WireRun:
         pub_spec.update(data=data_path, **read_opts, limit=n, speed=speed, rate=rate,
                         out=str(tmp / "pub.npz"),
                         sleep_margin_us=args.sleep_margin_us, rt_priority=args.client_rt_priority,
-                        min_event_ns=int((before or {}).get("last_event_ns", 0)) + 1_000_000_000)
+                        min_event_ns=first_event_after(before))
 
         subs0 = (before or {}).get("sinks", {}).get("zmq", {}).get("subscribers", 0)
         sub = _client("subscribe", sub_spec, tmp / "sub.json")
