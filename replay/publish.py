@@ -90,8 +90,8 @@ def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: 
     td = read_ticks(path, mapping=mapping, shape=shape, sort_by_exchange_time=sort_by_exchange_time)
     if td.shape != "l1":
         raise ValueError(
-            f"{path}: a {td.shape!r} file; replay --via sends L1 ticks (quotes and trades) only, "
-            f"because the service scores the L1 feature set. Replay it in-process (without --via)"
+            f"{path}: a {td.shape!r} file; only L1 ticks (quotes and trades) are sent to the service, "
+            f"because it scores the L1 feature set. Replay it in-process (tickscore replay without --via)"
         )
     if len(td.ticks) == 0:
         why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
