@@ -99,12 +99,29 @@ under :data:`ANOMALY_NAMES`; reported as ``anomalies`` in the run summary):
   used as a print (trade features), book untouched;
 * ``oversized_reduce``: partial cancel or fill larger than the remaining size:
   the order is removed;
-* ``crossed_book``: after the event best bid > best ask.  With
-  ``uncross = 1`` (default) an add or modify that crosses removes the opposite
-  side's levels strictly through its price (they are stale: a continuous
-  market never rests crossed; the orders become orphans) and counts them as
-  ``uncrossed_levels``; ``crossed_book`` then only counts crossings that remain
-  (``uncross = 0``, e.g. for auction periods, keeps every order as received);
+* ``crossed_book``: after the event best bid > best ask.  What an add (or a
+  modify to a new price) at or through the opposite best price means depends
+  on the venue: the *crossing-add policy* (``crossing_add`` of
+  :func:`new_book_state`, a column-mapping key; else the ``uncross``
+  parameter: 1 ``uncross``, 0 ``keep``):
+
+  - ``uncross`` (default; venues that never show an aggressor as an order,
+    e.g. ITCH/LOBSTER, Databento MBO): a crossing order means the opposite
+    levels strictly through its price are stale (a missed delete); they are
+    dropped, their orders become orphans, counted ``uncrossed_levels``;
+  - ``aggressor`` (venues that announce an incoming taker as an add at its
+    limit price *before* the fills, which arrive as deletes / reductions of
+    the resting orders it took): a marketable order (at or through the
+    opposite best; a locking one too) is a *pending taker*, counted
+    ``taker_add``: it is kept in the order table on no level, the opposite
+    side stays intact, and after every event of its instrument each pending
+    taker that no longer crosses rests at its price with its remaining size
+    (``taker_rested``).  A delete, modify or fill of a pending taker changes
+    it off the book.  At most ``MAX_TAKERS`` are pending per instrument; the
+    oldest beyond that is left as an orphan (``taker_dropped``);
+  - ``keep`` (e.g. auction periods): every order as received;
+    ``crossed_book`` counts the crossings;
+
 * ``locked_book``: after the event best bid == best ask; kept as is;
 * ``snapshot``: further events at the instrument's first timestamp (a
   starting snapshot burst): applied, flagged warm-up, not counted as order flow
@@ -185,6 +202,7 @@ H_OFF_INST = 7
 H_OFF_ORD = 8
 H_F_OFF_LEVELS = 9
 H_MAGIC = 11
+H_CROSSING = 12  #: crossing-add policy of this state (CROSS_*), or -1: the ``uncross`` param decides
 HEADER = 16
 _MAGIC = 0x4C33424F4F4B  # "L3BOOK"
 
@@ -210,6 +228,9 @@ ANOMALY_NAMES = (
     "level_overflow",
     "book_clear",
     "orphan_order",
+    "taker_add",
+    "taker_rested",
+    "taker_dropped",
 )
 N_ANOMALIES = len(ANOMALY_NAMES)
 A_DUP_ADD = 0
@@ -223,12 +244,19 @@ A_SAME_TS = 7
 A_LEVEL_OVERFLOW = 8
 A_CLEAR = 9
 A_ORPHAN = 10
+A_TAKER_ADD = 11
+A_TAKER_RESTED = 12
+A_TAKER_DROPPED = 13
 #: shallowest level depth (0 = best level) changed per side (+0 bid, +1 ask) since the feature
 #: kernel last reset it; 0 in a new state (all changed).  Lets the kernel skip re-summing the
 #: depth of a side whose first levels did not change.
 I_DEPTH_CHG = I_ANOM + N_ANOMALIES
 DEPTH_CLEAN = np.int64(1) << 62  #: value of an ``I_DEPTH_CHG`` column: nothing changed
-I_SPARE = I_DEPTH_CHG + 2  #: first of 5 columns free for the feature kernel
+#: pending takers (``aggressor`` policy): their count, then up to MAX_TAKERS order keys, oldest first
+I_N_TAKERS = I_DEPTH_CHG + 2
+I_TAKERS = I_N_TAKERS + 1
+MAX_TAKERS = 4
+I_SPARE = I_TAKERS + MAX_TAKERS  #: first of 5 columns free for the feature kernel
 NI_INST = I_SPARE + 5
 
 # ----------------------------------------------------------------------------- per-instrument floats
@@ -243,6 +271,8 @@ O_PX = 2
 O_SZ = 3
 _LOW32 = (1 << 32) - 1
 _LEVEL_ID_MOD = 1 << 30
+#: level id of a pending taker: in the order table, on no level (never given to a real level)
+PENDING_LEVEL = _LEVEL_ID_MOD - 1
 
 # ----------------------------------------------------------------------------- params used by the book
 # (indices into the feature set's params vector, shared with features.kernels_l3)
@@ -250,6 +280,13 @@ P_MAX_PRICE = 0
 P_PRICE_BAND = 1
 P_UNCROSS = 2
 N_BOOK_PARAMS = 3
+
+# ----------------------------------------------------------------------------- crossing-add policies
+CROSS_KEEP = 0  #: keep every order as received (the book may rest crossed)
+CROSS_UNCROSS = 1  #: a crossing add drops the opposite levels strictly through its price (stale)
+CROSS_AGGRESSOR = 2  #: a marketable add is an incoming taker: held off the book while it crosses
+#: Policy names (``crossing_add`` in a column mapping) -> code.
+CROSSING_POLICIES = {"keep": CROSS_KEEP, "uncross": CROSS_UNCROSS, "aggressor": CROSS_AGGRESSOR}
 
 _U_GOLD = np.uint64(0x9E3779B97F4A7C15)
 _U_M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -344,6 +381,7 @@ def new_book_state(
     *,
     max_orders: int = DEFAULT_MAX_ORDERS,
     max_levels: int = DEFAULT_MAX_LEVELS,
+    crossing_add: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(fstate, istate)`` of an empty book for ``n_instruments`` instruments.
 
@@ -356,6 +394,11 @@ def new_book_state(
         it is rejected as ``book_full``.  The table has a power of two >= 2x slots.
     max_levels : int
         Price levels kept per instrument and side (``L``).
+    crossing_add : {None, "keep", "uncross", "aggressor"}
+        What an add (or modify) at or through the opposite best price means:
+        a property of the venue's feed, not of the model (see the module
+        docstring).  ``None``: the feature set's ``uncross`` parameter decides
+        (1 = ``uncross``, 0 = ``keep``).
 
     Memory: ``32 * cap`` bytes for the order table (``cap`` = the power of two
     >= ``2 * max_orders``; zero pages until touched) plus ``64 * max_levels``
@@ -365,6 +408,8 @@ def new_book_state(
         raise ValueError(f"n_instruments must be >= 0, got {n_instruments}")
     if max_orders < 1 or max_levels < 2:
         raise ValueError(f"need max_orders >= 1 and max_levels >= 2, got {max_orders}, {max_levels}")
+    if crossing_add is not None and crossing_add not in CROSSING_POLICIES:
+        raise ValueError(f"crossing_add must be one of {sorted(CROSSING_POLICIES)}, got {crossing_add!r}")
     cap = _pow2_at_least(2 * int(max_orders))
     L = int(max_levels)
     n = int(n_instruments)
@@ -383,6 +428,7 @@ def new_book_state(
     istate[H_OFF_ORD] = off_ord
     istate[H_F_OFF_LEVELS] = f_off_levels
     istate[H_MAGIC] = _MAGIC
+    istate[H_CROSSING] = -1 if crossing_add is None else CROSSING_POLICIES[crossing_add]
     blk = istate[off_inst:off_ord].reshape(n, NI_INST)
     blk[:, I_LAST_TS] = INT64_MIN
     blk[:, I_FIRST_TS] = INT64_MIN
@@ -611,7 +657,7 @@ def _lvl_add(istate, fstate, ib, inst, s, key, size):
             for q in range(n, pos, -1):
                 fstate[b + q] = fstate[b + q - 1]
     lid = istate[H_NEXT_LEVEL_ID]
-    istate[H_NEXT_LEVEL_ID] = lid + 1 if lid + 1 < _LEVEL_ID_MOD else 1  # ids wrap (30 bits)
+    istate[H_NEXT_LEVEL_ID] = lid + 1 if lid + 1 < PENDING_LEVEL else 1  # ids wrap (30 bits)
     fstate[base + pos] = key
     fstate[base + L + pos] = size
     fstate[base + 2 * L + pos] = 1.0
@@ -709,13 +755,128 @@ def _uncross(istate, fstate, ib, inst, side, price):
     return dropped
 
 
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _marketable(istate, fstate, ib, inst, sd, price):
+    """Return True if an order of side ``sd`` at ``price`` is at or through the opposite best."""
+    if sd > 0:
+        if istate[ib + I_NA] == 0:
+            return False
+        return price >= -_best_key(istate, fstate, ib, inst, 1)
+    if istate[ib + I_NB] == 0:
+        return False
+    return price <= _best_key(istate, fstate, ib, inst, 0)
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _taker_remove(istate, ib, q):
+    """Remove entry ``q`` of the instrument's pending-taker list (order kept)."""
+    n = istate[ib + I_N_TAKERS]
+    for r in range(q + 1, n):
+        istate[ib + I_TAKERS + r - 1] = istate[ib + I_TAKERS + r]
+    istate[ib + I_TAKERS + n - 1] = 0
+    istate[ib + I_N_TAKERS] = n - 1
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _taker_forget(istate, ib, key):
+    """Remove order ``key`` from the pending-taker list (it was deleted or replaced)."""
+    n = istate[ib + I_N_TAKERS]
+    for q in range(n):
+        if istate[ib + I_TAKERS + q] == key:
+            _taker_remove(istate, ib, q)
+            return
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _taker_push(istate, ib, inst, key):
+    """Append order ``key`` to the pending takers; a full list gives up its oldest entry.
+
+    The oldest pending taker, still crossing after ``MAX_TAKERS`` newer ones,
+    is left in the order table on no level (an orphan: a later delete is
+    accepted and changes no level), counted ``taker_dropped``.
+    """
+    if istate[ib + I_N_TAKERS] >= MAX_TAKERS:
+        j = order_find(istate, istate[ib + I_TAKERS], inst)
+        if j >= 0:
+            ro = istate[H_OFF_ORD] + j * OREC
+            om = istate[ro + O_META]
+            istate[ro + O_META] = _meta(inst, _m_side(om), 0)
+        _taker_remove(istate, ib, 0)
+        istate[ib + I_ANOM + A_TAKER_DROPPED] += 1
+    n = istate[ib + I_N_TAKERS]
+    istate[ib + I_TAKERS + n] = key
+    istate[ib + I_N_TAKERS] = n + 1
+    istate[ib + I_ANOM + A_TAKER_ADD] += 1
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _taker_consume(istate, ib, inst, maker_side, maker_px, amount):
+    """Take ``amount`` filled / cancelled off a resting order at ``maker_px`` off the pending takers.
+
+    The liquidity a pending taker crosses is what it consumes: the oldest
+    taker of the other side whose price crosses ``maker_px`` loses ``amount``
+    of its remaining size (the rest spills over to the next one).  A taker
+    consumed to zero never rests; the venue's delete removes it.
+    """
+    n = istate[ib + I_N_TAKERS]
+    for q in range(n):
+        if amount <= 0.0:
+            return
+        j = order_find(istate, istate[ib + I_TAKERS + q], inst)
+        if j < 0:
+            continue
+        ro = istate[H_OFF_ORD] + j * OREC
+        tsd = _m_side(istate[ro + O_META])
+        if tsd == maker_side:
+            continue
+        tpx = _i2f(istate[ro + O_PX])
+        if (maker_px > tpx) if tsd > 0 else (maker_px < tpx):
+            continue
+        tsz = _i2f(istate[ro + O_SZ])
+        if tsz <= 0.0:
+            continue
+        take = amount if amount < tsz else tsz
+        rem = tsz - take
+        if rem <= 1e-9 * tsz:  # float dust of decimal sizes
+            rem = 0.0
+        istate[ro + O_SZ] = _f2i(rem)
+        amount -= take
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _settle_takers(istate, fstate, ib, inst):
+    """Rest every pending taker that no longer crosses, oldest first, at its price and size."""
+    n = istate[ib + I_N_TAKERS]
+    q = 0
+    while q < n:
+        key = istate[ib + I_TAKERS + q]
+        j = order_find(istate, key, inst)
+        if j < 0:  # not in the table (cannot happen: deletes forget it); drop the entry
+            _taker_remove(istate, ib, q)
+            n -= 1
+            continue
+        ro = istate[H_OFF_ORD] + j * OREC
+        sd = _m_side(istate[ro + O_META])
+        px = _i2f(istate[ro + O_PX])
+        if _i2f(istate[ro + O_SZ]) <= 0.0 or _marketable(istate, fstate, ib, inst, sd, px):
+            q += 1  # consumed (waits for the venue's delete) or still crossing
+            continue
+        s = _side_index(sd)
+        lid = _lvl_add(istate, fstate, ib, inst, s, px if s == 0 else -px, _i2f(istate[ro + O_SZ]))
+        istate[ro + O_META] = _meta(inst, sd, lid)
+        istate[ib + I_ANOM + A_TAKER_RESTED] += 1
+        _taker_remove(istate, ib, q)
+        n -= 1
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def book_apply(ticks, i, fstate, istate, params):
     """Validate and apply a book or trade event to the book of its instrument.
 
     The caller (the feature kernel) has already checked the instrument id, the
     kind (2..5) and the event-time order.  Nothing is changed when the event
-    is rejected.
+    is rejected.  Under the ``aggressor`` crossing-add policy, pending takers
+    that no longer cross rest after the event (:func:`_settle_takers`).
 
     Parameters
     ----------
@@ -724,7 +885,8 @@ def book_apply(ticks, i, fstate, istate, params):
     fstate, istate : ndarray
         Book state from :func:`new_book_state`.
     params : ndarray of float64
-        ``params[P_MAX_PRICE]``, ``params[P_PRICE_BAND]``, ``params[P_UNCROSS]``.
+        ``params[P_MAX_PRICE]``, ``params[P_PRICE_BAND]``, ``params[P_UNCROSS]``
+        (the crossing-add policy when the state does not set one).
 
     Returns
     -------
@@ -733,13 +895,25 @@ def book_apply(ticks, i, fstate, istate, params):
     side : int
         Side of the order (book events) or aggressor side (trades).
     added : float
-        Size added to the book (add, modify up, modify to a new price).
+        Size added to the book (add, modify up, modify to a new price); an
+        add held as a pending taker adds nothing.
     removed : float
         Size cancelled from the book (delete, modify down / away); fills are not
-        cancels and report 0.
+        cancels and report 0, nor does anything done to a pending taker.
 
     Allocates: no.
     """
+    code, side, added, removed = _apply_event(ticks, i, fstate, istate, params)
+    if code >= 0:
+        ib = istate[H_OFF_INST] + ticks[i].instrument * NI_INST
+        if istate[ib + I_N_TAKERS] > 0:
+            _settle_takers(istate, fstate, ib, ticks[i].instrument)
+    return code, side, added, removed
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _apply_event(ticks, i, fstate, istate, params):
+    """:func:`book_apply` without settling pending takers."""
     t = ticks[i]
     inst = t.instrument
     kind = t.kind
@@ -748,6 +922,9 @@ def book_apply(ticks, i, fstate, istate, params):
     key = np.int64(t.order_id)
     price = t.price
     size = t.size
+    policy = istate[H_CROSSING]
+    if policy < 0:
+        policy = np.int64(params[P_UNCROSS])
 
     if kind == KIND_BOOK_ADD:
         side = t.side
@@ -769,24 +946,33 @@ def book_apply(ticks, i, fstate, istate, params):
             istate[ib + I_ANOM + A_DUP_ADD] += 1
             ro = istate[H_OFF_ORD] + j * OREC
             om = istate[ro + O_META]
-            os_ = _m_side(om)
-            opx = _i2f(istate[ro + O_PX])
-            osz = _i2f(istate[ro + O_SZ])
-            s0 = _side_index(os_)
-            okey = opx if s0 == 0 else -opx
-            if not _lvl_reduce(istate, fstate, ib, inst, s0, okey, _m_level(om), osz, True):
-                istate[ib + I_ANOM + A_ORPHAN] += 1
+            if _m_level(om) == PENDING_LEVEL:
+                _taker_forget(istate, ib, key)
+            else:
+                os_ = _m_side(om)
+                opx = _i2f(istate[ro + O_PX])
+                osz = _i2f(istate[ro + O_SZ])
+                s0 = _side_index(os_)
+                okey = opx if s0 == 0 else -opx
+                if not _lvl_reduce(istate, fstate, ib, inst, s0, okey, _m_level(om), osz, True):
+                    istate[ib + I_ANOM + A_ORPHAN] += 1
+                removed = osz
             _order_delete(istate, j)
-            removed = osz
         s = _side_index(sd)
-        lid = _lvl_add(istate, fstate, ib, inst, s, price if s == 0 else -price, size)
+        added = size
+        if policy == CROSS_AGGRESSOR and _marketable(istate, fstate, ib, inst, sd, price):
+            lid = np.int64(PENDING_LEVEL)  # an incoming taker: not on the book while it crosses
+            _taker_push(istate, ib, inst, key)
+            added = 0.0
+        else:
+            lid = _lvl_add(istate, fstate, ib, inst, s, price if s == 0 else -price, size)
         if j < 0:  # the free slot found above is still free: the table was not touched
             _order_put(istate, -j - 1, key, inst, sd, price, size, lid)
         else:  # the duplicate was deleted (entries may have moved): probe again
             _order_insert(istate, key, inst, sd, price, size, lid)
-        if params[P_UNCROSS] != 0.0:
+        if policy == CROSS_UNCROSS:
             istate[ib + I_ANOM + A_UNCROSSED] += _uncross(istate, fstate, ib, inst, sd, price)
-        return 0, sd, size, removed
+        return 0, sd, added, removed
 
     if kind == KIND_BOOK_MODIFY:
         if key == 0:
@@ -809,29 +995,47 @@ def book_apply(ticks, i, fstate, istate, params):
         opx = _i2f(istate[ro + O_PX])
         osz = _i2f(istate[ro + O_SZ])
         lid = _m_level(om)
+        if lid == PENDING_LEVEL:  # a pending taker changes off the book; settling decides
+            if size == 0.0:
+                _taker_forget(istate, ib, key)
+                _order_delete(istate, j)
+            else:
+                istate[ro + O_PX] = _f2i(price)
+                istate[ro + O_SZ] = _f2i(size)
+            return 0, sd, 0.0, 0.0
         if size == 0.0:  # modify to nothing = delete
             if not _lvl_reduce(istate, fstate, ib, inst, s, opx if s == 0 else -opx, lid, osz, True):
                 istate[ib + I_ANOM + A_ORPHAN] += 1
             _order_delete(istate, j)
+            if istate[ib + I_N_TAKERS] > 0:
+                _taker_consume(istate, ib, inst, sd, opx, osz)
             return 0, sd, 0.0, osz
         if price == opx:
             if not _lvl_reduce(istate, fstate, ib, inst, s, opx if s == 0 else -opx, lid,
                                osz - size, False):
                 istate[ib + I_ANOM + A_ORPHAN] += 1
             istate[ro + O_SZ] = _f2i(size)
+            if size < osz and istate[ib + I_N_TAKERS] > 0:
+                _taker_consume(istate, ib, inst, sd, opx, osz - size)
             if size >= osz:
                 return 0, sd, size - osz, 0.0
             return 0, sd, 0.0, osz - size
         # price change: leave the old level, join the new one
         if not _lvl_reduce(istate, fstate, ib, inst, s, opx if s == 0 else -opx, lid, osz, True):
             istate[ib + I_ANOM + A_ORPHAN] += 1
-        nlid = _lvl_add(istate, fstate, ib, inst, s, price if s == 0 else -price, size)
+        added = size
+        if policy == CROSS_AGGRESSOR and _marketable(istate, fstate, ib, inst, sd, price):
+            nlid = np.int64(PENDING_LEVEL)
+            _taker_push(istate, ib, inst, key)
+            added = 0.0
+        else:
+            nlid = _lvl_add(istate, fstate, ib, inst, s, price if s == 0 else -price, size)
         istate[ro + O_META] = _meta(inst, sd, nlid)
         istate[ro + O_PX] = _f2i(price)
         istate[ro + O_SZ] = _f2i(size)
-        if params[P_UNCROSS] != 0.0:
+        if policy == CROSS_UNCROSS:
             istate[ib + I_ANOM + A_UNCROSSED] += _uncross(istate, fstate, ib, inst, sd, price)
-        return 0, sd, size, osz
+        return 0, sd, added, osz
 
     if kind == KIND_BOOK_DELETE:
         if key == 0:  # clear the instrument's book
@@ -840,6 +1044,9 @@ def book_apply(ticks, i, fstate, istate, params):
             istate[ib + I_NA] = 0
             istate[ib + I_DEPTH_CHG] = 0
             istate[ib + I_DEPTH_CHG + 1] = 0
+            for q in range(MAX_TAKERS):
+                istate[ib + I_TAKERS + q] = 0
+            istate[ib + I_N_TAKERS] = 0
             istate[ib + I_ANOM + A_CLEAR] += 1
             return 0, 0, 0.0, 0.0
         if not math.isfinite(size):
@@ -867,7 +1074,9 @@ def book_apply(ticks, i, fstate, istate, params):
             istate[ib + I_ANOM + A_FILL_UNKNOWN] += 1
         else:
             ro = istate[H_OFF_ORD] + j * OREC
-            side = -_m_side(istate[ro + O_META])  # aggressor = opposite of the resting order
+            om = istate[ro + O_META]
+            # the aggressor is the opposite of a resting order, or the pending taker itself
+            side = _m_side(om) if _m_level(om) == PENDING_LEVEL else -_m_side(om)
             _reduce_order(istate, fstate, ib, inst, j, size, True)
     return 1, side, 0.0, 0.0
 
@@ -883,16 +1092,26 @@ def _reduce_order(istate, fstate, ib, inst, j, size, is_fill):
     osz = _i2f(istate[ro + O_SZ])
     lid = _m_level(om)
     okey = opx if s == 0 else -opx
+    pending = lid == PENDING_LEVEL
     if size > 0.0 and size < osz:
-        if not _lvl_reduce(istate, fstate, ib, inst, s, okey, lid, size, False):
-            istate[ib + I_ANOM + A_ORPHAN] += 1
+        if not pending:
+            if not _lvl_reduce(istate, fstate, ib, inst, s, okey, lid, size, False):
+                istate[ib + I_ANOM + A_ORPHAN] += 1
+            if istate[ib + I_N_TAKERS] > 0:
+                _taker_consume(istate, ib, inst, sd, opx, size)
         istate[ro + O_SZ] = _f2i(osz - size)
-        return 0, sd, 0.0, (0.0 if is_fill else size)
+        return 0, sd, 0.0, (0.0 if is_fill or pending else size)
+    if pending:
+        _taker_forget(istate, ib, istate[ro + O_KEY])
+        _order_delete(istate, j)
+        return 0, sd, 0.0, 0.0
     if size > osz:
         istate[ib + I_ANOM + A_OVERSIZED] += 1
     if not _lvl_reduce(istate, fstate, ib, inst, s, okey, lid, osz, True):
         istate[ib + I_ANOM + A_ORPHAN] += 1
     _order_delete(istate, j)
+    if istate[ib + I_N_TAKERS] > 0:
+        _taker_consume(istate, ib, inst, sd, opx, osz)
     return 0, sd, 0.0, (0.0 if is_fill else osz)
 
 
@@ -976,6 +1195,7 @@ def grow_book_state(fstate: np.ndarray, istate: np.ndarray, max_orders: int) -> 
     f2, i2 = new_book_state(n, max_orders=max_orders, max_levels=int(istate[H_LEVELS]))
     f2[:] = fstate
     i2[H_NEXT_LEVEL_ID] = istate[H_NEXT_LEVEL_ID]
+    i2[H_CROSSING] = istate[H_CROSSING]
     off = int(istate[H_OFF_INST])
     end = int(istate[H_OFF_ORD])
     i2[off:end] = istate[off:end]

@@ -268,15 +268,19 @@ def new_state(
     *,
     max_orders: int = _bk.DEFAULT_MAX_ORDERS,
     max_levels: int = _bk.DEFAULT_MAX_LEVELS,
+    crossing_add: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return fresh ``(fstate, istate)`` for ``n_instruments`` (see :func:`features.book.new_book_state`).
 
     The capacities are not feature-set parameters (they do not change any
     feature while they are not exceeded, and a model must not depend on them):
     pass larger ones for very deep or very many books.  Exceeding them is
-    counted (``book_full`` rejects, ``level_overflow`` anomalies).
+    counted (``book_full`` rejects, ``level_overflow`` anomalies).  Nor is
+    ``crossing_add``, the venue's meaning of a marketable add (``keep``,
+    ``uncross``, ``aggressor``; None: the ``uncross`` parameter decides).
     """
-    return _bk.new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels)
+    return _bk.new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels,
+                              crossing_add=crossing_add)  # fmt: skip
 
 
 @njit(cache=True, nogil=True, inline="always")

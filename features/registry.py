@@ -55,7 +55,8 @@ def _no_anomalies(istate: np.ndarray) -> dict[str, int]:
 
 
 @functools.cache
-def _family(name: str, max_orders: int | None, max_levels: int | None) -> Kernels:
+def _family(name: str, max_orders: int | None, max_levels: int | None,
+            crossing_add: str | None = None) -> Kernels:
     if name == "l1":
         from features import kernels as m
 
@@ -75,6 +76,8 @@ def _family(name: str, max_orders: int | None, max_levels: int | None) -> Kernel
             kw["max_orders"] = int(max_orders)
         if max_levels is not None:
             kw["max_levels"] = int(max_levels)
+        if crossing_add is not None:
+            kw["crossing_add"] = str(crossing_add)
         new_state = functools.partial(m.new_state, **kw) if kw else m.new_state
         return Kernels(m.update_tick, m.compute_batch, new_state, m.apply_tick, "l3",
                        m.N_FEATURES, book.anomaly_counts)  # fmt: skip
@@ -82,12 +85,14 @@ def _family(name: str, max_orders: int | None, max_levels: int | None) -> Kernel
 
 
 def kernels_for(
-    feature_set: Any, *, max_orders: int | None = None, max_levels: int | None = None
+    feature_set: Any, *, max_orders: int | None = None, max_levels: int | None = None,
+    crossing_add: str | None = None,
 ) -> Kernels:
     """Return the :class:`Kernels` of ``feature_set`` (a FeatureSet, its id or family name).
 
     ``max_orders`` / ``max_levels`` size the L3 book (live orders of all
-    instruments, price levels per side); they are not feature parameters (see
+    instruments, price levels per side) and ``crossing_add`` says what a
+    marketable add means on the venue; none of them is a feature parameter (see
     :func:`features.kernels_l3.new_state`).  Ignored by the other families.
     """
     if isinstance(feature_set, str):
@@ -96,4 +101,4 @@ def kernels_for(
         name = getattr(feature_set, "name", None)
         if name is None:
             raise TypeError(f"expected a FeatureSet, an id or a family name, got {feature_set!r}")
-    return _family(name, max_orders, max_levels)
+    return _family(name, max_orders, max_levels, crossing_add)

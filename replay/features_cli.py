@@ -103,7 +103,8 @@ _L3_START_ORDERS = 4096
 class _Groups:
     """Per-thread instrument groups, each with its own kernel state."""
 
-    def __init__(self, kern, n_inst: int, n_groups: int, counts: np.ndarray | None) -> None:
+    def __init__(self, kern, n_inst: int, n_groups: int, counts: np.ndarray | None,
+                 crossing_add: str | None = None) -> None:
         self.n = max(1, min(n_groups, n_inst))
         self.group_of = np.zeros(max(n_inst, 1), dtype=np.int64)
         if self.n > 1:
@@ -118,7 +119,8 @@ class _Groups:
             # a small order table stays in the CPU caches; it grows when it fills up
             from features.kernels_l3 import new_state
 
-            self.states = [list(new_state(n_inst, max_orders=_L3_START_ORDERS)) for _ in range(self.n)]
+            self.states = [list(new_state(n_inst, max_orders=_L3_START_ORDERS, crossing_add=crossing_add))
+                           for _ in range(self.n)]
         else:
             self.states = [list(kern.new_state(n_inst)) for _ in range(self.n)]
         self.grow = kern.family == "l3"
@@ -194,13 +196,17 @@ def compute_features(
 
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    # written under a temporary name and renamed at the end: an error never leaves a partial
+    # (or empty) Parquet file behind, nor clobbers an existing one
+    part_path = out_path.with_name(f".{out_path.name}.partial")
     sym_arr = pa.array(symbols, type=pa.string())
     schema = pa.schema(
         [("ts_event_ns", pa.int64()), ("symbol", pa.dictionary(pa.int32(), pa.string())),
          ("kind", pa.uint8()), ("flags", pa.int32())]
-        + [(n, pa.float32()) for n in fs.names]
+        + [(n, pa.float32()) for n in fs.names],
+        metadata={b"tickscore.feature_set_id": fs.id.encode(), b"tickscore.shape": shp.encode()},
     )  # fmt: skip
-    writer = pq.ParquetWriter(out_path, schema, compression="zstd")
+    writer = pq.ParquetWriter(part_path, schema, compression="zstd")
     counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
     groups: _Groups | None = None
     pool = ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else None
@@ -217,7 +223,8 @@ def compute_features(
                 continue
             if groups is None:
                 counts = np.bincount(ticks["instrument"][ticks["instrument"] >= 0], minlength=n_inst)
-                groups = _Groups(kern, n_inst, n_threads if n_inst > 1 else 1, counts)
+                groups = _Groups(kern, n_inst, n_threads if n_inst > 1 else 1, counts,
+                                 getattr(mapping, "crossing_add", None))
             X = np.empty((n, F), dtype=np.float32)
             flags = np.empty(n, dtype=np.int32)
             t0 = time.perf_counter()
@@ -266,12 +273,18 @@ def compute_features(
                     f"features {100.0 * done / max(chunks.total_rows, 1):5.1f}%  {done:,}/"
                     f"{chunks.total_rows:,} rows  {rate:,.0f} rows/s  ETA {eta:,.0f}s\n"
                 )
-    finally:
+    except BaseException:
         writer.close()
+        part_path.unlink(missing_ok=True)
+        raise
+    finally:
         if pool is not None:
             pool.shutdown()
+    writer.close()
     if err:
+        part_path.unlink(missing_ok=True)
         raise err[0]
+    part_path.replace(out_path)
     wall = time.perf_counter() - t_start
     anomalies = dict(chunks.anomalies)
     if groups is not None:

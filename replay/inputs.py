@@ -148,7 +148,7 @@ def open_replay_data(opts: Any, data_path: str) -> ReplayData:
     else:
         chunks = iter_tick_chunks(data_path, int(chunk_rows), mapping=mapping, shape=shape,
                                   sort_by_exchange_time=sort)  # fmt: skip
-    kern = kernels_for(fs)
+    kern = kernels_for(fs, crossing_add=getattr(mapping, "crossing_add", None))
     if chunks is None:
         td = read_ticks(data_path, mapping=mapping, shape=shape, sort_by_exchange_time=sort)
         ticks = td.ticks if opts.limit is None else td.ticks[: opts.limit]

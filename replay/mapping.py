@@ -82,6 +82,12 @@ numbers match their integer text (``1.0`` -> ``1``).
 ``resting`` (the file gives the resting order's side on trades, as LOBSTER and
 Coinbase do: it is negated).
 ``order_id_hash``: ``auto`` (hash text ids that are not all integers) | ``true`` | ``false``.
+``crossing_add`` (L3): what an add at or through the opposite best price means on
+this venue: ``uncross`` (default: the opposite levels it crosses are stale and
+dropped), ``aggressor`` (the venue announces an incoming taker as an add at its
+limit price before the fills: it is held off the book while it crosses and its
+remainder rests once it no longer does) or ``keep`` (every order as received).
+See :mod:`features.book`.
 
 Default codes (always active, a mapping adds to or overrides them):
 kinds ``1 quote 2 trade 3 add 4 modify 5 delete`` and the names ``quote trade
@@ -147,6 +153,7 @@ _DEFAULT_SIDES: dict[str, int] = {
 _TS_UNITS = ("auto", "ns", "us", "ms", "s", "datetime")
 _SEPARATORS = {"comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|", "space": " "}
 _SHAPES = ("l1", "trades", "l3")
+_CROSSING = ("uncross", "aggressor", "keep")  # features.book.CROSSING_POLICIES
 
 #: Built-in presets (key sets applied before the user's keys).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -166,6 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ts_tz": "America/New_York",
         "price_scale": "0.0001",
         "trade_side": "resting",
+        "crossing_add": "uncross",  # ITCH: a marketable order executes before it is ever added
         "kinds": {"1": "add", "2": "delete", "3": "delete", "4": "fill", "5": "print",
                   "6": "print", "7": "skip"},  # fmt: skip
         "sides": {"1": "buy", "-1": "sell"},
@@ -182,6 +190,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "size": "size",
         "order_id": "order_id",
         "price_int_scale": "1e-9",
+        "crossing_add": "uncross",  # MBO: the aggressor is never added; fills arrive as C/M of makers
         "kinds": {"A": "add", "M": "modify", "C": "cancel", "R": "clear", "T": "print",
                   "F": "skip", "N": "skip"},  # fmt: skip
         "sides": {"B": "buy", "A": "sell", "N": "none"},
@@ -216,8 +225,11 @@ class ColumnMapping:
     sides: dict[str, int] = field(default_factory=lambda: dict(_DEFAULT_SIDES))
     trade_side: str = "aggressor"
     order_id_hash: str = "auto"
+    crossing_add: str | None = None
     preset: str | None = None
     explicit: bool = True
+    #: every key the mapping was built from (preset first), as given: the run summary records it
+    keys: dict[str, Any] = field(default_factory=dict)
 
     def source(self, fld: str) -> tuple[str, ...]:
         """Return the vendor columns of ``fld`` (the field's own name if not mapped)."""
@@ -229,7 +241,11 @@ class ColumnMapping:
         parts += [f"{k}=={v}" for k, v in self.constants.items()]
         opts = f"ts_unit={self.ts_unit}"
         if self.ts_date:
-            opts += f", ts_date={self.ts_date} {self.ts_tz}"
+            opts += f", ts_date={self.ts_date}"
+        if self.ts_tz != "UTC":
+            opts += f", ts_tz={self.ts_tz}"
+        if self.crossing_add is not None:
+            opts += f", crossing_add={self.crossing_add}"
         if self.price_scale != 1.0:
             opts += f", price_scale={self.price_scale:g}"
         if self.price_int_scale != 1.0:
@@ -362,6 +378,7 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
         valid choices.
     """
     spec = dict(spec)
+    given = dict(spec)
     preset = spec.get("preset")
     if preset is not None:
         preset = str(preset).strip().lower().replace("_", "-")
@@ -439,11 +456,16 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
             if v not in ("auto", "true", "false"):
                 raise ValueError(f"mapping: order_id_hash must be auto, true or false, got {value!r}")
             kw[k] = v
+        elif k == "crossing_add":
+            v = str(value).strip().lower()
+            if v not in _CROSSING:
+                raise ValueError(f"mapping: crossing_add must be one of {list(_CROSSING)}, got {value!r}")
+            kw[k] = v
         else:
             known = sorted(set(FIELDS) | {"kinds", "sides", "shape", "preset", "format", "header",
                                           "separator", "ts_unit", "ts_recv_unit", "ts_format", "ts_tz",
                                           "ts_date", "price_scale", "price_int_scale", "size_scale",
-                                          "trade_side", "order_id_hash"})  # fmt: skip
+                                          "trade_side", "order_id_hash", "crossing_add"})  # fmt: skip
             raise ValueError(f"mapping: unknown key {key!r}; known keys: {known}")
     if "ts_date" in kw:
         import datetime as _dt
@@ -454,7 +476,31 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
             raise ValueError(f"mapping: ts_date must be YYYY-MM-DD, got {kw['ts_date']!r}") from None
         if kw.get("ts_unit", "auto") == "auto":
             kw["ts_unit"] = "s"
-    return ColumnMapping(columns=columns, constants=constants, kinds=kinds, sides=sides, **kw)
+    if "ts_tz" in kw:
+        _check_tz(kw["ts_tz"])
+    keys = _merge(PRESETS[preset], {k: v for k, v in given.items() if k != "preset"}) if preset else given
+    if preset:
+        keys = {"preset": preset, **keys}
+    return ColumnMapping(columns=columns, constants=constants, kinds=kinds, sides=sides, keys=keys, **kw)
+
+
+def _check_tz(name: str) -> None:
+    """Raise ValueError naming ``ts_tz`` unless ``name`` is an IANA time zone (close names suggested)."""
+    import difflib
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+        return
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        pass
+    zones = zoneinfo.available_timezones()
+    by_lower = {z.lower(): z for z in zones}
+    tail = {z.rsplit("/", 1)[-1].lower(): z for z in zones}
+    close = [z for z in (by_lower.get(name.lower()), tail.get(name.lower().replace(" ", "_"))) if z]
+    close += [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else " (e.g. UTC, America/New_York)"
+    raise ValueError(f"mapping: ts_tz = {name!r} is not a time zone name (IANA, like America/Chicago){hint}")
 
 
 def mapping_from_cli(

@@ -296,6 +296,7 @@ def _input_summary(data, agent) -> dict:
     }
     if data.mapping is not None:
         out["mapping"] = data.mapping.describe()
+        out["mapping_keys"] = data.mapping.keys
     if data.chunked:
         src = data.source
         out["chunks"] = {"chunk_rows": data.chunks.chunk_rows, "served": src.chunks_served,

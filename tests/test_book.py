@@ -51,8 +51,9 @@ def ev(ts, kind, oid=0, side=0, price=0.0, size=0.0, inst=0):
 class Book:
     """Drive the L3 kernel one event at a time and look at the result."""
 
-    def __init__(self, n_inst=1, max_orders=1000, max_levels=64, **params):
-        self.fs, self.is_ = K.new_state(n_inst, max_orders=max_orders, max_levels=max_levels)
+    def __init__(self, n_inst=1, max_orders=1000, max_levels=64, crossing_add=None, **params):
+        self.fs, self.is_ = K.new_state(n_inst, max_orders=max_orders, max_levels=max_levels,
+                                        crossing_add=crossing_add)  # fmt: skip
         p = dict(K.DEFAULT_PARAMS)
         p.update(params)
         self.params = np.array([p[k] for k in K.PARAM_NAMES], dtype=np.float64)
@@ -187,6 +188,88 @@ def test_without_uncross_a_crossed_book_is_kept_as_received_and_counted():
     assert b.x[K.X_SPREAD] == 0.0  # negative spread clipped
 
 
+def _venue_book(**kw):
+    """Bids 100.0 x5, 99.5 x4; asks 100.5 x2, 101.0 x3, 101.5 x4, 102.0 x5 (order ids 1..6)."""
+    b = Book(**kw)
+    b.run([(1, ADD, 1, 1, 100.0, 5), (1, ADD, 2, 1, 99.5, 4), (1, ADD, 3, -1, 100.5, 2),
+           (1, ADD, 4, -1, 101.0, 3), (1, ADD, 5, -1, 101.5, 4), (1, ADD, 6, -1, 102.0, 5)])  # fmt: skip
+    return b
+
+
+_BIDS = [(100.0, 5.0, 1), (99.5, 4.0, 1)]
+
+
+def test_aggressor_policy_holds_a_taker_off_the_book_until_its_fills_arrive_then_rests_the_rest():
+    # A venue that announces a taker as a create at its limit price, then the fills as
+    # deletes / reductions of the resting orders it consumed, then the taker's remainder.
+    b = _venue_book(crossing_add="aggressor")
+    asks0 = [(100.5, 2.0, 1), (101.0, 3.0, 1), (101.5, 4.0, 1), (102.0, 5.0, 1)]
+    steps = [
+        # taker buy 12 @ 101.5: through three ask levels; the opposite side stays intact
+        ((2, ADD, 10, 1, 101.5, 12), _BIDS, asks0),
+        # fill 1: resting ask 3 (100.5 x2) consumed
+        ((2, DEL, 3, 0, 0.0, 0.0), _BIDS, asks0[1:]),
+        # fill 2: resting ask 4 (101.0 x3) consumed, as a modify to size 0
+        ((2, MOD, 4, 0, 101.0, 0.0), _BIDS, asks0[2:]),
+        # fill 3: 2 of resting ask 5 (101.5 x4): the taker still locks 101.5, still held
+        ((2, DEL, 5, 0, 0.0, 2.0), _BIDS, [(101.5, 2.0, 1), (102.0, 5.0, 1)]),
+        # fill 4: the rest of ask 5: the taker no longer crosses; what the fills left of it
+        # (12 - 2 - 3 - 4 = 3) rests at 101.5
+        ((2, DEL, 5, 0, 0.0, 0.0), [(101.5, 3.0, 1)] + _BIDS, [(102.0, 5.0, 1)]),
+        # the venue confirms the taker's remainder
+        ((2, MOD, 10, 0, 101.5, 3.0), [(101.5, 3.0, 1)] + _BIDS, [(102.0, 5.0, 1)]),
+        # and later cancels it
+        ((3, DEL, 10, 0, 0.0, 0.0), _BIDS, [(102.0, 5.0, 1)]),
+    ]
+    for k, (e, bids, asks) in enumerate(steps):
+        assert b(*e) >= 0, k
+        assert b.levels() == {"bids": bids, "asks": asks}, k
+        assert b.x[K.X_SPREAD] > 0.0, k  # never crossed, never locked
+    assert b.rejects() == {}
+    a = b.anomalies
+    assert a["taker_add"] == 1 and a["taker_rested"] == 1
+    for name in ("uncrossed_levels", "crossed_book", "locked_book", "orphan_order", "taker_dropped"):
+        assert name not in a, name
+
+
+def test_aggressor_policy_taker_consumed_by_its_fills_never_rests():
+    b = _venue_book(crossing_add="aggressor")
+    b(2, ADD, 10, 1, 101.0, 5)  # buy 5 @ 101.0: exactly asks 100.5 x2 + 101.0 x3
+    b(2, DEL, 3)
+    b(2, DEL, 4)  # no longer crosses, but nothing of it is left: it does not rest
+    assert b.levels()["bids"] == _BIDS
+    b(2, DEL, 10)  # the venue's delete of the filled taker is accepted quietly
+    assert b.rejects() == {} and "orphan_order" not in b.anomalies and 10 not in b.orders()
+
+
+def test_aggressor_policy_taker_deleted_while_crossing_never_touches_the_book():
+    b = _venue_book(crossing_add="aggressor")
+    b(2, ADD, 10, -1, 99.5, 20)  # sell taker @ 99.5: through the best bid
+    b(2, DEL, 1, 0, 0.0, 5.0)  # it fills bid 1 (100.0 x5); it still locks bid 99.5: held
+    assert b.levels()["bids"] == [(99.5, 4.0, 1)]
+    b(2, DEL, 10)  # the venue deletes the (IOC) taker: nothing rests
+    assert b.levels() == {"bids": [(99.5, 4.0, 1)],
+                          "asks": [(100.5, 2.0, 1), (101.0, 3.0, 1), (101.5, 4.0, 1), (102.0, 5.0, 1)]}
+    assert 10 not in b.orders()
+    assert b.anomalies["taker_add"] == 1 and "taker_rested" not in b.anomalies
+
+
+def test_uncross_policy_wipes_the_opposite_side_on_the_same_taker_sequence():
+    # today's default rule on a venue that announces takers: the asks the taker crossed
+    # are dropped at once and its later fills hit orphans (why such venues need aggressor)
+    b = _venue_book(crossing_add="uncross")
+    b(2, ADD, 10, 1, 101.5, 12)
+    assert b.levels()["asks"] == [(101.5, 4.0, 1), (102.0, 5.0, 1)]
+    assert b.anomalies["uncrossed_levels"] == 2
+    b(2, DEL, 3)
+    assert b.anomalies["orphan_order"] == 1
+
+
+def test_crossing_add_policy_name_is_checked():
+    with pytest.raises(ValueError, match="crossing_add must be one of"):
+        K.new_state(1, crossing_add="agressor")
+
+
 def test_locked_book_is_kept_and_counted():
     b = Book()
     b.run([(1, ADD, 1, -1, 100.0, 5), (2, ADD, 2, 1, 100.0, 2)])
@@ -305,17 +388,70 @@ def test_streaming_update_tick_and_chunked_compute_batch_are_bit_identical():
 
 
 # ============================================================================ property: vs reference
-class RefBook:
-    """Plain-Python book implementing the documented rules of features.book."""
+PENDING = "pending"  # level of a pending taker (aggressor policy): in the order table, on no level
 
-    def __init__(self, n_inst, max_price, band, uncross):
+
+class RefBook:
+    """Plain-Python book implementing the documented rules of features.book.
+
+    ``policy``: crossing-add policy, 0 keep, 1 uncross, 2 aggressor.
+    """
+
+    def __init__(self, n_inst, max_price, band, policy):
         self.orders = {}
         self.levels = [[{}, {}] for _ in range(n_inst)]
+        self.takers = [[] for _ in range(n_inst)]
         self.next_lid = 1
         self.last_trade = [0.0] * n_inst
         self.last_ts = [None] * n_inst
-        self.max_price, self.band, self.uncross = max_price, band, uncross
+        self.max_price, self.band, self.policy = max_price, band, int(policy)
+        self.uncross = self.policy == 1
         self.anom = Counter()
+
+    def marketable(self, inst, sd, price):
+        if sd > 0:
+            ba = self.best(inst, 1)
+            return ba is not None and price >= ba
+        bb = self.best(inst, 0)
+        return bb is not None and price <= bb
+
+    def push_taker(self, inst, key):
+        if len(self.takers[inst]) == 4:
+            old = self.takers[inst].pop(0)
+            self.orders[old][3] = 0  # left on no level: an orphan
+            self.anom["taker_dropped"] += 1
+        self.takers[inst].append(key)
+        self.anom["taker_add"] += 1
+
+    def consume(self, inst, maker_side, maker_px, amount):
+        """A resting order's fill / cancel is taken off the oldest pending taker crossing it."""
+        for key in self.takers[inst]:
+            if amount <= 0.0:
+                return
+            sd, px, sz, _ = self.orders[key]
+            if sd == maker_side or (maker_px > px if sd > 0 else maker_px < px) or sz <= 0.0:
+                continue
+            take = min(amount, sz)
+            rem = sz - take
+            self.orders[key][2] = 0.0 if rem <= 1e-9 * sz else rem
+            amount -= take
+
+    def settle(self, inst):
+        for key in list(self.takers[inst]):
+            sd, px, sz, _ = self.orders[key]
+            if sz <= 0.0 or self.marketable(inst, sd, px):
+                continue
+            self.orders[key][3] = self.lvl_add(inst, 0 if sd > 0 else 1, px, sz)
+            self.takers[inst].remove(key)
+            self.anom["taker_rested"] += 1
+
+    def place(self, inst, key, sd, price, size):
+        """Put order ``key`` on its level, or hold it as a pending taker (aggressor policy)."""
+        if self.policy == 2 and self.marketable(inst, sd, price):
+            self.orders[key] = [sd, price, size, PENDING]
+            self.push_taker(inst, key)
+        else:
+            self.orders[key] = [sd, price, size, self.lvl_add(inst, 0 if sd > 0 else 1, price, size)]
 
     def best(self, inst, s):
         lv = self.levels[inst][s]
@@ -367,13 +503,20 @@ class RefBook:
         sd, px, osz, lid = self.orders[key]
         s = 0 if sd > 0 else 1
         if 0.0 < size < osz:
-            self.lvl_reduce(inst, s, px, lid, size, False)
+            if lid != PENDING:
+                self.lvl_reduce(inst, s, px, lid, size, False)
+                self.consume(inst, sd, px, size)
             self.orders[key][2] = osz - size
+            return
+        if lid == PENDING:
+            self.takers[inst].remove(key)
+            del self.orders[key]
             return
         if size > osz:
             self.anom["oversized_reduce"] += 1
         self.lvl_reduce(inst, s, px, lid, osz, True)
         del self.orders[key]
+        self.consume(inst, sd, px, osz)
 
     def apply(self, ts, kind, inst, oid, side, price, size):
         if kind not in (TRD, ADD, MOD, DEL):
@@ -383,6 +526,7 @@ class RefBook:
         r = self._apply(kind, inst, oid, side, price, size)
         if r >= 0:
             self.last_ts[inst] = ts
+            self.settle(inst)
         return r
 
     def _apply(self, kind, inst, oid, side, price, size):
@@ -401,10 +545,11 @@ class RefBook:
             if key in self.orders:
                 self.anom["duplicate_add"] += 1
                 osd, opx, osz, olid = self.orders.pop(key)
-                self.lvl_reduce(inst, 0 if osd > 0 else 1, opx, olid, osz, True)
-            s = 0 if side > 0 else 1
-            lid = self.lvl_add(inst, s, price, size)
-            self.orders[key] = [1 if side > 0 else -1, price, size, lid]
+                if olid == PENDING:
+                    self.takers[inst].remove(key)
+                else:
+                    self.lvl_reduce(inst, 0 if osd > 0 else 1, opx, olid, osz, True)
+            self.place(inst, key, 1 if side > 0 else -1, price, size)
             if self.uncross:
                 self.do_uncross(inst, side, price)
             return 0
@@ -423,16 +568,26 @@ class RefBook:
                     return -r
             sd, opx, osz, lid = self.orders[key]
             s = 0 if sd > 0 else 1
+            if lid == PENDING:
+                if size == 0.0:
+                    self.takers[inst].remove(key)
+                    del self.orders[key]
+                else:
+                    self.orders[key][1:3] = [price, size]
+                return 0
             if size == 0.0:
                 self.lvl_reduce(inst, s, opx, lid, osz, True)
                 del self.orders[key]
+                self.consume(inst, sd, opx, osz)
                 return 0
             if price == opx:
                 self.lvl_reduce(inst, s, opx, lid, osz - size, False)
                 self.orders[key][2] = size
+                if size < osz:
+                    self.consume(inst, sd, opx, osz - size)
                 return 0
             self.lvl_reduce(inst, s, opx, lid, osz, True)
-            self.orders[key] = [sd, price, size, self.lvl_add(inst, s, price, size)]
+            self.place(inst, key, sd, price, size)
             if self.uncross:
                 self.do_uncross(inst, sd, price)
             return 0
@@ -441,6 +596,7 @@ class RefBook:
                 for k in [k for k in self.orders if k[0] == inst]:
                     del self.orders[k]
                 self.levels[inst] = [{}, {}]
+                self.takers[inst] = []
                 self.anom["book_clear"] += 1
                 return 0
             if not math.isfinite(size):
@@ -491,11 +647,15 @@ events_strategy = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(events=events_strategy, uncross=st.booleans())
-def test_numba_book_matches_python_reference_on_random_streams(events, uncross):
-    b = Book(n_inst=2, uncross=1.0 if uncross else 0.0)
-    ref = RefBook(2, 1e9, 10.0, uncross)
+@settings(max_examples=200, deadline=None)
+@given(events=events_strategy, policy=st.sampled_from([0, 1, 2]), by_state=st.booleans())
+def test_numba_book_matches_python_reference_on_random_streams(events, policy, by_state):
+    # the policy comes from the state (crossing_add, a mapping key) or the uncross parameter
+    if by_state:
+        b = Book(n_inst=2, crossing_add=("keep", "uncross", "aggressor")[policy], uncross=1.0)
+    else:
+        b = Book(n_inst=2, uncross=float(policy))
+    ref = RefBook(2, 1e9, 10.0, policy)
     ts = 0
     for dt, kind, inst, oid, side, price, size in events:
         ts += dt
@@ -510,8 +670,67 @@ def test_numba_book_matches_python_reference_on_random_streams(events, uncross):
             assert b.orders(i) == ref.live(i)
     got_anom = b.anomalies
     for name in ("duplicate_add", "fill_unknown_order", "oversized_reduce", "uncrossed_levels",
-                 "book_clear", "orphan_order"):  # fmt: skip
+                 "book_clear", "orphan_order", "taker_add", "taker_rested", "taker_dropped"):  # fmt: skip
         assert got_anom.get(name, 0) == ref.anom[name], name
+
+
+def _check_against_reference(events, policy, n_inst=2, max_orders=1000):
+    """Feed ``events`` to the numba book and the reference; compare after every event."""
+    b = Book(n_inst=n_inst, max_orders=max_orders, crossing_add=("keep", "uncross", "aggressor")[policy])
+    ref = RefBook(n_inst, 1e9, 10.0, policy)
+    ts = 0
+    for k, (dt, kind, inst, oid, side, price, size) in enumerate(events):
+        ts += dt
+        got = b(ts, kind, oid, side, price, size, inst)
+        want = ref.apply(ts, kind, inst, oid, side, price, size)
+        assert (got >= 0) if want in (0, 1) else (got == want), (k, kind, oid, side, price, size)
+        for i in range(n_inst):
+            assert b.levels(i) == ref.book(i), (k, kind, oid, side, price, size)
+            assert b.orders(i) == ref.live(i), (k, kind, oid, side, price, size)
+    for name in ("duplicate_add", "fill_unknown_order", "oversized_reduce", "uncrossed_levels",
+                 "book_clear", "orphan_order", "taker_add", "taker_rested", "taker_dropped"):  # fmt: skip
+        assert b.anomalies.get(name, 0) == ref.anom[name], name
+    return ref
+
+
+# book-like streams: mostly adds on both sides near one price, then fills / deletes / changes
+_BOOKISH_PRICES = [99.5, 100.0, 100.0, 100.5, 100.5, 101.0, 101.5]
+_bookish_events = st.lists(
+    st.tuples(
+        st.sampled_from([0, 0, 1]),
+        st.sampled_from([ADD, ADD, ADD, ADD, MOD, DEL, DEL, DEL, TRD]),
+        st.integers(0, 1),
+        st.integers(0, 12),
+        st.sampled_from([1, -1]),
+        st.sampled_from(_BOOKISH_PRICES),
+        st.sampled_from([1.0, 2.0, 3.0, 0.5, 0.0]),
+    ),
+    min_size=5,
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_bookish_events, policy=st.sampled_from([0, 1, 2]))
+def test_numba_book_matches_python_reference_on_book_like_streams(events, policy):
+    _check_against_reference(events, policy)
+
+
+@pytest.mark.parametrize("policy", [0, 1, 2])
+def test_numba_book_matches_python_reference_on_a_long_seeded_stream(policy):
+    rng = np.random.default_rng(11 + policy)
+    n = 6000
+    kinds = np.array([ADD, ADD, ADD, ADD, MOD, DEL, DEL, DEL, TRD])
+    events = list(zip(
+        rng.choice([0, 0, 1], n).tolist(), rng.choice(kinds, n).tolist(), rng.integers(0, 2, n).tolist(),
+        rng.integers(0, 40, n).tolist(), rng.choice([1, -1], n).tolist(),
+        rng.choice(_BOOKISH_PRICES, n).tolist(), rng.choice([1.0, 2.0, 3.0, 0.5, 0.0], n).tolist(),
+        strict=True,
+    ))  # fmt: skip
+    ref = _check_against_reference(events, policy)
+    if policy == 2:  # the stream really exercises held, rested and evicted takers
+        assert ref.anom["taker_add"] > 100 and ref.anom["taker_rested"] > 20
+        assert ref.anom["taker_dropped"] > 0
 
 
 def test_growing_the_order_table_mid_stream_changes_no_feature_and_no_book():
