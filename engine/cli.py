@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)"
     )
     r.add_argument("--hwm", type=int, default=100_000, help="per-subscriber queue bound in messages")
-    r.add_argument("--limit", type=int, default=None, help="replay only the first N ticks")
+    r.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="replay only the file's first N rows (ticks, rejects and scores count those rows)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
 

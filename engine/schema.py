@@ -26,6 +26,7 @@ __all__ = [
     "FLAG_STALE_QUOTE",
     "FLAG_NO_BOOK",
     "FLAG_CLIPPED",
+    "FLAG_NO_TRADES",
     "FLAG_NAMES",
     "REJECT_OK",
     "REJECT_NONFINITE",
@@ -89,11 +90,13 @@ FLAG_WARMUP = 1  #: the instrument has seen too few events for its features to b
 FLAG_STALE_QUOTE = 2  #: the last quote of the instrument is older than the stale threshold
 FLAG_NO_BOOK = 4  #: no quote seen yet for the instrument: book features are placeholders
 FLAG_CLIPPED = 8  #: at least one feature was clipped to its documented range
+FLAG_NO_TRADES = 16  #: no trade seen yet for the instrument: trade features are placeholders
 FLAG_NAMES = {
     FLAG_WARMUP: "warmup",
     FLAG_STALE_QUOTE: "stale_quote",
     FLAG_NO_BOOK: "no_book",
     FLAG_CLIPPED: "clipped",
+    FLAG_NO_TRADES: "no_trades",
 }
 
 # Reject reasons: index into a per-run int64 counter array.

@@ -39,7 +39,7 @@ class Score(msgspec.Struct, array_like=True, tag=2, frozen=True):
     flags: int
 
 
-FLAG_NAMES = {1: "warmup", 2: "stale_quote", 4: "no_book", 8: "clipped"}
+FLAG_NAMES = {1: "warmup", 2: "stale_quote", 4: "no_book", 8: "clipped", 16: "no_trades"}
 COLUMNS = ("instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score", "model_version",
            "flags", "recv_ns")
 

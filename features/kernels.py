@@ -33,6 +33,7 @@ from numba import njit
 from engine.schema import (
     FLAG_CLIPPED,
     FLAG_NO_BOOK,
+    FLAG_NO_TRADES,
     FLAG_STALE_QUOTE,
     FLAG_WARMUP,
     KIND_QUOTE,
@@ -408,6 +409,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         x_out[X_QUOTE_AGE] = math.log1p(v)
 
     if st[I_LAST_TRADE_TS] == INT64_MIN:
+        flags |= FLAG_NO_TRADES
         x_out[X_FLOW_IMB] = 0.0
         x_out[X_TRADE_RATE] = 0.0
         age_t = age_first_s

@@ -34,6 +34,7 @@ from numba import njit
 from engine.schema import (
     FLAG_CLIPPED,
     FLAG_NO_BOOK,
+    FLAG_NO_TRADES,
     FLAG_STALE_QUOTE,
     FLAG_WARMUP,
     KIND_BOOK_DELETE,
@@ -616,6 +617,7 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     tot = fstate[fb + C_ADD_V] + fstate[fb + C_CXL_V]
     x_out[X_CXL] = min(1.0, max(0.0, fstate[fb + C_CXL_V] / tot)) if tot > 0.0 else 0.0
     if istate[ib + I_LAST_TRADE_TS] == INT64_MIN:
+        flags |= FLAG_NO_TRADES
         x_out[X_FLOW] = 0.0
         fstate[fb + C_LOG_IN + 4] = 0.0
         age_t = age_first_s

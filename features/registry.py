@@ -48,10 +48,27 @@ class Kernels(NamedTuple):
     family: str
     n_features: int
     anomalies: Callable[[np.ndarray], dict[str, int]]
+    #: ``trades_seen(istate) -> int``: instruments that have seen a trade (-1: the family needs none)
+    trades_seen: Callable[[np.ndarray], int] = lambda istate: -1
 
 
 def _no_anomalies(istate: np.ndarray) -> dict[str, int]:
     return {}
+
+
+def _l1_trades_seen(istate: np.ndarray) -> int:
+    from features import kernels as m
+
+    return int((istate[:, m.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
+
+
+def _l3_trades_seen(istate: np.ndarray) -> int:
+    from features import book
+
+    n = int(istate[book.H_N_INST])
+    off = int(istate[book.H_OFF_INST])
+    blk = istate[off : off + n * book.NI_INST].reshape(n, book.NI_INST)
+    return int((blk[:, book.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
 
 
 @functools.cache
@@ -61,7 +78,7 @@ def _family(name: str, max_orders: int | None, max_levels: int | None,
         from features import kernels as m
 
         return Kernels(m.update_tick, m.compute_batch, m.new_state, m.apply_tick, "l1",
-                       m.N_FEATURES, _no_anomalies)  # fmt: skip
+                       m.N_FEATURES, _no_anomalies, _l1_trades_seen)  # fmt: skip
     if name == "trades":
         from features import kernels_trades as m
 
@@ -80,7 +97,7 @@ def _family(name: str, max_orders: int | None, max_levels: int | None,
             kw["crossing_add"] = str(crossing_add)
         new_state = functools.partial(m.new_state, **kw) if kw else m.new_state
         return Kernels(m.update_tick, m.compute_batch, new_state, m.apply_tick, "l3",
-                       m.N_FEATURES, book.anomaly_counts)  # fmt: skip
+                       m.N_FEATURES, book.anomaly_counts, _l3_trades_seen)  # fmt: skip
     raise KeyError(f"no kernels for feature-set family {name!r}; known: {list(FAMILIES)}")
 
 

@@ -140,18 +140,19 @@ def open_replay_data(opts: Any, data_path: str) -> ReplayData:
     sort = bool(getattr(opts, "sort_by_exchange_time", False))
     chunk_rows = getattr(opts, "chunk_rows", None)
     chunks = None
+    limit = opts.limit  # the file's first N rows: ticks, rejects and scores all count those
     if chunk_rows is None:
         chunks = iter_tick_chunks(data_path, DEFAULT_CHUNK_ROWS, mapping=mapping, shape=shape,
-                                  sort_by_exchange_time=sort)  # fmt: skip
+                                  sort_by_exchange_time=sort, max_rows=limit)  # fmt: skip
         if chunks.total_rows <= CHUNK_AUTO_ROWS:
             chunks = None
     else:
         chunks = iter_tick_chunks(data_path, int(chunk_rows), mapping=mapping, shape=shape,
-                                  sort_by_exchange_time=sort)  # fmt: skip
+                                  sort_by_exchange_time=sort, max_rows=limit)  # fmt: skip
     kern = kernels_for(fs, crossing_add=getattr(mapping, "crossing_add", None))
     if chunks is None:
-        td = read_ticks(data_path, mapping=mapping, shape=shape, sort_by_exchange_time=sort)
-        ticks = td.ticks if opts.limit is None else td.ticks[: opts.limit]
+        td = read_ticks(data_path, mapping=mapping, shape=shape, sort_by_exchange_time=sort, max_rows=limit)
+        ticks = td.ticks
         source = ReplaySource(np.ascontiguousarray(ticks), opts.speed)
         return ReplayData(
             path=data_path, shape=shape, model_path=model_path, feature_set=fs, kernels=kern,
@@ -164,7 +165,7 @@ def open_replay_data(opts: Any, data_path: str) -> ReplayData:
         import os
 
         cpus = set(os.sched_getaffinity(0)) - {opts.pin} or None
-    source = ChunkedReplaySource(chunks, opts.speed, limit=opts.limit, cpus=cpus,
+    source = ChunkedReplaySource(chunks, opts.speed, cpus=cpus,
                                  warmup=getattr(opts, "warmup_ticks", 0))  # fmt: skip
     return ReplayData(
         path=data_path, shape=shape, model_path=model_path, feature_set=fs, kernels=kern,

@@ -26,6 +26,7 @@ __all__ = [
     "format_table",
     "plot_percentiles",
     "percentile_curve",
+    "percentile_axis",
 ]
 
 #: Reported percentiles: JSON key → percentile.
@@ -96,8 +97,15 @@ def write_hgrm(values_ns: np.ndarray, path: str | Path) -> Path:
     hist.output_percentile_distribution(
         buf, output_value_unit_scaling_ratio=1000.0, ticks_per_half_distance=5
     )
+    # The library scales Mean to the output unit but writes StdDeviation in raw ns: one
+    # unit (µs) for the whole footer, as HdrHistogram's own Java output has.
+    lines = buf.getvalue().decode().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("#[Mean"):
+            lines[i] = (f"#[Mean    = {hist.get_mean_value() / 1000.0:12.3f}, "
+                        f"StdDeviation   = {hist.get_stddev() / 1000.0:12.3f}]\n")  # fmt: skip
     path = Path(path)
-    path.write_bytes(buf.getvalue())
+    path.write_text("".join(lines))
     return path
 
 
@@ -127,15 +135,43 @@ def format_table(
     return "\n".join(lines)
 
 
-def percentile_curve(values_ns: np.ndarray, max_nines: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return (x = 1/(1-p), y = latency µs) sampled log-evenly in 1/(1-p)."""
+def percentile_curve(
+    values_ns: np.ndarray, max_nines: float, max_ns: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (x = 1/(1-p), y = latency µs) sampled log-evenly in 1/(1-p).
+
+    The last point is always the maximum, at ``x = n`` (p = 1 - 1/n), so the
+    curve ends where the table's ``max`` is; ``max_ns`` overrides it when the
+    values are a window of a longer run whose exact max is known.
+    """
     v = np.sort(np.asarray(values_ns, dtype=np.int64))
     n = v.size
     top = min(max_nines, np.log10(max(n, 10)))
     x = np.logspace(0, top, 400)
     p = 1.0 - 1.0 / x
     idx = np.minimum((p * n).astype(np.int64), n - 1)
-    return x, v[idx] / 1000.0
+    y = v[idx] / 1000.0
+    mx = (v[-1] if max_ns is None else max(float(max_ns), float(v[-1]))) / 1000.0
+    if x[-1] < n:
+        x, y = np.append(x, float(n)), np.append(y, mx)
+    else:
+        y[-1] = mx
+    return x, y
+
+
+def percentile_axis(ax, max_x: float) -> None:
+    """Set up a log ``1/(1-p)`` percentile x axis (0 %, 90 %, 99 %, ...) reaching ``max_x``."""
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    nines = int(np.floor(np.log10(max(max_x, 10))))
+    ticks = [10.0**k for k in range(0, nines + 1)]
+    labels = ["0%"] + [f"{100 - 100 / t:.{max(0, k - 2)}f}%" for k, t in enumerate(ticks) if k > 0]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, labels)
+    ax.set_xlim(1, max(max_x, ticks[-1]) * 1.3)
 
 
 def plot_percentiles(
@@ -143,34 +179,31 @@ def plot_percentiles(
     path: str | Path,
     *,
     title: str = "tick-to-decision latency by percentile",
+    max_ns: Mapping[str, float] | None = None,
 ) -> Path:
     """Plot latency against percentile on a log ``1/(1-p)`` axis (the HdrHistogram plot).
 
     ``series`` maps a label to a raw latency array in ns; all are overlaid.
+    Each curve ends at its maximum (``max_ns[label]`` when given: a raw
+    window of a longer run), marked and labelled.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    max_n = 1
+    max_x = 10.0
     for label, values in series.items():
         if len(values) == 0:
             continue
-        max_n = max(max_n, len(values))
-        x, y = percentile_curve(values, 6)
-        ax.plot(x, y, label=label, linewidth=1.6)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    nines = int(np.floor(np.log10(max(max_n, 10))))
-    ticks = [10.0**k for k in range(0, nines + 1)]
-    labels = ["0%"] + [f"{100 - 100 / t:.{max(0, k - 2)}f}%" for k, t in enumerate(ticks) if k > 0]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(ticks, labels)
-    ax.set_xlim(1, ticks[-1] * 1.05)
+        x, y = percentile_curve(values, 6, (max_ns or {}).get(label))
+        max_x = max(max_x, float(x[-1]))
+        (line,) = ax.plot(x, y, label=label, linewidth=1.6)
+        ax.plot(x[-1:], y[-1:], "o", color=line.get_color(), ms=4)
+        ax.annotate(f"max {y[-1]:,.1f}", (x[-1], y[-1]), textcoords="offset points", xytext=(-6, 6),
+                    ha="right", fontsize=8, color=line.get_color())  # fmt: skip
+    percentile_axis(ax, max_x)
     ax.set_xlabel("percentile")
     ax.set_ylabel("latency (µs, log)")
     ax.set_title(title)

@@ -460,8 +460,10 @@ def _make_plan(columns: list[str], mp: ColumnMapping, shape: str, path: Path) ->
         for group, label in groups:
             got = [f for f in group if f in cols or f in const]
             if got and len(got) < len(group):
+                lack = [f for f in group if f not in got]
                 raise ValueError(
-                    f"{path}: mapping: incomplete {label} fields {got}; map all of {list(group)}"
+                    f"{path}: mapping: {label} field(s) {lack} not mapped (mapped: {got}); "
+                    f"map all of {list(group)}, e.g. --map {lack[0]}=COLUMN; the file has columns {columns}"
                 )
         if not any(f in cols for f in ("price", "bid_px")):
             raise ValueError(
@@ -912,6 +914,21 @@ def _validate_rows(ticks, last_ts, reasons_out, counts_out):
     return n_ok
 
 
+@njit(cache=True, nogil=True)
+def _count_same_ts(ticks, last_ts):
+    """Return how many ticks repeat their instrument's previous timestamp (carried ``last_ts``)."""
+    n = 0
+    for i in range(ticks.shape[0]):
+        inst = ticks[i].instrument
+        if inst < 0 or inst >= last_ts.shape[0]:
+            continue
+        ts = ticks[i].ts_event_ns
+        if ts == last_ts[inst]:
+            n += 1
+        last_ts[inst] = ts
+    return n
+
+
 # =========================================================================== fast path
 # A frame already in the normalised schema with native column types (what the
 # project's generator writes: Int64 times, String symbol, small-integer kind and
@@ -1187,6 +1204,69 @@ def detect_shape(path: str | Path, mapping: ColumnMapping | None = None, sample_
     return "l1"
 
 
+def explain_rejects(
+    path: str | Path,
+    mapping: ColumnMapping | None,
+    shape: str,
+    rejected: dict[str, int],
+    sample_rows: int = 200_000,
+) -> list[str]:
+    """Return lines that say why rows were rejected and what to change (for a failed run).
+
+    Off the hot path: it re-reads the first ``sample_rows`` rows and names the
+    event / side codes no ``kinds.X`` / ``sides.X`` maps (with counts), the
+    mapped fields that are empty, and the flag that fixes the common reasons.
+    """
+    p = Path(path)
+    mp = mapping or IDENTITY
+    lines: list[str] = []
+    if rejected.get("malformed"):
+        try:
+            frame = next(_iter_frames(p, mp, sample_rows), None)
+            plan = _make_plan(frame.columns, mp, shape, p) if frame is not None else None
+        except (ValueError, OSError):
+            frame = plan = None
+        if frame is not None and plan is not None and frame.height:
+            for fld, table, key in (("kind", mp.kinds, "kinds"), ("side", mp.sides, "sides")):
+                raw = _column(frame, plan, fld)
+                if raw is None:
+                    continue
+                codes = _codes(raw, table, keep_ints=(fld == "kind"))
+                present = _text(raw).is_not_null() if not raw.dtype.is_numeric() else raw.is_not_null()
+                unmapped = codes.is_null()
+                if fld == "side":
+                    unmapped = unmapped | ~codes.is_in([-1, 0, 1]).fill_null(False)
+                bad = _text(raw).filter(present & unmapped)
+                if len(bad):
+                    vc = bad.value_counts(sort=True).head(8)
+                    vals = ", ".join(f"{v!r} ({c:,})" for v, c in vc.iter_rows())
+                    col = "|".join(plan.cols.get(fld, [])) or fld
+                    lines.append(
+                        f"column {col!r} ({fld}) has values that no {key}.X maps: {vals} "
+                        f"(first {frame.height:,} rows); map them, e.g. --map {key}.{vc.item(0, 0)}=..."
+                    )
+            need = ["ts_event", "symbol"] + (["price", "size"] if shape != "l1" else [])
+            for fld in need:
+                raw = _column(frame, plan, fld)
+                if raw is not None and raw.null_count() == frame.height:
+                    lines.append(f"field {fld} is empty in every row (column {'|'.join(plan.cols[fld])})")
+    if rejected.get("time_backwards"):
+        lines.append("time_backwards: the file is not in exchange-time order; pass --sort-by-exchange-time")
+    if rejected.get("bad_kind"):
+        lines.append(
+            f"bad_kind: events of a kind the {shape!r} feature set does not consume (e.g. quotes in an "
+            "L3 file); check --shape and the kinds.X mapping"
+        )
+    if rejected.get("unknown_order"):
+        lines.append(
+            "unknown_order: deletes / changes of orders never added: the file starts mid-book (a "
+            "snapshot is missing) or the order_id column is not the venue's order id"
+        )
+    if rejected.get("unknown_instrument"):
+        lines.append("unknown_instrument: symbols outside the instrument table")
+    return lines
+
+
 def _symbol_table(symbols: Sequence[str] | None) -> list[str] | None:
     if symbols is None:
         return None
@@ -1206,6 +1286,7 @@ def read_ticks(
     mapping: ColumnMapping | None = None,
     shape: str | None = None,
     sort_by_exchange_time: bool = False,
+    max_rows: int | None = None,
 ) -> TickData:
     """Read a Parquet/CSV/CSV.gz market file and return its ticks.
 
@@ -1225,6 +1306,9 @@ def read_ticks(
     sort_by_exchange_time : bool
         Stable sort by ``ts_event_ns`` (file order kept for equal times) before
         validation.
+    max_rows : int, optional
+        Read only the file's first ``max_rows`` rows (rejects are counted over
+        those rows only).
 
     Returns
     -------
@@ -1249,6 +1333,8 @@ def read_ticks(
         raise ValueError(f"unknown shape {shp!r}; known: {list(SHAPES)}")
     table_given = _symbol_table(symbols)
     frame = _read_frame(p, mp)
+    if max_rows is not None:
+        frame = frame.head(max(int(max_rows), 0))
     plan = _make_plan(frame.columns, mp, shp, p)
     if table_given is None:
         sym = _text(_column(frame, plan, "symbol"))  # type: ignore[arg-type]
@@ -1276,6 +1362,8 @@ def read_ticks(
         accepted = cand if n_ok == len(cand) else cand[reasons == REJECT_OK]
     else:
         accepted = cand
+    if shp != "l3":  # (the L3 kernel counts its own, per accepted event)
+        anomalies["same_ts"] = _count_same_ts(accepted, np.full(len(table), np.iinfo(np.int64).min))
     assert accepted.dtype == TICK_DTYPE
     return TickData(
         ticks=accepted, symbols=table, rows=frame.height, rejected=_reasons(counts), path=str(p),
@@ -1323,6 +1411,7 @@ class TickChunks:
         shape: str | None = None,
         symbols: Sequence[str] | None = None,
         sort_by_exchange_time: bool = False,
+        max_rows: int | None = None,
     ) -> None:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -1333,6 +1422,7 @@ class TickChunks:
         if self.shape not in SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; known: {list(SHAPES)}")
         self.sort = bool(sort_by_exchange_time)
+        self.max_rows = None if max_rows is None else max(int(max_rows), 0)
         self.rows_read = 0
         self.rejected: dict[str, int] = {}
         self.anomalies: dict[str, int] = {}
@@ -1342,7 +1432,10 @@ class TickChunks:
         self.total_rows, scanned = self._scan(need_symbols=table is None)
         self.symbols: list[str] = table if table is not None else scanned
         self._index = {s: i for i, s in enumerate(self.symbols)}
+        if self.max_rows is not None:
+            self.total_rows = min(self.total_rows, self.max_rows)
         self._last_ts = np.full(len(self.symbols), np.iinfo(np.int64).min, dtype=np.int64)
+        self._same_ts_last = np.full(len(self.symbols), np.iinfo(np.int64).min, dtype=np.int64)
         self._prev_recv = np.iinfo(np.int64).min
         self._run_max = np.iinfo(np.int64).min
         self._run_emitted = np.iinfo(np.int64).min
@@ -1444,6 +1537,10 @@ class TickChunks:
         """Yield (candidate ticks, reader reject counts) per raw chunk, in file order."""
         mp = self.mapping
         for frame in self._frames():
+            if self.max_rows is not None:
+                if self.rows_read >= self.max_rows:
+                    break
+                frame = frame.head(self.max_rows - self.rows_read)
             if self._plan is None:
                 self._plan = _make_plan(frame.columns, mp, self.shape, self.path)
             norm = _normalise(frame, self._plan, mp, self._index)
@@ -1466,7 +1563,7 @@ class TickChunks:
                     self._run_max = int(max(self._run_max, ts.max()))
             _add(self.anomalies, an)
             yield cand, counts
-        if self._bad_rows.n:
+        if self._bad_rows.n and (self.max_rows is None or self.rows_read < self.max_rows):
             counts = np.zeros(N_REJECT_REASONS, dtype=np.int64)
             counts[REJECT_MALFORMED] = self._bad_rows.n
             self.rows_read += self._bad_rows.n
@@ -1514,6 +1611,8 @@ class TickChunks:
                 ticks = cand if n_ok == len(cand) else cand[reasons == REJECT_OK]
             else:
                 ticks = cand
+            if self.shape != "l3" and len(ticks):
+                _add(self.anomalies, {"same_ts": _count_same_ts(ticks, self._same_ts_last)})
             rej = _reasons(counts)
             _add(self.rejected, rej)
             yield TickChunk(ticks=ticks, rejected=rej)
@@ -1532,6 +1631,7 @@ def iter_tick_chunks(
     shape: str | None = None,
     symbols: Sequence[str] | None = None,
     sort_by_exchange_time: bool = False,
+    max_rows: int | None = None,
 ) -> TickChunks:
     """Return an iterator over the file's ticks in chunks of at most about ``chunk_rows`` rows.
 
@@ -1547,4 +1647,4 @@ def iter_tick_chunks(
     running totals (``rows_read``, ``rejected``, ``anomalies``).
     """
     return TickChunks(path, chunk_rows, mapping=mapping, shape=shape, symbols=symbols,
-                      sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+                      sort_by_exchange_time=sort_by_exchange_time, max_rows=max_rows)  # fmt: skip

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from replay.latency import PERCENTILES, LatencyStats, latency_stats, percentile_curve
+from replay.latency import PERCENTILES, LatencyStats, latency_stats, percentile_axis, percentile_curve
 
 __all__ = [
     "CO_LABEL",
@@ -562,7 +562,6 @@ def _plt():
 def _plot_percentiles(runs: Sequence[Run], names: list[str], path: Path) -> Path:
     """Overlay percentile curves (service solid, CO-corrected dashed) on a log 1/(1-p) axis."""
     plt = _plt()
-    from matplotlib.ticker import FixedLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
     max_n = 10
@@ -574,23 +573,15 @@ def _plot_percentiles(runs: Sequence[Run], names: list[str], path: Path) -> Path
         for values, st, ls, label in series:
             if len(values) == 0:
                 continue
-            max_n = max(max_n, len(values))
-            x, y = percentile_curve(values, 6)
+            x, y = percentile_curve(values, 6, st.max)
+            max_n = max(max_n, float(x[-1]))
             ax.plot(x, y, ls, color=color, linewidth=1.6, label=f"{name}: {label}")
             px = [1.0 / (1.0 - p / 100.0) for p in PERCENTILES.values()]
             py = [st.percentiles[k] / 1000.0 for k in PERCENTILES]
             keep = [j for j, xx in enumerate(px) if xx <= len(values)]
             ax.plot([px[j] for j in keep], [py[j] for j in keep], "o", color=color, ms=3.5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    nines = int(np.floor(np.log10(max_n)))
-    ticks = [10.0**k for k in range(0, nines + 1)]
-    labels = ["0%"] + [f"{100 - 100 / t:.{max(0, k - 2)}f}%" for k, t in enumerate(ticks) if k > 0]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(ticks, labels)
-    ax.set_xlim(1, ticks[-1] * 1.05)
-    ax.set_xlabel("percentile (log 1/(1-p) axis); dots = reported p50 … p99.99")
+    percentile_axis(ax, max_n)
+    ax.set_xlabel("percentile (log 1/(1-p) axis); dots = reported p50 … p99.99; curves end at max")
     ax.set_ylabel("latency (µs, log)")
     ax.set_title("tick-to-decision latency by percentile")
     ax.grid(True, which="major", alpha=0.4)

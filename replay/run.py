@@ -164,6 +164,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     data_path = opts.data or str(default_data_path())
     # shape, model, feature set (from the model's metadata) and kernels, source
     data = open_replay_data(opts, data_path)
+    if not data.chunked and len(data.source.ticks) == 0:  # every row rejected by the reader
+        raise NoScoresError(_no_scores_message(data, dict(data.reader_rejected), data.rows))
     fs = data.feature_set
     backend, model_path, choice = _load_backend(opts.backend, data.model_path, data.first_ticks, fs)
 
@@ -220,7 +222,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
 
     t_in, t_out = agent.recorder.snapshot(agent.seq)
     lat = t_out - t_in
-    warm = min(opts.warmup_ticks, max(len(lat) - 1, 0))
+    warm = _warmup_excluded(opts.warmup_ticks, len(lat))
     corrected = corrected_stats = None
     if data.chunked:  # every tick is in the chunk histograms; raw arrays may be a window
         stats = source.latency.stats()
@@ -273,6 +275,13 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         },
     )
     result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
+    if agent.seq == 0:
+        if opts.out:  # the account of what was rejected, without an empty latency report
+            Path(opts.out).mkdir(parents=True, exist_ok=True)
+            (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        raise NoScoresError(_no_scores_message(data, summary["rejected_by_reason"], summary["ticks"]))
+    if summary["rejected"] > 0.5 * summary["ticks"]:
+        _warn_rejects(data, summary["rejected_by_reason"], summary["ticks"])
     if opts.out:
         raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}
         if corrected is not None:
@@ -284,14 +293,67 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     return result
 
 
+def _warmup_excluded(warmup_ticks: int, n: int) -> int:
+    """Return the latencies to drop as warm-up: ``warmup_ticks``, or 10 % of a run it would swamp."""
+    if warmup_ticks <= n // 2 or n == 0:
+        return min(warmup_ticks, n)
+    warm = n // 10
+    print(
+        f"tickscore: warning: the warm-up of {warmup_ticks:,} ticks is more than half of this run's "
+        f"{n:,} scores: excluding the first {warm:,} (10 %) instead (set it with --warmup-ticks N)",
+        file=sys.stderr,
+    )
+    return warm
+
+
+class NoScoresError(ValueError):
+    """The run scored nothing: every row was rejected (the message says why)."""
+
+
+def _reasons_text(rejected: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1]))
+
+
+def _no_scores_message(data, rejected: dict[str, int], rows: int) -> str:
+    from replay.reader import explain_rejects
+
+    why = explain_rejects(data.path, data.mapping, data.shape, rejected)
+    head = f"all {rows:,} rows of {data.path} were rejected ({_reasons_text(rejected) or 'no rows'})"
+    return head + "".join(f"\n  {w}" for w in why)
+
+
+def _warn_rejects(data, rejected: dict[str, int], ticks: int) -> None:
+    from replay.reader import explain_rejects
+
+    n = sum(rejected.values())
+    print(f"tickscore: warning: {n:,} of {ticks:,} rows rejected ({100.0 * n / ticks:.0f} %: "
+          f"{_reasons_text(rejected)})", file=sys.stderr)  # fmt: skip
+    for w in explain_rejects(data.path, data.mapping, data.shape, rejected):
+        print(f"  {w}", file=sys.stderr)
+
+
 def _input_summary(data, agent) -> dict:
     """Return the summary keys describing the input: shape, feature set, anomalies, chunks."""
     anomalies = _merge(data.reader_anomalies, data.kernels.anomalies(agent.istate))
+    unavailable = list(data.unavailable)
+    if agent.seq and data.kernels.trades_seen(agent.istate) == 0:
+        # a file without trades (an L3 file of creates / deletes / changes only, quotes only)
+        fs = data.feature_set
+        no_trade = [n for n, need in fs.requires.items() if need == "trades" and n not in unavailable]
+        if no_trade:
+            unavailable += no_trade
+            print(
+                f"tickscore: warning: no trade in {data.path}: {len(no_trade)} trade feature(s) of "
+                f"{fs.id} ({', '.join(no_trade)}) are placeholders and every score carries flag "
+                "no_trades; to bring the venue's trades in, see the README (Bringing your own data: "
+                "separate trade files)",
+                file=sys.stderr,
+            )
     out = {
         "shape": data.shape,
         "feature_set": data.feature_set.id,
         "anomalies": anomalies,
-        "unavailable_features": data.unavailable,
+        "unavailable_features": unavailable,
         "chunked": data.chunked,
     }
     if data.mapping is not None:
@@ -388,11 +450,15 @@ def write_outputs(
     files["summary"] = str(out / "summary.json")
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
     files["hgrm"] = str(write_hgrm(result.latency_ns[warm:], out / "latency.hgrm"))
-    series = {f"service time ({result.summary['backend']})": result.latency_ns[warm:]}
+    label = f"service time ({result.summary['backend']})"
+    series = {label: result.latency_ns[warm:]}
+    max_ns = {label: result.stats.max}  # the table's max (a chunked run's raw arrays are a window)
     if result.corrected_ns is not None:
         series["from intended send time"] = result.corrected_ns[warm:]
         write_hgrm(result.corrected_ns[warm:], out / "latency_intended.hgrm")
-    files["png"] = str(plot_percentiles(series, out / "latency.png"))
+        if result.corrected_stats is not None:
+            max_ns["from intended send time"] = result.corrected_stats.max
+    files["png"] = str(plot_percentiles(series, out / "latency.png", max_ns=max_ns))
     np.savez_compressed(out / "latency_raw.npz", **raw)
     files["raw"] = str(out / "latency_raw.npz")
     return files

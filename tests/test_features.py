@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from engine.schema import (
     FLAG_CLIPPED,
     FLAG_NO_BOOK,
+    FLAG_NO_TRADES,
     FLAG_STALE_QUOTE,
     FLAG_WARMUP,
     KIND_BOOK_ADD,
@@ -251,6 +252,7 @@ def reference_features(ticks: np.ndarray, n_inst: int, p: dict[str, float]):
             clipped |= c0
             trade_age = (t - TR[-1][0]) / 1e9
         else:
+            flags |= FLAG_NO_TRADES
             trade_age = since_first
         v, c0 = clip(trade_age, 0, p["age_max_s"])
         x[14] = math.log1p(v)
@@ -484,6 +486,14 @@ def test_warmup_flag_clears_after_min_events_and_min_time():
     rows = [quote(T0 + j * S, 0, 100.0, 100.01) for j in range(12)]
     _, F, *_ = run_batch(make_ticks(rows), 1, fs)
     assert (F[:9] & FLAG_WARMUP).all() and not (F[9:] & FLAG_WARMUP).any()  # 10th event
+
+
+def test_no_trades_flag_until_the_first_trade_of_the_instrument():
+    ticks = make_ticks([quote(T0, 0, 100.0, 100.02, 3, 1), quote(T0 + S, 1, 50.0, 50.01, 1, 1),
+                        trade(T0 + 2 * S, 0, 100.0, 1, 1), quote(T0 + 3 * S, 0, 100.0, 100.02, 3, 1),
+                        quote(T0 + 3 * S, 1, 50.0, 50.01, 2, 1)])  # fmt: skip
+    _, F, *_ = run_batch(ticks, 2)
+    assert [bool(f & FLAG_NO_TRADES) for f in F] == [True, True, False, False, True]
 
 
 def test_no_book_flag_until_first_quote_with_neutral_book_features():

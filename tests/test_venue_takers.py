@@ -35,6 +35,7 @@ def _venue_feed(n_steps: int = 2500, seed: int = 3) -> tuple[pl.DataFrame, dict,
     and its true (best bid, best ask) after every row (NaN: side empty)."""
     rng = np.random.default_rng(seed)
     rows: list[tuple] = []
+    trades: list[tuple] = []  # the venue's separate trade file: microtimestamp,price,amount,type
     tops: list[tuple[float, float]] = []
     book = {1: {}, -1: {}}  # side -> {order id: [price, size]}
     next_id = [1000]
@@ -107,6 +108,7 @@ def _venue_feed(n_steps: int = 2500, seed: int = 3) -> tuple[pl.DataFrame, dict,
                 plan.append((oid, fill))
             for k, (oid, fill) in enumerate(plan):
                 mp, ms = book[opp][oid]
+                trades.append((t[0], round(mp, 2), round(fill, 4), 0 if side > 0 else 1))
                 full = fill >= ms - 1e-9
                 if full:
                     book[opp].pop(oid)
@@ -127,14 +129,17 @@ def _venue_feed(n_steps: int = 2500, seed: int = 3) -> tuple[pl.DataFrame, dict,
         for p, s in book[side].values():
             lv[round(p, 2)] = round(lv.get(round(p, 2), 0.0) + s, 4)
         truth[side] = lv
-    return df, truth, np.array(tops)
+    trades_df = pl.DataFrame(trades, schema=["microtimestamp", "price", "amount", "type"], orient="row")
+    return df, truth, np.array(tops), trades_df
 
 
 @pytest.fixture(scope="module")
 def venue(tmp_path_factory):
-    df, truth, tops = _venue_feed()
-    path = tmp_path_factory.mktemp("venue") / "btcusd-live-orders.csv"
+    df, truth, tops, trades = _venue_feed()
+    d = tmp_path_factory.mktemp("venue")
+    path = d / "btcusd-live-orders.csv"
     df.write_csv(path)
+    trades.write_csv(d / "btcusd-trades.csv")
     return path, truth, tops
 
 
@@ -194,3 +199,34 @@ def test_replay_summary_records_the_policy_and_the_taker_anomalies(venue):
     assert s["anomalies"]["taker_add"] > 100 and "uncrossed_levels" not in s["anomalies"]
     assert s["mapping_keys"]["crossing_add"] == "aggressor"
     assert "crossing_add=aggressor" in s["mapping"]
+
+
+def test_l3_file_without_trades_reports_trade_features_unavailable_and_the_readme_merge_fixes_it(
+    venue, capsys
+):
+    from replay.run import ReplayOptions, run_inprocess
+
+    path, _, _ = venue
+
+    def replay(p, extra=()):
+        mapping = mapping_from_cli(MAP + ["crossing_add=aggressor", *extra])
+        opts = ReplayOptions(data=str(p), pin=None, publish="none", progress=False, backend="ort",
+                             warmup_ticks=10, mapping=mapping)  # fmt: skip
+        return run_inprocess(opts)
+
+    res = replay(path)
+    trade_features = [n for n, need in L3_FEATURE_SET.requires.items() if need == "trades"]
+    assert res.summary["unavailable_features"] == trade_features
+    assert "no trade in" in capsys.readouterr().err
+    # the README's recipe, as written there: the venue's trade file joins the L3 file by time
+    book = pl.read_csv(path)
+    trades = pl.read_csv(path.parent / "btcusd-trades.csv")
+    trades = trades.select("microtimestamp", pl.lit("trade").alias("action"),
+                           pl.lit(None, pl.Int64).alias("id"), pl.col("type").alias("order_type"),
+                           "price", "amount")  # fmt: skip
+    merged = path.parent / "btcusd-l3-with-trades.csv"
+    pl.concat([book, trades]).sort("microtimestamp", maintain_order=True).write_csv(merged)
+    res2 = replay(merged, ["kinds.trade=print"])
+    assert res2.summary["unavailable_features"] == [] and res2.summary["rejected"] == 0
+    assert "no trade in" not in capsys.readouterr().err
+    assert res2.summary["anomalies"]["taker_add"] == res.summary["anomalies"]["taker_add"]
