@@ -51,6 +51,15 @@ def _reload_at(text: str):
         raise argparse.ArgumentTypeError(f"--reload-at takes SEQ=MODEL.onnx, got {text!r}") from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tickscore")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``tickscore`` command."""
     p = argparse.ArgumentParser(
@@ -58,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Low-latency per-tick risk scoring: replay, serve, train, report.",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"tickscore {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser(
@@ -95,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--publish", default=None, metavar="ENDPOINT",
         help="ZeroMQ PUB endpoint to bind, e.g. ipc:///tmp/x.ipc or tcp://127.0.0.1:5556 "
-        "(default ipc:///tmp/tickscore-scores.ipc; 'none' to measure without a socket)",
+        "(default ipc:///tmp/tickscore-replay-scores.ipc, apart from the service's; 'none' to "
+        "measure without a socket)",
     )
     r.add_argument(
         "--rt-priority", type=int, default=None, metavar="1-99",
@@ -152,11 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
 
-    g = sub.add_parser("generate", help="write a synthetic market data file (seeded, reproducible)")
-    g.add_argument("--out", required=True, help="output .parquet path")
-    g.add_argument("--events", type=int, default=200_000)
-    g.add_argument("--symbols", default="ESZ6,NQZ6,CLF7", help="comma-separated instrument symbols")
-    g.add_argument("--seed", type=int, default=1)
+    g = sub.add_parser(
+        "generate", help="write a synthetic market data file (seeded, reproducible)",
+        description="Write a seeded synthetic L1 market (quotes and trades) in the normalised tick "
+        "schema: Parquet (.parquet), CSV (.csv) or gzip CSV (.csv.gz), by the --out suffix.",
+    )
+    g.add_argument("--out", required=True, metavar="PATH",
+                   help="output file: .parquet, .csv or .csv.gz (the suffix picks the format)")
+    g.add_argument("--events", type=int, default=200_000, metavar="N",
+                   help="events to generate, all instruments together (default %(default)s)")
+    g.add_argument("--symbols", default="ESZ6,NQZ6,CLF7",
+                   help="comma-separated instrument symbols (default %(default)s)")
+    g.add_argument("--seed", type=int, default=1, metavar="S",
+                   help="random seed: the same seed gives the same file (default %(default)s)")
     return p
 
 
@@ -266,10 +285,19 @@ _COMMANDS = {
 }
 
 
+#: commands that compile numba kernels on a first run (they say so when it takes long)
+_COMPILING = frozenset({"replay", "features", "serve", "train", "evaluate", "generate"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``tickscore`` command; return the process exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _COMPILING:
+            from features.compile_notice import compile_notice
+
+            with compile_notice(f"tickscore {args.command}"):
+                return _COMMANDS[args.command](args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("tickscore: interrupted", file=sys.stderr)

@@ -80,13 +80,16 @@ class ControlServer:
     def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object]) -> None:
         import zmq
 
+        from engine.zmq_io import ensure_ipc_free
+
         self.endpoint = endpoint
         self.handler = handler
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 1000)
         try:
+            ensure_ipc_free(endpoint)
             self.sock.bind(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             self.sock.close(0)
             raise OSError(f"cannot bind the control socket to {endpoint!r}: {exc}") from exc
         self._get = self.sock.get

@@ -209,6 +209,8 @@ class ZmqTickSource:
     ) -> None:
         import zmq
 
+        from engine.zmq_io import ensure_ipc_free
+
         self.endpoint = endpoint
         self.slot = slot if slot is not None else TickSlot(instruments)
         self.ticks = self.slot.ticks
@@ -223,10 +225,11 @@ class ZmqTickSource:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         try:
             if bind:
+                ensure_ipc_free(endpoint)
                 self.sock.bind(endpoint)
             else:
                 self.sock.connect(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             self.sock.close(0)
             verb = "bind" if bind else "connect"
             raise OSError(f"cannot {verb} ZeroMQ SUB for ticks to {endpoint!r}: {exc}") from exc

@@ -10,14 +10,45 @@ before it starts.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import zmq
 
-__all__ = ["ZmqPublisher", "DEFAULT_PUBLISH_ENDPOINT", "raw_send"]
+__all__ = ["ZmqPublisher", "DEFAULT_PUBLISH_ENDPOINT", "raw_send", "ensure_ipc_free"]
 
-#: Default score endpoint: an ipc socket in the run directory of the host.
-DEFAULT_PUBLISH_ENDPOINT = "ipc:///tmp/tickscore-scores.ipc"
+#: Default score endpoint of ``tickscore replay``: an ipc socket of its own, apart from the
+#: service's (``ipc:///tmp/tickscore-scores.ipc``), so a replay never takes a service's place.
+DEFAULT_PUBLISH_ENDPOINT = "ipc:///tmp/tickscore-replay-scores.ipc"
+
+
+def ensure_ipc_free(endpoint: str) -> None:
+    """Raise OSError if ``endpoint`` is an ``ipc://`` path that a live process serves.
+
+    libzmq binds an ipc path by unlinking whatever socket file is there: a second
+    process would silently take the path over and the first one's clients would
+    receive nothing, with neither side saying a word.  A socket file nobody
+    listens on (left by a killed process) is fine to take.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@") or not os.path.exists(path):
+        return  # (abstract sockets fail to bind by themselves when taken)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # refused / not a socket: nobody serves it
+    finally:
+        probe.close()
+    raise OSError(
+        f"{endpoint} is served by a running process (another tickscore replay or serve?); binding "
+        "it would take the path over and that process's subscribers would receive nothing. Stop "
+        "it, or choose another endpoint"
+    )
 
 
 def raw_send(sock: zmq.Socket):
@@ -77,8 +108,9 @@ class ZmqPublisher:
             if connect:
                 self.sock.connect(endpoint)
             else:
+                ensure_ipc_free(endpoint)
                 self.sock.bind(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             self.sock.close(0)
             self.ctx.term()
             verb = "connect" if connect else "bind"

@@ -329,12 +329,15 @@ def plot(res: dict[str, Any], path: str | Path) -> Path:
 
 def add_evaluate_parser(sub: Any) -> None:
     """Add the ``evaluate`` subcommand to the ``tickscore`` CLI."""
+    import argparse
+
     e = sub.add_parser(
         "evaluate",
         help="compare models on the held-out test period: AUC, log-loss, Brier, calibration, latency",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=__doc__.split("\n", 2)[2].strip().replace("``", "") if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("models", nargs="+", metavar="MODEL.onnx")
+    e.add_argument("models", nargs="+", metavar="MODEL.onnx", help="model files to compare (fp32 and int8)")
     e.add_argument("--data", help="Parquet/CSV tick file (default: the embedded dataset)")
     e.add_argument("--out", metavar="DIR", help="write evaluation.json and evaluation.png here")
     e.add_argument("--latency-calls", type=int, default=20_000, help="timed calls per backend")

@@ -69,6 +69,8 @@ from onnx import numpy_helper
 
 from engine.schema import TICK_DTYPE
 from features.kernels import apply_tick as _l1_apply_tick
+from features.kernels_l3 import apply_tick as _l3_apply_tick
+from features.kernels_trades import apply_tick as _trades_apply_tick
 from models.loader import FeatureSetLike, load_checked
 from models.metadata import ModelError, ModelMetadata
 
@@ -353,6 +355,44 @@ def _l1_fused_tick(i, ctx_addr):
     return flags, -1.0
 
 
+@njit(cache=True, nogil=True)
+def _trades_fused_tick(i, ctx_addr):
+    """:func:`_l1_fused_tick` for the trade-only feature set (2-D state; cached on disk)."""
+    ctx = _ctx_of(ctx_addr)
+    ticks = _ticks_of(ctx)
+    fstate = carray(_ptr(ctx[_CTX_F], np.float64), (ctx[_CTX_F0], ctx[_CTX_F1]))
+    istate = carray(_ptr(ctx[_CTX_I], np.int64), (ctx[_CTX_I0], ctx[_CTX_I1]))
+    params, counters, mi, mf = _rest_of(ctx)
+    xo = mi[4]
+    flags = _trades_apply_tick(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
+    if flags >= 0:
+        return flags, _run_program(mi, mf)
+    return flags, -1.0
+
+
+@njit(cache=True, nogil=True)
+def _l3_fused_tick(i, ctx_addr):
+    """:func:`_l1_fused_tick` for the L3 feature set (1-D book state; cached on disk)."""
+    ctx = _ctx_of(ctx_addr)
+    ticks = _ticks_of(ctx)
+    fstate = carray(_ptr(ctx[_CTX_F], np.float64), (ctx[_CTX_F0],))
+    istate = carray(_ptr(ctx[_CTX_I], np.int64), (ctx[_CTX_I0],))
+    params, counters, mi, mf = _rest_of(ctx)
+    xo = mi[4]
+    flags = _l3_apply_tick(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
+    if flags >= 0:
+        return flags, _run_program(mi, mf)
+    return flags, -1.0
+
+
+#: the fused kernels compiled once and cached on disk: (apply_tick, f_ndim, i_ndim) -> kernel
+_CACHED_TICK_KERNELS = {
+    (_l1_apply_tick, 2, 2): _l1_fused_tick,
+    (_trades_apply_tick, 2, 2): _trades_fused_tick,
+    (_l3_apply_tick, 1, 1): _l3_fused_tick,
+}
+
+
 def _make_tick_kernel(apply_tick: Callable, f_ndim: int, i_ndim: int) -> Callable:
     """Return a ``tick(i, ctx_addr) -> (flags, score)`` kernel for another feature set's ``apply_tick``."""
     if f_ndim not in (1, 2) or i_ndim not in (1, 2):
@@ -451,9 +491,10 @@ _TICK_KERNELS: dict[Any, Callable] = {}
 def tick_kernel_for(feature_set: Any, f_ndim: int = 2, i_ndim: int = 2) -> Callable:
     """Return the fused ``tick(i, ctx_addr) -> (flags, score)`` kernel of ``feature_set``.
 
-    The L1 set uses a cached module-level kernel; other sets compose their own
-    ``apply_tick`` (from ``features.registry.kernels_for``) once per process and
-    state layout.
+    The shipped feature sets (L1, trades, L3 with their own state layouts) use
+    module-level kernels cached on disk; any other ``apply_tick`` (from
+    ``features.registry.kernels_for``) is composed once per process and state
+    layout.
     """
     from models.train import kernels_for
 
@@ -462,8 +503,9 @@ def tick_kernel_for(feature_set: Any, f_ndim: int = 2, i_ndim: int = 2) -> Calla
     if apply is None:
         fs_id = getattr(feature_set, "id", feature_set)
         raise UnsupportedGraph(f"feature set {fs_id!r} has no apply_tick kernel")
-    if apply is _l1_apply_tick and (f_ndim, i_ndim) == (2, 2):
-        return _l1_fused_tick
+    cached = _CACHED_TICK_KERNELS.get((apply, f_ndim, i_ndim))
+    if cached is not None:
+        return cached
     key = (id(apply), f_ndim, i_ndim)
     k = _TICK_KERNELS.get(key)
     if k is None:

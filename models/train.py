@@ -705,7 +705,7 @@ def add_train_parser(sub: Any) -> None:
         help="train the risk model on a tick file; write fp32 and int8 QDQ ONNX models",
         description=(
             "Compute features with the live kernels in batch mode, label large moves, split by "
-            "event time (train/validation/test 60/20/20 %% with a gap of the label horizon), fit "
+            "event time (train/validation/test 60/20/20 % with a gap of the label horizon), fit "
             "an MLP (or a logistic regression with --hidden 0), export ONNX: MODEL.onnx (fp32), "
             "MODEL.int8.onnx (static int8 QDQ calibrated on training rows) and MODEL.train.json."
         ),

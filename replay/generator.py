@@ -669,12 +669,13 @@ def write_market(
     start_ns: int = DEFAULT_START_NS,
     bad_fraction: float = 0.0,
 ) -> Path:
-    """Generate a market with :func:`generate_market` and write it as zstd Parquet.
+    """Generate a market with :func:`generate_market` and write it (format by suffix).
 
     Parameters
     ----------
     path : str or Path
-        Output file; its directory is created if needed.
+        Output file, ``.parquet`` (zstd), ``.csv`` or ``.csv.gz``; its directory
+        is created if needed.
     n_events, symbols, seed, start_ns, bad_fraction
         As in :func:`generate_market`.
 
@@ -683,10 +684,21 @@ def write_market(
     Path
         The written file.
     """
-    frame = generate_market(n_events, symbols, seed, start_ns, bad_fraction=bad_fraction)
     out = Path(path)
+    name = out.name.lower()
+    if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
+        raise ValueError(f"{out}: unknown output format; use a .parquet, .csv or .csv.gz file name")
+    frame = generate_market(n_events, symbols, seed, start_ns, bad_fraction=bad_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(out, compression="zstd", compression_level=9, statistics=True)
+    if name.endswith(".csv"):
+        frame.write_csv(out)
+    elif name.endswith(".csv.gz"):
+        import gzip
+
+        with gzip.open(out, "wb") as f:
+            frame.write_csv(f)
+    else:
+        frame.write_parquet(out, compression="zstd", compression_level=9, statistics=True)
     return out
 
 

@@ -76,23 +76,28 @@ def intended_times(
     return np.zeros(n, dtype=np.int64)
 
 
-def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
+def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool,
+                  command: str = "tickscore publish"):
     """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort); L1 only.
 
-    The service scores the L1 feature set, so the wire carries L1 ticks (quotes and
-    trades); a trade-only or order-by-order file is refused here with the way to
-    replay it, instead of being scored by a model that was not trained on it.
+    The shape is found exactly as the in-process replay finds it (``--shape``,
+    the mapping's ``shape``, else detected from the file).  The service scores
+    the L1 feature set, so the wire carries L1 ticks (quotes and trades); a
+    trade-only or order-by-order file is refused here, naming ``command``,
+    instead of being scored by a model that was not trained on it.
     """
     from replay.mapping import mapping_from_cli
-    from replay.reader import read_ticks
+    from replay.reader import detect_shape, read_ticks
 
     mapping = mapping_from_cli(map_items, map_file, shape)
-    td = read_ticks(path, mapping=mapping, shape=shape, sort_by_exchange_time=sort_by_exchange_time)
-    if td.shape != "l1":
+    shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
+    if shp != "l1":
         raise ValueError(
-            f"{path}: a {td.shape!r} file; only L1 ticks (quotes and trades) are sent to the service, "
-            f"because it scores the L1 feature set. Replay it in-process (tickscore replay without --via)"
+            f"{command}: {path} is a {shp!r} file; only L1 ticks (quotes and trades) are sent to the "
+            f"service, because it scores the L1 feature set. Replay it in-process instead: "
+            f"tickscore replay --data {path} (same --map / --shape flags)"
         )
+    td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
     if len(td.ticks) == 0:
         why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
         raise ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
@@ -162,6 +167,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 5000)
         if spec["bind"]:
+            from engine.zmq_io import ensure_ipc_free
+
+            ensure_ipc_free(spec["endpoint"])
             sock.bind(spec["endpoint"])
         else:
             sock.connect(spec["endpoint"])

@@ -66,7 +66,9 @@ CO_LABEL = "from intended send time (CO-corrected)"
 CHECKED = ("p50", "p99")
 
 _STAGES = ("features", "model", "publish")
-_STAGE_COLORS = {"features": "#4C78A8", "model": "#F58518", "publish": "#54A24B"}
+_FUSED_STAGES = ("features + model", "publish")  # the fused backend runs both in one call
+_STAGE_COLORS = {"features": "#4C78A8", "model": "#F58518", "publish": "#54A24B",
+                 "features + model": "#4C78A8"}  # fmt: skip
 #: Percentile bands of total latency for the stage breakdown: (label, low %, high %).
 _BANDS = (("p0–50", 0.0, 50.0), ("p50–90", 50.0, 90.0), ("p90–99", 90.0, 99.0),
           ("p99–99.9", 99.0, 99.9), (">p99.9", 99.9, 100.0))
@@ -88,6 +90,9 @@ class StageStats:
     count: int
     stats: dict[str, LatencyStats]
     samples: dict[str, np.ndarray] = field(repr=False)
+    #: the stages in order: features, model, publish; or, when features and model are one
+    #: call (the fused backend: no clock reading between them), "features + model", publish
+    stages: tuple[str, ...] = _STAGES
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,9 +176,15 @@ class Run:
             return None
         t_in, t_f, t_m, t_o = (s[k][keep] for k in
                                ("stage_t_in", "stage_t_features", "stage_t_model", "stage_t_out"))
-        samples = {"features": t_f - t_in, "model": t_m - t_f, "publish": t_o - t_m, "total": t_o - t_in}
+        if (t_m == t_f).all():  # one call: say so rather than attribute 0 to the model
+            samples = {"features + model": t_m - t_in, "publish": t_o - t_m, "total": t_o - t_in}
+            stages = _FUSED_STAGES
+        else:
+            samples = {"features": t_f - t_in, "model": t_m - t_f, "publish": t_o - t_m,
+                       "total": t_o - t_in}  # fmt: skip
+            stages = _STAGES
         stats = {k: latency_stats(v) for k, v in samples.items()}
-        return StageStats(int(keep.sum()), stats, samples)
+        return StageStats(int(keep.sum()), stats, samples, stages)
 
     def summary_mismatches(self) -> list[str]:
         """Return the ``latency_ns`` keys of summary.json that differ from the raw-array statistics."""
@@ -434,27 +445,27 @@ def compare_table(runs: Sequence[Run]) -> str:
 def stage_table(runs: Sequence[Run]) -> str:
     """Return the per-stage table: p50/p99/mean (µs) and share of the mean per run."""
     names = _display_names(runs)
-    head = f"{'stage (µs)':<22}{'sampled':>9}{'p50':>11}{'p99':>11}{'mean':>11}{'share':>8}"
+    head = f"{'stage (µs)':<29}{'sampled':>9}{'p50':>11}{'p99':>11}{'mean':>11}{'share':>8}"
     lines = [head, "-" * len(head)]
     any_stage = False
     for run, name in zip(runs, names, strict=True):
         ss = run.stage_stats
         if ss is None:
-            lines.append(f"{name:<22}  (no stage samples)")
+            lines.append(f"{name:<29}  (no stage samples)")
             continue
         any_stage = True
         total_mean = ss.stats["total"].mean or 1.0
-        for j, stage in enumerate((*_STAGES, "total")):
+        for j, stage in enumerate((*ss.stages, "total")):
             st = ss.stats[stage]
-            label = f"{name if j == 0 else '':<12}{stage:<10}"
+            label = f"{name if j == 0 else '':<12}{stage:<17}"
             lines.append(
-                f"{label:<22}{ss.count:>9,}{_us(st.percentiles['p50']):>11}{_us(st.percentiles['p99']):>11}"
+                f"{label:<29}{ss.count:>9,}{_us(st.percentiles['p50']):>11}{_us(st.percentiles['p99']):>11}"
                 f"{_us(st.mean):>11}{100.0 * st.mean / total_mean:>7.0f}%"
             )
     if any_stage:
         lines.append("")
-        lines.append("every 64th tick after warm-up; features = kernel incl. ingest, model = backend run, "
-                     "publish = encode + send")
+        lines.append("every 64th tick after warm-up; features = kernel incl. ingest, model = backend run "
+                     "(fused: features + model, one call), publish = encode + send")
     return "\n".join(lines)
 
 
@@ -745,7 +756,7 @@ def _band_breakdown(ss: StageStats) -> list[tuple[str, int, dict[str, float]]]:
         m = band == j
         if not m.any():
             continue
-        out.append((label, int(m.sum()), {s: float(ss.samples[s][m].mean()) for s in _STAGES}))
+        out.append((label, int(m.sum()), {s: float(ss.samples[s][m].mean()) for s in ss.stages}))
     return out
 
 
@@ -763,7 +774,7 @@ def _plot_stages(runs: Sequence[Run], names: list[str], path: Path) -> Path | No
         bands = _band_breakdown(ss)
         x = np.arange(len(bands))
         bottom = np.zeros(len(bands))
-        for stage in _STAGES:
+        for stage in ss.stages:
             means = np.array([b[2][stage] for b in bands])
             totals = np.array([sum(b[2].values()) for b in bands])
             share = np.where(totals > 0, means / np.where(totals > 0, totals, 1) * 100.0, 0.0)
@@ -918,7 +929,7 @@ def _html_stage_table(runs: Sequence[Run]) -> str:
                         "no stage samples</td></tr>")
             continue
         tm = ss.stats["total"].mean or 1.0
-        for j, stage in enumerate((*_STAGES, "total")):
+        for j, stage in enumerate((*ss.stages, "total")):
             st = ss.stats[stage]
             cls = ' class="sep"' if j == 0 else ""
             rows.append(

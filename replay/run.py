@@ -5,7 +5,7 @@ ZeroMQ publisher, :class:`engine.scorer.ScoringAgent`, :class:`engine.agent.Agen
 with pinning, warm-up and GC freeze) and feeds it from a :class:`replay.source.ReplaySource`.
 After the run it writes, under ``out_dir``:
 
-* ``summary.json``: the run-summary contract of ARCHITECTURE.md (plus extra keys);
+* ``summary.json``: the run-summary contract (README, Run summary JSON; plus extra keys);
 * ``latency.hgrm``: HdrHistogram percentile distribution, microseconds;
 * ``latency.png``: percentile plot on a log ``1/(1-p)`` axis;
 * ``latency_raw.npz``: raw ``t_in``/``t_out`` (and ``intended`` when paced) in ns.
@@ -165,7 +165,19 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     # shape, model, feature set (from the model's metadata) and kernels, source
     data = open_replay_data(opts, data_path)
     if not data.chunked and len(data.source.ticks) == 0:  # every row rejected by the reader
-        raise NoScoresError(_no_scores_message(data, dict(data.reader_rejected), data.rows))
+        rejected = dict(data.reader_rejected)
+        if opts.out:  # the account of what was rejected; no model was loaded, no latency measured
+            summary = summarise(
+                ticks=data.ticks_total(), scores=0, dropped=0, rejected=sum(rejected.values()),
+                rejected_by_reason=rejected, wall_s=0.0, stats=latency_stats(np.empty(0, np.int64)),
+                mode="inprocess", backend=opts.backend, model_path=data.model_path, model_version="",
+                quantization="", data_path=data_path, data_rows=data.rows, pinned=[],
+                extra={"shape": data.shape, "feature_set": data.feature_set.id,
+                       "anomalies": dict(data.reader_anomalies)},
+            )  # fmt: skip
+            Path(opts.out).mkdir(parents=True, exist_ok=True)
+            (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        raise NoScoresError(_no_scores_message(data, rejected, data.rows))
     fs = data.feature_set
     backend, model_path, choice = _load_backend(opts.backend, data.model_path, data.first_ticks, fs)
 
@@ -402,7 +414,7 @@ def summarise(
     pinned: list[int],
     extra: dict | None = None,
 ) -> dict:
-    """Return the run-summary JSON object (contract in ARCHITECTURE.md) plus ``extra`` keys."""
+    """Return the run-summary JSON object (the README's contract) plus ``extra`` keys."""
     summary = {
         "ticks": int(ticks),
         "scores": int(scores),

@@ -432,7 +432,7 @@ def run_wire(args) -> WireRun:
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
                  "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
     td = read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
-                        read_opts["sort_by_exchange_time"])
+                        read_opts["sort_by_exchange_time"], command=f"tickscore replay --via {args.via}")
     n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
     if n == 0:
         raise ValueError(f"{data_path}: no acceptable ticks to send")

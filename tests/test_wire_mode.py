@@ -126,5 +126,6 @@ def test_replay_over_the_wire_refuses_a_file_the_service_cannot_score(tmp_path):
     run = _replay("--via", "zmq", "--data", str(data), "--map", "preset=lobster,ts_date=2012-06-21",
                   "--out", str(tmp_path / "run"), timeout=120)
     assert run.returncode != 0
-    assert "'l3' file" in run.stderr and "without --via" in run.stderr
+    assert "tickscore replay --via zmq:" in run.stderr and "'l3' file" in run.stderr
+    assert "Replay it in-process instead: tickscore replay --data" in run.stderr
     assert "Traceback" not in run.stderr
