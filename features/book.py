@@ -756,6 +756,13 @@ def _uncross(istate, fstate, ib, inst, side, price):
 
 
 @njit(cache=True, nogil=True, inline="always", _nrt=False)
+def _policy(istate, params):
+    """Return the crossing-add policy: the state's own, else the ``uncross`` parameter's."""
+    p = istate[H_CROSSING]
+    return np.int64(params[P_UNCROSS]) if p < 0 else p
+
+
+@njit(cache=True, nogil=True, inline="always", _nrt=False)
 def _marketable(istate, fstate, ib, inst, sd, price):
     """Return True if an order of side ``sd`` at ``price`` is at or through the opposite best."""
     if sd > 0:
@@ -922,9 +929,6 @@ def _apply_event(ticks, i, fstate, istate, params):
     key = np.int64(t.order_id)
     price = t.price
     size = t.size
-    policy = istate[H_CROSSING]
-    if policy < 0:
-        policy = np.int64(params[P_UNCROSS])
 
     if kind == KIND_BOOK_ADD:
         side = t.side
@@ -960,6 +964,7 @@ def _apply_event(ticks, i, fstate, istate, params):
             _order_delete(istate, j)
         s = _side_index(sd)
         added = size
+        policy = _policy(istate, params)
         if policy == CROSS_AGGRESSOR and _marketable(istate, fstate, ib, inst, sd, price):
             lid = np.int64(PENDING_LEVEL)  # an incoming taker: not on the book while it crosses
             _taker_push(istate, ib, inst, key)
@@ -1024,6 +1029,7 @@ def _apply_event(ticks, i, fstate, istate, params):
         if not _lvl_reduce(istate, fstate, ib, inst, s, opx if s == 0 else -opx, lid, osz, True):
             istate[ib + I_ANOM + A_ORPHAN] += 1
         added = size
+        policy = _policy(istate, params)
         if policy == CROSS_AGGRESSOR and _marketable(istate, fstate, ib, inst, sd, price):
             nlid = np.int64(PENDING_LEVEL)
             _taker_push(istate, ib, inst, key)
