@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay only the file's first N rows (ticks, rejects and scores count those rows)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--json", action="store_true", help="print the summary JSON instead of the table")
+    r.add_argument("--record-scores", action="store_true",
+                   help="also write OUT/scores.parquet: every score (seq, instrument, ts_event_ns, score, "
+                        "flags, model_version); in wire mode, as the subscriber received them (needs --out)")
 
     from replay.report import add_report_parser
 
@@ -216,7 +219,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         mapping=_mapping(args),
         sort_by_exchange_time=args.sort_by_exchange_time,
         chunk_rows=args.chunk_rows,
+        record_scores=args.record_scores,
     )
+    if args.record_scores and not args.out:
+        raise ValueError("--record-scores writes OUT/scores.parquet: give --out DIR")
     res = run_inprocess(opts)
     s = res.summary
     if args.json:

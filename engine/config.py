@@ -9,6 +9,7 @@ turns them into plain ints, strings and preallocated objects.
 Layout (every table and key is optional; see ``engine/examples/service.toml``)::
 
     instruments = ["CLF7", "ESZ6", "NQZ6"]    # symbol table: id = position
+    max_instruments = 0                        # > 0: slots for symbols seen first on the wire
 
     [engine]    pin, helper_cpus, idle, freeze_gc, housekeeping_every,
                 recorder_capacity, warmup_ticks, drain_timeout_ms, drain_quiet_ms
@@ -20,6 +21,7 @@ Layout (every table and key is optional; see ``engine/examples/service.toml``)::
     [aeron]     embedded, dir, threading, driver_timeout_ms     (media driver, if Aeron is used)
     [control]   endpoint                                   (ZeroMQ REP: status / reload / stop)
     [output]    dir                                        (final summary.json, hgrm, plot)
+    [book]      crossing_add                               (L3 models: the venue's crossing-add policy)
 
 Without a ``[sources]`` table the service reads ticks from the default ZeroMQ
 endpoint; without a ``[sinks]`` table it publishes scores on the default ZeroMQ
@@ -57,6 +59,7 @@ __all__ = [
     "AeronConfig",
     "ControlConfig",
     "OutputConfig",
+    "BookConfig",
     "ServiceConfig",
     "load_config",
     "parse_config",
@@ -241,6 +244,15 @@ class ControlConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
             _check_zmq_endpoint("endpoint", self.endpoint)
 
 
+class BookConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The L3 order book (models of the ``l3`` feature set only)."""
+
+    #: What an add at or through the opposite best price means on the venue feeding the
+    #: service (as the mapping key of the replay): "" = the feature set's ``uncross``
+    #: parameter (uncross), "uncross", "aggressor" or "keep".
+    crossing_add: Literal["", "uncross", "aggressor", "keep"] = ""
+
+
 class OutputConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where the final report goes besides stderr."""
 
@@ -251,8 +263,13 @@ class OutputConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
 class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole ``tickscore serve`` configuration."""
 
-    #: Instrument table: symbol -> id (position).  Ticks for other symbols are rejected.
+    #: Instrument table: symbol -> id (position).  Ticks for other symbols are rejected
+    #: (``unknown_instrument``) unless ``max_instruments`` leaves free slots.
     instruments: list[str] = msgspec.field(default_factory=lambda: ["CLF7", "ESZ6", "NQZ6"])
+    #: Instrument slots (0 = just ``instruments``): a symbol not listed takes the next free
+    #: slot on first sight, in arrival order; beyond, its ticks are ``instruments_full``.
+    #: State for every slot is allocated at start-up.
+    max_instruments: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
     engine: EngineConfig = EngineConfig()
     model: ModelConfig = ModelConfig()
     sources: SourcesConfig | None = None
@@ -260,6 +277,7 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
     aeron: AeronConfig = AeronConfig()
     control: ControlConfig = ControlConfig()
     output: OutputConfig = OutputConfig()
+    book: BookConfig = BookConfig()
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -282,6 +300,14 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
                 )
         if src.zmq is not None and snk.zmq is not None and src.zmq.endpoint == snk.zmq.endpoint:
             raise ValueError(f"sources.zmq and sinks.zmq use the same endpoint {src.zmq.endpoint!r}")
+        if self.max_instruments and self.max_instruments < len(self.instruments):
+            raise ValueError(f"max_instruments = {self.max_instruments} is fewer than the "
+                             f"{len(self.instruments)} instruments listed")  # fmt: skip
+
+    @property
+    def instrument_slots(self) -> int:
+        """Return the number of instrument slots (state rows) the service allocates."""
+        return max(self.max_instruments, len(self.instruments))
 
     @property
     def effective_sources(self) -> SourcesConfig:

@@ -39,6 +39,7 @@ __all__ = [
     "REJECT_UNKNOWN_ORDER",
     "REJECT_ABSURD_PRICE",
     "REJECT_BOOK_FULL",
+    "REJECT_INSTRUMENTS_FULL",
     "REJECT_NAMES",
     "N_REJECT_REASONS",
     "empty_ticks",
@@ -111,6 +112,7 @@ REJECT_MALFORMED = 7  #: undecodable wire message or row (wrong length, types, .
 REJECT_UNKNOWN_ORDER = 8  #: book modify/delete for an order id that is not in the book
 REJECT_ABSURD_PRICE = 9  #: price above the feature set's max_price or outside its band around the mid
 REJECT_BOOK_FULL = 10  #: book add while the preallocated order table is full
+REJECT_INSTRUMENTS_FULL = 11  #: a new symbol while every instrument slot of the service is taken
 REJECT_NAMES = (
     "ok",
     "nonfinite",
@@ -123,6 +125,7 @@ REJECT_NAMES = (
     "unknown_order",
     "absurd_price",
     "book_full",
+    "instruments_full",
 )
 N_REJECT_REASONS = len(REJECT_NAMES)
 

@@ -33,7 +33,6 @@ Lifecycle:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -141,22 +140,6 @@ def pin_helper_threads(cpus: set[int]) -> list[str]:
     return done
 
 
-def _load_backend(kind: str, path: str | None):
-    """Load the model exactly as the replay does; return (backend, path, kind_used)."""
-    from replay import run as replay_run
-
-    try:
-        res = replay_run._load_backend(kind, path)
-    except ValueError as exc:
-        if kind != "auto" or "unknown backend" not in str(exc):
-            raise
-        res = replay_run._load_backend("ort", path)  # a build without backend selection
-    backend, model_path = res[0], res[1]
-    choice = res[2] if len(res) > 2 else None
-    used = getattr(choice, "kind", None) or getattr(backend, "kind", None) or kind
-    return backend, model_path, used
-
-
 class Service:
     """One running ``tickscore serve``: build with :meth:`build`, then :meth:`run`.
 
@@ -234,18 +217,23 @@ class Service:
         import zmq
 
         from engine.agent import AgentRunner, make_idle
-        from engine.scorer import ScoringAgent
+        from engine.builder import build_agent, load_scoring
         from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
-        from features.featureset import DEFAULT_FEATURE_SET
+        from models.loader import default_model_path
 
         cfg = self.cfg
         hot, helpers = self._cores()
         self.helper_cpus = helpers
         io_cpu = min(helpers) if helpers else None
 
-        self.backend, self.model_path, self.backend_kind = _load_backend(
-            cfg.model.backend, cfg.model.path or None
-        )
+        # the model names its feature set, the feature set its kernels (L1, trades, L3 book)
+        self.scoring = load_scoring(
+            cfg.model.path or default_model_path(), cfg.model.backend,
+            crossing_add=cfg.book.crossing_add or None, logger=lambda m: _log(f"backend: {m}"),
+        )  # fmt: skip
+        self.backend, self.model_path = self.scoring.backend, self.scoring.model_path
+        self.backend_kind = self.scoring.choice.kind
+        self.feature_set = self.scoring.feature_set
 
         # Helper threads first (they must exist before the hot thread is pinned).
         self.ctx = zmq.Context(io_threads=1)
@@ -266,7 +254,12 @@ class Service:
             )
 
         src_cfg, snk_cfg = cfg.effective_sources, cfg.effective_sinks
-        slot = TickSlot(cfg.instruments)
+        # every instrument slot's state is allocated now; a symbol seen first on the wire
+        # takes a free slot (max_instruments) and its name is set here, off the per-tick path
+        n_slots = cfg.instrument_slots
+        symbols = list(cfg.instruments) + [""] * (n_slots - len(cfg.instruments))
+        slot = TickSlot(cfg.instruments, capacity=n_slots if cfg.max_instruments else None,
+                        on_new=self._on_new_instrument)  # fmt: skip
         if src_cfg.zmq is not None:
             z = src_cfg.zmq
             self.sources.append(
@@ -303,22 +296,9 @@ class Service:
 
             self.control = ControlServer(self.ctx, cfg.control.endpoint, self._on_control)
 
-        kwargs = {}
-        params = inspect.signature(ScoringAgent.__init__).parameters
-        if "backend_kind" in params:
-            kwargs["backend_kind"] = cfg.model.backend
-        if "feature_set" in params:
-            kwargs["feature_set"] = DEFAULT_FEATURE_SET
-        self.agent = ScoringAgent(
-            self.source,
-            self.backend,
-            self.sinks,
-            cfg.instruments,
-            DEFAULT_FEATURE_SET.params_array(),
-            recorder_capacity=cfg.engine.recorder_capacity,
-            progress=self._housekeeping,
-            **kwargs,
-        )
+        self.agent = build_agent(self.scoring, self.source, self.sinks, symbols,
+                                 recorder_capacity=cfg.engine.recorder_capacity,
+                                 progress=self._housekeeping)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
 
@@ -334,6 +314,11 @@ class Service:
         )
         if self.stop_requested:
             self.runner.stop()
+
+    def _on_new_instrument(self, inst: int, symbol: str) -> None:
+        """A symbol seen first on the wire took slot ``inst``: name it for the scores."""
+        self.agent.symbols[inst] = symbol
+        self.agent.topics[inst] = symbol.encode()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -525,11 +510,23 @@ class Service:
                 "dir": self.aeron.dir, "embedded": self.aeron.embedded, "errors": self.aeron.errors,
             },
             "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
+            **self._input_state(),
         }
         reloads = getattr(agent, "reloads", None)
         if reloads:
             rec["reloads"] = [t.as_dict() for t in reloads[-8:]]
         return rec
+
+    def _input_state(self) -> dict:
+        """Return the feature set, the instrument table (symbol -> id) and the messy-data counters."""
+        agent = self.agent
+        return {
+            "feature_set": self.feature_set.id,
+            "shape": self.feature_set.name,
+            "instruments": {s: i for i, s in enumerate(agent.symbols) if s},
+            "instrument_slots": len(agent.symbols),
+            "anomalies": self.scoring.kernels.anomalies(agent.istate),
+        }
 
     def _last_event_ns(self) -> int:
         """Return the latest accepted ``ts_event_ns`` (0 if none): replays start after it."""
@@ -630,6 +627,7 @@ class Service:
                 "idle": cfg.engine.idle,
                 "out_of_range": stats.out_of_range,
                 "reloads": [t.as_dict() for t in getattr(agent, "reloads", [])],
+                **self._input_state(),
             },
         )
         files = {}

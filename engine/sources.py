@@ -35,13 +35,14 @@ struct; no arrays.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
 
 from engine.schema import (
     N_REJECT_REASONS,
+    REJECT_INSTRUMENTS_FULL,
     REJECT_MALFORMED,
     REJECT_UNKNOWN_INSTRUMENT,
     TICK_DTYPE,
@@ -113,13 +114,26 @@ class TickSlot:
     ----------
     instruments : sequence of str
         Instrument table: symbol -> id = position.
+    capacity : int, optional
+        Instrument slots (>= ``len(instruments)``): a symbol not in the table
+        takes the next free slot on first sight (ids in arrival order) and
+        ``on_new(id, symbol)`` is called; beyond ``capacity`` its ticks are
+        rejected as ``instruments_full``.  Default: only the table's symbols
+        (others are ``unknown_instrument``).
     """
 
-    def __init__(self, instruments: Sequence[str]) -> None:
+    #: longest symbol a slot takes on first sight (longer ones are malformed)
+    MAX_SYMBOL_BYTES = 64
+
+    def __init__(self, instruments: Sequence[str], capacity: int | None = None,
+                 on_new: Callable[[int, str], None] | None = None) -> None:
         self.ticks = np.zeros(1, dtype=TICK_DTYPE)
         self.inst_list = [0]
         self.ts_list = [0]
         self.ids = {s: i for i, s in enumerate(instruments)}
+        self.capacity = len(self.ids) if capacity is None else max(int(capacity), len(self.ids))
+        self.dynamic = capacity is not None
+        self.on_new = on_new
         self.counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         self._decode = msgspec.msgpack.Decoder(StrictTick).decode
         self._pack_into = _tick_struct().pack_into
@@ -143,8 +157,7 @@ class TickSlot:
             self.counters[REJECT_MALFORMED] += 1
             return False
         inst = self.ids.get(t.instrument, -1)
-        if inst < 0:
-            self.counters[REJECT_UNKNOWN_INSTRUMENT] += 1
+        if inst < 0 and (inst := self._admit(t.instrument)) < 0:
             return False
         try:
             self._pack_into(
@@ -157,6 +170,23 @@ class TickSlot:
         self.inst_list[0] = inst
         self.ts_list[0] = t.ts_event_ns
         return True
+
+    def _admit(self, symbol: str) -> int:
+        """Give ``symbol`` the next free slot (first sight) or count the reject; return id or -1."""
+        if not self.dynamic:
+            self.counters[REJECT_UNKNOWN_INSTRUMENT] += 1
+            return -1
+        if not symbol or len(symbol.encode()) > self.MAX_SYMBOL_BYTES:
+            self.counters[REJECT_MALFORMED] += 1
+            return -1
+        if len(self.ids) >= self.capacity:
+            self.counters[REJECT_INSTRUMENTS_FULL] += 1
+            return -1
+        inst = len(self.ids)
+        self.ids[symbol] = inst
+        if self.on_new is not None:
+            self.on_new(inst, symbol)
+        return inst
 
     def reject_malformed(self) -> None:
         """Count one malformed message (framing errors seen by a transport)."""

@@ -96,4 +96,4 @@ def validate_batch(ticks, n_instruments, reasons_out, counts_out):
     return n_ok
 
 
-assert N_REJECT_REASONS == 11
+assert N_REJECT_REASONS <= 256  # reasons travel as uint8 (reasons_out)

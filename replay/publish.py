@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 __all__ = [
-    "publish_ticks", "first_event_after", "read_for_wire", "intended_times", "parse_rate", "pin_self",
-    "add_publish_parser", "cmd_publish",
+    "publish_ticks", "first_event_after", "check_service_shape", "read_for_wire", "intended_times",
+    "parse_rate", "pin_self", "add_publish_parser", "cmd_publish",
 ]
 
 
@@ -76,32 +76,49 @@ def intended_times(
     return np.zeros(n, dtype=np.int64)
 
 
-def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool,
-                  command: str = "tickscore publish"):
-    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort); L1 only.
+def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
+    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort).
 
     The shape is found exactly as the in-process replay finds it (``--shape``,
-    the mapping's ``shape``, else detected from the file).  The service scores
-    the L1 feature set, so the wire carries L1 ticks (quotes and trades); a
-    trade-only or order-by-order file is refused here, naming ``command``,
-    instead of being scored by a model that was not trained on it.
+    the mapping's ``shape``, else detected from the file); every shape travels
+    in the ``Tick`` wire format (book events as kinds 3/4/5 with their order id,
+    fills as kind 2 with the resting order's id).  The service must run a model
+    of that shape (``replay --via --spawn`` starts one).
     """
     from replay.mapping import mapping_from_cli
     from replay.reader import detect_shape, read_ticks
 
     mapping = mapping_from_cli(map_items, map_file, shape)
     shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
-    if shp != "l1":
-        raise ValueError(
-            f"{command}: {path} is a {shp!r} file; only L1 ticks (quotes and trades) are sent to the "
-            f"service, because it scores the L1 feature set. Replay it in-process instead: "
-            f"tickscore replay --data {path} (same --map / --shape flags)"
-        )
     td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
     if len(td.ticks) == 0:
         why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
         raise ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
     return td
+
+
+def check_service_shape(status: dict | None, shape: str, command: str) -> None:
+    """Refuse (ValueError) a file of ``shape`` the running service's kernels cannot consume; warn
+    when they compute only part of its features from it.  ``status``: the service's ``status``."""
+    fs_id = (status or {}).get("feature_set")
+    if not fs_id:
+        return
+    from features.featureset import get_feature_set
+
+    fs = get_feature_set(fs_id)
+    missing = fs.unavailable(shape)
+    if len(missing) == len(fs.names):
+        from replay.inputs import default_model_for_shape
+
+        raise ValueError(
+            f"{command}: the file is a {shape!r} file but the service scores feature set {fs_id}, whose "
+            f"kernels cannot consume {shape!r} events; start the service with a model of that shape "
+            f"([model] path = {default_model_for_shape(shape)})"
+        )
+    if missing:
+        print(f"{command}: warning: the service's feature set {fs_id} cannot compute {len(missing)} of "
+              f"its features from a {shape!r} file ({', '.join(missing)}): they stay neutral and the "
+              f"scores are flagged", file=sys.stderr)  # fmt: skip
 
 
 def first_event_after(status: dict | None) -> int:
@@ -335,8 +352,14 @@ def cmd_publish(args) -> int:
     if args.chunk_rows:
         print("tickscore publish: warning: --chunk-rows has no effect (the file is loaded whole)",
               file=sys.stderr)
+    from replay.mapping import mapping_from_cli
+    from replay.reader import detect_shape
+
     endpoint = args.endpoint or DEFAULT_TICK_ENDPOINT
     data = str(Path(args.data).resolve()) if args.data else str(default_data_path())
+    mapping = mapping_from_cli(args.map, args.map_file, args.shape)
+    shape = args.shape or (mapping.shape if mapping is not None else None) or detect_shape(data, mapping)
+    print(f"tickscore publish: {data}: a {shape!r} file", file=sys.stderr)
     speed = args.speed
     spec = {"data": data, "map": list(args.map or []), "shape": args.shape,
             "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
@@ -354,6 +377,7 @@ def cmd_publish(args) -> int:
                   f"now (ticks older than what the service already saw are rejected as time_backwards; "
                   f"--control ENDPOINT names the service's control socket)", file=sys.stderr)
         else:
+            check_service_shape(st, shape, "tickscore publish")
             spec["min_event_ns"] = first_event_after(st)
     if endpoint.startswith("aeron:"):
         spec.update(via="aeron", channel=endpoint, stream_id=args.stream_id or TICK_STREAM_ID,

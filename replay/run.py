@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.agent import AgentRunner, make_idle
-from engine.scorer import ScoringAgent
+from engine.builder import build_agent, load_scoring
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.latency import LatencyStats, format_table, latency_stats, plot_percentiles, write_hgrm
 
@@ -58,6 +58,8 @@ class ReplayOptions:
     mapping: object | None = None
     sort_by_exchange_time: bool = False
     chunk_rows: int | None = None
+    #: write DIR/scores.parquet (every published score) into ``out`` (replay.scores)
+    record_scores: bool = False
 
 
 @dataclass
@@ -92,7 +94,7 @@ class _Progress:
         self.last = 0
         self.printed = False
 
-    def __call__(self, agent: ScoringAgent, now_ns: int) -> None:
+    def __call__(self, agent, now_ns: int) -> None:
         if not self.enabled:
             return
         if self.t0 == 0:
@@ -135,27 +137,6 @@ class _NullSink:
         pass
 
 
-def _load_backend(kind: str, model_path: str | None, ticks: np.ndarray | None = None, feature_set=None):
-    """Return ``(backend, model_path, choice)`` for ``--backend auto|ort|fused``.
-
-    ``choice`` (:class:`models.fused.BackendChoice`) says which backend was used
-    and why; the fused parity check runs on features of ``ticks`` (the replay
-    data).  The choice is printed on stderr.
-    """
-    from features.featureset import DEFAULT_FEATURE_SET
-    from models.fused import select_backend
-    from models.loader import default_model_path
-
-    path = model_path or str(default_model_path())
-    choice = select_backend(
-        kind, path, feature_set if feature_set is not None else DEFAULT_FEATURE_SET, ticks=ticks,
-        logger=lambda m: print(f"tickscore: backend {kind}: {m}", file=sys.stderr),
-    )
-    if kind == "ort":
-        print("tickscore: backend ort (requested)", file=sys.stderr)
-    return choice.backend, path, choice
-
-
 def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     """Replay ``opts.data`` through the scoring agent in this process and report."""
     from replay.generator import default_data_path
@@ -178,8 +159,9 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             Path(opts.out).mkdir(parents=True, exist_ok=True)
             (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         raise NoScoresError(_no_scores_message(data, rejected, data.rows))
-    fs = data.feature_set
-    backend, model_path, choice = _load_backend(opts.backend, data.model_path, data.first_ticks, fs)
+    scoring = load_scoring(data.model_path, opts.backend, ticks=data.first_ticks,
+                           crossing_add=getattr(data.mapping, "crossing_add", None))  # fmt: skip
+    backend, model_path, choice = scoring.backend, scoring.model_path, scoring.choice
 
     # Create every helper thread (ZeroMQ I/O) before the hot thread is pinned,
     # and put it on another core than the hot one.
@@ -194,6 +176,13 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         if opts.publish and opts.publish.lower() != "none"
         else _NullSink()
     )
+    sinks = [sink]
+    recorder = None
+    if opts.record_scores:
+        from replay.scores import ScoreRecorder
+
+        recorder = ScoreRecorder()
+        sinks.append(recorder)
     try:
         if opts.wait_subscribers and isinstance(sink, ZmqPublisher):
             got = sink.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s)
@@ -205,21 +194,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
                 )
         source = data.source
         progress = _Progress(data.total, opts.progress)
-        agent = ScoringAgent(
-            source,
-            backend,
-            [sink],
-            data.symbols,
-            fs.params_array(),
-            recorder_capacity=data.recorder_capacity,
-            progress=progress,
-            update=data.kernels.update_tick,
-            new_state=data.kernels.new_state,
-            backend_kind=opts.backend,
-            feature_set=fs,
-            triggers=_reload_triggers(opts),
-            parity_X=choice.parity_X,
-        )
+        agent = build_agent(scoring, source, sinks, data.symbols, recorder_capacity=data.recorder_capacity,
+                            progress=progress, triggers=_reload_triggers(opts))  # fmt: skip
         runner = AgentRunner(
             agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority,
             keep_warm_ns=opts.keep_warm_us * 1000,
@@ -300,6 +276,11 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             raw["intended"] = t_out - corrected
         raw.update(agent.recorder.stage_snapshot(agent.seq))
         result.out_files = write_outputs(result, opts.out, raw)
+        if recorder is not None:
+            from replay.scores import SCORES_FILE, write_scores
+
+            write_scores(Path(opts.out) / SCORES_FILE, recorder.payloads)
+            result.out_files["scores"] = str(Path(opts.out) / SCORES_FILE)
         if data.chunked:  # the .hgrm of every tick, not only of the raw window
             source.latency.write_hgrm(Path(opts.out) / "latency.hgrm")
     return result

@@ -257,6 +257,10 @@ def _subscriber(spec: dict) -> int:
         versions[s.model_version] = versions.get(s.model_version, 0) + 1
     np.savez(spec["out"], recv_ns=recv_ns[:m], seq=seq, ts_event=ts_event, inst=inst, ts_in=ts_in,
              ts_out=ts_out, score=score)
+    if spec.get("record"):  # --record-scores: every score as received
+        from replay.scores import write_scores
+
+        write_scores(spec["record"], payloads[:k])
     print(json.dumps({"received": k, "bad": bad, "model_versions": versions, "pin": pin, "priority": prio,
                       "idle": mode}), flush=True)
     return 0
@@ -298,8 +302,9 @@ def match_scores(pub_inst: np.ndarray, pub_ts: np.ndarray, sub_inst: np.ndarray,
 # ------------------------------------------------------------------------ coordinator
 
 
-def _spawn_config(args, symbols: list[str], tmp: Path) -> tuple[Path, dict]:
-    """Write a service config for this run; return its path and the endpoints."""
+def _spawn_config(args, symbols: list[str], tmp: Path, *, model: str, crossing_add: str = ""
+                  ) -> tuple[Path, dict]:
+    """Write a service config for this run (``model``: the file's shape's); return it and the endpoints."""
     from engine.config import SCORE_STREAM_ID, TICK_STREAM_ID
 
     ctl = f"tcp://127.0.0.1:{_free_port()}"
@@ -307,8 +312,9 @@ def _spawn_config(args, symbols: list[str], tmp: Path) -> tuple[Path, dict]:
              f"pin = {json.dumps('none' if args.pin is None else args.pin)}",
              f"idle = {json.dumps(args.idle)}", f"warmup_ticks = {int(args.warmup_ticks)}",
              f"keep_warm_us = {int(args.keep_warm_us)}", "",
-             "[model]", f"path = {json.dumps(str(Path(args.model).resolve()) if args.model else '')}",
+             "[model]", f"path = {json.dumps(str(Path(model).resolve()))}",
              f"backend = {json.dumps(args.backend)}", "",
+             "[book]", f"crossing_add = {json.dumps(crossing_add)}", "",
              "[control]", f"endpoint = {json.dumps(ctl)}", ""]
     if args.via == "zmq":
         t_ep, s_ep = f"ipc://{tmp}/ticks.ipc", f"ipc://{tmp}/scores.ipc"
@@ -432,7 +438,7 @@ def run_wire(args) -> WireRun:
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
                  "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
     td = read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
-                        read_opts["sort_by_exchange_time"], command=f"tickscore replay --via {args.via}")
+                        read_opts["sort_by_exchange_time"])
     n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
     if n == 0:
         raise ValueError(f"{data_path}: no acceptable ticks to send")
@@ -456,7 +462,13 @@ def run_wire(args) -> WireRun:
     spawned = args.service_config is None
     try:
         if spawned:
-            cfg_path, ep = _spawn_config(args, td.symbols, tmp)
+            from replay.inputs import default_model_for_shape
+            from replay.mapping import mapping_from_cli
+
+            model = args.model or str(default_model_for_shape(td.shape))
+            mapping = mapping_from_cli(read_opts["map"], read_opts["map_file"], read_opts["shape"])
+            crossing = getattr(mapping, "crossing_add", None) or ""
+            cfg_path, ep = _spawn_config(args, td.symbols, tmp, model=model, crossing_add=crossing)
             log = open(log_path, "w")  # noqa: SIM115 - closed below
             service = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg_path)],
@@ -473,8 +485,11 @@ def run_wire(args) -> WireRun:
             if before is None and ep["control"]:
                 raise RuntimeError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
+            from replay.publish import check_service_shape
+
+            check_service_shape(before, td.shape, f"tickscore replay --via {args.via}")
             missing = set(td.symbols) - set(cfg.instruments)
-            if missing:
+            if missing and not cfg.max_instruments:
                 print(f"tickscore replay: warning: the service does not know {sorted(missing)}; "
                       f"those ticks will be rejected", file=sys.stderr)
 
@@ -492,6 +507,10 @@ def run_wire(args) -> WireRun:
             sub_spec = {**common, **ep["scores"], "aeron_dir": ep["aeron_dir"]}
             pub_spec = {**common, **ep["ticks"], "aeron_dir": ep["aeron_dir"]}
         sub_spec.update(expected=n, out=str(tmp / "sub.npz"), idle_s=args.idle_timeout)
+        if getattr(args, "record_scores", False):
+            if not args.out:
+                raise ValueError("--record-scores writes OUT/scores.parquet: give --out DIR")
+            sub_spec["record"] = str(Path(args.out).resolve() / "scores.parquet")
         pub_spec.update(data=data_path, **read_opts, limit=n, speed=speed, rate=rate,
                         out=str(tmp / "pub.npz"),
                         sleep_margin_us=args.sleep_margin_us, rt_priority=args.client_rt_priority,

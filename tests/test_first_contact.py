@@ -150,8 +150,8 @@ def test_publish_detects_a_trade_file_as_replay_does_and_names_itself(tmp_path):
          "--data", str(data), "--map", "ts_event=time,size=qty", "--control", "", "--connect-timeout", "1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert run.returncode == 2
-    assert "tickscore publish:" in run.stderr and "'trades' file" in run.stderr
+    assert run.returncode == 2  # (no service there)
+    assert "tickscore publish:" in run.stderr and "a 'trades' file" in run.stderr
     assert "replay --via" not in run.stderr and "Traceback" not in run.stderr
 
 

@@ -59,3 +59,49 @@ def test_publish_without_a_service_is_a_clear_error(tmp_path):
                  "--map", "kind==quote,symbol==X,ts_event=ts,bid_px=bid,ask_px=ask,bid_sz==1,ask_sz==1",
                  timeout=60)
     assert r.returncode != 0 and "no acceptable ticks to send (rejected: crossed 2)" in r.stderr
+
+
+def test_publish_refuses_a_file_the_running_service_cannot_score_and_warns_on_a_partial_fit(tmp_path):
+    from replay.generator_l3 import write_l3, write_trades
+
+    ticks = f"ipc://{tmp_path}/ticks.ipc"
+    svc = Svc(tmp_path, f'[engine]\npin = "none"\nidle = "backoff"\n[sources.zmq]\nendpoint = "{ticks}"\n'
+                        f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/scores.ipc"\n')
+    try:
+        l3 = write_l3(tmp_path / "l3.parquet", 500)
+        r = _publish(ticks, "--data", str(l3), "--control", svc.control, "--connect-timeout", "5")
+        assert r.returncode == 2
+        assert "a 'l3' file but the service scores feature set l1." in r.stderr
+        assert "risk_l3_int8.onnx" in r.stderr and "Traceback" not in r.stderr
+        trades = write_trades(tmp_path / "trades.parquet", 200)  # the L1 model takes trades, in part
+        r = _publish(ticks, "--data", str(trades), "--control", svc.control, "--rate", "max")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "cannot compute" in r.stderr and "a 'trades' file" in r.stderr
+        st = svc.wait_for(lambda s: s["ticks_in"] >= 200)
+        assert st["shape"] == "l1" and st["scores_out"] == 200
+    finally:
+        svc.stop()
+
+
+def test_service_takes_new_symbols_on_first_sight_up_to_max_instruments(tmp_path):
+    import polars as pl
+
+    from replay.generator import write_market
+
+    data = write_market(tmp_path / "m.parquet", 400, symbols=["AAA", "BBB", "CCC", "DDD"])
+    arrival = list(dict.fromkeys(pl.read_parquet(data)["symbol"].to_list()))
+    ticks = f"ipc://{tmp_path}/ticks.ipc"
+    svc = Svc(tmp_path, f'max_instruments = 3\n'
+                        f'[engine]\npin = "none"\nidle = "backoff"\n[sources.zmq]\nendpoint = "{ticks}"\n'
+                        f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/scores.ipc"\n', instruments=[arrival[-1]])
+    try:
+        r = _publish(ticks, "--data", str(data), "--control", svc.control, "--rate", "max")
+        assert r.returncode == 0, r.stderr[-2000:]
+        st = svc.wait_for(lambda s: s["ticks_in"] >= 400)
+        # the listed symbol keeps id 0; the next two seen take ids 1, 2 in arrival order
+        assert st["instruments"] == {arrival[-1]: 0, arrival[0]: 1, arrival[1]: 2}
+        assert st["instrument_slots"] == 3
+        full = st["rejected_by_reason"].get("instruments_full", 0)
+        assert full > 0 and st["scores_out"] + full == 400
+    finally:
+        svc.stop()

@@ -44,13 +44,13 @@ def _aeron_dir() -> str:
 class Svc:
     """A service subprocess with its config, control endpoint and stderr log."""
 
-    def __init__(self, tmp: Path, toml: str, name: str = "svc") -> None:
+    def __init__(self, tmp: Path, toml: str, name: str = "svc", instruments=SYMBOLS) -> None:
         self.tmp = tmp
         self.control = f"tcp://127.0.0.1:{_free_port()}"
         self.out = tmp / f"{name}-out"
         self.cfg = tmp / f"{name}.toml"
         self.cfg.write_text(
-            f'instruments = {json.dumps(SYMBOLS)}\n{toml}\n'
+            f'instruments = {json.dumps(list(instruments))}\n{toml}\n'
             f'[control]\nendpoint = "{self.control}"\n[output]\ndir = "{self.out}"\n'
         )
         self.log = tmp / f"{name}.log"
