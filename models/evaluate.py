@@ -77,11 +77,12 @@ def _latency(fn, n: int) -> dict[str, float]:
 def _tick_latency(backend, ticks: np.ndarray, fs: Any, n: int) -> dict[str, float]:
     """Per-call latency of the fused tick (features + model) over the first ``n`` ticks."""
     from engine.schema import N_REJECT_REASONS
-    from models.train import kernels_for
+    from features.registry import kernels_for
 
     kern = kernels_for(fs)
     n = min(n, len(ticks))
-    fstate, istate = kern.new_state(int(ticks["instrument"].max()) + 1)
+    n_inst = int(ticks["instrument"].max()) + 1
+    fstate, istate = kern.new_state(n_inst)
     counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
     tick, tctx = backend.make_tick(fstate, istate, fs.params_array(), counters, ticks)
     ctx = tctx.addr
@@ -89,7 +90,7 @@ def _tick_latency(backend, ticks: np.ndarray, fs: Any, n: int) -> dict[str, floa
     t = np.empty(n, dtype=np.int64)
     for i in range(min(n, 2000)):  # compile / warm
         tick(i, ctx)
-    fstate[...], istate[...] = kern.new_state(fstate.shape[0])  # replay from a fresh state
+    fstate[...], istate[...] = kern.new_state(n_inst)  # replay from a fresh state
     for i in range(n):
         t0 = clock()
         tick(i, ctx)
@@ -115,11 +116,15 @@ def evaluate(
     *,
     latency_calls: int = 20_000,
     parity: bool = True,
+    mapping: Any = None,
+    shape: str | None = None,
+    sort_by_exchange_time: bool = False,
 ) -> dict[str, Any]:
     """Return the evaluation of ``models`` on the test period of ``data`` (see module doc).
 
-    ``data`` None = the embedded dataset.  Every model must use a registered
-    feature set.
+    ``data`` None = the embedded dataset, read as the replay reads it
+    (``mapping``, ``shape``: default the first model's, ``sort_by_exchange_time``).
+    Every model must use a registered feature set.
     """
     from features.featureset import get_feature_set
     from models.fused import FusedBackend, UnsupportedGraph
@@ -129,18 +134,22 @@ def evaluate(
         _file_digest,
         binary_metrics,
         dataset_from_ticks,
+        read_training_file,
         time_split,
     )
     from models.train import usable_rows as _usable
     from replay.generator import default_data_path
-    from replay.reader import read_ticks
 
     if not models:
         raise ValueError("give at least one model file")
     path = Path(data) if data is not None else default_data_path()
-    td = read_ticks(path)
-    digest = _file_digest(path)
     ms = [_Model(Path(p), read_metadata(p)) for p in models]
+    if shape is None and (mapping is None or mapping.shape is None):
+        shape = ms[0].meta.feature_set_id.split(".", 1)[0]
+    td, _ = read_training_file(path, mapping=mapping, shape=shape,
+                               sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+    digest = _file_digest(path)
+    crossing = getattr(mapping, "crossing_add", None)
 
     datasets: dict[tuple[str, str], Any] = {}
     results: list[dict[str, Any]] = []
@@ -150,7 +159,7 @@ def evaluate(
         label = _label_of(m.meta)
         key = (fs.id, json.dumps(label.to_dict(), sort_keys=True))
         if key not in datasets:
-            ds, _ = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs)
+            ds, _ = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs, crossing_add=crossing)
             split = time_split(ds.ts, _usable(ds), int(label.horizon_ms * 1_000_000), SPLIT_FRACTIONS)
             datasets[key] = (ds, split)
             test_rows[key] = np.flatnonzero(split.test)
@@ -342,11 +351,18 @@ def add_evaluate_parser(sub: Any) -> None:
     e.add_argument("--out", metavar="DIR", help="write evaluation.json and evaluation.png here")
     e.add_argument("--latency-calls", type=int, default=20_000, help="timed calls per backend")
     e.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    from replay.features_cli import add_input_arguments
+
+    add_input_arguments(e)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
 
 
 def cmd_evaluate(args: Any) -> int:
     """Run ``tickscore evaluate``."""
-    res = evaluate(args.data, args.models, latency_calls=args.latency_calls)
+    from replay.mapping import mapping_from_cli
+
+    res = evaluate(args.data, args.models, latency_calls=args.latency_calls,
+                   mapping=mapping_from_cli(args.map, args.map_file, args.shape), shape=args.shape,
+                   sort_by_exchange_time=args.sort_by_exchange_time)  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

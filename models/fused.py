@@ -496,7 +496,7 @@ def tick_kernel_for(feature_set: Any, f_ndim: int = 2, i_ndim: int = 2) -> Calla
     ``features.registry.kernels_for``) is composed once per process and state
     layout.
     """
-    from models.train import kernels_for
+    from features.registry import kernels_for
 
     kern = kernels_for(feature_set)
     apply = getattr(kern, "apply_tick", None)
@@ -1259,7 +1259,7 @@ def check_tick_kernel(
     ``max_feature_diff``, ``max_score_diff``, ``flags_equal``.
     """
     from engine.schema import N_REJECT_REASONS
-    from models.train import kernels_for
+    from features.registry import kernels_for
 
     if ticks is None or len(ticks) == 0:
         if "default" not in _TICKS_CACHE:
@@ -1306,7 +1306,7 @@ def check_tick_kernel(
 
 def _features_of(ticks: np.ndarray, feature_set: Any) -> np.ndarray:
     from engine.schema import N_REJECT_REASONS
-    from models.train import kernels_for
+    from features.registry import kernels_for
 
     kern = kernels_for(feature_set)
     n_inst = int(ticks["instrument"].max()) + 1 if len(ticks) else 0

@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -68,7 +69,6 @@ __all__ = [
     "Dataset",
     "Split",
     "build_dataset",
-    "kernels_for",
     "time_split",
     "fit_classifier",
     "binary_metrics",
@@ -76,6 +76,9 @@ __all__ = [
     "train_on_dataset",
     "train_file",
     "dataset_from_ticks",
+    "reference_quotes",
+    "read_training_file",
+    "SHAPE_LABELS",
     "usable_rows",
     "add_train_parser",
     "cmd_train",
@@ -142,19 +145,20 @@ def _read_generated(n_events: int, seed: int) -> tuple[np.ndarray, tuple[str, ..
     return np.ascontiguousarray(data.ticks), tuple(data.symbols)
 
 
-def kernels_for(feature_set: Any) -> Any:
-    """Return the kernel namespace (``compute_batch``, ``new_state``, ...) of ``feature_set``.
+def reference_quotes(ticks: np.ndarray, bid: np.ndarray, ask: np.ndarray) -> np.ndarray:
+    """Return quote ticks carrying a reference bid/ask per event (for the label kernel)."""
+    from engine.schema import KIND_QUOTE, empty_ticks
 
-    Uses ``features.registry.kernels_for`` when that module exists (trade-only,
-    L3 feature sets); otherwise the L1 kernels of :mod:`features.kernels`.
-    """
-    try:
-        from features.registry import kernels_for as _lookup
-    except ImportError:
-        import features.kernels as l1
-
-        return l1
-    return _lookup(feature_set)
+    q = empty_ticks(len(ticks))
+    q["ts_event_ns"] = ticks["ts_event_ns"]
+    q["ts_recv_ns"] = ticks["ts_recv_ns"]
+    q["instrument"] = ticks["instrument"]
+    q["kind"] = KIND_QUOTE
+    q["bid_px"] = bid
+    q["ask_px"] = ask
+    q["bid_sz"] = 1.0
+    q["ask_sz"] = 1.0
+    return q
 
 
 def dataset_from_ticks(
@@ -162,29 +166,50 @@ def dataset_from_ticks(
     symbols: tuple[str, ...],
     label: LabelSpec,
     feature_set: Any = DEFAULT_FEATURE_SET,
+    *,
+    crossing_add: str | None = None,
 ) -> tuple[Dataset, dict[str, float]]:
     """Return features, flags and labels of ``ticks`` and the seconds each stage took.
 
     Features come from the feature set's batch kernel (the same per-event core
-    as the live path: a row at ``t`` only sees events ``<= t``).
+    as the live path: a row at ``t`` only sees events ``<= t``).  The label is
+    the shape's large move of its reference price (:mod:`models.label`): the
+    quotes' mid (``l1``), the last trade (``trades``), the rebuilt book's mid
+    after the event (``l3``; undefined while the book is one-sided).
+    ``crossing_add``: the L3 book's crossing-add policy of the data.
     """
-    kern = kernels_for(feature_set)
-    compute_batch, new_state = kern.compute_batch, kern.new_state
+    from features.registry import kernels_for as _kernels
 
+    kern = _kernels(feature_set, crossing_add=crossing_add)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     ticks = np.ascontiguousarray(ticks)
     n = ticks.shape[0]
     F = len(feature_set.names)
-    fstate, istate = new_state(len(symbols))
+    fstate, istate = kern.new_state(len(symbols))
     X = np.empty((n, F), dtype=np.float32)
     flags = np.empty(n, dtype=np.int32)
     counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-    compute_batch(ticks, fstate, istate, feature_set.params_array(), X, flags, counters)
+    params = feature_set.params_array()
+    ref = ticks
+    if feature_set.name == "l3":
+        from features.kernels_l3 import compute_batch_top
+
+        bid, ask = np.empty(n), np.empty(n)
+        compute_batch_top(ticks, fstate, istate, params, X, flags, counters, bid, ask)
+        ok = np.isfinite(bid) & np.isfinite(ask) & (bid < ask)
+        ref = reference_quotes(ticks, bid, ask)
+    else:
+        kern.compute_batch(ticks, fstate, istate, params, X, flags, counters)
+        ok = np.ones(n, dtype=bool)
+        if feature_set.name == "trades":
+            px = ticks["price"].astype(np.float64)
+            ref = reference_quotes(ticks, px, px)
     timing["features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    y = compute_labels(ticks, flags, len(symbols), label)
+    lab_flags = flags if ref is ticks else np.where(ok & (flags >= 0), 0, -1).astype(np.int32)
+    y = compute_labels(ref, lab_flags, len(symbols), label)
     timing["labels_s"] = time.perf_counter() - t0
     ds = Dataset(
         ts=np.ascontiguousarray(ticks["ts_event_ns"]),
@@ -646,6 +671,32 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return tuple(w for w in widths if w > 0)
 
 
+#: Default label per event shape: horizon (ms) and k (the large-move threshold in sigma_H).
+SHAPE_LABELS: dict[str, LabelSpec] = {
+    "l1": LabelSpec(),
+    "trades": LabelSpec(horizon_ms=5_000.0, k=2.0),
+    "l3": LabelSpec(horizon_ms=500.0, k=2.0),
+}
+
+
+def read_training_file(path: str | Path, *, mapping: Any = None, shape: str | None = None,
+                       sort_by_exchange_time: bool = False):
+    """Read a market file for training or evaluation exactly as ``tickscore replay`` reads it.
+
+    The shape is ``shape``, the mapping's ``shape``, else detected from the file
+    (:func:`replay.reader.detect_shape`); the mapping, rejects and sorting are
+    the replay's.  Returns ``(TickData, shape)``.
+    """
+    from replay.reader import detect_shape, read_ticks
+
+    shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
+    td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
+    if len(td.ticks) == 0:
+        why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items()) or "the file is empty"
+        raise ValueError(f"{path}: no acceptable rows to train on (rejected: {why})")
+    return td, shp
+
+
 def train_file(
     data: str | Path | None,
     out: str | Path,
@@ -656,41 +707,54 @@ def train_file(
     input_clip: float | None = DEFAULT_INPUT_CLIP,
     activation_type: str = "uint8",
     calibrate_method: str = "minmax",
-    feature_set: Any = DEFAULT_FEATURE_SET,
+    feature_set: Any = None,
+    mapping: Any = None,
+    shape: str | None = None,
+    sort_by_exchange_time: bool = False,
 ) -> dict[str, Any]:
-    """Train on a tick file; write ``out`` (fp32), its int8 QDQ twin and a JSON report.
+    """Train on a tick file of any shape; write ``out`` (fp32), its int8 QDQ twin and a JSON report.
 
-    ``data`` None = the embedded dataset.  Returns the report (also written to
+    ``data`` None = the embedded dataset.  The file is read as the replay reads
+    it (``mapping``, ``shape``, ``sort_by_exchange_time``); the feature set is
+    ``feature_set`` or the shape's default, the label ``label`` or the shape's
+    (:data:`SHAPE_LABELS`).  Returns the report (also written to
     :func:`report_path_for`); paths of the files are under ``"files"``.
     """
+    from features.featureset import DEFAULT_BY_SHAPE
     from replay.generator import default_data_path
-    from replay.reader import read_ticks
 
     t_start = time.perf_counter()
-    label = label if label is not None else LabelSpec()
     path = Path(data) if data is not None else default_data_path()
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"--out must name an .onnx file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    td = read_ticks(path)
+    td, shp = read_training_file(path, mapping=mapping, shape=shape,
+                                 sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+    fs = feature_set if feature_set is not None else DEFAULT_BY_SHAPE[shp]
+    label = label if label is not None else SHAPE_LABELS[fs.name]
     timing = {"read_s": time.perf_counter() - t0}
-    ds, t = dataset_from_ticks(td.ticks, tuple(td.symbols), label, feature_set)
+    crossing = getattr(mapping, "crossing_add", None)
+    ds, t = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs, crossing_add=crossing)
     timing.update(t)
-    data_info = {"data_file": path.name, "data_sha256": _file_digest(path), "n_events": int(td.rows)}
+    data_info: dict[str, Any] = {"data_file": path.name, "data_sha256": _file_digest(path),
+                                 "n_events": int(td.rows), "shape": shp}  # fmt: skip
+    if mapping is not None:
+        data_info["mapping"] = mapping.keys
+    out.parent.mkdir(parents=True, exist_ok=True)
     out8 = int8_path_for(out)
     report = train_on_dataset(
         ds, out, out8,
         data_info=data_info, label=label, hidden=hidden, train_seed=seed, input_clip=input_clip,
-        activation_type=activation_type, calibrate_method=calibrate_method, feature_set=feature_set,
+        activation_type=activation_type, calibrate_method=calibrate_method, feature_set=fs,
         timing=timing,
     )
     report["timing_s"]["total_s"] = round(time.perf_counter() - t_start, 3)
     rpath = report_path_for(out)
     report = {
-        "command": f"tickscore train --data {path} --out {out} --label-horizon-ms {label.horizon_ms:g} "
-        f"--label-k {label.k:g} --hidden {','.join(map(str, hidden)) or 0} --seed {seed}",
+        "command": f"tickscore train --data {path} --out {out} --shape {shp} --label-horizon-ms "
+        f"{label.horizon_ms:g} --label-k {label.k:g} --hidden {','.join(map(str, hidden)) or 0} "
+        f"--seed {seed}",
         "files": {"fp32": str(out), "int8": str(out8), "report": str(rpath)},
         **report,
     }
@@ -712,10 +776,13 @@ def add_train_parser(sub: Any) -> None:
     )
     t.add_argument("--data", help="Parquet/CSV tick file (default: the embedded dataset)")
     t.add_argument("--out", required=True, metavar="MODEL.onnx", help="fp32 model path")
-    t.add_argument("--label-horizon-ms", type=float, default=LabelSpec().horizon_ms, metavar="H",
-                   help="label horizon H in event-time ms (default %(default)g)")
-    t.add_argument("--label-k", type=float, default=LabelSpec().k, metavar="K",
-                   help="label threshold in sigma_H (default %(default)g)")
+    t.add_argument("--label-horizon-ms", type=float, default=None, metavar="H",
+                   help="label horizon H in event-time ms (default by shape: l1 "
+                        f"{SHAPE_LABELS['l1'].horizon_ms:g}, trades {SHAPE_LABELS['trades'].horizon_ms:g}, "
+                        f"l3 {SHAPE_LABELS['l3'].horizon_ms:g})")
+    t.add_argument("--label-k", type=float, default=None, metavar="K",
+                   help="label threshold in sigma_H (default by shape: 2 for trades and l3, "
+                        f"{SHAPE_LABELS['l1'].k:g} for l1)")
     t.add_argument("--hidden", default=",".join(map(str, DEFAULT_HIDDEN)),
                    help="hidden layer widths, e.g. 32,16; 0 = logistic regression (default %(default)s)")
     t.add_argument("--seed", type=int, default=DEFAULT_TRAIN_SEED, metavar="S",
@@ -723,14 +790,34 @@ def add_train_parser(sub: Any) -> None:
     t.add_argument("--input-clip", type=float, default=DEFAULT_INPUT_CLIP,
                    help="clip of the standardised input in std units; 0 = none (default %(default)g)")
     t.add_argument("--json", action="store_true", help="print the report JSON")
+    from replay.features_cli import add_input_arguments
+
+    add_input_arguments(t)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
 
 
 def cmd_train(args: Any) -> int:
     """Run ``tickscore train``."""
-    label = LabelSpec(horizon_ms=args.label_horizon_ms, k=args.label_k)
+    from replay.mapping import mapping_from_cli
+
+    mapping = mapping_from_cli(args.map, args.map_file, args.shape)
+    label = None
+    if args.chunk_rows:
+        print("tickscore train: warning: --chunk-rows has no effect (training reads the file whole)",
+              file=sys.stderr)
+    if args.label_horizon_ms is not None or args.label_k is not None:
+        shp = args.shape or (mapping.shape if mapping is not None else None)
+        if shp is None:
+            from replay.generator import default_data_path
+            from replay.reader import detect_shape
+
+            shp = detect_shape(args.data or default_data_path(), mapping)
+        base = SHAPE_LABELS[shp]
+        h = args.label_horizon_ms if args.label_horizon_ms is not None else base.horizon_ms
+        label = LabelSpec(horizon_ms=h, k=args.label_k if args.label_k is not None else base.k)
     rep = train_file(
         args.data, args.out, label=label, hidden=parse_hidden(args.hidden), seed=args.seed,
-        input_clip=args.input_clip or None,
+        input_clip=args.input_clip or None, mapping=mapping, shape=args.shape,
+        sort_by_exchange_time=args.sort_by_exchange_time,
     )
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -1,10 +1,10 @@
 """Train the default models of the trade-only and L3 event shapes.
 
-Same pipeline as :mod:`models.train` (time split with a gap, MLP, fp32 + int8
-QDQ ONNX with full metadata, via :func:`models.train.train_on_dataset`), on
-synthetic data of the shape (:mod:`replay.generator_l3`) read back through
-:func:`replay.reader.read_ticks`, with the shape's feature set and kernels
-(:func:`features.registry.kernels_for`).
+A thin use of the one training pipeline of :mod:`models.train` (the one
+``tickscore train --shape trades|l3`` runs on a user's file): features and
+labels by :func:`models.train.dataset_from_ticks`, split, fit and export by
+:func:`models.train.train_on_dataset`, on synthetic data of the shape
+(:mod:`replay.generator_l3`) read back through :func:`replay.reader.read_ticks`.
 
 Label: the large-move label of :mod:`models.label` ("the reference price moves
 by more than k sigma_H within H ms"), where the reference price is
@@ -31,9 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from engine.schema import KIND_QUOTE, N_REJECT_REASONS, empty_ticks
+from models.train import reference_quotes  # noqa: F401 - (re-exported: its old home)
 
 __all__ = ["reference_quotes", "build_shape_dataset", "train_shape", "main", "DEFAULTS"]
 
@@ -42,20 +40,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "trades": {"events": 400_000, "seed": 7, "horizon_ms": 5_000.0, "k": 2.0, "hidden": (16, 8)},
     "l3": {"events": 1_500_000, "seed": 7, "horizon_ms": 500.0, "k": 2.0, "hidden": (16, 8)},
 }
-
-
-def reference_quotes(ticks: np.ndarray, bid: np.ndarray, ask: np.ndarray) -> np.ndarray:
-    """Return quote ticks carrying a reference bid/ask per event (for the label kernel)."""
-    q = empty_ticks(len(ticks))
-    q["ts_event_ns"] = ticks["ts_event_ns"]
-    q["ts_recv_ns"] = ticks["ts_recv_ns"]
-    q["instrument"] = ticks["instrument"]
-    q["kind"] = KIND_QUOTE
-    q["bid_px"] = bid
-    q["ask_px"] = ask
-    q["bid_sz"] = 1.0
-    q["ask_sz"] = 1.0
-    return q
 
 
 def _generate(shape: str, n_events: int, seed: int, path: Path) -> None:
@@ -68,47 +52,24 @@ def _generate(shape: str, n_events: int, seed: int, path: Path) -> None:
 
 
 def build_shape_dataset(shape: str, n_events: int, seed: int, label: Any):
-    """Return ``(Dataset, timing)`` of a generated market of ``shape`` (see the module docstring)."""
+    """Return ``(Dataset, timing, feature set)`` of a generated market of ``shape``.
+
+    The generated file is read back and labelled by the one pipeline of every
+    shape (:func:`models.train.dataset_from_ticks`).
+    """
     from features.featureset import DEFAULT_BY_SHAPE
-    from features.registry import kernels_for
-    from models.label import compute_labels
-    from models.train import Dataset
+    from models.train import dataset_from_ticks
     from replay.reader import read_ticks
 
     fs = DEFAULT_BY_SHAPE[shape]
-    kern = kernels_for(fs)
-    timing: dict[str, float] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tickscore-train-") as tmp:
         path = Path(tmp) / f"{shape}.parquet"
         _generate(shape, n_events, seed, path)
         td = read_ticks(path, shape=shape)
-    ticks = np.ascontiguousarray(td.ticks)
-    timing["generate_read_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n = len(ticks)
-    X = np.empty((n, len(fs.names)), dtype=np.float32)
-    flags = np.empty(n, dtype=np.int32)
-    counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-    fstate, istate = kern.new_state(len(td.symbols))
-    if shape == "l3":
-        from features.kernels_l3 import compute_batch_top
-
-        bid = np.empty(n)
-        ask = np.empty(n)
-        compute_batch_top(ticks, fstate, istate, fs.params_array(), X, flags, counters, bid, ask)
-        ok = np.isfinite(bid) & np.isfinite(ask) & (bid < ask)
-    else:
-        kern.compute_batch(ticks, fstate, istate, fs.params_array(), X, flags, counters)
-        bid = ask = ticks["price"].astype(np.float64)
-        ok = np.ones(n, dtype=bool)
-    timing["features_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    lab_flags = np.where(ok & (flags >= 0), 0, -1).astype(np.int32)
-    y = compute_labels(reference_quotes(ticks, bid, ask), lab_flags, len(td.symbols), label)
-    timing["labels_s"] = time.perf_counter() - t0
-    ds = Dataset(ts=np.ascontiguousarray(ticks["ts_event_ns"]), X=X, flags=flags, y=y,
-                 symbols=tuple(td.symbols), n_events=n)  # fmt: skip
+    timing = {"generate_read_s": time.perf_counter() - t0}
+    ds, t = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs)
+    timing.update(t)
     return ds, timing, fs
 
 

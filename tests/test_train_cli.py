@@ -94,3 +94,61 @@ def test_train_with_a_bad_hidden_spec_fails_with_a_clear_message(tmp_path):
     run = _tickscore("train", "--out", str(tmp_path / "m.onnx"), "--hidden", "32,x")
     assert run.returncode == 2
     assert "--hidden takes comma-separated widths" in run.stderr and "Traceback" not in run.stderr
+
+
+# --------------------------------------------------------------------------- every shape, vendor files
+TRADES_MAP = ["--shape", "trades", "--map", "ts_event=time,price=px,size=qty,side=maker",
+              "--map", "sides.true=sell,sides.false=buy,symbol==BTCUSDT"]  # fmt: skip
+VENUE_MAP = [
+    "--map", "shape=l3,symbol==BTCUSD,ts_event=microtimestamp,kind=action,order_id=id,side=order_type",
+    "--map", "price=price,size=amount,kinds.created=add,kinds.changed=modify,kinds.deleted=delete",
+    "--map", "sides.0=buy,sides.1=sell,crossing_add=aggressor",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vendor_files(tmp_path_factory):
+    import polars as pl
+
+    from replay.generator_l3 import generate_trades
+    from tests.venue_feed import venue_feed
+
+    d = tmp_path_factory.mktemp("vendor")
+    t = generate_trades(40_000, ["BTCUSDT"], seed=2)
+    trades = d / "BTCUSDT-trades.csv"  # a crypto trade dump: ms times, maker flag
+    t.select((pl.col("ts_event_ns") // 1_000_000).alias("time"), pl.col("price").alias("px"),
+             pl.col("size").alias("qty"), (pl.col("side") < 0).alias("maker")).write_csv(trades)  # fmt: skip
+    l3 = d / "btcusd-live-orders.csv"
+    venue_feed(n_steps=40_000, seed=9)[0].write_csv(l3)
+    # the venue simulator's mid moves little: its large moves are 0.5 sigma within 2 s
+    return {"trades": (trades, TRADES_MAP, []),
+            "l3": (l3, VENUE_MAP, ["--label-k", "0.5", "--label-horizon-ms", "2000"])}
+
+
+@pytest.mark.parametrize("shape", ["trades", "l3"])
+def test_train_and_evaluate_a_vendor_file_of_each_shape(shape, vendor_files, tmp_path):
+    data, flags, label_flags = vendor_files[shape]
+    out = tmp_path / f"{shape}.onnx"
+    run = _tickscore("train", "--data", str(data), *flags, *label_flags, "--out", str(out), "--hidden", "8")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for path in (out, int8_path_for(out)):
+        meta = read_metadata(path)
+        assert meta.feature_set_id.startswith(f"{shape}.v1.")
+        assert meta.train_range["shape"] == shape and meta.train_range["data_file"] == data.name
+        assert "ts_event" in meta.train_range["mapping"]
+    want = {"trades": 5000.0, "l3": 2000.0}[shape]  # trades: the shape's default label
+    assert float(read_metadata(out).label["horizon_ms"]) == want
+    ev = _tickscore("evaluate", str(out), str(int8_path_for(out)), "--data", str(data), *flags, "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res = json.loads(ev.stdout)
+    assert [m["trained_on_this_data"] for m in res["models"]] == [True, True]
+    assert all(m["auc"] is not None and m["test_rows"] > 1000 for m in res["models"])
+
+
+def test_train_on_a_file_too_short_for_the_split_is_a_clear_error(vendor_files, tmp_path):
+    data, flags, _ = vendor_files["trades"]
+    short = tmp_path / "short.csv"
+    short.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))
+    run = _tickscore("train", "--data", str(short), *flags, "--out", str(tmp_path / "m.onnx"))
+    assert run.returncode == 2
+    assert "needs both label classes" in run.stderr and "Traceback" not in run.stderr
