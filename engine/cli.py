@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
 
+    from models.adopt import add_adopt_parser
+
+    add_adopt_parser(sub)
+
     g = sub.add_parser(
         "generate", help="write a synthetic market data file (seeded, reproducible)",
         description="Write a seeded synthetic L1 market (quotes and trades) in the normalised tick "
@@ -288,11 +292,12 @@ _COMMANDS = {
     "publish": _lazy("replay.publish", "cmd_publish"),
     "train": _lazy("models.train", "cmd_train"),
     "evaluate": _lazy("models.evaluate", "cmd_evaluate"),
+    "adopt": _lazy("models.adopt", "cmd_adopt"),
 }
 
 
 #: commands that compile numba kernels on a first run (they say so when it takes long)
-_COMPILING = frozenset({"replay", "features", "serve", "train", "evaluate", "generate"})
+_COMPILING = frozenset({"replay", "features", "serve", "train", "evaluate", "generate", "adopt"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,12 +119,14 @@ def evaluate(
     mapping: Any = None,
     shape: str | None = None,
     sort_by_exchange_time: bool = False,
+    label: LabelSpec | None = None,
 ) -> dict[str, Any]:
     """Return the evaluation of ``models`` on the test period of ``data`` (see module doc).
 
     ``data`` None = the embedded dataset, read as the replay reads it
     (``mapping``, ``shape``: default the first model's, ``sort_by_exchange_time``).
-    Every model must use a registered feature set.
+    Every model must use a registered feature set; ``label`` is the target of
+    models whose metadata has none (an adopted model), which are refused without it.
     """
     from features.featureset import get_feature_set
     from models.fused import FusedBackend, UnsupportedGraph
@@ -150,13 +152,14 @@ def evaluate(
                                sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
     digest = _file_digest(path)
     crossing = getattr(mapping, "crossing_add", None)
+    label_override = label
 
     datasets: dict[tuple[str, str], Any] = {}
     results: list[dict[str, Any]] = []
     test_rows: dict[tuple[str, str], np.ndarray] = {}
     for m in ms:
         fs = _feature_set(m.meta, get_feature_set)
-        label = _label_of(m.meta)
+        label = _label_of(m.meta, m.path, label_override)
         key = (fs.id, json.dumps(label.to_dict(), sort_keys=True))
         if key not in datasets:
             ds, _ = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs, crossing_add=crossing)
@@ -243,9 +246,18 @@ def _feature_set(meta: ModelMetadata, get_feature_set) -> Any:
         raise ValueError(f"model needs an unknown feature set: {exc}") from None
 
 
-def _label_of(meta: ModelMetadata) -> LabelSpec:
+def _label_of(meta: ModelMetadata, path: Path, override: LabelSpec | None = None) -> LabelSpec:
+    """Return the model's label; a model without a full label definition needs ``override``."""
     fields = LabelSpec.__dataclass_fields__
-    return LabelSpec(**{k: float(v) for k, v in meta.label.items() if k in fields})
+    lab = meta.label or {}
+    if "horizon_ms" not in lab or "k" not in lab or lab.get("known") is False:
+        if override is None:
+            raise ValueError(
+                f"{path}: the model's metadata has no label definition (horizon_ms, k), so its "
+                "target is unknown; give the label it predicts: --label-horizon-ms H --label-k K"
+            )
+        return override
+    return LabelSpec(**{k: float(v) for k, v in lab.items() if k in fields})
 
 
 def _roc_points(y: np.ndarray, p: np.ndarray, max_points: int = 200) -> dict[str, list[float]]:
@@ -351,6 +363,9 @@ def add_evaluate_parser(sub: Any) -> None:
     e.add_argument("--out", metavar="DIR", help="write evaluation.json and evaluation.png here")
     e.add_argument("--latency-calls", type=int, default=20_000, help="timed calls per backend")
     e.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    e.add_argument("--label-horizon-ms", type=float, default=None, metavar="H",
+                   help="the label of models whose metadata has none (adopted models): a move within H ms")
+    e.add_argument("--label-k", type=float, default=None, metavar="K", help="... of more than K sigma_H")
     from replay.features_cli import add_input_arguments
 
     add_input_arguments(e)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
@@ -360,9 +375,12 @@ def cmd_evaluate(args: Any) -> int:
     """Run ``tickscore evaluate``."""
     from replay.mapping import mapping_from_cli
 
+    if (args.label_horizon_ms is None) != (args.label_k is None):
+        raise ValueError("give both --label-horizon-ms and --label-k, or neither")
+    label = None if args.label_k is None else LabelSpec(horizon_ms=args.label_horizon_ms, k=args.label_k)
     res = evaluate(args.data, args.models, latency_calls=args.latency_calls,
                    mapping=mapping_from_cli(args.map, args.map_file, args.shape), shape=args.shape,
-                   sort_by_exchange_time=args.sort_by_exchange_time)  # fmt: skip
+                   sort_by_exchange_time=args.sort_by_exchange_time, label=label)  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
