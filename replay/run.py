@@ -156,8 +156,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
                 extra={"shape": data.shape, "feature_set": data.feature_set.id,
                        "anomalies": dict(data.reader_anomalies)},
             )  # fmt: skip
-            Path(opts.out).mkdir(parents=True, exist_ok=True)
-            (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _write_summary(opts.out, summary)
         raise NoScoresError(_no_scores_message(data, rejected, data.rows))
     scoring = load_scoring(data.model_path, opts.backend, ticks=data.first_ticks,
                            crossing_add=getattr(data.mapping, "crossing_add", None))  # fmt: skip
@@ -265,8 +264,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
     if agent.seq == 0:
         if opts.out:  # the account of what was rejected, without an empty latency report
-            Path(opts.out).mkdir(parents=True, exist_ok=True)
-            (Path(opts.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _write_summary(opts.out, summary)
         raise NoScoresError(_no_scores_message(data, summary["rejected_by_reason"], summary["ticks"]))
     if summary["rejected"] > 0.5 * summary["ticks"]:
         _warn_rejects(data, summary["rejected_by_reason"], summary["ticks"])
@@ -422,6 +420,15 @@ def summarise(
     return summary
 
 
+def _write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """Write ``out_dir/summary.json`` (creating the directory); return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
 def write_outputs(
     result: ReplayResult,
     out_dir: str | Path,
@@ -438,10 +445,7 @@ def write_outputs(
     """
     warm = int(raw["warmup"])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    files["summary"] = str(out / "summary.json")
-    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    files = {"summary": str(_write_summary(out, result.summary))}
     files["hgrm"] = str(write_hgrm(result.latency_ns[warm:], out / "latency.hgrm"))
     label = f"service time ({result.summary['backend']})"
     series = {label: result.latency_ns[warm:]}
