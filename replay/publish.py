@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 __all__ = [
-    "publish_ticks", "first_event_after", "check_service_shape", "read_for_wire", "intended_times",
+    "publish_ticks", "first_event_after", "check_service_shape", "open_for_wire", "intended_times",
     "parse_rate", "pin_self", "add_publish_parser", "cmd_publish",
 ]
 
@@ -64,37 +64,64 @@ def parse_rate(text: str) -> float | None:
 
 
 def intended_times(
-    ts_event: np.ndarray, start_ns: int, *, speed: float | None, rate: float | None
+    ts_event: np.ndarray, start_ns: int, *, speed: float | None, rate: float | None,
+    ts0: int | None = None, first_index: int = 0,
 ) -> np.ndarray:
-    """Return the intended send time (ns, CLOCK_MONOTONIC) of every tick; zeros = as fast as possible."""
+    """Return the intended send time (ns, CLOCK_MONOTONIC) of every tick; zeros = as fast as possible.
+
+    ``ts0`` (default the first tick's time) and ``first_index`` place a chunk of
+    a longer file on the whole file's schedule.
+    """
     n = len(ts_event)
     if speed is not None:
-        rel = (ts_event.astype(np.int64) - int(ts_event[0])).astype(np.float64) / speed
+        t0 = int(ts_event[0]) if ts0 is None else int(ts0)
+        rel = (ts_event.astype(np.int64) - t0).astype(np.float64) / speed
         return start_ns + rel.astype(np.int64)
     if rate is not None:
-        return start_ns + (np.arange(n, dtype=np.float64) * (1e9 / rate)).astype(np.int64)
+        idx = np.arange(first_index, first_index + n, dtype=np.float64)
+        return start_ns + (idx * (1e9 / rate)).astype(np.int64)
     return np.zeros(n, dtype=np.int64)
 
 
-def read_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool):
-    """Read ``path`` as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort).
+#: Rows per chunk the publisher reads, encodes and sends at a time (bounded memory).
+WIRE_CHUNK_ROWS = 250_000
 
-    The shape is found exactly as the in-process replay finds it (``--shape``,
-    the mapping's ``shape``, else detected from the file); every shape travels
-    in the ``Tick`` wire format (book events as kinds 3/4/5 with their order id,
-    fills as kind 2 with the resting order's id).  The service must run a model
-    of that shape (``replay --via --spawn`` starts one).
+
+def open_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool,
+                  chunk_rows: int = WIRE_CHUNK_ROWS):
+    """Open ``path`` for sending as the replay flags say (``--map``, ``--map-file``, ``--shape``, sort).
+
+    Returns a :class:`replay.reader.TickChunks` (``.shape``, ``.symbols``,
+    ``.total_rows``): the file is read chunk by chunk, in bounded memory, as the
+    in-process replay reads big files.  The shape is found exactly as the replay
+    finds it (``--shape``, the mapping's ``shape``, else detected from the
+    file); every shape travels in the ``Tick`` wire format (book events as kinds
+    3/4/5 with their order id, fills as kind 2 with the resting order's id).
     """
     from replay.mapping import mapping_from_cli
-    from replay.reader import detect_shape, read_ticks
+    from replay.reader import detect_shape, iter_tick_chunks
 
     mapping = mapping_from_cli(map_items, map_file, shape)
     shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
-    td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
-    if len(td.ticks) == 0:
-        why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items() if v) or "the file is empty"
-        raise ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
-    return td
+    return iter_tick_chunks(path, chunk_rows, mapping=mapping, shape=shp,
+                            sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+
+
+def _no_ticks_error(path: str, chunks) -> ValueError:
+    why = ", ".join(f"{k} {v:,}" for k, v in chunks.rejected.items() if v) or "the file is empty"
+    return ValueError(f"{path}: no acceptable ticks to send (rejected: {why})")
+
+
+def first_ticks_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: bool,
+                         chunk_rows: int | None = None):
+    """Return ``(TickChunks, its iterator, first non-empty chunk of ticks)``; ValueError if none."""
+    chunks = open_for_wire(path, map_items, map_file, shape, sort_by_exchange_time,
+                           chunk_rows or WIRE_CHUNK_ROWS)  # fmt: skip
+    it = iter(chunks)
+    for ch in it:
+        if len(ch.ticks):
+            return chunks, it, ch.ticks
+    raise _no_ticks_error(path, chunks)
 
 
 def check_service_shape(status: dict | None, shape: str, command: str) -> None:
@@ -137,43 +164,50 @@ def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
           f"{rate:,.0f} ticks/s{eta}", file=sys.stderr, flush=True)
 
 
+def _encode_chunk(ticks: np.ndarray, symbols: list[str], topics: list[bytes], shift: int):
+    """Return (payloads, topics, rebased ts_event) of a chunk: Tick messages of the wire format."""
+    from engine.wire import Tick, encode_tick
+
+    ts_event = ticks["ts_event_ns"].astype(np.int64) + shift
+    ev, rv = ts_event.tolist(), (ticks["ts_recv_ns"].astype(np.int64) + shift).tolist()
+    cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
+                                        "price", "size", "side", "order_id")]
+    payloads, tp = [], []
+    for i in range(len(ticks)):
+        k, inst, bp, bs, ap, az, p, s, side, oid = (c[i] for c in cols)
+        payloads.append(encode_tick(Tick(k, symbols[inst], ev[i], rv[i], bp, bs, ap, az, p, s, side, oid)))
+        tp.append(topics[inst])
+    return payloads, tp, ts_event
+
+
 def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     """Send a file's ticks as ``spec`` says; return what was sent and when.
 
-    ``spec`` keys: ``data`` and the reading options of :func:`read_for_wire`
+    ``spec`` keys: ``data`` and the reading options of :func:`open_for_wire`
     (``map``, ``map_file``, ``shape``, ``sort_by_exchange_time``), ``limit``; ``via``
     (``zmq``: ``endpoint``, ``bind``; ``aeron``: ``aeron_dir``, ``channel``, ``stream_id``),
     ``connect_timeout_s``; pace ``speed`` (x recorded) or ``rate`` (ticks/s), neither =
     back to back; ``sleep_margin_us``, ``rt_priority``, ``cpus``; event times rebased
     to now (after ``min_event_ns``) unless ``keep_times``.
 
+    The file is read, encoded and sent one chunk at a time (bounded memory: a
+    chunk's messages plus four integers per tick for the timing record).
     ``on_ready()`` is called once connected, just before the first send.  With
     ``progress_s`` > 0 a progress line goes to stderr every ``progress_s`` seconds.
     Raises ``TimeoutError`` when no service takes the ticks within the connect timeout.
     """
-    from engine.wire import Tick, encode_tick
-
     pin = pin_self(spec.get("cpus"))
-    td = read_for_wire(spec["data"], spec.get("map"), spec.get("map_file"), spec.get("shape"),
-                        bool(spec.get("sort_by_exchange_time")))
-    ticks = td.ticks if spec.get("limit") is None else td.ticks[: spec["limit"]]
-    n = len(ticks)
-    symbols = td.symbols
-    ts0 = int(ticks["ts_event_ns"][0]) if n else 0
+    chunks, rest, ticks = first_ticks_for_wire(spec["data"], spec.get("map"), spec.get("map_file"),
+                                               spec.get("shape"), bool(spec.get("sort_by_exchange_time")),
+                                               spec.get("chunk_rows"))  # fmt: skip
+    limit = spec.get("limit")
+    total = chunks.total_rows if limit is None else min(int(limit), chunks.total_rows)
+    symbols = chunks.symbols
+    topics = [s.encode() for s in symbols]
+    ts0 = int(ticks["ts_event_ns"][0])
     # keep event-time differences, start at "now" and after whatever the service saw last
     base = ts0 if spec.get("keep_times") else max(time.time_ns(), int(spec.get("min_event_ns", 0)))
-    ts_event = ticks["ts_event_ns"].astype(np.int64) - ts0 + base
-    ts_recv = ticks["ts_recv_ns"].astype(np.int64) - ts0 + base
-    cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
-                                        "price", "size", "side", "order_id")]
-    ev, rv = ts_event.tolist(), ts_recv.tolist()
-    payloads = []
-    topics = [s.encode() for s in symbols]
-    tp = []
-    for i in range(n):
-        k, inst, bp, bs, ap, az, p, s, side, oid = (c[i] for c in cols)
-        payloads.append(encode_tick(Tick(k, symbols[inst], ev[i], rv[i], bp, bs, ap, az, p, s, side, oid)))
-        tp.append(topics[inst])
+    shift = base - ts0
 
     via = spec["via"]
     if via == "zmq":
@@ -203,9 +237,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
 
         sendz = raw_send(sock)
 
-        def send(i: int) -> int:
-            sendz(tp[i], more)
-            sendz(payloads[i], flags_last)
+        def send(topic: bytes, payload: bytes) -> int:
+            sendz(topic, more)
+            sendz(payload, flags_last)
             return 0
     else:
         from engine.aeron_io import connect_client
@@ -221,8 +255,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
                                f"within {spec.get('connect_timeout_s', 30)} s: {exc}") from None
         offer = pub.offer
 
-        def send(i: int) -> int:
-            p = payloads[i]
+        def send(topic: bytes, p: bytes) -> int:
             retries = 0
             while offer(p) is not True:  # back-pressured / not connected: retry, time keeps running
                 retries += 1
@@ -238,11 +271,12 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     sched, fifo = "default scheduler", False
     rt = int(spec.get("rt_priority") or 0)
     margin = int(spec.get("sleep_margin_us", 150) * 1000)
-    paced = spec.get("speed") is not None or spec.get("rate") is not None
+    speed, rate = spec.get("speed"), spec.get("rate")
+    paced = speed is not None or rate is not None
     clock = time.perf_counter_ns
     start = clock() + 20_000_000
-    intended = intended_times(ticks["ts_event_ns"], start, speed=spec.get("speed"), rate=spec.get("rate"))
-    if rt and paced and n > 1 and float(np.median(np.diff(intended))) < 2 * margin:
+    first = intended_times(ticks["ts_event_ns"], start, speed=speed, rate=rate)
+    if rt and paced and len(first) > 1 and float(np.median(np.diff(first))) < 2 * margin:
         # ticks closer than twice the spin margin: a FIFO thread would spin without a
         # break and starve the core's other threads (subscriber, I/O, Aeron conductors)
         sched = f"SCHED_FIFO {rt} not used: ticks are closer than 2 x the sleep margin"
@@ -254,37 +288,49 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             sched, fifo = f"SCHED_FIFO {rt}", True
         except (OSError, AttributeError) as exc:
             sched = f"SCHED_FIFO {rt} refused ({exc}); default scheduler"
-    due = intended.tolist()
-    sent = np.zeros(n, dtype=np.int64)
+    rec: dict[str, list[np.ndarray]] = {"intended": [], "sent_ns": [], "ts_event": [], "inst": []}
     retries_total = 0
-    gc.collect()
-    gc.disable()  # no collector pauses while sending
+    n = 0
     t_start = clock()
     progress_ns = int(progress_s * 1e9)
     next_progress = t_start + progress_ns if progress_ns else 1 << 62
-    for i in range(n):
-        if not i & 1023 and clock() >= next_progress:
-            _progress_line(i, n, clock() - t_start)
-            next_progress += progress_ns
-        if paced:
-            d = due[i]
-            while True:
+    while ticks is not None and (limit is None or n < limit):
+        if limit is not None:
+            ticks = ticks[: limit - n]
+        payloads, tp, ts_event = _encode_chunk(ticks, symbols, topics, shift)
+        m = len(payloads)
+        due = intended_times(ticks["ts_event_ns"], start, speed=speed, rate=rate, ts0=ts0, first_index=n)
+        due_l = due.tolist()
+        sent = np.zeros(m, dtype=np.int64)
+        gc.collect()
+        gc.disable()  # no collector pauses while sending
+        for i in range(m):
+            if not i & 1023 and clock() >= next_progress:
+                _progress_line(n + i, total, clock() - t_start)
+                next_progress += progress_ns
+            if paced:
+                d = due_l[i]
+                while True:
+                    now = clock()
+                    if now >= d:
+                        break
+                    if d - now > margin:  # sleep, waking `margin` early; spin the rest
+                        time.sleep((d - now - margin) / 1e9)
+                    # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
+                    # priority) subscriber for a whole scheduler tick
+            else:
                 now = clock()
-                if now >= d:
-                    break
-                if d - now > margin:  # sleep, waking `margin` early; spin the rest
-                    time.sleep((d - now - margin) / 1e9)
-                # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
-                # priority) subscriber for a whole scheduler tick
-        else:
-            now = clock()
-        sent[i] = now
-        retries_total += send(i)
-    gc.enable()
+            sent[i] = now
+            retries_total += send(tp[i], payloads[i])
+        gc.enable()
+        rec["intended"].append(due if paced else sent)
+        rec["sent_ns"].append(sent)
+        rec["ts_event"].append(ts_event)
+        rec["inst"].append(ticks["instrument"].astype(np.int32))
+        n += m
+        ticks = next((ch.ticks for ch in rest if len(ch.ticks)), None)  # the next chunk
     if fifo:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    if not paced:
-        intended = sent.copy()
     wall_s = (clock() - t_start) / 1e9
     time.sleep(0.2)
     if via == "zmq":
@@ -294,9 +340,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         aeron.close()
     return {"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
             "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
-            "symbols": symbols, "reader_rejected": {k: v for k, v in td.rejected.items() if v},
-            "intended": intended, "sent_ns": sent, "ts_event": ts_event,
-            "inst": ticks["instrument"].astype(np.int32)}
+            "symbols": symbols, "reader_rejected": {k: v for k, v in chunks.rejected.items() if v},
+            **{k: np.concatenate(v) for k, v in rec.items()}}
 
 
 def add_publish_parser(sub) -> None:
@@ -348,10 +393,6 @@ def cmd_publish(args) -> int:
     )
     from engine.control import status_or_none
     from replay.generator import default_data_path
-
-    if args.chunk_rows:
-        print("tickscore publish: warning: --chunk-rows has no effect (the file is loaded whole)",
-              file=sys.stderr)
     from replay.mapping import mapping_from_cli
     from replay.reader import detect_shape
 
@@ -364,6 +405,7 @@ def cmd_publish(args) -> int:
     spec = {"data": data, "map": list(args.map or []), "shape": args.shape,
             "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
             "sort_by_exchange_time": bool(args.sort_by_exchange_time), "limit": args.limit,
+            "chunk_rows": args.chunk_rows,
             "connect_timeout_s": args.connect_timeout, "keep_times": args.keep_times,
             "speed": speed, "rate": None if speed is not None else args.rate,
             "sleep_margin_us": 150.0, "rt_priority": 0}

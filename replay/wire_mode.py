@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.control import status_or_none
-from replay.publish import first_event_after, parse_rate, pin_self, read_for_wire
+from replay.publish import first_event_after, first_ticks_for_wire, parse_rate, pin_self
 
 __all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
 
@@ -431,17 +431,15 @@ def run_wire(args) -> WireRun:
     from replay.run import summarise
 
     data_path = str(Path(args.data).resolve()) if args.data else str(default_data_path())
-    if getattr(args, "chunk_rows", None):
-        print("tickscore replay: warning: --chunk-rows has no effect with --via (the publisher loads "
-              "the file whole)", file=sys.stderr)
     read_opts = {"map": list(args.map or []), "shape": args.shape,
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
-                 "sort_by_exchange_time": bool(args.sort_by_exchange_time)}
-    td = read_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
-                        read_opts["sort_by_exchange_time"])
-    n = len(td.ticks) if args.limit is None else min(args.limit, len(td.ticks))
-    if n == 0:
-        raise ValueError(f"{data_path}: no acceptable ticks to send")
+                 "sort_by_exchange_time": bool(args.sort_by_exchange_time),
+                 "chunk_rows": getattr(args, "chunk_rows", None)}
+    # the file's shape, instruments and size (one chunk read: bounded memory); the publisher
+    # process reads and sends it chunk by chunk
+    td, _, _ = first_ticks_for_wire(data_path, read_opts["map"], read_opts["map_file"], read_opts["shape"],
+                                    read_opts["sort_by_exchange_time"], read_opts["chunk_rows"])  # fmt: skip
+    n = td.total_rows if args.limit is None else min(args.limit, td.total_rows)  # at most; see "sent"
     speed = args.speed
     rate = None if speed is not None else args.rate
     hot = args.pin
@@ -581,6 +579,7 @@ def run_wire(args) -> WireRun:
     rejected = int(d_rej or 0)
     model = status.get("model", {})
     pub_info, sub_info = _last_json(pub_out), _last_json(sub_out)
+    n = int(pub_info.get("sent", n))  # the ticks actually sent (the file's accepted rows, or --limit)
     summary = summarise(
         ticks=n,
         scores=len(ti),
@@ -595,7 +594,7 @@ def run_wire(args) -> WireRun:
         model_version=str(model.get("version", "")),
         quantization=str(model.get("quantization", "")),
         data_path=data_path,
-        data_rows=td.rows,
+        data_rows=td.total_rows,
         pinned=[] if hot is None else [hot],
         extra={
             "latency_definition": "wire-to-wire: subscriber receive CLOCK_MONOTONIC - intended send time",
