@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _train(data: Path, shape: str, out: Path) -> dict:
+def _train(data: Path, shape: str, out: Path, chunk_rows: int | None = None) -> dict:
     cmd = [sys.executable, "-c",
            "import sys; from engine.cli import main; rc = main(sys.argv[1:]); "
            "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]; "
            "print('MAXRSS_KB', hwm, file=sys.stderr); sys.exit(rc)",
-           "train", "--data", str(data), "--shape", shape, "--out", str(out), "--json"]  # fmt: skip
+           "train", "--data", str(data), "--shape", shape, "--out", str(out), "--json",
+           *(["--chunk-rows", str(chunk_rows)] if chunk_rows else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=5_000_000)
     ap.add_argument("--shapes", default="l1,trades,l3")
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="read in chunks of N rows (as files over 5M rows are), not whole")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tickscore-bench-train-") as tmp:
         for shape in args.shapes.split(","):
             data = writers[shape](Path(tmp) / f"{shape}.parquet", args.events)
-            res = _train(data, shape, Path(tmp) / f"{shape}.onnx")
+            res = _train(data, shape, Path(tmp) / f"{shape}.onnx", args.chunk_rows)
+            res["chunk_rows"] = args.chunk_rows
             out["shapes"][shape] = res
             print(f"{shape}: {res['events']:,} events, {res['wall_s']} s, peak RSS {res['peak_rss_mb']:,} MB "
                   f"({res['bytes_per_event']} B/event), test AUC {res['test_auc']}", file=sys.stderr)

@@ -120,6 +120,7 @@ def evaluate(
     shape: str | None = None,
     sort_by_exchange_time: bool = False,
     label: LabelSpec | None = None,
+    chunk_rows: int | None = None,
 ) -> dict[str, Any]:
     """Return the evaluation of ``models`` on the test period of ``data`` (see module doc).
 
@@ -148,7 +149,7 @@ def evaluate(
     ms = [_Model(Path(p), read_metadata(p)) for p in models]
     if shape is None and (mapping is None or mapping.shape is None):
         shape = ms[0].meta.feature_set_id.split(".", 1)[0]
-    td, _ = read_training_file(path, mapping=mapping, shape=shape,
+    td, _ = read_training_file(path, mapping=mapping, shape=shape, chunk_rows=chunk_rows,
                                sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
     digest = _file_digest(path)
     crossing = getattr(mapping, "crossing_add", None)
@@ -380,7 +381,8 @@ def cmd_evaluate(args: Any) -> int:
     label = None if args.label_k is None else LabelSpec(horizon_ms=args.label_horizon_ms, k=args.label_k)
     res = evaluate(args.data, args.models, latency_calls=args.latency_calls,
                    mapping=mapping_from_cli(args.map, args.map_file, args.shape), shape=args.shape,
-                   sort_by_exchange_time=args.sort_by_exchange_time, label=label)  # fmt: skip
+                   sort_by_exchange_time=args.sort_by_exchange_time, label=label,
+                   chunk_rows=args.chunk_rows)  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -680,17 +679,36 @@ SHAPE_LABELS: dict[str, LabelSpec] = {
 
 
 def read_training_file(path: str | Path, *, mapping: Any = None, shape: str | None = None,
-                       sort_by_exchange_time: bool = False):
+                       sort_by_exchange_time: bool = False, chunk_rows: int | None = None):
     """Read a market file for training or evaluation exactly as ``tickscore replay`` reads it.
 
     The shape is ``shape``, the mapping's ``shape``, else detected from the file
     (:func:`replay.reader.detect_shape`); the mapping, rejects and sorting are
-    the replay's.  Returns ``(TickData, shape)``.
+    the replay's.  Files over ``replay.inputs.CHUNK_AUTO_ROWS`` rows (or any
+    file with ``chunk_rows``) are read as the replay reads big files, chunk by
+    chunk (:func:`replay.reader.iter_tick_chunks`), into one preallocated tick
+    array: the reader's memory stays bounded by the chunk.  Returns
+    ``(TickData, shape)``.
     """
-    from replay.reader import detect_shape, read_ticks
+    from engine.schema import TICK_DTYPE
+    from replay.inputs import CHUNK_AUTO_ROWS, DEFAULT_CHUNK_ROWS
+    from replay.reader import TickData, detect_shape, iter_tick_chunks, read_ticks
 
     shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
-    td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
+    chunks = iter_tick_chunks(path, int(chunk_rows or DEFAULT_CHUNK_ROWS), mapping=mapping, shape=shp,
+                              sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+    if chunk_rows is None and chunks.total_rows <= CHUNK_AUTO_ROWS:
+        td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
+    else:
+        ticks = np.empty(chunks.total_rows, dtype=TICK_DTYPE)
+        k = 0
+        for ch in chunks:
+            m = len(ch.ticks)
+            ticks[k : k + m] = ch.ticks
+            k += m
+        td = TickData(ticks=ticks[:k], symbols=list(chunks.symbols), rows=int(chunks.rows_read),
+                      rejected=dict(chunks.rejected), path=str(path), anomalies=dict(chunks.anomalies),
+                      shape=shp)  # fmt: skip
     if len(td.ticks) == 0:
         why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items()) or "the file is empty"
         raise ValueError(f"{path}: no acceptable rows to train on (rejected: {why})")
@@ -711,6 +729,7 @@ def train_file(
     mapping: Any = None,
     shape: str | None = None,
     sort_by_exchange_time: bool = False,
+    chunk_rows: int | None = None,
 ) -> dict[str, Any]:
     """Train on a tick file of any shape; write ``out`` (fp32), its int8 QDQ twin and a JSON report.
 
@@ -729,7 +748,7 @@ def train_file(
     if out.suffix != ".onnx":
         raise ValueError(f"--out must name an .onnx file, got {out}")
     t0 = time.perf_counter()
-    td, shp = read_training_file(path, mapping=mapping, shape=shape,
+    td, shp = read_training_file(path, mapping=mapping, shape=shape, chunk_rows=chunk_rows,
                                  sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
     fs = feature_set if feature_set is not None else DEFAULT_BY_SHAPE[shp]
     label = label if label is not None else SHAPE_LABELS[fs.name]
@@ -801,9 +820,6 @@ def cmd_train(args: Any) -> int:
 
     mapping = mapping_from_cli(args.map, args.map_file, args.shape)
     label = None
-    if args.chunk_rows:
-        print("tickscore train: warning: --chunk-rows has no effect (training reads the file whole)",
-              file=sys.stderr)
     if args.label_horizon_ms is not None or args.label_k is not None:
         shp = args.shape or (mapping.shape if mapping is not None else None)
         if shp is None:
@@ -817,7 +833,7 @@ def cmd_train(args: Any) -> int:
     rep = train_file(
         args.data, args.out, label=label, hidden=parse_hidden(args.hidden), seed=args.seed,
         input_clip=args.input_clip or None, mapping=mapping, shape=args.shape,
-        sort_by_exchange_time=args.sort_by_exchange_time,
+        sort_by_exchange_time=args.sort_by_exchange_time, chunk_rows=args.chunk_rows,
     )
     if args.json:
         print(json.dumps(rep, indent=2))

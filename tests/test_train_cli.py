@@ -152,3 +152,28 @@ def test_train_on_a_file_too_short_for_the_split_is_a_clear_error(vendor_files, 
     run = _tickscore("train", "--data", str(short), *flags, "--out", str(tmp_path / "m.onnx"))
     assert run.returncode == 2
     assert "needs both label classes" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_chunked_reading_trains_the_same_model_bytes_as_reading_whole(trained, tmp_path):
+    # big files (or --chunk-rows) are read as the replay reads them, chunk by chunk; the
+    # model must not depend on it
+    data, out, _ = trained
+    out2 = tmp_path / "chunked.onnx"
+    run = _tickscore("train", "--data", str(data), "--out", str(out2), "--hidden", "8", "--seed", "3",
+                     "--label-horizon-ms", "400", "--label-k", "2", "--chunk-rows", "7000")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert out2.read_bytes() == out.read_bytes()
+    assert int8_path_for(out2).read_bytes() == int8_path_for(out).read_bytes()
+
+
+def test_chunked_and_whole_reads_give_the_same_ticks_and_rejects(tmp_path):
+    import numpy as np
+
+    from models.train import read_training_file
+
+    data = write_market(tmp_path / "bad.parquet", 30_000, ["ESZ6", "NQZ6"], 7, bad_fraction=0.02)
+    whole, s1 = read_training_file(data)
+    chunked, s2 = read_training_file(data, chunk_rows=1_000)
+    assert s1 == s2 == "l1" and sum(whole.rejected.values()) > 0
+    np.testing.assert_array_equal(whole.ticks, chunked.ticks)
+    assert whole.rejected == chunked.rejected and whole.rows == chunked.rows
