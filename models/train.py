@@ -692,9 +692,9 @@ def read_training_file(path: str | Path, *, mapping: Any = None, shape: str | No
     """
     from engine.schema import TICK_DTYPE
     from replay.inputs import CHUNK_AUTO_ROWS, DEFAULT_CHUNK_ROWS
-    from replay.reader import TickData, detect_shape, iter_tick_chunks, read_ticks
+    from replay.reader import TickData, iter_tick_chunks, read_ticks, resolve_shape
 
-    shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
+    shp = resolve_shape(path, mapping, shape)
     chunks = iter_tick_chunks(path, int(chunk_rows or DEFAULT_CHUNK_ROWS), mapping=mapping, shape=shp,
                               sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
     if chunk_rows is None and chunks.total_rows <= CHUNK_AUTO_ROWS:
@@ -816,23 +816,20 @@ def add_train_parser(sub: Any) -> None:
 
 def cmd_train(args: Any) -> int:
     """Run ``tickscore train``."""
+    from replay.generator import default_data_path
     from replay.mapping import mapping_from_cli
+    from replay.reader import resolve_shape
 
     mapping = mapping_from_cli(args.map, args.map_file, args.shape)
+    shp = resolve_shape(args.data or default_data_path(), mapping, args.shape)  # once: train_file gets it
     label = None
     if args.label_horizon_ms is not None or args.label_k is not None:
-        shp = args.shape or (mapping.shape if mapping is not None else None)
-        if shp is None:
-            from replay.generator import default_data_path
-            from replay.reader import detect_shape
-
-            shp = detect_shape(args.data or default_data_path(), mapping)
         base = SHAPE_LABELS[shp]
         h = args.label_horizon_ms if args.label_horizon_ms is not None else base.horizon_ms
         label = LabelSpec(horizon_ms=h, k=args.label_k if args.label_k is not None else base.k)
     rep = train_file(
         args.data, args.out, label=label, hidden=parse_hidden(args.hidden), seed=args.seed,
-        input_clip=args.input_clip or None, mapping=mapping, shape=args.shape,
+        input_clip=args.input_clip or None, mapping=mapping, shape=shp,
         sort_by_exchange_time=args.sort_by_exchange_time, chunk_rows=args.chunk_rows,
     )
     if args.json:

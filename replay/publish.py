@@ -99,11 +99,10 @@ def open_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: 
     3/4/5 with their order id, fills as kind 2 with the resting order's id).
     """
     from replay.mapping import mapping_from_cli
-    from replay.reader import detect_shape, iter_tick_chunks
+    from replay.reader import iter_tick_chunks, resolve_shape
 
     mapping = mapping_from_cli(map_items, map_file, shape)
-    shp = shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
-    return iter_tick_chunks(path, chunk_rows, mapping=mapping, shape=shp,
+    return iter_tick_chunks(path, chunk_rows, mapping=mapping, shape=resolve_shape(path, mapping, shape),
                             sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
 
 
@@ -394,15 +393,14 @@ def cmd_publish(args) -> int:
     from engine.control import status_or_none
     from replay.generator import default_data_path
     from replay.mapping import mapping_from_cli
-    from replay.reader import detect_shape
+    from replay.reader import resolve_shape
 
     endpoint = args.endpoint or DEFAULT_TICK_ENDPOINT
     data = str(Path(args.data).resolve()) if args.data else str(default_data_path())
-    mapping = mapping_from_cli(args.map, args.map_file, args.shape)
-    shape = args.shape or (mapping.shape if mapping is not None else None) or detect_shape(data, mapping)
+    shape = resolve_shape(data, mapping_from_cli(args.map, args.map_file, args.shape), args.shape)
     print(f"tickscore publish: {data}: a {shape!r} file", file=sys.stderr)
     speed = args.speed
-    spec = {"data": data, "map": list(args.map or []), "shape": args.shape,
+    spec = {"data": data, "map": list(args.map or []), "shape": shape,  # resolved once, here
             "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
             "sort_by_exchange_time": bool(args.sort_by_exchange_time), "limit": args.limit,
             "chunk_rows": args.chunk_rows,

@@ -1173,6 +1173,15 @@ def _add(acc: dict[str, int], more: dict[str, int]) -> None:
 
 
 # =========================================================================== shape and symbols
+def resolve_shape(path: str | Path, mapping: ColumnMapping | None = None, shape: str | None = None) -> str:
+    """Return the event shape of a file as every command finds it.
+
+    ``shape`` (``--shape``), else the mapping's ``shape``, else
+    :func:`detect_shape` on the file's first rows.
+    """
+    return shape or (mapping.shape if mapping is not None else None) or detect_shape(path, mapping)
+
+
 def detect_shape(path: str | Path, mapping: ColumnMapping | None = None, sample_rows: int = 100_000) -> str:
     """Return the event shape of a file from its first rows: ``l3``, ``trades`` or ``l1``.
 
