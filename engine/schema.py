@@ -28,6 +28,7 @@ __all__ = [
     "FLAG_CLIPPED",
     "FLAG_NO_TRADES",
     "FLAG_NAMES",
+    "CROSSING_ADD_POLICIES",
     "REJECT_OK",
     "REJECT_NONFINITE",
     "REJECT_NONPOSITIVE",
@@ -99,6 +100,10 @@ FLAG_NAMES = {
     FLAG_CLIPPED: "clipped",
     FLAG_NO_TRADES: "no_trades",
 }
+
+#: L3 crossing-add policies (mapping key / config ``crossing_add``), by code = position:
+#: what an add at or through the opposite best price means on a venue (features.book).
+CROSSING_ADD_POLICIES = ("keep", "uncross", "aggressor")
 
 # Reject reasons: index into a per-run int64 counter array.
 REJECT_OK = 0

@@ -159,6 +159,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.schema import (
+    CROSSING_ADD_POLICIES,
     KIND_BOOK_ADD,
     KIND_BOOK_DELETE,
     KIND_BOOK_MODIFY,
@@ -286,7 +287,8 @@ CROSS_KEEP = 0  #: keep every order as received (the book may rest crossed)
 CROSS_UNCROSS = 1  #: a crossing add drops the opposite levels strictly through its price (stale)
 CROSS_AGGRESSOR = 2  #: a marketable add is an incoming taker: held off the book while it crosses
 #: Policy names (``crossing_add`` in a column mapping) -> code.
-CROSSING_POLICIES = {"keep": CROSS_KEEP, "uncross": CROSS_UNCROSS, "aggressor": CROSS_AGGRESSOR}
+CROSSING_POLICIES = {name: code for code, name in enumerate(CROSSING_ADD_POLICIES)}
+assert CROSSING_POLICIES == {"keep": CROSS_KEEP, "uncross": CROSS_UNCROSS, "aggressor": CROSS_AGGRESSOR}
 
 _U_GOLD = np.uint64(0x9E3779B97F4A7C15)
 _U_M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -104,6 +104,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from engine.schema import CROSSING_ADD_POLICIES
+
 __all__ = [
     "FIELDS",
     "KIND_CODES",
@@ -153,7 +155,6 @@ _DEFAULT_SIDES: dict[str, int] = {
 _TS_UNITS = ("auto", "ns", "us", "ms", "s", "datetime")
 _SEPARATORS = {"comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|", "space": " "}
 _SHAPES = ("l1", "trades", "l3")
-_CROSSING = ("uncross", "aggressor", "keep")  # features.book.CROSSING_POLICIES
 
 #: Built-in presets (key sets applied before the user's keys).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -378,7 +379,6 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
         valid choices.
     """
     spec = dict(spec)
-    given = dict(spec)
     preset = spec.get("preset")
     if preset is not None:
         preset = str(preset).strip().lower().replace("_", "-")
@@ -458,8 +458,10 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
             kw[k] = v
         elif k == "crossing_add":
             v = str(value).strip().lower()
-            if v not in _CROSSING:
-                raise ValueError(f"mapping: crossing_add must be one of {list(_CROSSING)}, got {value!r}")
+            if v not in CROSSING_ADD_POLICIES:
+                raise ValueError(
+                    f"mapping: crossing_add must be one of {list(CROSSING_ADD_POLICIES)}, got {value!r}"
+                )
             kw[k] = v
         else:
             known = sorted(set(FIELDS) | {"kinds", "sides", "shape", "preset", "format", "header",
@@ -478,9 +480,7 @@ def build_mapping(spec: Mapping[str, Any]) -> ColumnMapping:
             kw["ts_unit"] = "s"
     if "ts_tz" in kw:
         _check_tz(kw["ts_tz"])
-    keys = _merge(PRESETS[preset], {k: v for k, v in given.items() if k != "preset"}) if preset else given
-    if preset:
-        keys = {"preset": preset, **keys}
+    keys = {"preset": preset, **spec} if preset else spec  # (spec: the preset's keys, then the user's)
     return ColumnMapping(columns=columns, constants=constants, kinds=kinds, sides=sides, keys=keys, **kw)
 
 
