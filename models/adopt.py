@@ -100,26 +100,18 @@ def _file_sha256(path: Path) -> str:
 def _sample_features(fs, data: str | Path | None, n: int = 20_000) -> np.ndarray:
     """Return up to ``n`` finite feature vectors of ``data`` (default: data of the shape)."""
     from engine.builder import shape_sample_ticks
-    from engine.schema import N_REJECT_REASONS
-    from features.registry import kernels_for
+    from models.fused import _features_of
     from replay.generator import default_data_path
     from replay.reader import read_ticks
 
     if data is not None:
-        td = read_ticks(data, shape=fs.name)
-        ticks, n_inst = td.ticks, len(td.symbols)
+        ticks = read_ticks(data, shape=fs.name).ticks
     else:
         ticks = shape_sample_ticks(fs.name)
         if ticks is None:
             ticks = read_ticks(default_data_path()).ticks
-        n_inst = int(ticks["instrument"].max()) + 1
-    kern = kernels_for(fs)
-    fstate, istate = kern.new_state(n_inst)
-    X = np.empty((len(ticks), len(fs.names)), np.float32)
-    flags = np.empty(len(ticks), np.int32)
-    kern.compute_batch(np.ascontiguousarray(ticks), fstate, istate, fs.params_array(), X, flags,
-                       np.zeros(N_REJECT_REASONS, np.int64))  # fmt: skip
-    X = X[(flags >= 0) & np.isfinite(X).all(axis=1)]
+    X = _features_of(ticks, fs)  # the batch kernel's accepted rows, as the parity check uses
+    X = X[np.isfinite(X).all(axis=1)]
     if len(X) == 0:
         raise ValueError("no finite feature vectors to verify the model on")
     return np.ascontiguousarray(X[np.linspace(0, len(X) - 1, min(n, len(X))).astype(np.int64)])
