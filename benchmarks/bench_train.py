@@ -1,12 +1,13 @@
 """Benchmark: ``tickscore train`` on big generated files of each shape: wall time and peak RSS.
 
-For each shape a seeded file of ``--events`` events is generated, then
+For each shape and each size in ``--events`` a seeded file is generated, then
 ``tickscore train --data FILE --shape SHAPE`` runs in a child process
 (``OMP_NUM_THREADS=1``); its wall time and peak resident set size (the
 child's ``VmHWM``: ``ru_maxrss`` would carry the parent's high-water mark over
-fork + exec) are recorded with the test AUC of both models.
+fork + exec) are recorded with the test AUC of both models.  Two sizes show
+whether memory is bounded: the peak must not grow with the file.
 
-    python benchmarks/bench_train.py --events 5000000 --json benchmarks/results/train.json
+    python benchmarks/bench_train.py --events 5000000,10000000 --json benchmarks/results/train.json
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def _train(data: Path, shape: str, out: Path, chunk_rows: int | None = None) -> 
     return {
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(rss_kb / 1024, 1),
-        "bytes_per_event": round(rss_kb * 1024 / rep["rows"]["generated"], 1),
         "events": rep["rows"]["generated"],
         "usable_rows": rep["rows"]["usable"],
+        "sample": rep["sample"],
         "test_auc": {"fp32": rep["fp32"]["test"]["auc"], "int8": rep["int8"]["test"]["auc"]},
         "timing_s": rep["timing_s"],
     }
@@ -53,10 +54,10 @@ def _train(data: Path, shape: str, out: Path, chunk_rows: int | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--events", type=int, default=5_000_000)
+    ap.add_argument("--events", default="5000000,10000000", help="comma-separated file sizes")
     ap.add_argument("--shapes", default="l1,trades,l3")
     ap.add_argument("--chunk-rows", type=int, default=None,
-                    help="read in chunks of N rows (as files over 5M rows are), not whole")
+                    help="train's --chunk-rows (default: the reader's 1M-row chunks)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -72,18 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     writers = {"l1": write_market, "trades": write_trades, "l3": write_l3}
     with tempfile.TemporaryDirectory(prefix="tickscore-bench-train-") as tmp:
         for shape in args.shapes.split(","):
-            data = writers[shape](Path(tmp) / f"{shape}.parquet", args.events)
-            res = _train(data, shape, Path(tmp) / f"{shape}.onnx", args.chunk_rows)
-            res["chunk_rows"] = args.chunk_rows
-            out["shapes"][shape] = res
-            print(f"{shape}: {res['events']:,} events, {res['wall_s']} s, peak RSS {res['peak_rss_mb']:,} MB "
-                  f"({res['bytes_per_event']} B/event), test AUC {res['test_auc']}", file=sys.stderr)
-            data.unlink()
+            out["shapes"][shape] = {}
+            for events in (int(e) for e in args.events.split(",")):
+                data = writers[shape](Path(tmp) / f"{shape}.parquet", events)
+                res = _train(data, shape, Path(tmp) / f"{shape}.onnx", args.chunk_rows)
+                res["chunk_rows"] = args.chunk_rows
+                out["shapes"][shape][str(events)] = res
+                print(f"{shape}: {res['events']:,} events, {res['wall_s']} s, peak RSS "
+                      f"{res['peak_rss_mb']:,} MB, test AUC {res['test_auc']}", file=sys.stderr)
+                data.unlink()
     out["host"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: {kk: v[kk] for kk in ("wall_s", "peak_rss_mb", "bytes_per_event")}
+    print(json.dumps({k: {e: {kk: r[kk] for kk in ("wall_s", "peak_rss_mb")} for e, r in v.items()}
                       for k, v in out["shapes"].items()}, indent=2))  # fmt: skip
     return 0
 

@@ -121,8 +121,13 @@ def evaluate(
     sort_by_exchange_time: bool = False,
     label: LabelSpec | None = None,
     chunk_rows: int | None = None,
+    max_rows: int | None = None,
 ) -> dict[str, Any]:
     """Return the evaluation of ``models`` on the test period of ``data`` (see module doc).
+
+    The file is read chunk by chunk (:func:`models.dataset.dataset_from_file`);
+    ``max_rows`` bounds the usable rows kept (a uniform sample beyond it;
+    None = :data:`models.dataset.DEFAULT_MAX_ROWS`, 0 = all).
 
     ``data`` None = the embedded dataset, read as the replay reads it
     (``mapping``, ``shape``: default the first model's, ``sort_by_exchange_time``).
@@ -130,18 +135,12 @@ def evaluate(
     models whose metadata has none (an adopted model), which are refused without it.
     """
     from features.featureset import get_feature_set
+    from models.dataset import DEFAULT_MAX_ROWS, SPLIT_FRACTIONS, dataset_from_file, time_split
     from models.fused import FusedBackend, UnsupportedGraph
     from models.ort_backend import OrtBackend
-    from models.train import (
-        SPLIT_FRACTIONS,
-        _file_digest,
-        binary_metrics,
-        dataset_from_ticks,
-        read_training_file,
-        time_split,
-    )
-    from models.train import usable_rows as _usable
+    from models.train import _file_digest, binary_metrics
     from replay.generator import default_data_path
+    from replay.reader import read_ticks, resolve_shape
 
     if not models:
         raise ValueError("give at least one model file")
@@ -149,11 +148,13 @@ def evaluate(
     ms = [_Model(Path(p), read_metadata(p)) for p in models]
     if shape is None and (mapping is None or mapping.shape is None):
         shape = ms[0].meta.feature_set_id.split(".", 1)[0]
-    td, _ = read_training_file(path, mapping=mapping, shape=shape, chunk_rows=chunk_rows,
-                               sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+    shape = resolve_shape(path, mapping, shape)
+    read = {"mapping": mapping, "shape": shape, "sort_by_exchange_time": sort_by_exchange_time}
+    max_rows = DEFAULT_MAX_ROWS if max_rows is None else (max_rows or None)
+    first: np.ndarray | None = None  # the first ticks, replayed for the fused tick's latency
     digest = _file_digest(path)
-    crossing = getattr(mapping, "crossing_add", None)
     label_override = label
+    rows_read = 0
 
     datasets: dict[tuple[str, str], Any] = {}
     results: list[dict[str, Any]] = []
@@ -163,8 +164,10 @@ def evaluate(
         label = _label_of(m.meta, m.path, label_override)
         key = (fs.id, json.dumps(label.to_dict(), sort_keys=True))
         if key not in datasets:
-            ds, _ = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs, crossing_add=crossing)
-            split = time_split(ds.ts, _usable(ds), int(label.horizon_ms * 1_000_000), SPLIT_FRACTIONS)
+            fd = dataset_from_file(path, label, fs, chunk_rows=chunk_rows, max_rows=max_rows, **read)
+            ds, rows_read = fd.dataset, fd.rows_read
+            split = time_split(ds.ts, np.ones(ds.ts.shape, dtype=bool), int(label.horizon_ms * 1_000_000),
+                               SPLIT_FRACTIONS, span=ds.span)  # fmt: skip
             datasets[key] = (ds, split)
             test_rows[key] = np.flatnonzero(split.test)
         ds, split = datasets[key]
@@ -181,6 +184,7 @@ def evaluate(
             "trained_on_this_data": m.meta.train_range.get("data_sha256") == digest,
             "test_period_ts_ns": split.ranges["test"],
             "test_rows": int(X.shape[0]),
+            "sampled": f"{ds.rows['kept']:,} of {ds.rows['usable']:,} usable rows" if ds.sampled else None,
         }
         if y.size and y.min() != y.max():
             row.update(binary_metrics(y, m.scores))
@@ -201,7 +205,9 @@ def evaluate(
                 row["fused"]["max_abs_diff_vs_ort"] = float(d.max()) if d.size else 0.0
                 row["fused"]["out_step"] = fb.program.out_step
             lat["fused_run"] = _latency(fb.run, latency_calls)
-            lat["fused_tick"] = _tick_latency(fb, td.ticks, fs, latency_calls)
+            if first is None:
+                first = read_ticks(path, max_rows=max(latency_calls, 1), **read).ticks
+            lat["fused_tick"] = _tick_latency(fb, first, fs, latency_calls)
         row["latency"] = lat
         results.append(row)
 
@@ -229,7 +235,7 @@ def evaluate(
     for r in results:
         r.pop("_key")
     return {
-        "data": {"path": str(path), "rows": int(td.rows), "sha256": digest},
+        "data": {"path": str(path), "rows": int(rows_read), "sha256": digest},
         "split": {"fractions": list(SPLIT_FRACTIONS), "gap": "label horizon"},
         "models": results,
     }
@@ -370,6 +376,9 @@ def add_evaluate_parser(sub: Any) -> None:
     from replay.features_cli import add_input_arguments
 
     add_input_arguments(e)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
+    from models.train import add_max_rows_argument
+
+    add_max_rows_argument(e)
 
 
 def cmd_evaluate(args: Any) -> int:
@@ -382,7 +391,7 @@ def cmd_evaluate(args: Any) -> int:
     res = evaluate(args.data, args.models, latency_calls=args.latency_calls,
                    mapping=mapping_from_cli(args.map, args.map_file, args.shape), shape=args.shape,
                    sort_by_exchange_time=args.sort_by_exchange_time, label=label,
-                   chunk_rows=args.chunk_rows)  # fmt: skip
+                   chunk_rows=args.chunk_rows, max_rows=args.max_rows)  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

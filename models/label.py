@@ -47,7 +47,14 @@ from numba import njit
 
 from engine.schema import KIND_QUOTE
 
-__all__ = ["LabelSpec", "DEFAULT_LABEL", "label_definition", "compute_labels", "mid_and_sigma"]
+__all__ = [
+    "LabelSpec",
+    "DEFAULT_LABEL",
+    "label_definition",
+    "compute_labels",
+    "mid_and_sigma",
+    "StreamingLabels",
+]
 
 _NS_PER_MS = 1_000_000
 
@@ -94,16 +101,27 @@ def label_definition(spec: LabelSpec = DEFAULT_LABEL) -> str:
     )
 
 
+def _new_forward_state(n_instruments: int) -> tuple[np.ndarray, ...]:
+    """Per-instrument state of the forward pass (carried from chunk to chunk)."""
+    return (
+        np.full(n_instruments, np.nan),  # last log mid
+        np.zeros(n_instruments),  # decayed realised variance
+        np.zeros(n_instruments, dtype=np.int64),  # its timestamp
+        np.full(n_instruments, -1, dtype=np.int64),  # first quote's ts
+        np.zeros(n_instruments, dtype=np.bool_),  # has a quote
+    )
+
+
 @njit(cache=True, nogil=True)
 def _mid_and_sigma_kernel(
-    ticks, flags, n_instruments, tau_ns, warmup_ns, horizon_ns, log_mid_out, sigma_h_out, warm_out
-):
-    """Forward pass: per-event log mid, sigma_H and warm flag (events <= t only)."""
-    last_lm = np.full(n_instruments, np.nan)
-    rv = np.zeros(n_instruments)
-    rv_ts = np.zeros(n_instruments, dtype=np.int64)
-    first_q = np.full(n_instruments, -1, dtype=np.int64)
-    have_q = np.zeros(n_instruments, dtype=np.bool_)
+    ticks, flags, last_lm, rv, rv_ts, first_q, have_q, tau_ns, warmup_ns, horizon_ns,
+    log_mid_out, sigma_h_out, warm_out,
+):  # fmt: skip
+    """Forward pass: per-event log mid, sigma_H and warm flag (events <= t only).
+
+    The per-instrument state (``last_lm`` .. ``have_q``) is updated in place, so
+    a stream given in chunks gives the same values as given whole.
+    """
     for i in range(ticks.shape[0]):
         log_mid_out[i] = np.nan
         sigma_h_out[i] = np.nan
@@ -131,6 +149,21 @@ def _mid_and_sigma_kernel(
         var_rate = rv[s] * math.exp(-(ts - rv_ts[s]) / tau_ns) / tau_ns
         sigma_h_out[i] = math.sqrt(var_rate * horizon_ns)
         warm_out[i] = ts - first_q[s] >= warmup_ns
+
+
+@njit(cache=True, nogil=True)
+def _closed_rows(ts, inst, n_instruments, horizon_ns, closed_out):
+    """Mark rows whose horizon has closed: a later row of the instrument is past ``ts + H``.
+
+    Accepted rows of an instrument are time-ordered, so such a row's window
+    ``(t, t + H]`` is complete in the rows given.
+    """
+    later_max = np.full(n_instruments, np.iinfo(np.int64).min, dtype=np.int64)
+    for i in range(ts.shape[0] - 1, -1, -1):
+        s = inst[i]
+        closed_out[i] = later_max[s] > ts[i] + horizon_ns
+        if ts[i] > later_max[s]:
+            later_max[s] = ts[i]
 
 
 @njit(cache=True, nogil=True)
@@ -179,6 +212,12 @@ def _window_label_kernel(ts, log_mid, sigma_h, ok, order, seg_start, horizon_ns,
             y_out[i] = 1 if move > k * sigma_h[i] else 0
 
 
+def _spec_ns(spec: LabelSpec) -> tuple[float, int, float]:
+    """Return (tau, warm-up, horizon) in ns as the forward kernel takes them."""
+    tau, warmup, horizon = spec.vol_tau_ms, spec.warmup_ms, spec.horizon_ms
+    return float(tau * _NS_PER_MS), int(warmup * _NS_PER_MS), float(horizon * _NS_PER_MS)
+
+
 def mid_and_sigma(
     ticks: np.ndarray, flags: np.ndarray, n_instruments: int, spec: LabelSpec = DEFAULT_LABEL
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,22 +226,93 @@ def mid_and_sigma(
     ``log_mid`` and ``sigma_h`` are float64 (NaN for rejected rows and before the
     first quote of the instrument); ``warm`` is bool.
     """
+    return _forward(ticks, flags, _new_forward_state(int(n_instruments)), spec)
+
+
+def _forward(ticks: np.ndarray, flags: np.ndarray, state: tuple[np.ndarray, ...], spec: LabelSpec):
     n = ticks.shape[0]
     log_mid = np.empty(n, dtype=np.float64)
     sigma_h = np.empty(n, dtype=np.float64)
     warm = np.empty(n, dtype=np.bool_)
-    _mid_and_sigma_kernel(
-        ticks,
-        np.asarray(flags, dtype=np.int32),
-        int(n_instruments),
-        float(spec.vol_tau_ms * _NS_PER_MS),
-        int(spec.warmup_ms * _NS_PER_MS),
-        float(spec.horizon_ms * _NS_PER_MS),
-        log_mid,
-        sigma_h,
-        warm,
-    )
+    tau, warmup, horizon = _spec_ns(spec)
+    _mid_and_sigma_kernel(ticks, np.asarray(flags, dtype=np.int32), *state, tau, warmup, horizon,
+                          log_mid, sigma_h, warm)  # fmt: skip
     return log_mid, sigma_h, warm
+
+
+_LABEL_COLUMNS = ("ts", "inst", "log_mid", "sigma_h", "ok")
+
+
+class StreamingLabels:
+    """The label of a stream given chunk by chunk, in memory bounded by the horizon.
+
+    :meth:`add` takes a chunk of reference events with their flags and any
+    per-row payload (a dict of arrays); it returns the label and payload of
+    every accepted row whose horizon has closed (a later event of the
+    instrument lies past ``ts + H``), in no particular order.  Rows still
+    waiting for their horizon are held (per instrument, about the events of one
+    horizon) and returned by :meth:`finish`, which labels them against the end
+    of the data as :func:`compute_labels` does.  Rejected rows (``flags < 0``)
+    are never returned: their label is -1.  Concatenating everything returned
+    gives exactly :func:`compute_labels`' labels, whatever the chunking.
+    """
+
+    def __init__(self, n_instruments: int, spec: LabelSpec = DEFAULT_LABEL) -> None:
+        self.spec = spec
+        self.n_instruments = int(n_instruments)
+        self._state = _new_forward_state(self.n_instruments)
+        self._held: dict[str, np.ndarray] | None = None
+        self._ts_end = np.iinfo(np.int64).min
+
+    @property
+    def held_rows(self) -> int:
+        """Rows waiting for their horizon to close."""
+        return 0 if self._held is None else int(self._held["ts"].shape[0])
+
+    def add(self, ticks: np.ndarray, flags: np.ndarray, payload: dict[str, np.ndarray]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+        """Take a chunk; return ``(y, payload)`` of the rows whose label is now known."""
+        flags = np.asarray(flags, dtype=np.int32)
+        log_mid, sigma_h, warm = _forward(ticks, flags, self._state, self.spec)
+        sel = np.flatnonzero(flags >= 0)
+        ts = ticks["ts_event_ns"][sel]
+        if sel.size:
+            self._ts_end = max(self._ts_end, int(ts.max()))
+        rows = {
+            "ts": ts,
+            "inst": ticks["instrument"][sel].astype(np.int64),
+            "log_mid": log_mid[sel],
+            "sigma_h": sigma_h[sel],
+            "ok": warm[sel] & (sigma_h[sel] > 0.0) & np.isfinite(log_mid[sel]),
+            **{k: v[sel] for k, v in payload.items()},
+        }
+        if self._held is not None:
+            rows = {k: np.concatenate((self._held[k], v)) for k, v in rows.items()}
+        closed = np.empty(rows["ts"].shape[0], dtype=np.bool_)
+        _closed_rows(rows["ts"], rows["inst"], self.n_instruments,
+                     int(self.spec.horizon_ms * _NS_PER_MS), closed)  # fmt: skip
+        y = self._window(rows, np.iinfo(np.int64).max)
+        self._held = {k: v[~closed] for k, v in rows.items()}
+        return y[closed], {k: rows[k][closed] for k in rows if k not in _LABEL_COLUMNS[1:]}
+
+    def finish(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Return ``(y, payload)`` of the rows still held, labelled against the end of the data."""
+        rows, self._held = self._held, None
+        if rows is None:
+            return np.empty(0, dtype=np.int8), {}
+        y = self._window(rows, self._ts_end)
+        return y, {k: v for k, v in rows.items() if k not in _LABEL_COLUMNS[1:]}
+
+    def _window(self, rows: dict[str, np.ndarray], ts_end: int) -> np.ndarray:
+        n = rows["ts"].shape[0]
+        order = np.argsort(rows["inst"], kind="stable").astype(np.int64)
+        counts = np.bincount(rows["inst"], minlength=self.n_instruments)
+        seg_start = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        y = np.full(n, -1, dtype=np.int8)
+        horizon = int(self.spec.horizon_ms * _NS_PER_MS)
+        _window_label_kernel(rows["ts"], rows["log_mid"], rows["sigma_h"], rows["ok"], order, seg_start,
+                             horizon, float(self.spec.k), ts_end, y)  # fmt: skip
+        return y
 
 
 def compute_labels(
@@ -222,29 +332,13 @@ def compute_labels(
     spec : LabelSpec
         Horizon, threshold and variance-estimate parameters.
 
-    Allocates: O(n) work arrays (batch, not hot path).
+    The batch form of :class:`StreamingLabels` (one chunk).  Allocates O(n)
+    work arrays (batch, not hot path).
     """
-    flags = np.asarray(flags, dtype=np.int32)
-    log_mid, sigma_h, warm = mid_and_sigma(ticks, flags, n_instruments, spec)
-    ok = (flags >= 0) & warm & (sigma_h > 0.0) & np.isfinite(log_mid)
-    accepted = np.flatnonzero(flags >= 0)
-    inst = ticks["instrument"][accepted]
-    order = accepted[np.argsort(inst, kind="stable")].astype(np.int64)
-    counts = np.bincount(inst, minlength=n_instruments) if accepted.size else np.zeros(1, int)
-    seg_start = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    ts = np.ascontiguousarray(ticks["ts_event_ns"])
-    ts_end = int(ts[accepted].max()) if accepted.size else 0
+    lab = StreamingLabels(n_instruments, spec)
     y = np.full(ticks.shape[0], -1, dtype=np.int8)
-    _window_label_kernel(
-        ts,
-        log_mid,
-        sigma_h,
-        ok,
-        order,
-        seg_start,
-        int(spec.horizon_ms * _NS_PER_MS),
-        float(spec.k),
-        ts_end,
-        y,
-    )
+    row = {"row": np.arange(ticks.shape[0], dtype=np.int64)}
+    for yy, p in (lab.add(ticks, flags, row), lab.finish()):
+        if yy.size:
+            y[p["row"]] = yy
     return y

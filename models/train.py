@@ -45,16 +45,22 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from engine.schema import FLAG_WARMUP, N_REJECT_REASONS
 from features.featureset import DEFAULT_FEATURE_SET
-from models.label import LabelSpec, compute_labels
+from models.dataset import (
+    DEFAULT_MAX_ROWS,
+    SPLIT_FRACTIONS,
+    Dataset,
+    dataset_from_file,
+    dataset_from_ticks,
+    time_split,
+)
+from models.label import LabelSpec
 from models.metadata import (
     QUANT_FP32,
     QUANT_INT8_QDQ,
@@ -65,21 +71,15 @@ from models.metadata import (
 from models.onnx_graph import MLPWeights, build_graph, sklearn_layers
 
 __all__ = [
-    "Dataset",
-    "Split",
     "build_dataset",
-    "time_split",
     "fit_classifier",
     "binary_metrics",
     "train_default",
     "train_on_dataset",
     "train_file",
-    "dataset_from_ticks",
-    "reference_quotes",
-    "read_training_file",
     "SHAPE_LABELS",
-    "usable_rows",
     "add_train_parser",
+    "add_max_rows_argument",
     "cmd_train",
     "main",
 ]
@@ -89,46 +89,7 @@ DEFAULT_DATA_SEED = 7
 DEFAULT_TRAIN_SEED = 0
 DEFAULT_HIDDEN = (16, 8)
 DEFAULT_INPUT_CLIP = 4.0
-SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 REPORT_NAME = "train_report.json"
-
-
-@dataclass(frozen=True, slots=True)
-class Dataset:
-    """Features, flags and labels of one generated market.
-
-    Attributes
-    ----------
-    ts : ndarray, int64, (n,)
-        ``ts_event_ns`` per row.
-    X : ndarray, float32, (n, F)
-        Features (NaN on rejected rows).
-    flags : ndarray, int32, (n,)
-        Kernel flags (>= 0) or ``-reason``.
-    y : ndarray, int8, (n,)
-        Label (1/0, -1 undefined).
-    symbols : tuple of str
-        Instrument table.
-    n_events : int
-        Rows generated.
-    """
-
-    ts: np.ndarray
-    X: np.ndarray
-    flags: np.ndarray
-    y: np.ndarray
-    symbols: tuple[str, ...]
-    n_events: int
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    """Row masks of the time-based split and their time ranges (ns)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    ranges: dict[str, list[int]]
 
 
 def _read_generated(n_events: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -144,85 +105,9 @@ def _read_generated(n_events: int, seed: int) -> tuple[np.ndarray, tuple[str, ..
     return np.ascontiguousarray(data.ticks), tuple(data.symbols)
 
 
-def reference_quotes(ticks: np.ndarray, bid: np.ndarray, ask: np.ndarray) -> np.ndarray:
-    """Return quote ticks carrying a reference bid/ask per event (for the label kernel)."""
-    from engine.schema import KIND_QUOTE, empty_ticks
-
-    q = empty_ticks(len(ticks))
-    q["ts_event_ns"] = ticks["ts_event_ns"]
-    q["ts_recv_ns"] = ticks["ts_recv_ns"]
-    q["instrument"] = ticks["instrument"]
-    q["kind"] = KIND_QUOTE
-    q["bid_px"] = bid
-    q["ask_px"] = ask
-    q["bid_sz"] = 1.0
-    q["ask_sz"] = 1.0
-    return q
-
-
-def dataset_from_ticks(
-    ticks: np.ndarray,
-    symbols: tuple[str, ...],
-    label: LabelSpec,
-    feature_set: Any = DEFAULT_FEATURE_SET,
-    *,
-    crossing_add: str | None = None,
-) -> tuple[Dataset, dict[str, float]]:
-    """Return features, flags and labels of ``ticks`` and the seconds each stage took.
-
-    Features come from the feature set's batch kernel (the same per-event core
-    as the live path: a row at ``t`` only sees events ``<= t``).  The label is
-    the shape's large move of its reference price (:mod:`models.label`): the
-    quotes' mid (``l1``), the last trade (``trades``), the rebuilt book's mid
-    after the event (``l3``; undefined while the book is one-sided).
-    ``crossing_add``: the L3 book's crossing-add policy of the data.
-    """
-    from features.registry import kernels_for as _kernels
-
-    kern = _kernels(feature_set, crossing_add=crossing_add)
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ticks = np.ascontiguousarray(ticks)
-    n = ticks.shape[0]
-    F = len(feature_set.names)
-    fstate, istate = kern.new_state(len(symbols))
-    X = np.empty((n, F), dtype=np.float32)
-    flags = np.empty(n, dtype=np.int32)
-    counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-    params = feature_set.params_array()
-    ref = ticks
-    if feature_set.name == "l3":
-        from features.kernels_l3 import compute_batch_top
-
-        bid, ask = np.empty(n), np.empty(n)
-        compute_batch_top(ticks, fstate, istate, params, X, flags, counters, bid, ask)
-        ok = np.isfinite(bid) & np.isfinite(ask) & (bid < ask)
-        ref = reference_quotes(ticks, bid, ask)
-    else:
-        kern.compute_batch(ticks, fstate, istate, params, X, flags, counters)
-        ok = np.ones(n, dtype=bool)
-        if feature_set.name == "trades":
-            px = ticks["price"].astype(np.float64)
-            ref = reference_quotes(ticks, px, px)
-    timing["features_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    lab_flags = flags if ref is ticks else np.where(ok & (flags >= 0), 0, -1).astype(np.int32)
-    y = compute_labels(ref, lab_flags, len(symbols), label)
-    timing["labels_s"] = time.perf_counter() - t0
-    ds = Dataset(
-        ts=np.ascontiguousarray(ticks["ts_event_ns"]),
-        X=X,
-        flags=flags,
-        y=y,
-        symbols=tuple(symbols),
-        n_events=n,
-    )
-    return ds, timing
-
-
 def build_dataset(
-    n_events: int, seed: int, label: LabelSpec, feature_set: Any = DEFAULT_FEATURE_SET
+    n_events: int, seed: int, label: LabelSpec, feature_set: Any = DEFAULT_FEATURE_SET,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> tuple[Dataset, dict[str, float]]:
     """Return the dataset of a generated market and the seconds each stage took.
 
@@ -236,49 +121,14 @@ def build_dataset(
         Label parameters.
     feature_set : FeatureSet
         Feature set whose kernels and parameters compute the features.
+    max_rows : int or None
+        Usable rows kept (:class:`models.dataset.RowSample`).
     """
     t0 = time.perf_counter()
     ticks, symbols = _read_generated(n_events, seed)
     read_s = time.perf_counter() - t0
-    ds, timing = dataset_from_ticks(ticks, symbols, label, feature_set)
+    ds, timing = dataset_from_ticks(ticks, symbols, label, feature_set, max_rows=max_rows)
     return ds, {"generate_read_s": read_s, **timing}
-
-
-def usable_rows(ds: Dataset) -> np.ndarray:
-    """Return the rows that may be used for training or evaluation (bool mask).
-
-    Accepted, finite features, defined label, past the feature warm-up.
-    """
-    accepted = ds.flags >= 0
-    finite = np.isfinite(ds.X).all(axis=1)
-    return accepted & finite & (ds.y >= 0) & ((ds.flags & FLAG_WARMUP) == 0)
-
-
-def time_split(
-    ts: np.ndarray,
-    usable: np.ndarray,
-    gap_ns: int,
-    fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
-) -> Split:
-    """Return train/validation/test masks over event time with a gap between parts.
-
-    The span ``[ts.min(), ts.max()]`` is cut at the given fractions; the first
-    ``gap_ns`` of the validation and test periods are dropped, so with
-    ``gap_ns >= H`` no label of an earlier part depends on events of a later one.
-    ``usable`` (bool) masks rows that may be used at all.
-    """
-    t0, t1 = int(ts.min()), int(ts.max())
-    span = t1 - t0
-    c1 = t0 + int(span * fractions[0])
-    c2 = t0 + int(span * (fractions[0] + fractions[1]))
-    train = usable & (ts < c1)
-    val = usable & (ts >= c1 + gap_ns) & (ts < c2)
-    test = usable & (ts >= c2 + gap_ns)
-    ranges = {}
-    for name, m in (("train", train), ("val", val), ("test", test)):
-        sel = ts[m]
-        ranges[name] = [int(sel.min()), int(sel.max())] if sel.size else [0, 0]
-    return Split(train=train, val=val, test=test, ranges=ranges)
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -411,10 +261,8 @@ def train_on_dataset(
     fs = feature_set
     timing = dict(timing or {})
     out_fp32, out_int8 = Path(out_fp32), Path(out_int8)
-    accepted = ds.flags >= 0
-    usable = usable_rows(ds)
     gap_ns = int(label.horizon_ms * 1_000_000)
-    split = time_split(ds.ts, usable, gap_ns)
+    split = time_split(ds.ts, np.ones(ds.ts.shape, dtype=bool), gap_ns, span=ds.span)
     Xtr, ytr = ds.X[split.train], ds.y[split.train].astype(np.int64)
     Xval, yval = ds.X[split.val], ds.y[split.val].astype(np.int64)
     Xte, yte = ds.X[split.test], ds.y[split.test].astype(np.int64)
@@ -521,7 +369,7 @@ def train_on_dataset(
     _save(int8, meta8, out_int8)
 
     pos = {
-        "all_labelled": float(np.mean(ds.y[ds.y >= 0] == 1)),
+        "all_labelled": ds.rows["positive"] / max(ds.rows["labelled"], 1),
         "train": float(ytr.mean()),
         "val": float(yval.mean()),
         "test": float(yte.mean()),
@@ -530,12 +378,12 @@ def train_on_dataset(
         "feature_set_id": fs.id,
         "label": label_dict,
         "positive_rate": pos,
-        "rows": {
-            "generated": int(ds.X.shape[0]),
-            "accepted": int(accepted.sum()),
-            "labelled": int((ds.y >= 0).sum()),
-            "warmup_flagged": int(((ds.flags >= 0) & ((ds.flags & FLAG_WARMUP) != 0)).sum()),
-            "usable": int(usable.sum()),
+        "rows": {k: ds.rows[k] for k in ("generated", "accepted", "labelled", "warmup_flagged", "usable")},
+        "sample": {
+            "max_rows": ds.rows["max_rows"],
+            "kept": ds.rows["kept"],
+            "sampled": ds.sampled,
+            "max_rows_held_for_label": ds.rows["max_held_rows"],
         },
         "train_range": train_range,
         "model": {
@@ -678,43 +526,6 @@ SHAPE_LABELS: dict[str, LabelSpec] = {
 }
 
 
-def read_training_file(path: str | Path, *, mapping: Any = None, shape: str | None = None,
-                       sort_by_exchange_time: bool = False, chunk_rows: int | None = None):
-    """Read a market file for training or evaluation exactly as ``tickscore replay`` reads it.
-
-    The shape is ``shape``, the mapping's ``shape``, else detected from the file
-    (:func:`replay.reader.detect_shape`); the mapping, rejects and sorting are
-    the replay's.  Files over ``replay.inputs.CHUNK_AUTO_ROWS`` rows (or any
-    file with ``chunk_rows``) are read as the replay reads big files, chunk by
-    chunk (:func:`replay.reader.iter_tick_chunks`), into one preallocated tick
-    array: the reader's memory stays bounded by the chunk.  Returns
-    ``(TickData, shape)``.
-    """
-    from engine.schema import TICK_DTYPE
-    from replay.inputs import CHUNK_AUTO_ROWS, DEFAULT_CHUNK_ROWS
-    from replay.reader import TickData, iter_tick_chunks, read_ticks, resolve_shape
-
-    shp = resolve_shape(path, mapping, shape)
-    chunks = iter_tick_chunks(path, int(chunk_rows or DEFAULT_CHUNK_ROWS), mapping=mapping, shape=shp,
-                              sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
-    if chunk_rows is None and chunks.total_rows <= CHUNK_AUTO_ROWS:
-        td = read_ticks(path, mapping=mapping, shape=shp, sort_by_exchange_time=sort_by_exchange_time)
-    else:
-        ticks = np.empty(chunks.total_rows, dtype=TICK_DTYPE)
-        k = 0
-        for ch in chunks:
-            m = len(ch.ticks)
-            ticks[k : k + m] = ch.ticks
-            k += m
-        td = TickData(ticks=ticks[:k], symbols=list(chunks.symbols), rows=int(chunks.rows_read),
-                      rejected=dict(chunks.rejected), path=str(path), anomalies=dict(chunks.anomalies),
-                      shape=shp)  # fmt: skip
-    if len(td.ticks) == 0:
-        why = ", ".join(f"{k} {v:,}" for k, v in td.rejected.items()) or "the file is empty"
-        raise ValueError(f"{path}: no acceptable rows to train on (rejected: {why})")
-    return td, shp
-
-
 def train_file(
     data: str | Path | None,
     out: str | Path,
@@ -730,34 +541,36 @@ def train_file(
     shape: str | None = None,
     sort_by_exchange_time: bool = False,
     chunk_rows: int | None = None,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> dict[str, Any]:
     """Train on a tick file of any shape; write ``out`` (fp32), its int8 QDQ twin and a JSON report.
 
-    ``data`` None = the embedded dataset.  The file is read as the replay reads
-    it (``mapping``, ``shape``, ``sort_by_exchange_time``); the feature set is
-    ``feature_set`` or the shape's default, the label ``label`` or the shape's
-    (:data:`SHAPE_LABELS`).  Returns the report (also written to
-    :func:`report_path_for`); paths of the files are under ``"files"``.
+    ``data`` None = the embedded dataset.  The file is read chunk by chunk as
+    the replay reads a big file (``mapping``, ``shape``, ``sort_by_exchange_time``,
+    ``chunk_rows``) into a dataset of at most ``max_rows`` usable rows
+    (:func:`models.dataset.dataset_from_file`: memory bounded whatever the
+    file's size); the feature set is ``feature_set`` or the shape's default,
+    the label ``label`` or the shape's (:data:`SHAPE_LABELS`).  Returns the
+    report (also written to :func:`report_path_for`); paths of the files are
+    under ``"files"``.
     """
     from features.featureset import DEFAULT_BY_SHAPE
     from replay.generator import default_data_path
+    from replay.reader import resolve_shape
 
     t_start = time.perf_counter()
     path = Path(data) if data is not None else default_data_path()
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"--out must name an .onnx file, got {out}")
-    t0 = time.perf_counter()
-    td, shp = read_training_file(path, mapping=mapping, shape=shape, chunk_rows=chunk_rows,
-                                 sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
+    shp = resolve_shape(path, mapping, shape)
     fs = feature_set if feature_set is not None else DEFAULT_BY_SHAPE[shp]
     label = label if label is not None else SHAPE_LABELS[fs.name]
-    timing = {"read_s": time.perf_counter() - t0}
-    crossing = getattr(mapping, "crossing_add", None)
-    ds, t = dataset_from_ticks(td.ticks, tuple(td.symbols), label, fs, crossing_add=crossing)
-    timing.update(t)
+    fd = dataset_from_file(path, label, fs, mapping=mapping, shape=shp, chunk_rows=chunk_rows, seed=seed,
+                           sort_by_exchange_time=sort_by_exchange_time, max_rows=max_rows)  # fmt: skip
+    ds, timing = fd.dataset, fd.timing
     data_info: dict[str, Any] = {"data_file": path.name, "data_sha256": _file_digest(path),
-                                 "n_events": int(td.rows), "shape": shp}  # fmt: skip
+                                 "n_events": int(fd.rows_read), "shape": shp}  # fmt: skip
     if mapping is not None:
         data_info["mapping"] = mapping.keys
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -773,12 +586,20 @@ def train_file(
     report = {
         "command": f"tickscore train --data {path} --out {out} --shape {shp} --label-horizon-ms "
         f"{label.horizon_ms:g} --label-k {label.k:g} --hidden {','.join(map(str, hidden)) or 0} "
-        f"--seed {seed}",
+        f"--seed {seed}" + (f" --max-rows {max_rows or 0}" if max_rows != DEFAULT_MAX_ROWS else ""),
         "files": {"fp32": str(out), "int8": str(out8), "report": str(rpath)},
         **report,
     }
     rpath.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def add_max_rows_argument(p: Any) -> None:
+    """Add ``--max-rows`` (usable rows kept for fitting / evaluation) to a parser."""
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
+                   help="usable rows kept; beyond N a uniform sample of N rows (by a hash of the row "
+                        "number) is fitted and evaluated, so memory stays bounded whatever the file's "
+                        "size; 0 = keep all (default %(default)s)")  # fmt: skip
 
 
 def add_train_parser(sub: Any) -> None:
@@ -808,6 +629,7 @@ def add_train_parser(sub: Any) -> None:
                    help="training seed (default %(default)s)")
     t.add_argument("--input-clip", type=float, default=DEFAULT_INPUT_CLIP,
                    help="clip of the standardised input in std units; 0 = none (default %(default)g)")
+    add_max_rows_argument(t)
     t.add_argument("--json", action="store_true", help="print the report JSON")
     from replay.features_cli import add_input_arguments
 
@@ -831,13 +653,16 @@ def cmd_train(args: Any) -> int:
         args.data, args.out, label=label, hidden=parse_hidden(args.hidden), seed=args.seed,
         input_clip=args.input_clip or None, mapping=mapping, shape=shp,
         sort_by_exchange_time=args.sort_by_exchange_time, chunk_rows=args.chunk_rows,
+        max_rows=args.max_rows or None,
     )
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
     r = rep["train_range"]["rows"]
+    smp = rep["sample"]
+    kept = f"a uniform sample of {smp['kept']:,}: " if smp["sampled"] else ""
     print(f"tickscore train: {rep['rows']['generated']:,} events, usable {rep['rows']['usable']:,} "
-          f"(train {r['train']:,} / val {r['val']:,} / test {r['test']:,}), "
+          f"({kept}train {r['train']:,} / val {r['val']:,} / test {r['test']:,}), "
           f"positive rate {rep['positive_rate']['all_labelled']:.3f}")
     for q in ("fp32", "int8"):
         m = rep[q]["test"]

@@ -2,7 +2,7 @@
 
 A thin use of the one training pipeline of :mod:`models.train` (the one
 ``tickscore train --shape trades|l3`` runs on a user's file): features and
-labels by :func:`models.train.dataset_from_ticks`, split, fit and export by
+labels by :func:`models.dataset.dataset_from_ticks`, split, fit and export by
 :func:`models.train.train_on_dataset`, on synthetic data of the shape
 (:mod:`replay.generator_l3`) read back through :func:`replay.reader.read_ticks`.
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.train import reference_quotes  # noqa: F401 - (re-exported: its old home)
+from models.dataset import reference_quotes  # noqa: F401 - (re-exported: its old home)
 
 __all__ = ["reference_quotes", "build_shape_dataset", "train_shape", "main", "DEFAULTS"]
 
@@ -55,10 +55,10 @@ def build_shape_dataset(shape: str, n_events: int, seed: int, label: Any):
     """Return ``(Dataset, timing, feature set)`` of a generated market of ``shape``.
 
     The generated file is read back and labelled by the one pipeline of every
-    shape (:func:`models.train.dataset_from_ticks`).
+    shape (:func:`models.dataset.dataset_from_ticks`).
     """
     from features.featureset import DEFAULT_BY_SHAPE
-    from models.train import dataset_from_ticks
+    from models.dataset import dataset_from_ticks
     from replay.reader import read_ticks
 
     fs = DEFAULT_BY_SHAPE[shape]

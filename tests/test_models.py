@@ -13,6 +13,7 @@ import pytest
 
 from engine.schema import KIND_QUOTE, KIND_TRADE, empty_ticks
 from features.featureset import DEFAULT_FEATURE_SET
+from models.dataset import time_split
 from models.label import LabelSpec, compute_labels
 from models.loader import ModelError, default_model_path, load_model
 from models.metadata import (
@@ -33,7 +34,7 @@ from models.onnx_graph import (
 )
 from models.ort_backend import OrtBackend
 from models.quantize import quantize_int8
-from models.train import build_dataset, time_split
+from models.train import build_dataset
 
 FS = DEFAULT_FEATURE_SET
 F = len(FS.names)

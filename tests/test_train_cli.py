@@ -166,14 +166,21 @@ def test_chunked_reading_trains_the_same_model_bytes_as_reading_whole(trained, t
     assert int8_path_for(out2).read_bytes() == int8_path_for(out).read_bytes()
 
 
-def test_chunked_and_whole_reads_give_the_same_ticks_and_rejects(tmp_path):
+def test_chunked_file_dataset_equals_the_whole_file_read_at_once(tmp_path):
     import numpy as np
 
-    from models.train import read_training_file
+    from features.featureset import DEFAULT_FEATURE_SET
+    from models.dataset import dataset_from_file, dataset_from_ticks
+    from models.train import SHAPE_LABELS
+    from replay.reader import read_ticks
 
     data = write_market(tmp_path / "bad.parquet", 30_000, ["ESZ6", "NQZ6"], 7, bad_fraction=0.02)
-    whole, s1 = read_training_file(data)
-    chunked, s2 = read_training_file(data, chunk_rows=1_000)
-    assert s1 == s2 == "l1" and sum(whole.rejected.values()) > 0
-    np.testing.assert_array_equal(whole.ticks, chunked.ticks)
-    assert whole.rejected == chunked.rejected and whole.rows == chunked.rows
+    td = read_ticks(data)
+    whole, _ = dataset_from_ticks(td.ticks, tuple(td.symbols), SHAPE_LABELS["l1"], DEFAULT_FEATURE_SET)
+    fd = dataset_from_file(data, SHAPE_LABELS["l1"], DEFAULT_FEATURE_SET, shape="l1", chunk_rows=1_000)
+    assert sum(td.rejected.values()) > 0 and fd.rejected == td.rejected and fd.rows_read == td.rows
+    chunked = fd.dataset
+    assert chunked.rows["usable"] == whole.rows["usable"] > 20_000 and not chunked.sampled
+    for name in ("ts", "X", "flags", "y", "row"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(chunked, name), err_msg=name)
+    assert chunked.span == whole.span and chunked.rows["labelled"] == whole.rows["labelled"]
