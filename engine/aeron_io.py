@@ -33,7 +33,7 @@ __all__ = ["AeronRuntime", "AeronPublisher", "connect_client"]
 
 def _pyaeron():
     try:
-        import pyaeron
+        import pyaeron  # deferred: loads the Aeron C client, only where Aeron is used
     except ImportError as exc:  # pragma: no cover - pyaeron is a dependency
         raise ImportError("Aeron support needs pyaeron: pip install 'pyaeron>=0.1'") from exc
     return pyaeron

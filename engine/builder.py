@@ -21,6 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from engine.scorer import ScoringAgent
+from features.featureset import get_feature_set
+from features.registry import kernels_for
+from models.fused import select_backend
+from models.metadata import read_metadata
+from replay.generator_l3 import write_l3, write_trades
+from replay.reader import read_ticks
+
 __all__ = ["Scoring", "load_scoring", "build_agent", "shape_sample_ticks", "model_feature_set"]
 
 
@@ -46,9 +54,6 @@ class Scoring:
 
 def model_feature_set(model_path: str | Path):
     """Return the feature set a model file was trained on (from its metadata)."""
-    from features.featureset import get_feature_set
-    from models.metadata import read_metadata
-
     return get_feature_set(read_metadata(model_path).feature_set_id)
 
 
@@ -61,8 +66,6 @@ def shape_sample_ticks(family: str, n_events: int = 20_000) -> np.ndarray | None
     """
     if family == "l1":
         return None
-    from replay.generator_l3 import write_l3, write_trades
-    from replay.reader import read_ticks
 
     with tempfile.TemporaryDirectory(prefix="tickscore-sample-") as tmp:
         path = Path(tmp) / f"{family}.parquet"
@@ -86,9 +89,6 @@ def load_scoring(
     :func:`shape_sample_ticks`.  Raises ``ModelError`` / ``ValueError`` with a
     clear message for a model that cannot be used.
     """
-    from features.registry import kernels_for
-    from models.fused import select_backend
-
     path = str(model_path)
     fs = model_feature_set(path)
     kern = kernels_for(fs, crossing_add=crossing_add)
@@ -103,8 +103,6 @@ def load_scoring(
 
 def build_agent(scoring: Scoring, source, sinks: Sequence, symbols: Sequence[str], **kw: Any):
     """Return the :class:`engine.scorer.ScoringAgent` of ``scoring`` reading ``source``."""
-    from engine.scorer import ScoringAgent
-
     return ScoringAgent(
         source,
         scoring.backend,

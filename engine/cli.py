@@ -2,43 +2,26 @@
 
 Errors a user can fix (missing file, bad model, bad flag value) end with a one-line
 message and exit code 2, never a traceback; ``--debug`` shows the traceback.
+
+This module is the top layer (``pyproject.toml``, import-linter contract): it
+imports every command's module, and nothing imports it.  Those imports sit in
+the functions on purpose (deferred): a command loads only its own modules and
+their dependencies (numba kernels, onnxruntime, polars, matplotlib, pyaeron).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from engine.argtypes import non_negative_int as _non_negative_int
+from engine.argtypes import pin as _pin
+from engine.argtypes import speed as _speed
 
 __all__ = ["main", "build_parser"]
-
-
-def _speed(text: str):
-    from replay.source import parse_speed
-
-    try:
-        return parse_speed(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _pin(text: str):
-    if text.lower() in ("none", "off", "-1"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--pin takes a core number or 'none', got {text!r}") from None
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return v
 
 
 def _reload_at(text: str):
@@ -52,8 +35,6 @@ def _reload_at(text: str):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("tickscore")
     except PackageNotFoundError:  # run from a source tree without installing
@@ -143,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
 
-    from replay.features_cli import add_features_parser, add_input_arguments
+    from replay.features_cli import add_features_parser
+    from replay.mapping import add_input_arguments
 
     add_input_arguments(r)  # --map, --map-file, --shape, --sort-by-exchange-time, --chunk-rows
     add_features_parser(sub)
@@ -274,8 +256,6 @@ def _lazy(module: str, func: str):
     """Return a command that imports ``module.func`` only when it runs."""
 
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
         return getattr(importlib.import_module(module), func)(args)
 
     return run

@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -336,7 +337,7 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
             return self.aeron.dir
         if self.aeron.embedded:
             return default_aeron_dir()
-        import pyaeron
+        import pyaeron  # deferred: loads the Aeron C client, only where Aeron is used
 
         return pyaeron.default_path()
 
@@ -383,8 +384,6 @@ def _lookup(raw: Any, parts: list[str | int]) -> tuple[bool, Any]:
 
 def _struct_for(parts: list[str | int]) -> type | None:
     """Return the struct type at a key path of ServiceConfig (for listing valid keys)."""
-    import typing
-
     cur: Any = ServiceConfig
     for p in parts:
         if isinstance(p, int):
@@ -403,8 +402,6 @@ def _struct_for(parts: list[str | int]) -> type | None:
 
 def _choices(parts: list[str | int]) -> list[str] | None:
     """Return the allowed strings of a Literal-typed key, or None."""
-    import typing
-
     if not parts or isinstance(parts[-1], int):
         return None
     struct = _struct_for(parts[:-1])

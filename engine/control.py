@@ -26,6 +26,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import zmq
+
+from engine.zmq_io import ensure_ipc_free
+
 __all__ = ["ControlServer", "DEFER", "parse_request", "request", "status_or_none", "ControlError"]
 
 #: Returned by a handler to answer later with :meth:`ControlServer.reply_deferred`.
@@ -78,10 +82,6 @@ class ControlServer:
     """
 
     def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object]) -> None:
-        import zmq
-
-        from engine.zmq_io import ensure_ipc_free
-
         self.endpoint = endpoint
         self.handler = handler
         self.sock = ctx.socket(zmq.REP)
@@ -146,8 +146,6 @@ def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:
     ControlError
         No reply within ``timeout_s`` (service not running, wrong endpoint).
     """
-    import zmq
-
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)

@@ -42,8 +42,10 @@ import numpy as np
 from engine.agent import Agent
 from engine.schema import N_REJECT_REASONS, REJECT_NAMES, TICK_DTYPE
 from engine.wire import SCORE_SCHEMA_ID, ScoreEncoder
+from features.featureset import DEFAULT_FEATURE_SET
 from features.kernels import new_state as _l1_new_state
 from features.kernels import update_tick as _l1_update_tick
+from models.fused import TickContext, select_backend
 
 __all__ = ["ScoringAgent", "LatencyRecorder", "ReloadTicket", "ReloadAt", "WatchModel"]
 
@@ -576,8 +578,6 @@ class ScoringAgent(Agent):
     def _load_for_reload(self, path: str):
         if self.backend_loader is not None:
             return self.backend_loader(path)
-        from features.featureset import DEFAULT_FEATURE_SET
-        from models.fused import select_backend
 
         fs = self.feature_set if self.feature_set is not None else DEFAULT_FEATURE_SET
         if not np.array_equal(fs.params_array(), self.params):
@@ -691,8 +691,6 @@ def _throwaway_tick(backend, fstate, istate, params, counters, ticks):
 
     The copy keeps the live model registers untouched.
     """
-    from models.fused import TickContext
-
     tick, _ = backend.make_tick(fstate, istate, params, counters, ticks)
     mi, mf = backend.program.new_arrays()
     return tick, TickContext(fstate, istate, params, counters, mi, mf, ticks)

@@ -42,8 +42,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from engine.config import ServiceConfig
+from engine.agent import AgentRunner, make_idle
+from engine.builder import build_agent, load_scoring
+from engine.config import DEFAULT_CONTROL_ENDPOINT, ServiceConfig, load_config, to_toml
+from engine.control import DEFER, ControlError, ControlServer, request
+from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
+from engine.zmq_io import ZmqPublisher
+from features.kernels import I_LAST_TS
+from models.loader import default_model_path
+from replay.latency import ReplayResult, format_table, latency_stats, summarise, write_outputs
 
 __all__ = [
     "Service",
@@ -214,13 +223,6 @@ class Service:
             raise
 
     def _build(self) -> None:
-        import zmq
-
-        from engine.agent import AgentRunner, make_idle
-        from engine.builder import build_agent, load_scoring
-        from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
-        from models.loader import default_model_path
-
         cfg = self.cfg
         hot, helpers = self._cores()
         self.helper_cpus = helpers
@@ -244,6 +246,7 @@ class Service:
                 except (zmq.ZMQError, AttributeError):
                     pass
         if cfg.uses_aeron:
+            # deferred: loads the Aeron C client, only where Aeron is used
             from engine.aeron_io import AeronRuntime
 
             self.aeron = AeronRuntime(
@@ -272,14 +275,13 @@ class Service:
         self.source = self.sources[0] if len(self.sources) == 1 else MultiSource(self.sources)
 
         if snk_cfg.zmq is not None:
-            from engine.zmq_io import ZmqPublisher
-
             z = snk_cfg.zmq
             self.zmq_sink = ZmqPublisher(
                 z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms
             )
             self.sinks.append(self.zmq_sink)
         if snk_cfg.aeron is not None:
+            # deferred: loads the Aeron C client, only where Aeron is used
             from engine.aeron_io import AeronPublisher
 
             a = snk_cfg.aeron
@@ -292,8 +294,6 @@ class Service:
             self.sinks.append(self.aeron_sink)
 
         if cfg.control.endpoint:
-            from engine.control import ControlServer
-
             self.control = ControlServer(self.ctx, cfg.control.endpoint, self._on_control)
 
         self.agent = build_agent(self.scoring, self.source, self.sinks, symbols,
@@ -428,8 +428,6 @@ class Service:
 
     # ------------------------------------------------------------------ control
     def _on_control(self, cmd: str, arg: str | None):
-        from engine.control import DEFER
-
         if cmd == "status":
             return self.status()
         if cmd == "stop":
@@ -441,9 +439,6 @@ class Service:
 
     def _reload(self, path: str) -> dict:
         agent = self.agent
-        if not hasattr(agent, "request_reload"):
-            return {"ok": False, "command": "reload",
-                    "error": "reload not available in this build (the agent has no hot reload)"}
         path = os.path.abspath(os.path.expanduser(path))
         ticket = agent.request_reload(path)
         # The agent loads on a new thread, which inherited the hot core: move it off.
@@ -530,8 +525,6 @@ class Service:
 
     def _last_event_ns(self) -> int:
         """Return the latest accepted ``ts_event_ns`` (0 if none): replays start after it."""
-        from features.kernels import I_LAST_TS
-
         last = 0
         istate = getattr(self.agent, "istate", None)
         if istate is not None and getattr(istate, "ndim", 0) == 2 and istate.shape[1] > I_LAST_TS:
@@ -573,8 +566,6 @@ class Service:
         return "+".join(kinds)
 
     def _final_report(self) -> dict:
-        from replay.latency import format_table, latency_stats
-        from replay.run import ReplayResult, summarise, write_outputs
 
         agent = self.agent
         if agent is None:
@@ -719,8 +710,6 @@ def add_serve_parser(sub) -> None:
 
 def cmd_serve(args) -> int:
     """Run ``tickscore serve``."""
-    from engine.config import load_config, to_toml
-
     cfg = load_config(args.config)
     if args.check:
         print(to_toml(cfg), end="")
@@ -734,9 +723,6 @@ def cmd_serve(args) -> int:
 
 def cmd_control(args) -> int:
     """Run ``tickscore control``."""
-    from engine.config import DEFAULT_CONTROL_ENDPOINT, load_config
-    from engine.control import ControlError, request
-
     endpoint = args.endpoint
     if endpoint is None and args.config:
         endpoint = load_config(args.config).control.endpoint

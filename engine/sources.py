@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 import numpy as np
+import zmq
 
 from engine.schema import (
     N_REJECT_REASONS,
@@ -48,6 +49,7 @@ from engine.schema import (
     TICK_DTYPE,
 )
 from engine.wire import TICK_SCHEMA_ID
+from engine.zmq_io import ensure_ipc_free
 
 __all__ = ["TickSlot", "ZmqTickSource", "AeronTickSource", "MultiSource", "StrictTick"]
 
@@ -237,10 +239,6 @@ class ZmqTickSource:
         rcvhwm: int = 100_000,
         slot: TickSlot | None = None,
     ) -> None:
-        import zmq
-
-        from engine.zmq_io import ensure_ipc_free
-
         self.endpoint = endpoint
         self.slot = slot if slot is not None else TickSlot(instruments)
         self.ticks = self.slot.ticks

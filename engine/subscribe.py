@@ -22,6 +22,10 @@ import sys
 import time
 
 import msgspec
+import polars as pl
+import zmq
+
+from engine.config import SCORE_STREAM_ID, default_aeron_dir
 
 __all__ = ["Score", "subscribe_zmq", "subscribe_aeron", "add_subscribe_parser", "cmd_subscribe"]
 
@@ -54,8 +58,6 @@ class _Stop:
 
 def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout_ms: int = 100) -> None:
     """Call ``on_score(score, recv_ns)`` for every score on a ZeroMQ endpoint until ``stop()``."""
-    import zmq
-
     decode = msgspec.msgpack.Decoder(Score).decode
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -86,7 +88,7 @@ def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout
 def subscribe_aeron(channel: str, stream_id: int, aeron_dir: str, topics=("",), on_score=None,
                     stop=None) -> None:
     """Call ``on_score(score, recv_ns)`` for every score on an Aeron stream until ``stop()``."""
-    import pyaeron
+    import pyaeron  # deferred: loads the Aeron C client, only where Aeron is used
 
     decode = msgspec.msgpack.Decoder(Score).decode
     # An error handler keeps the client alive when the service's driver goes away
@@ -143,8 +145,6 @@ def add_subscribe_parser(sub) -> None:
 
 def cmd_subscribe(args) -> int:
     """Run ``tickscore subscribe``."""
-    from engine.config import SCORE_STREAM_ID, default_aeron_dir
-
     topics = tuple(args.topic or ("",))
     rows: list[tuple] = []
     n = [0]
@@ -174,8 +174,6 @@ def cmd_subscribe(args) -> int:
         subscribe_zmq(args.endpoint, topics, on_score, stop)
     print(f"tickscore subscribe: {n[0]:,} scores", file=sys.stderr)
     if args.out:
-        import polars as pl
-
         df = pl.DataFrame(rows, schema=[
             ("instrument", pl.Utf8), ("seq", pl.Int64), ("ts_event_ns", pl.Int64), ("ts_in_ns", pl.Int64),
             ("ts_out_ns", pl.Int64), ("score", pl.Float64), ("model_version", pl.Utf8),

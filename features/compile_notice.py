@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from numba.core import event
+
 __all__ = ["compile_notice"]
 
 
@@ -65,8 +67,6 @@ def compile_notice(
     who: str = "tickscore", after_s: float = 1.0, stream: TextIO | None = None
 ) -> Iterator[None]:
     """Print one line when numba compiles for more than ``after_s`` s inside the block, and the total."""
-    from numba.core import event
-
     state = _Listener(after_s, stream or sys.stderr, who)
 
     class _L(event.Listener):

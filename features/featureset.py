@@ -100,6 +100,7 @@ from typing import Any
 
 import numpy as np
 
+from features import kernels_l3, kernels_trades
 from features.kernels import FEATURE_NAMES, PARAM_NAMES
 
 __all__ = [
@@ -147,8 +148,6 @@ SHAPES: dict[str, frozenset[str]] = {
 
 def _family_specs() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """Return ``{family: (feature names, param names)}`` from the kernels modules."""
-    from features import kernels_l3, kernels_trades
-
     return {
         "l1": (FEATURE_NAMES, PARAM_NAMES),
         "trades": (kernels_trades.FEATURE_NAMES, kernels_trades.PARAM_NAMES),
@@ -279,8 +278,6 @@ class FeatureSet:
     def describe(self) -> list[dict[str, Any]]:
         """Return one dict per feature (name, unit, range, neutral, formula, description)."""
         if self.name != "l1":
-            from features import kernels_l3, kernels_trades
-
             mod = kernels_l3 if self.name == "l3" else kernels_trades
             rows = mod.describe_rows(self.params)
             assert tuple(r["name"] for r in rows) == self.names
@@ -419,8 +416,6 @@ DEFAULT_FEATURE_SET = FeatureSet(name="l1", version=1, names=FEATURE_NAMES, para
 
 
 def _make_default_sets() -> tuple[FeatureSet, FeatureSet]:
-    from features import kernels_l3, kernels_trades
-
     trades = FeatureSet(
         name="trades", version=1, names=kernels_trades.FEATURE_NAMES,
         params=kernels_trades.DEFAULT_PARAMS,

@@ -26,7 +26,9 @@ prefetch the order-table slot an event a few rows ahead will look up.
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 
 import numpy as np
 from numba import njit
@@ -97,9 +99,6 @@ def _drop_stale_cache() -> None:
     kernels inline the book's functions: a cache older than book.py would run
     the old book against the new state layout.
     """
-    import glob
-    import os
-
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         t_book = os.path.getmtime(os.path.join(here, "book.py"))

@@ -32,6 +32,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from features import book
+from features import kernels as k_l1
+from features import kernels_l3 as k_l3
+from features import kernels_trades as k_trades
+
 __all__ = ["Kernels", "kernels_for", "FAMILIES"]
 
 #: Feature-set families with kernels.
@@ -57,14 +62,10 @@ def _no_anomalies(istate: np.ndarray) -> dict[str, int]:
 
 
 def _l1_trades_seen(istate: np.ndarray) -> int:
-    from features import kernels as m
-
-    return int((istate[:, m.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
+    return int((istate[:, k_l1.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
 
 
 def _l3_trades_seen(istate: np.ndarray) -> int:
-    from features import book
-
     n = int(istate[book.H_N_INST])
     off = int(istate[book.H_OFF_INST])
     blk = istate[off : off + n * book.NI_INST].reshape(n, book.NI_INST)
@@ -75,19 +76,15 @@ def _l3_trades_seen(istate: np.ndarray) -> int:
 def _family(name: str, max_orders: int | None, max_levels: int | None,
             crossing_add: str | None = None) -> Kernels:
     if name == "l1":
-        from features import kernels as m
-
+        m = k_l1
         return Kernels(m.update_tick, m.compute_batch, m.new_state, m.apply_tick, "l1",
                        m.N_FEATURES, _no_anomalies, _l1_trades_seen)  # fmt: skip
     if name == "trades":
-        from features import kernels_trades as m
-
+        m = k_trades
         return Kernels(m.update_tick, m.compute_batch, m.new_state, m.apply_tick, "trades",
                        m.N_FEATURES, _no_anomalies)  # fmt: skip
     if name == "l3":
-        from features import book
-        from features import kernels_l3 as m
-
+        m = k_l3
         kw = {}
         if max_orders is not None:
             kw["max_orders"] = int(max_orders)

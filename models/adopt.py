@@ -36,8 +36,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from models.metadata import QUANT_FP32, QUANT_INT8_QDQ, ModelError, ModelMetadata, write_metadata
+from engine.builder import shape_sample_ticks
+from features.featureset import DEFAULT_BY_SHAPE, get_feature_set
+from models.fused import _features_of
+from models.label import LabelSpec
+from models.loader import load_checked
+from models.metadata import (
+    QUANT_FP32,
+    QUANT_INT8_QDQ,
+    ModelError,
+    ModelMetadata,
+    make_model_version,
+    write_metadata,
+)
 from models.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from models.quantize import quantize_int8
+from models.train import int8_path_for
+from replay.generator import default_data_path
+from replay.reader import read_ticks
 
 __all__ = ["adopt", "add_adopt_parser", "cmd_adopt"]
 
@@ -45,8 +61,6 @@ _PROB_NAMES = ("probabilities", "output_probability", "probability", "probs", "p
 
 
 def _feature_set(name: str):
-    from features.featureset import DEFAULT_BY_SHAPE, get_feature_set
-
     if name in DEFAULT_BY_SHAPE:
         return DEFAULT_BY_SHAPE[name]
     return get_feature_set(name)
@@ -99,11 +113,6 @@ def _file_sha256(path: Path) -> str:
 
 def _sample_features(fs, data: str | Path | None, n: int = 20_000) -> np.ndarray:
     """Return up to ``n`` finite feature vectors of ``data`` (default: data of the shape)."""
-    from engine.builder import shape_sample_ticks
-    from models.fused import _features_of
-    from replay.generator import default_data_path
-    from replay.reader import read_ticks
-
     if data is not None:
         ticks = read_ticks(data, shape=fs.name).ticks
     else:
@@ -128,7 +137,7 @@ def adopt(
     int8: bool = False,
 ) -> dict[str, Any]:
     """Wrap, stamp, verify (and optionally quantize) an external ONNX classifier; return a report."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: onnxruntime only where a session is made here
 
     src, out = Path(src), Path(out)
     s = str(src)
@@ -195,7 +204,6 @@ def adopt(
     provenance = {"adopted_from": src.name, "source_sha256": _file_sha256(src),
                   "producer": f"{model.producer_name} {model.producer_version}".strip(),
                   "probability": how}  # fmt: skip
-    from models.metadata import make_model_version
 
     meta = ModelMetadata(feature_set_id=fs.id, feature_names=tuple(fs.names), label=lab,
                          train_range=provenance, seed=0, quantization=QUANT_FP32,
@@ -222,7 +230,6 @@ def adopt(
         out.unlink(missing_ok=True)
         raise ModelError(f"{s}: output {prob.name!r} is not a probability (values outside [0, 1]); "
                          "export the probability (e.g. a sigmoid / softmax output)")  # fmt: skip
-    from models.loader import load_checked
 
     load_checked(out, fs)
     report: dict[str, Any] = {"out": str(out), "feature_set": fs.id, "version": meta.model_version,
@@ -235,10 +242,6 @@ def adopt(
 
 def _quantize(model: onnx.ModelProto, out: Path, meta: ModelMetadata, X: np.ndarray) -> dict[str, Any]:
     """Write ``OUT.int8.onnx`` (static int8 QDQ, calibrated on ``X``) when the graph has MatMul/Gemm."""
-    from models.metadata import make_model_version
-    from models.quantize import quantize_int8
-    from models.train import int8_path_for
-
     ops = {n.op_type for n in model.graph.node}
     if not ops & {"MatMul", "Gemm"}:
         return {"written": False, "reason": f"no MatMul/Gemm to quantize (ops: {sorted(ops)}); kept fp32"}
@@ -284,8 +287,6 @@ def cmd_adopt(args: Any) -> int:
         raise ValueError("give both --label-horizon-ms and --label-k, or neither")
     label = None
     if args.label_horizon_ms is not None:
-        from models.label import LabelSpec
-
         label = LabelSpec(horizon_ms=args.label_horizon_ms, k=args.label_k).to_dict()
     rep = adopt(args.model, args.out, args.feature_set, positive_class=args.positive_class, label=label,
                 data=args.data, int8=args.int8)  # fmt: skip

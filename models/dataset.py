@@ -31,7 +31,10 @@ from typing import Any
 import numpy as np
 
 from engine.schema import FLAG_WARMUP, KIND_QUOTE, N_REJECT_REASONS, empty_ticks
+from features.kernels_l3 import compute_batch_top
+from features.registry import kernels_for
 from models.label import LabelSpec, StreamingLabels
+from replay.reader import DEFAULT_CHUNK_ROWS, iter_tick_chunks
 
 __all__ = [
     "Dataset",
@@ -261,7 +264,6 @@ class DatasetBuilder:
     def __init__(self, n_instruments: int, label: LabelSpec, feature_set: Any, *,
                  crossing_add: str | None = None, max_rows: int | None = DEFAULT_MAX_ROWS,
                  seed: int = 0) -> None:  # fmt: skip
-        from features.registry import kernels_for
 
         self.fs = feature_set
         self.kern = kernels_for(feature_set, crossing_add=crossing_add)
@@ -286,8 +288,6 @@ class DatasetBuilder:
         X = np.empty((n, len(self.fs.names)), dtype=np.float32)
         flags = np.empty(n, dtype=np.int32)
         if self.fs.name == "l3":
-            from features.kernels_l3 import compute_batch_top
-
             bid, ask = np.empty(n), np.empty(n)
             compute_batch_top(ticks, self.fstate, self.istate, self.params, X, flags, self.counters, bid, ask)
             ref = reference_quotes(ticks, bid, ask)
@@ -393,13 +393,10 @@ def dataset_from_file(
     """Read a tick file chunk by chunk as the replay reads a big file; return its dataset.
 
     The file is read by :func:`replay.reader.iter_tick_chunks` (``chunk_rows``,
-    default :data:`replay.inputs.DEFAULT_CHUNK_ROWS`) with the replay's mapping,
+    default :data:`replay.reader.DEFAULT_CHUNK_ROWS`) with the replay's mapping,
     rejects and sorting; peak memory is bounded by the chunk, the rows waiting
     for their label horizon and ``max_rows``, whatever the file's size.
     """
-    from replay.inputs import DEFAULT_CHUNK_ROWS
-    from replay.reader import iter_tick_chunks
-
     t0 = time.perf_counter()
     chunks = iter_tick_chunks(path, int(chunk_rows or DEFAULT_CHUNK_ROWS), mapping=mapping, shape=shape,
                               sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip

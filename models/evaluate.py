@@ -24,6 +24,7 @@ reliability diagrams).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -32,8 +33,18 @@ from typing import Any
 
 import numpy as np
 
+from engine.schema import N_REJECT_REASONS
+from features.featureset import get_feature_set
+from features.registry import kernels_for
+from models.dataset import DEFAULT_MAX_ROWS, SPLIT_FRACTIONS, dataset_from_file, time_split
+from models.fused import FusedBackend, UnsupportedGraph
 from models.label import LabelSpec
 from models.metadata import QUANT_FP32, ModelMetadata, read_metadata
+from models.ort_backend import OrtBackend
+from models.train import TRAIN_CHUNK_HELP, _file_digest, add_max_rows_argument, binary_metrics
+from replay.generator import default_data_path
+from replay.mapping import add_input_arguments, mapping_from_cli
+from replay.reader import read_ticks, resolve_shape
 
 __all__ = ["evaluate", "reliability", "add_evaluate_parser", "cmd_evaluate", "format_table"]
 
@@ -76,9 +87,6 @@ def _latency(fn, n: int) -> dict[str, float]:
 
 def _tick_latency(backend, ticks: np.ndarray, fs: Any, n: int) -> dict[str, float]:
     """Per-call latency of the fused tick (features + model) over the first ``n`` ticks."""
-    from engine.schema import N_REJECT_REASONS
-    from features.registry import kernels_for
-
     kern = kernels_for(fs)
     n = min(n, len(ticks))
     n_inst = int(ticks["instrument"].max()) + 1
@@ -134,14 +142,6 @@ def evaluate(
     Every model must use a registered feature set; ``label`` is the target of
     models whose metadata has none (an adopted model), which are refused without it.
     """
-    from features.featureset import get_feature_set
-    from models.dataset import DEFAULT_MAX_ROWS, SPLIT_FRACTIONS, dataset_from_file, time_split
-    from models.fused import FusedBackend, UnsupportedGraph
-    from models.ort_backend import OrtBackend
-    from models.train import _file_digest, binary_metrics
-    from replay.generator import default_data_path
-    from replay.reader import read_ticks, resolve_shape
-
     if not models:
         raise ValueError("give at least one model file")
     path = Path(data) if data is not None else default_data_path()
@@ -160,7 +160,7 @@ def evaluate(
     results: list[dict[str, Any]] = []
     test_rows: dict[tuple[str, str], np.ndarray] = {}
     for m in ms:
-        fs = _feature_set(m.meta, get_feature_set)
+        fs = _feature_set(m.meta)
         label = _label_of(m.meta, m.path, label_override)
         key = (fs.id, json.dumps(label.to_dict(), sort_keys=True))
         if key not in datasets:
@@ -241,14 +241,10 @@ def evaluate(
     }
 
 
-def _feature_set(meta: ModelMetadata, get_feature_set) -> Any:
-    """Return the registered feature set of a model (features.registry if present)."""
+def _feature_set(meta: ModelMetadata) -> Any:
+    """Return the registered feature set of a model."""
     try:
-        from features.registry import get_feature_set as lookup
-    except ImportError:
-        lookup = get_feature_set
-    try:
-        return lookup(meta.feature_set_id)
+        return get_feature_set(meta.feature_set_id)
     except KeyError as exc:
         raise ValueError(f"model needs an unknown feature set: {exc}") from None
 
@@ -270,7 +266,7 @@ def _label_of(meta: ModelMetadata, path: Path, override: LabelSpec | None = None
 def _roc_points(y: np.ndarray, p: np.ndarray, max_points: int = 200) -> dict[str, list[float]]:
     if y.size == 0 or y.min() == y.max():
         return {"fpr": [], "tpr": []}
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # deferred: training-only dependency
 
     fpr, tpr, _ = roc_curve(y, p)
     if fpr.size > max_points:
@@ -327,10 +323,10 @@ def format_table(res: dict[str, Any]) -> str:
 
 def plot(res: dict[str, Any], path: str | Path) -> Path:
     """Write ROC curves and reliability diagrams of every model to ``path`` (PNG)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib only when a plot is drawn
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
     for m in res["models"]:
@@ -357,8 +353,6 @@ def plot(res: dict[str, Any], path: str | Path) -> Path:
 
 def add_evaluate_parser(sub: Any) -> None:
     """Add the ``evaluate`` subcommand to the ``tickscore`` CLI."""
-    import argparse
-
     e = sub.add_parser(
         "evaluate",
         help="compare models on the held-out test period: AUC, log-loss, Brier, calibration, latency",
@@ -373,18 +367,14 @@ def add_evaluate_parser(sub: Any) -> None:
     e.add_argument("--label-horizon-ms", type=float, default=None, metavar="H",
                    help="the label of models whose metadata has none (adopted models): a move within H ms")
     e.add_argument("--label-k", type=float, default=None, metavar="K", help="... of more than K sigma_H")
-    from replay.features_cli import add_input_arguments
 
-    add_input_arguments(e)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
-    from models.train import add_max_rows_argument
+    add_input_arguments(e, TRAIN_CHUNK_HELP)  # as replay reads the file
 
     add_max_rows_argument(e)
 
 
 def cmd_evaluate(args: Any) -> int:
     """Run ``tickscore evaluate``."""
-    from replay.mapping import mapping_from_cli
-
     if (args.label_horizon_ms is None) != (args.label_k is None):
         raise ValueError("give both --label-horizon-ms and --label-k, or neither")
     label = None if args.label_k is None else LabelSpec(horizon_ms=args.label_horizon_ms, k=args.label_k)

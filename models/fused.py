@@ -67,12 +67,16 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 from onnx import numpy_helper
 
-from engine.schema import TICK_DTYPE
+from engine.schema import N_REJECT_REASONS, TICK_DTYPE
 from features.kernels import apply_tick as _l1_apply_tick
 from features.kernels_l3 import apply_tick as _l3_apply_tick
 from features.kernels_trades import apply_tick as _trades_apply_tick
+from features.registry import kernels_for
 from models.loader import FeatureSetLike, load_checked
 from models.metadata import ModelError, ModelMetadata
+from models.ort_backend import OrtBackend, make_session_options
+from replay.generator import default_data_path
+from replay.reader import read_ticks
 
 __all__ = [
     "UnsupportedGraph",
@@ -496,8 +500,6 @@ def tick_kernel_for(feature_set: Any, f_ndim: int = 2, i_ndim: int = 2) -> Calla
     ``features.registry.kernels_for``) is composed once per process and state
     layout.
     """
-    from features.registry import kernels_for
-
     kern = kernels_for(feature_set)
     apply = getattr(kern, "apply_tick", None)
     if apply is None:
@@ -1043,9 +1045,7 @@ def lower_graph(model: onnx.ModelProto, source: str = "model", *, ort_ops: bool 
 
 def _ort_optimized_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return the graph onnxruntime runs for ``model`` with the backend's session options."""
-    import onnxruntime as ort
-
-    from models.ort_backend import make_session_options
+    import onnxruntime as ort  # deferred: onnxruntime only where a session is made here
 
     with tempfile.TemporaryDirectory(prefix="tickscore-fused-") as tmp:
         path = str(Path(tmp) / "optimized.onnx")
@@ -1223,9 +1223,6 @@ def parity_vectors(
     have = sum(p.shape[0] for p in parts)
     if have < n:
         if key not in _PARITY_CACHE:
-            from replay.generator import default_data_path
-            from replay.reader import read_ticks
-
             _PARITY_CACHE[key] = _features_of(read_ticks(default_data_path()).ticks, feature_set)
         parts.append(_PARITY_CACHE[key])
     X = np.concatenate(parts)
@@ -1258,14 +1255,8 @@ def check_tick_kernel(
     not track functions of other files).  Keys: ``passed``, ``rows``,
     ``max_feature_diff``, ``max_score_diff``, ``flags_equal``.
     """
-    from engine.schema import N_REJECT_REASONS
-    from features.registry import kernels_for
-
     if ticks is None or len(ticks) == 0:
         if "default" not in _TICKS_CACHE:
-            from replay.generator import default_data_path
-            from replay.reader import read_ticks
-
             _TICKS_CACHE["default"] = np.ascontiguousarray(read_ticks(default_data_path()).ticks[:n])
         ticks = _TICKS_CACHE["default"]
     ticks = np.ascontiguousarray(ticks[:n])
@@ -1305,9 +1296,6 @@ def check_tick_kernel(
 
 
 def _features_of(ticks: np.ndarray, feature_set: Any) -> np.ndarray:
-    from engine.schema import N_REJECT_REASONS
-    from features.registry import kernels_for
-
     kern = kernels_for(feature_set)
     n_inst = int(ticks["instrument"].max()) + 1 if len(ticks) else 0
     fstate, istate = kern.new_state(n_inst)
@@ -1363,8 +1351,6 @@ def select_backend(
     Raises :class:`models.metadata.ModelError` if the model cannot be loaded at
     all (missing file, wrong feature set, ...), whatever ``kind``.
     """
-    from models.ort_backend import OrtBackend
-
     if kind not in BACKEND_KINDS:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
     say = logger or (lambda m: log.info(m))

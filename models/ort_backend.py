@@ -33,6 +33,7 @@ int8 pays off is a question for the fused numba backend.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -42,7 +43,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from models.loader import FeatureSetLike, load_checked
+from features.featureset import DEFAULT_FEATURE_SET
+from models.loader import FeatureSetLike, default_model_path, load_checked
 from models.metadata import ModelMetadata
 from models.onnx_graph import INPUT_NAME, OUTPUT_NAME
 
@@ -249,10 +251,6 @@ def measure_variants(
 
 
 def _main() -> None:  # pragma: no cover - measurement script
-    import argparse
-
-    from features.featureset import DEFAULT_FEATURE_SET
-    from models.loader import default_model_path
 
     ap = argparse.ArgumentParser(description="Measure per-call latency of ORT call variants.")
     ap.add_argument("--calls", type=int, default=50_000)

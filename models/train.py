@@ -40,6 +40,7 @@ The shipped files in ``models/default/`` were rebuilt with::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from features.featureset import DEFAULT_FEATURE_SET
+from features.featureset import DEFAULT_BY_SHAPE, DEFAULT_FEATURE_SET
 from models.dataset import (
     DEFAULT_MAX_ROWS,
     SPLIT_FRACTIONS,
@@ -69,6 +70,11 @@ from models.metadata import (
     write_metadata,
 )
 from models.onnx_graph import MLPWeights, build_graph, sklearn_layers
+from models.ort_backend import make_session_options
+from models.quantize import ArrayCalibrationReader, quantize_int8
+from replay.generator import default_data_path, generate_market
+from replay.mapping import add_input_arguments, mapping_from_cli
+from replay.reader import read_ticks, resolve_shape
 
 __all__ = [
     "build_dataset",
@@ -94,9 +100,6 @@ REPORT_NAME = "train_report.json"
 
 def _read_generated(n_events: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """Generate a market and return its validated ticks and symbols via the reader."""
-    from replay.generator import generate_market
-    from replay.reader import read_ticks
-
     frame = generate_market(n_events, seed=seed)
     with tempfile.TemporaryDirectory(prefix="tickscore-train-") as tmp:
         path = Path(tmp) / "market.parquet"
@@ -133,6 +136,7 @@ def build_dataset(
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """Return AUC, log-loss, Brier score, positive rate and mean score of ``p`` for ``y``."""
+    # deferred: training-only dependency
     from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
     p64 = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
@@ -164,9 +168,9 @@ def fit_classifier(
     kept, training stops after ``patience`` epochs without improvement.  With
     ``hidden == ()`` an L2 logistic regression is fitted instead.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.neural_network import MLPClassifier
+    from sklearn.linear_model import LogisticRegression  # deferred: training-only dependency
+    from sklearn.metrics import log_loss  # deferred: training-only dependency
+    from sklearn.neural_network import MLPClassifier  # deferred: training-only dependency
 
     mean = Xtr.mean(axis=0, dtype=np.float64)
     std = Xtr.std(axis=0, dtype=np.float64)
@@ -214,9 +218,7 @@ def fit_classifier(
 
 
 def _ort_scores(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    from models.ort_backend import make_session_options
+    import onnxruntime as ort  # deferred: onnxruntime only where a session is made here
 
     sess = ort.InferenceSession(
         model.SerializeToString(), make_session_options(), providers=["CPUExecutionProvider"]
@@ -254,9 +256,7 @@ def train_on_dataset(
     both models are evaluated on the test part.  ``data_info`` goes first in
     the ``tickscore.train_range`` metadata (where the data came from).
     """
-    from threadpoolctl import threadpool_limits
-
-    from models.quantize import ArrayCalibrationReader, quantize_int8
+    from threadpoolctl import threadpool_limits  # deferred: training-only dependency
 
     fs = feature_set
     timing = dict(timing or {})
@@ -484,8 +484,6 @@ def train_default(
 
 # --------------------------------------------------------------------------- tickscore train
 def _file_digest(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -554,10 +552,6 @@ def train_file(
     report (also written to :func:`report_path_for`); paths of the files are
     under ``"files"``.
     """
-    from features.featureset import DEFAULT_BY_SHAPE
-    from replay.generator import default_data_path
-    from replay.reader import resolve_shape
-
     t_start = time.perf_counter()
     path = Path(data) if data is not None else default_data_path()
     out = Path(out)
@@ -592,6 +586,10 @@ def train_file(
     }
     rpath.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+#: ``--chunk-rows`` of train / evaluate: they always read chunk by chunk.
+TRAIN_CHUNK_HELP = "rows per chunk as the file is read, chunk by chunk (default 1,000,000)"
 
 
 def add_max_rows_argument(p: Any) -> None:
@@ -631,17 +629,12 @@ def add_train_parser(sub: Any) -> None:
                    help="clip of the standardised input in std units; 0 = none (default %(default)g)")
     add_max_rows_argument(t)
     t.add_argument("--json", action="store_true", help="print the report JSON")
-    from replay.features_cli import add_input_arguments
 
-    add_input_arguments(t)  # --map, --map-file, --shape, --sort-by-exchange-time (as replay)
+    add_input_arguments(t, TRAIN_CHUNK_HELP)  # as replay reads the file
 
 
 def cmd_train(args: Any) -> int:
     """Run ``tickscore train``."""
-    from replay.generator import default_data_path
-    from replay.mapping import mapping_from_cli
-    from replay.reader import resolve_shape
-
     mapping = mapping_from_cli(args.map, args.map_file, args.shape)
     shp = resolve_shape(args.data or default_data_path(), mapping, args.shape)  # once: train_file gets it
     label = None

@@ -31,7 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.dataset import reference_quotes  # noqa: F401 - (re-exported: its old home)
+from features.featureset import DEFAULT_BY_SHAPE
+from models.dataset import (
+    dataset_from_ticks,
+    reference_quotes,  # noqa: F401 - (re-exported: its old home)
+)
+from models.label import LabelSpec
+from models.train import train_on_dataset
+from replay.generator_l3 import write_l3, write_trades
+from replay.reader import read_ticks
 
 __all__ = ["reference_quotes", "build_shape_dataset", "train_shape", "main", "DEFAULTS"]
 
@@ -43,8 +51,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _generate(shape: str, n_events: int, seed: int, path: Path) -> None:
-    from replay.generator_l3 import write_l3, write_trades
-
     if shape == "l3":
         write_l3(path, n_events, seed=seed)
     else:
@@ -57,10 +63,6 @@ def build_shape_dataset(shape: str, n_events: int, seed: int, label: Any):
     The generated file is read back and labelled by the one pipeline of every
     shape (:func:`models.dataset.dataset_from_ticks`).
     """
-    from features.featureset import DEFAULT_BY_SHAPE
-    from models.dataset import dataset_from_ticks
-    from replay.reader import read_ticks
-
     fs = DEFAULT_BY_SHAPE[shape]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tickscore-train-") as tmp:
@@ -75,9 +77,6 @@ def build_shape_dataset(shape: str, n_events: int, seed: int, label: Any):
 
 def train_shape(shape: str, out_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     """Train and write the default model files of ``shape``; return the report."""
-    from models.label import LabelSpec
-    from models.train import train_on_dataset
-
     cfg = {**DEFAULTS[shape], **{k: v for k, v in overrides.items() if v is not None}}
     label = LabelSpec(horizon_ms=float(cfg["horizon_ms"]), k=float(cfg["k"]))
     out_dir = Path(out_dir)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.schema import TICK_DTYPE
+
 __all__ = ["ChunkWorker", "ChunkReadError"]
 
 _PAGE = mmap.PAGESIZE
@@ -134,7 +136,6 @@ class ChunkWorker:
 
     def __init__(self, chunks, *, limit: int | None = None, slot_rows: int, slots: int = 2,
                  cpus: set[int] | None = None) -> None:  # fmt: skip
-        from engine.schema import TICK_DTYPE
 
         if slots < 2:
             raise ValueError(f"slots must be >= 2, got {slots}")
@@ -287,8 +288,6 @@ def _child_main(conn_fd: int, mem_fd: int, size: int) -> None:
 
 
 def _produce(conn: Connection, mm: mmap.mmap, spec: dict) -> None:
-    from engine.schema import TICK_DTYPE
-
     chunks = spec["chunks"]
     slot_rows, n_slots, stride = spec["slot_rows"], spec["slots"], spec["stride"]
     views = [np.frombuffer(mm, dtype=TICK_DTYPE, count=slot_rows, offset=k * stride)

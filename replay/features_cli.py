@@ -38,31 +38,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_features_parser", "cmd_features", "compute_features", "add_input_arguments"]
+from engine.schema import N_REJECT_REASONS, REJECT_NAMES
+from features.featureset import DEFAULT_BY_SHAPE, get_feature_set
+from features.kernels_l3 import compute_batch_auto, new_state
+from features.registry import kernels_for
+from models.metadata import read_metadata
+from replay.mapping import add_input_arguments, mapping_from_cli
+from replay.reader import detect_shape, iter_tick_chunks
 
-
-def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """Add ``--map``, ``--map-file``, ``--shape``, ``--sort-by-exchange-time``, ``--chunk-rows``."""
-    p.add_argument(
-        "--map", action="append", default=[], metavar="KEY=VALUE[,...]",
-        help="column mapping for another vendor's layout, e.g. ts_event=time,price=Price,ts_unit=ms "
-        "(repeatable; see 'Bringing your own data' in the README)",
-    )
-    p.add_argument("--map-file", metavar="TOML", help="column mapping in a TOML file (same keys as --map)")
-    p.add_argument(
-        "--shape", choices=["l1", "trades", "l3"], default=None,
-        help="event shape: l1 quotes+trades, trades (trade-only feed), l3 (order by order); "
-        "default: from the mapping, the model, or detected from the file",
-    )
-    p.add_argument(
-        "--sort-by-exchange-time", action="store_true",
-        help="replay in exchange-time order (stable: file order kept for equal times)",
-    )
-    p.add_argument(
-        "--chunk-rows", type=int, default=None, metavar="N",
-        help="read the file in chunks of N rows (bounded memory); default: whole file if it has "
-        "at most 5M rows, else 1M-row chunks",
-    )
+__all__ = ["add_features_parser", "cmd_features", "compute_features"]
 
 
 def add_features_parser(sub: Any) -> argparse.ArgumentParser:
@@ -86,13 +70,9 @@ def add_features_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _resolve_feature_set(feature_set: str | None, model: str | None, shape: str):
-    from features.featureset import DEFAULT_BY_SHAPE, get_feature_set
-
     if feature_set:
         return get_feature_set(feature_set)
     if model:
-        from models.metadata import read_metadata
-
         return get_feature_set(read_metadata(model).feature_set_id)
     return DEFAULT_BY_SHAPE[shape]
 
@@ -117,7 +97,6 @@ class _Groups:
                 load[g] += 1.0 if counts is None else max(float(counts[i]), 1.0)
         if kern.family == "l3":
             # a small order table stays in the CPU caches; it grows when it fills up
-            from features.kernels_l3 import new_state
 
             self.states = [list(new_state(n_inst, max_orders=_L3_START_ORDERS, crossing_add=crossing_add))
                            for _ in range(self.n)]
@@ -129,8 +108,6 @@ class _Groups:
         """Compute group ``g``'s rows (its state carried, grown if needed)."""
         st = self.states[g]
         if self.grow:
-            from features.kernels_l3 import compute_batch_auto
-
             compute_batch_auto(ticks, st, params, X, flags, counters)
         else:
             kern.compute_batch(ticks, st[0], st[1], params, X, flags, counters)
@@ -151,18 +128,12 @@ def compute_features(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compute the feature matrix of ``data`` into the Parquet file ``out``; return a summary."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from engine.schema import N_REJECT_REASONS, REJECT_NAMES
-    from features.registry import kernels_for
-    from replay.reader import detect_shape, iter_tick_chunks
+    import pyarrow as pa  # deferred: pyarrow only on this file-format path
+    import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
     t_start = time.perf_counter()
     shp = shape or (mapping.shape if mapping is not None else None)
     if shp is None and model and not feature_set:
-        from models.metadata import read_metadata
-
         shp = read_metadata(model).feature_set_id.split(".", 1)[0]
     if shp is None and feature_set:
         shp = feature_set.split(".", 1)[0]
@@ -317,8 +288,6 @@ def compute_features(
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Run ``tickscore features``; print a summary (or JSON)."""
-    from replay.mapping import mapping_from_cli
-
     mapping = mapping_from_cli(args.map, args.map_file, args.shape)
     res = compute_features(
         args.data, args.out, feature_set=args.feature_set, model=args.model, mapping=mapping,

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gzip
 import math
 import re
 import sys
@@ -693,8 +694,6 @@ def write_market(
     if name.endswith(".csv"):
         frame.write_csv(out)
     elif name.endswith(".csv.gz"):
-        import gzip
-
         with gzip.open(out, "wb") as f:
             frame.write_csv(f)
     else:

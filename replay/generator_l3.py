@@ -37,6 +37,7 @@ depends only on the arguments.  Command line::
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
 import sys
 import time
@@ -461,9 +462,7 @@ def write_trades(
 
 
 def _write_chunks(path: str | Path, n_events: int, chunk_rows: int, next_chunk) -> Path:
-    import gzip
-
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

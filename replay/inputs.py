@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,17 @@ from typing import Any
 
 import numpy as np
 
+from features.featureset import get_feature_set
+from features.registry import kernels_for
+from models.loader import default_model_path
+from models.metadata import read_metadata
+from replay.reader import DEFAULT_CHUNK_ROWS, detect_shape, iter_tick_chunks, read_ticks
+from replay.source import ChunkedReplaySource, ReplaySource
+
 __all__ = ["ReplayData", "open_replay_data", "default_model_for_shape", "CHUNK_AUTO_ROWS"]
 
 #: Files with more rows than this replay in chunks even without ``--chunk-rows``.
 CHUNK_AUTO_ROWS = 5_000_000
-#: Default chunk size (rows) of a chunked replay.
-DEFAULT_CHUNK_ROWS = 1_000_000
 #: Runs up to this many ticks keep every raw latency (latency_raw.npz, plot).
 FULL_RAW_TICKS = 4_000_000
 
@@ -41,8 +47,6 @@ _MODEL_FILES = {"l1": "risk_int8.onnx", "trades": "risk_trades_int8.onnx", "l3":
 
 def default_model_for_shape(shape: str) -> Path:
     """Return the shipped default model file of an event shape."""
-    from models.loader import default_model_path
-
     if shape not in _MODEL_FILES:
         raise ValueError(f"unknown shape {shape!r}; known: {sorted(_MODEL_FILES)}")
     return default_model_path().parent / _MODEL_FILES[shape]
@@ -94,20 +98,12 @@ class ReplayData:
 
 
 def _model_family(path: str) -> str:
-    from models.metadata import read_metadata
-
     meta = read_metadata(path)
     return meta.feature_set_id.split(".", 1)[0]
 
 
 def open_replay_data(opts: Any, data_path: str) -> ReplayData:
     """Open the replay input of ``opts`` (a :class:`replay.run.ReplayOptions`)."""
-    from features.featureset import get_feature_set
-    from features.registry import kernels_for
-    from models.metadata import read_metadata
-    from replay.reader import detect_shape, iter_tick_chunks, read_ticks
-    from replay.source import ChunkedReplaySource, ReplaySource
-
     mapping = getattr(opts, "mapping", None)
     shape = getattr(opts, "shape", None) or (mapping.shape if mapping is not None else None)
     if shape is None and opts.model:
@@ -162,8 +158,6 @@ def open_replay_data(opts: Any, data_path: str) -> ReplayData:
         )  # fmt: skip
     cpus = None
     if opts.pin is not None:
-        import os
-
         cpus = set(os.sched_getaffinity(0)) - {opts.pin} or None
     source = ChunkedReplaySource(chunks, opts.speed, cpus=cpus,
                                  warmup=getattr(opts, "warmup_ticks", 0))  # fmt: skip

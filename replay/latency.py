@@ -1,17 +1,23 @@
-"""Latency statistics after a run: HdrHistogram, percentile table, ``.hgrm`` and plots.
+"""Latency statistics and the run summary after a run: HdrHistogram, table, ``.hgrm``, plots, JSON.
 
 Raw per-tick nanoseconds are recorded in the loop into int64 arrays; everything
 here runs after the run.  Percentiles come from an HdrHistogram with 3
 significant digits (values are exact to within 0.1 %); ``max`` and ``mean`` are
 exact, from the raw array.  The same function produces the replay CLI's table and
-the report's, so they agree for the same run.
+the report's, so they agree for the same run.  The run-summary JSON (the
+README's contract) and the files beside it are written here for the replay
+and the service alike (:func:`summarise`, :func:`write_outputs`).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import platform
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,10 @@ __all__ = [
     "plot_percentiles",
     "percentile_curve",
     "percentile_axis",
+    "ReplayResult",
+    "summarise",
+    "write_outputs",
+    "write_summary",
 ]
 
 #: Reported percentiles: JSON key → percentile.
@@ -161,6 +171,7 @@ def percentile_curve(
 
 def percentile_axis(ax, max_x: float) -> None:
     """Set up a log ``1/(1-p)`` percentile x axis (0 %, 90 %, 99 %, ...) reaching ``max_x``."""
+    # deferred: matplotlib only when a plot is drawn
     from matplotlib.ticker import FixedLocator, NullFormatter
 
     ax.set_xscale("log")
@@ -187,10 +198,10 @@ def plot_percentiles(
     Each curve ends at its maximum (``max_ns[label]`` when given: a raw
     window of a longer run), marked and labelled.
     """
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib only when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     max_x = 10.0
@@ -216,3 +227,109 @@ def plot_percentiles(
     plt.close(fig)
     return path
 
+
+@dataclass
+class ReplayResult:
+    """What a replay measured; ``summary`` is the contract JSON object."""
+
+    summary: dict
+    latency_ns: np.ndarray
+    stats: LatencyStats
+    corrected_ns: np.ndarray | None = None
+    corrected_stats: LatencyStats | None = None
+    out_files: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Return the end-of-run percentile table (µs) and throughput."""
+        stats = {"service": self.stats}
+        if self.corrected_stats is not None:
+            stats["from intended"] = self.corrected_stats
+        tps = {k: self.summary["throughput_tps"] for k in stats}
+        return format_table(stats, throughput=tps)
+
+
+def summarise(
+    *,
+    ticks: int,
+    scores: int,
+    dropped: int,
+    rejected: int,
+    rejected_by_reason: dict[str, int],
+    wall_s: float,
+    stats: LatencyStats,
+    mode: str,
+    backend: str,
+    model_path: str,
+    model_version: str,
+    quantization: str,
+    data_path: str,
+    data_rows: int,
+    pinned: list[int],
+    extra: dict | None = None,
+) -> dict:
+    """Return the run-summary JSON object (the README's contract) plus ``extra`` keys."""
+    summary = {
+        "ticks": int(ticks),
+        "scores": int(scores),
+        "dropped": int(dropped),
+        "rejected": int(rejected),
+        "wall_s": float(wall_s),
+        "throughput_tps": float(scores / wall_s) if wall_s > 0 else 0.0,
+        "latency_ns": stats.as_contract(),
+        "mode": mode,
+        "backend": backend,
+        "model": {"path": str(model_path), "version": model_version, "quantization": quantization},
+        "data": {"path": str(data_path), "rows": int(data_rows)},
+        "host": {
+            "cpus": os.cpu_count() or 0,
+            "pinned": [int(c) for c in pinned],
+            "python": platform.python_version(),
+        },
+        "rejected_by_reason": rejected_by_reason,
+        "latency_count": stats.count,
+        "created_unix": time.time(),
+    }
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """Write ``out_dir/summary.json`` (creating the directory); return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def write_outputs(
+    result: ReplayResult,
+    out_dir: str | Path,
+    raw: dict[str, np.ndarray],
+) -> dict[str, str]:
+    """Write summary.json, latency.hgrm, latency.png and latency_raw.npz; return their paths.
+
+    ``latency_raw.npz`` holds, all int64 ns on CLOCK_MONOTONIC and in seq order:
+    ``t_in``/``t_out`` (every scored tick), ``warmup`` (count excluded from stats),
+    ``intended`` (paced runs: intended release time per scored tick) and the stage
+    samples ``stage_seq``, ``stage_t_in``, ``stage_t_features``, ``stage_t_model``,
+    ``stage_t_out`` (every 64th tick: features = t_features - t_in, model =
+    t_model - t_features, publish incl. encode = t_out - t_model).
+    """
+    warm = int(raw["warmup"])
+    out = Path(out_dir)
+    files = {"summary": str(write_summary(out, result.summary))}
+    files["hgrm"] = str(write_hgrm(result.latency_ns[warm:], out / "latency.hgrm"))
+    label = f"service time ({result.summary['backend']})"
+    series = {label: result.latency_ns[warm:]}
+    max_ns = {label: result.stats.max}  # the table's max (a chunked run's raw arrays are a window)
+    if result.corrected_ns is not None:
+        series["from intended send time"] = result.corrected_ns[warm:]
+        write_hgrm(result.corrected_ns[warm:], out / "latency_intended.hgrm")
+        if result.corrected_stats is not None:
+            max_ns["from intended send time"] = result.corrected_stats.max
+    files["png"] = str(plot_percentiles(series, out / "latency.png", max_ns=max_ns))
+    np.savez_compressed(out / "latency_raw.npz", **raw)
+    files["raw"] = str(out / "latency_raw.npz")
+    return files

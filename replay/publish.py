@@ -18,12 +18,26 @@ sent to a running service again and again without its ticks being rejected as
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import zmq
+
+from engine.argtypes import speed as _speed
+from engine.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_TICK_ENDPOINT, TICK_STREAM_ID, default_aeron_dir
+from engine.control import status_or_none
+from engine.wire import Tick, encode_tick
+from engine.zmq_io import ensure_ipc_free, raw_send
+from features.featureset import get_feature_set
+from replay.generator import default_data_path
+from replay.inputs import default_model_for_shape
+from replay.mapping import add_input_arguments, mapping_from_cli
+from replay.reader import iter_tick_chunks, resolve_shape
 
 __all__ = [
     "publish_ticks", "first_event_after", "check_service_shape", "open_for_wire", "intended_times",
@@ -44,8 +58,6 @@ def pin_self(cpus: list[int] | None) -> str:
 def _timer_slack_1ns() -> bool:
     """Ask for 1 ns timer slack (default 50 us) so sleeps end on time; False if refused."""
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True).prctl(29, 1, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
     except (OSError, AttributeError):
         return False
@@ -98,9 +110,6 @@ def open_for_wire(path: str, map_items, map_file, shape, sort_by_exchange_time: 
     file); every shape travels in the ``Tick`` wire format (book events as kinds
     3/4/5 with their order id, fills as kind 2 with the resting order's id).
     """
-    from replay.mapping import mapping_from_cli
-    from replay.reader import iter_tick_chunks, resolve_shape
-
     mapping = mapping_from_cli(map_items, map_file, shape)
     return iter_tick_chunks(path, chunk_rows, mapping=mapping, shape=resolve_shape(path, mapping, shape),
                             sort_by_exchange_time=sort_by_exchange_time)  # fmt: skip
@@ -129,13 +138,10 @@ def check_service_shape(status: dict | None, shape: str, command: str) -> None:
     fs_id = (status or {}).get("feature_set")
     if not fs_id:
         return
-    from features.featureset import get_feature_set
 
     fs = get_feature_set(fs_id)
     missing = fs.unavailable(shape)
     if len(missing) == len(fs.names):
-        from replay.inputs import default_model_for_shape
-
         raise ValueError(
             f"{command}: the file is a {shape!r} file but the service scores feature set {fs_id}, whose "
             f"kernels cannot consume {shape!r} events; start the service with a model of that shape "
@@ -165,8 +171,6 @@ def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
 
 def _encode_chunk(ticks: np.ndarray, symbols: list[str], topics: list[bytes], shift: int):
     """Return (payloads, topics, rebased ts_event) of a chunk: Tick messages of the wire format."""
-    from engine.wire import Tick, encode_tick
-
     ts_event = ticks["ts_event_ns"].astype(np.int64) + shift
     ev, rv = ts_event.tolist(), (ticks["ts_recv_ns"].astype(np.int64) + shift).tolist()
     cols = [ticks[c].tolist() for c in ("kind", "instrument", "bid_px", "bid_sz", "ask_px", "ask_sz",
@@ -210,15 +214,11 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
 
     via = spec["via"]
     if via == "zmq":
-        import zmq
-
         ctx = zmq.Context(io_threads=1)
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 5000)
         if spec["bind"]:
-            from engine.zmq_io import ensure_ipc_free
-
             ensure_ipc_free(spec["endpoint"])
             sock.bind(spec["endpoint"])
         else:
@@ -232,7 +232,6 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         sock.recv()
         time.sleep(0.05)
         more, flags_last = zmq.SNDMORE, 0
-        from engine.zmq_io import raw_send
 
         sendz = raw_send(sock)
 
@@ -241,6 +240,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             sendz(payload, flags_last)
             return 0
     else:
+        # deferred: loads the Aeron C client, only where Aeron is used
         from engine.aeron_io import connect_client
 
         aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: print(f"publisher: aeron {m}",
@@ -345,9 +345,6 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
 
 def add_publish_parser(sub) -> None:
     """Add ``tickscore publish`` to the CLI's subparsers."""
-    from engine.cli import _speed
-    from replay.features_cli import add_input_arguments
-
     p = sub.add_parser(
         "publish",
         help="send a market file's ticks to a running service (ZeroMQ or Aeron), paced",
@@ -382,19 +379,6 @@ def add_publish_parser(sub) -> None:
 
 def cmd_publish(args) -> int:
     """Run ``tickscore publish``."""
-    from pathlib import Path
-
-    from engine.config import (
-        DEFAULT_CONTROL_ENDPOINT,
-        DEFAULT_TICK_ENDPOINT,
-        TICK_STREAM_ID,
-        default_aeron_dir,
-    )
-    from engine.control import status_or_none
-    from replay.generator import default_data_path
-    from replay.mapping import mapping_from_cli
-    from replay.reader import resolve_shape
-
     endpoint = args.endpoint or DEFAULT_TICK_ENDPOINT
     data = str(Path(args.data).resolve()) if args.data else str(default_data_path())
     shape = resolve_shape(data, mapping_from_cli(args.map, args.map_file, args.shape), args.shape)

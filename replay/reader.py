@@ -101,12 +101,14 @@ header's columns rather than rejected in a whole read.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import gzip
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -142,6 +144,9 @@ __all__ = [
     "iter_tick_chunks",
     "detect_shape",
 ]
+
+#: Rows per chunk when a file is read chunk by chunk (replay of big files, training).
+DEFAULT_CHUNK_ROWS = 1_000_000
 
 #: Columns every file must have.
 REQUIRED_COLUMNS: tuple[str, ...] = ("ts_event_ns", "symbol", "kind")
@@ -283,7 +288,6 @@ def _csv_header(path: Path, mp: ColumnMapping) -> list[str]:
         raise _read_error(path, "CSV", e) from e
     if not line.strip():
         raise ValueError(f"cannot read {path} as CSV: file is empty")
-    import csv
 
     fields = next(csv.reader([line.rstrip("\r\n")], delimiter=mp.separator))
     if mp.header:
@@ -304,12 +308,12 @@ def _iter_frames(
     path: Path, mp: ColumnMapping, chunk_rows: int, columns: list[str] | None = None, bad=None
 ) -> Iterator[pl.DataFrame]:
     """Yield frames of at most ``chunk_rows`` rows (CSV: text columns), in bounded memory."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: pyarrow only on this file-format path
 
     _check_file(path)
     fmt = _format_of(path, mp)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
         try:
             # pre_buffer=False: with pre-buffering, iter_batches keeps every row group's
@@ -327,7 +331,7 @@ def _iter_frames(
         except Exception as e:
             raise _read_error(path, "Parquet", e) from e
         return
-    import pyarrow.csv as pcsv
+    import pyarrow.csv as pcsv  # deferred: pyarrow only on this file-format path
 
     names = _csv_header(path, mp)
     stream = pa.input_stream(str(path), compression="gzip" if _is_gzip(path) else None)
@@ -534,7 +538,6 @@ def _auto_unit(mag: float) -> str | None:
 
 def _midnight_ns(mp: ColumnMapping) -> int:
     d = _dt.date.fromisoformat(mp.ts_date)  # type: ignore[arg-type]
-    from zoneinfo import ZoneInfo
 
     tz = _dt.UTC if mp.ts_tz.upper() == "UTC" else ZoneInfo(mp.ts_tz)
     return int(_dt.datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()) * 1_000_000_000
@@ -997,7 +1000,7 @@ def _fast_ok(frame: pl.DataFrame, plan: _Plan, mp: ColumnMapping) -> bool:
 
 def _buffers(s: pl.Series, np_dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
     """Return (values, validity bitmap or empty when no null, bit offset) of a numeric series, zero copy."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: pyarrow only on this file-format path
 
     a = s.to_arrow()
     if isinstance(a, pa.ChunkedArray):
@@ -1387,7 +1390,7 @@ _SCAN_ROWS = 1 << 20
 
 def _release_arrow_memory() -> None:
     """Hand pyarrow's freed pool memory back to the OS (the scan's frames: ~200 MB on a big file)."""
-    import pyarrow as pa
+    import pyarrow as pa  # deferred: pyarrow only on this file-format path
 
     try:
         pa.default_memory_pool().release_unused()
@@ -1414,7 +1417,7 @@ class TickChunks:
     def __init__(
         self,
         path: str | Path,
-        chunk_rows: int = 1_000_000,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
         *,
         mapping: ColumnMapping | None = None,
         shape: str | None = None,
@@ -1461,7 +1464,7 @@ class TickChunks:
         self._plan = _make_plan(head.columns, self.mapping, self.shape, p)
         sym_cols = [] if "symbol" in self._plan.const else self._plan.cols.get("symbol", [])
         if fmt == "parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
             total = pq.ParquetFile(p).metadata.num_rows
             if not need_symbols or not sym_cols:
@@ -1498,8 +1501,8 @@ class TickChunks:
         plan, mp = self._plan, self.mapping
         if plan is None or not _fast_plan_ok(plan, mp) or _format_of(self.path, mp) != "parquet":
             return None
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # deferred: pyarrow only on this file-format path
+        import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
         ints = (pa.int8(), pa.uint8(), pa.int16(), pa.uint16())
         allowed = {"ts_event": (pa.int64(),), "ts_recv": (pa.int64(),),
@@ -1634,7 +1637,7 @@ class TickChunks:
 
 def iter_tick_chunks(
     path: str | Path,
-    chunk_rows: int = 1_000_000,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     *,
     mapping: ColumnMapping | None = None,
     shape: str | None = None,

@@ -1,7 +1,7 @@
 """Compare replay runs: percentile table, plots, self-contained HTML and a regression gate.
 
 Input is one or more run directories written by ``tickscore replay --out DIR``
-(``summary.json`` + ``latency_raw.npz``, see :func:`replay.run.write_outputs`).
+(``summary.json`` + ``latency_raw.npz``, see :func:`replay.latency.write_outputs`).
 Every latency number is recomputed from the raw int64 arrays with
 :func:`replay.latency.latency_stats`, after dropping the same warm-up the replay
 dropped, so the report's table equals the replay's printed table and
@@ -562,10 +562,10 @@ def check_regression(
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib only when a plot is drawn
 
     return plt
 

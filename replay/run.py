@@ -13,11 +13,8 @@ After the run it writes, under ``out_dir``:
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +22,13 @@ import numpy as np
 
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
+from engine.scorer import ReloadAt, WatchModel
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
-from replay.latency import LatencyStats, format_table, latency_stats, plot_percentiles, write_hgrm
+from replay.generator import default_data_path
+from replay.inputs import open_replay_data
+from replay.latency import ReplayResult, latency_stats, summarise, write_outputs, write_summary
+from replay.reader import explain_rejects
+from replay.scores import SCORES_FILE, ScoreRecorder, write_scores
 
 __all__ = ["ReplayOptions", "ReplayResult", "run_inprocess", "summarise"]
 
@@ -60,26 +62,6 @@ class ReplayOptions:
     chunk_rows: int | None = None
     #: write DIR/scores.parquet (every published score) into ``out`` (replay.scores)
     record_scores: bool = False
-
-
-@dataclass
-class ReplayResult:
-    """What a replay measured; ``summary`` is the contract JSON object."""
-
-    summary: dict
-    latency_ns: np.ndarray
-    stats: LatencyStats
-    corrected_ns: np.ndarray | None = None
-    corrected_stats: LatencyStats | None = None
-    out_files: dict[str, str] = field(default_factory=dict)
-
-    def table(self) -> str:
-        """Return the end-of-run percentile table (µs) and throughput."""
-        stats = {"service": self.stats}
-        if self.corrected_stats is not None:
-            stats["from intended"] = self.corrected_stats
-        tps = {k: self.summary["throughput_tps"] for k in stats}
-        return format_table(stats, throughput=tps)
 
 
 class _Progress:
@@ -139,9 +121,6 @@ class _NullSink:
 
 def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     """Replay ``opts.data`` through the scoring agent in this process and report."""
-    from replay.generator import default_data_path
-    from replay.inputs import open_replay_data
-
     data_path = opts.data or str(default_data_path())
     # shape, model, feature set (from the model's metadata) and kernels, source
     data = open_replay_data(opts, data_path)
@@ -156,7 +135,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
                 extra={"shape": data.shape, "feature_set": data.feature_set.id,
                        "anomalies": dict(data.reader_anomalies)},
             )  # fmt: skip
-            _write_summary(opts.out, summary)
+            write_summary(opts.out, summary)
         raise NoScoresError(_no_scores_message(data, rejected, data.rows))
     scoring = load_scoring(data.model_path, opts.backend, ticks=data.first_ticks,
                            crossing_add=getattr(data.mapping, "crossing_add", None))  # fmt: skip
@@ -178,8 +157,6 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     sinks = [sink]
     recorder = None
     if opts.record_scores:
-        from replay.scores import ScoreRecorder
-
         recorder = ScoreRecorder()
         sinks.append(recorder)
     try:
@@ -264,7 +241,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
     if agent.seq == 0:
         if opts.out:  # the account of what was rejected, without an empty latency report
-            _write_summary(opts.out, summary)
+            write_summary(opts.out, summary)
         raise NoScoresError(_no_scores_message(data, summary["rejected_by_reason"], summary["ticks"]))
     if summary["rejected"] > 0.5 * summary["ticks"]:
         _warn_rejects(data, summary["rejected_by_reason"], summary["ticks"])
@@ -275,8 +252,6 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         raw.update(agent.recorder.stage_snapshot(agent.seq))
         result.out_files = write_outputs(result, opts.out, raw)
         if recorder is not None:
-            from replay.scores import SCORES_FILE, write_scores
-
             write_scores(Path(opts.out) / SCORES_FILE, recorder.payloads)
             result.out_files["scores"] = str(Path(opts.out) / SCORES_FILE)
         if data.chunked:  # the .hgrm of every tick, not only of the raw window
@@ -306,16 +281,12 @@ def _reasons_text(rejected: dict[str, int]) -> str:
 
 
 def _no_scores_message(data, rejected: dict[str, int], rows: int) -> str:
-    from replay.reader import explain_rejects
-
     why = explain_rejects(data.path, data.mapping, data.shape, rejected)
     head = f"all {rows:,} rows of {data.path} were rejected ({_reasons_text(rejected) or 'no rows'})"
     return head + "".join(f"\n  {w}" for w in why)
 
 
 def _warn_rejects(data, rejected: dict[str, int], ticks: int) -> None:
-    from replay.reader import explain_rejects
-
     n = sum(rejected.values())
     print(f"tickscore: warning: {n:,} of {ticks:,} rows rejected ({100.0 * n / ticks:.0f} %: "
           f"{_reasons_text(rejected)})", file=sys.stderr)  # fmt: skip
@@ -359,8 +330,6 @@ def _input_summary(data, agent) -> dict:
 
 def _reload_triggers(opts: ReplayOptions) -> list:
     """Return the housekeeping triggers for ``--reload-at`` / ``--watch-model``."""
-    from engine.scorer import ReloadAt, WatchModel
-
     triggers: list = [ReloadAt(seq, path) for seq, path in opts.reload_at]
     if opts.watch_model:
         triggers.append(WatchModel(opts.watch_model))
@@ -372,90 +341,3 @@ def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     for k, v in b.items():
         out[k] = out.get(k, 0) + v
     return out
-
-
-def summarise(
-    *,
-    ticks: int,
-    scores: int,
-    dropped: int,
-    rejected: int,
-    rejected_by_reason: dict[str, int],
-    wall_s: float,
-    stats: LatencyStats,
-    mode: str,
-    backend: str,
-    model_path: str,
-    model_version: str,
-    quantization: str,
-    data_path: str,
-    data_rows: int,
-    pinned: list[int],
-    extra: dict | None = None,
-) -> dict:
-    """Return the run-summary JSON object (the README's contract) plus ``extra`` keys."""
-    summary = {
-        "ticks": int(ticks),
-        "scores": int(scores),
-        "dropped": int(dropped),
-        "rejected": int(rejected),
-        "wall_s": float(wall_s),
-        "throughput_tps": float(scores / wall_s) if wall_s > 0 else 0.0,
-        "latency_ns": stats.as_contract(),
-        "mode": mode,
-        "backend": backend,
-        "model": {"path": str(model_path), "version": model_version, "quantization": quantization},
-        "data": {"path": str(data_path), "rows": int(data_rows)},
-        "host": {
-            "cpus": os.cpu_count() or 0,
-            "pinned": [int(c) for c in pinned],
-            "python": platform.python_version(),
-        },
-        "rejected_by_reason": rejected_by_reason,
-        "latency_count": stats.count,
-        "created_unix": time.time(),
-    }
-    if extra:
-        summary.update(extra)
-    return summary
-
-
-def _write_summary(out_dir: str | Path, summary: dict) -> Path:
-    """Write ``out_dir/summary.json`` (creating the directory); return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
-
-
-def write_outputs(
-    result: ReplayResult,
-    out_dir: str | Path,
-    raw: dict[str, np.ndarray],
-) -> dict[str, str]:
-    """Write summary.json, latency.hgrm, latency.png and latency_raw.npz; return their paths.
-
-    ``latency_raw.npz`` holds, all int64 ns on CLOCK_MONOTONIC and in seq order:
-    ``t_in``/``t_out`` (every scored tick), ``warmup`` (count excluded from stats),
-    ``intended`` (paced runs: intended release time per scored tick) and the stage
-    samples ``stage_seq``, ``stage_t_in``, ``stage_t_features``, ``stage_t_model``,
-    ``stage_t_out`` (every 64th tick: features = t_features - t_in, model =
-    t_model - t_features, publish incl. encode = t_out - t_model).
-    """
-    warm = int(raw["warmup"])
-    out = Path(out_dir)
-    files = {"summary": str(_write_summary(out, result.summary))}
-    files["hgrm"] = str(write_hgrm(result.latency_ns[warm:], out / "latency.hgrm"))
-    label = f"service time ({result.summary['backend']})"
-    series = {label: result.latency_ns[warm:]}
-    max_ns = {label: result.stats.max}  # the table's max (a chunked run's raw arrays are a window)
-    if result.corrected_ns is not None:
-        series["from intended send time"] = result.corrected_ns[warm:]
-        write_hgrm(result.corrected_ns[warm:], out / "latency_intended.hgrm")
-        if result.corrected_stats is not None:
-            max_ns["from intended send time"] = result.corrected_stats.max
-    files["png"] = str(plot_percentiles(series, out / "latency.png", max_ns=max_ns))
-    np.savez_compressed(out / "latency_raw.npz", **raw)
-    files["raw"] = str(out / "latency_raw.npz")
-    return files

@@ -18,6 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+
+from engine.wire import decode_score
+
 __all__ = ["ScoreRecorder", "write_scores", "read_scores", "compare_scores", "SCORES_FILE"]
 
 SCORES_FILE = "scores.parquet"
@@ -42,10 +47,6 @@ class ScoreRecorder:
 
 def write_scores(path: str | Path, payloads: Iterable[bytes]) -> int:
     """Decode Score payloads (the wire format) and write them as ``scores.parquet``; return rows."""
-    import polars as pl
-
-    from engine.wire import decode_score
-
     cols: dict[str, list] = {k: [] for k in ("seq", "instrument", "ts_event_ns", "score", "flags",
                                              "model_version")}  # fmt: skip
     for p in payloads:
@@ -67,8 +68,6 @@ def write_scores(path: str | Path, payloads: Iterable[bytes]) -> int:
 
 def read_scores(path: str | Path):
     """Return the recorded scores of ``path`` (a file or a run directory) as a polars DataFrame."""
-    import polars as pl
-
     p = Path(path)
     return pl.read_parquet(p / SCORES_FILE if p.is_dir() else p)
 
@@ -81,8 +80,6 @@ def compare_scores(a, b, *, times: str = "relative") -> str | None:
     relative to the recording's first event (wire mode shifts them),
     ``"exact"`` as they are, ``"ignore"`` not at all.
     """
-    import numpy as np
-
     if a.height != b.height:
         return f"{a.height:,} scores vs {b.height:,}"
     t0a = a["ts_event_ns"].min() if a.height else 0

@@ -17,16 +17,21 @@ tick is kept (``intended_ns``) so reports can measure latency from when a tick
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import operator
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+from hdrh.histogram import HdrHistogram
 from numba import njit
 
+from engine.schema import TICK_DTYPE
 from replay.chunk_worker import ChunkReadError, ChunkWorker
+from replay.latency import _HIGHEST_NS, _LOWEST_NS, _SIG_FIGS, PERCENTILES, LatencyStats
 
 __all__ = ["ReplaySource", "ChunkedReplaySource", "ChunkLatency", "ChunkReadError", "parse_speed"]
 
@@ -127,8 +132,6 @@ class ChunkLatency:
     _SUB = 2048  # sub-buckets per magnitude (3 significant digits)
 
     def __init__(self, warmup: int) -> None:
-        from replay.latency import _HIGHEST_NS, _LOWEST_NS
-
         self._hi = _HIGHEST_NS
         self._lo = _LOWEST_NS
         self._n_mag = int(_HIGHEST_NS).bit_length() - 10 + 1
@@ -174,10 +177,6 @@ class ChunkLatency:
     def hist(self):
         """Return the HdrHistogram of everything recorded (built once per change)."""
         if self._hist is None:
-            from hdrh.histogram import HdrHistogram
-
-            from replay.latency import _SIG_FIGS
-
             h = HdrHistogram(self._lo, self._hi, _SIG_FIGS)
             for key in np.flatnonzero(self.counts).tolist():
                 e, m = divmod(key, self._SUB)
@@ -187,8 +186,6 @@ class ChunkLatency:
 
     def stats(self):
         """Return :class:`replay.latency.LatencyStats` of everything recorded."""
-        from replay.latency import PERCENTILES, LatencyStats
-
         if self.count == 0:
             return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
         h = self.hist
@@ -197,9 +194,6 @@ class ChunkLatency:
 
     def write_hgrm(self, path) -> None:
         """Write the percentile distribution (µs), as :func:`replay.latency.write_hgrm` does."""
-        import io
-        from pathlib import Path
-
         buf = io.BytesIO()
         self.hist.output_percentile_distribution(buf, output_value_unit_scaling_ratio=1000.0,
                                                  ticks_per_half_distance=5)  # fmt: skip
@@ -567,6 +561,4 @@ def _exhausted() -> int:
 
 def chunks_dtype():
     """Return the tick dtype (TICK_DTYPE) without importing the schema at module import."""
-    from engine.schema import TICK_DTYPE
-
     return TICK_DTYPE

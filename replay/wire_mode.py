@@ -45,6 +45,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -53,9 +54,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
-from engine.control import status_or_none
-from replay.publish import first_event_after, first_ticks_for_wire, parse_rate, pin_self
+from engine.config import SCORE_STREAM_ID, TICK_STREAM_ID, load_config
+from engine.control import ControlError, request, status_or_none
+from engine.wire import decode_score
+from replay.generator import default_data_path
+from replay.inputs import default_model_for_shape
+from replay.latency import format_table, latency_stats, plot_percentiles, summarise, write_hgrm
+from replay.mapping import mapping_from_cli
+from replay.publish import (
+    check_service_shape,
+    first_event_after,
+    first_ticks_for_wire,
+    parse_rate,
+    pin_self,
+    publish_ticks,
+)
+from replay.scores import write_scores
 
 __all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
 
@@ -95,8 +111,6 @@ def _lowest_priority() -> str:
 
 def _publisher(spec: dict) -> int:
     """Send the ticks at the pace (:func:`replay.publish.publish_ticks`); write intended/sent times."""
-    from replay.publish import publish_ticks
-
     try:
         res = publish_ticks(spec, on_ready=lambda: print("ready", flush=True))
     except TimeoutError as exc:
@@ -128,8 +142,6 @@ def _subscriber(spec: dict) -> int:
     yield_ = os.sched_yield
     via = spec["via"]
     if via == "zmq":
-        import zmq
-
         ctx = zmq.Context(io_threads=1)
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -189,6 +201,7 @@ def _subscriber(spec: dict) -> int:
         sock.close(0)
         ctx.term()
     else:
+        # deferred: loads the Aeron C client, only where Aeron is used
         from engine.aeron_io import connect_client
 
         aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: None)
@@ -233,7 +246,6 @@ def _subscriber(spec: dict) -> int:
         aeron.close()
 
     gc.enable()
-    from engine.wire import decode_score
 
     sym_index = {s: i for i, s in enumerate(spec["symbols"])}
     m = min(k, cap)
@@ -258,7 +270,6 @@ def _subscriber(spec: dict) -> int:
     np.savez(spec["out"], recv_ns=recv_ns[:m], seq=seq, ts_event=ts_event, inst=inst, ts_in=ts_in,
              ts_out=ts_out, score=score)
     if spec.get("record"):  # --record-scores: every score as received
-        from replay.scores import write_scores
 
         write_scores(spec["record"], payloads[:k])
     print(json.dumps({"received": k, "bad": bad, "model_versions": versions, "pin": pin, "priority": prio,
@@ -305,8 +316,6 @@ def match_scores(pub_inst: np.ndarray, pub_ts: np.ndarray, sub_inst: np.ndarray,
 def _spawn_config(args, symbols: list[str], tmp: Path, *, model: str, crossing_add: str = ""
                   ) -> tuple[Path, dict]:
     """Write a service config for this run (``model``: the file's shape's); return it and the endpoints."""
-    from engine.config import SCORE_STREAM_ID, TICK_STREAM_ID
-
     ctl = f"tcp://127.0.0.1:{_free_port()}"
     lines = [f"instruments = {json.dumps(symbols)}", "", "[engine]",
              f"pin = {json.dumps('none' if args.pin is None else args.pin)}",
@@ -366,8 +375,6 @@ class WireRun:
 
     def table(self) -> str:
         """Return the percentile table (µs) of the wire and service series."""
-        from replay.latency import format_table, latency_stats
-
         stats = {k: latency_stats(v) for k, v in self.series.items()}
         tps = {k: self.summary["throughput_tps"] for k in stats}
         return format_table(stats, throughput=tps)
@@ -397,8 +404,6 @@ def _client(role: str, spec: dict, spec_path: Path) -> subprocess.Popen:
 
 
 def _expect_ready(proc: subprocess.Popen, role: str, timeout_s: float) -> None:
-    import selectors
-
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s
@@ -426,10 +431,6 @@ def _last_json(text: str) -> dict:
 
 def run_wire(args) -> WireRun:
     """Run a wire-mode replay as configured by the ``tickscore replay`` arguments."""
-    from replay.generator import default_data_path
-    from replay.latency import latency_stats
-    from replay.run import summarise
-
     data_path = str(Path(args.data).resolve()) if args.data else str(default_data_path())
     read_opts = {"map": list(args.map or []), "shape": args.shape,
                  "map_file": str(Path(args.map_file).resolve()) if args.map_file else None,
@@ -460,9 +461,6 @@ def run_wire(args) -> WireRun:
     spawned = args.service_config is None
     try:
         if spawned:
-            from replay.inputs import default_model_for_shape
-            from replay.mapping import mapping_from_cli
-
             model = args.model or str(default_model_for_shape(td.shape))
             mapping = mapping_from_cli(read_opts["map"], read_opts["map_file"], read_opts["shape"])
             crossing = getattr(mapping, "crossing_add", None) or ""
@@ -475,16 +473,12 @@ def run_wire(args) -> WireRun:
             _progress(args, f"spawned service pid {service.pid} ({cfg_path}); waiting for warm-up ...")
             before = _wait_service(service, ep["control"], args.service_timeout, log_path)
         else:
-            from engine.config import load_config
-
             cfg = load_config(args.service_config)
             ep = _endpoints_from_config(cfg, args.via)
             before = status_or_none(ep["control"])
             if before is None and ep["control"]:
                 raise RuntimeError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
-            from replay.publish import check_service_shape
-
             check_service_shape(before, td.shape, f"tickscore replay --via {args.via}")
             missing = set(td.symbols) - set(cfg.instruments)
             if missing and not cfg.max_instruments:
@@ -637,8 +631,6 @@ def _delta(before: dict | None, after: dict | None) -> dict:
 
 
 def _stop_service(proc: subprocess.Popen, endpoint: str) -> dict | None:
-    from engine.control import ControlError, request
-
     report = None
     try:
         reply = request(endpoint, "stop", timeout_s=30)
@@ -654,8 +646,6 @@ def _stop_service(proc: subprocess.Popen, endpoint: str) -> dict | None:
 
 
 def _write(summary, out_dir, intended, recv, sent, svc_in, svc_out, seq, warm, series) -> dict:
-    from replay.latency import plot_percentiles, write_hgrm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"summary": str(out / "summary.json")}
