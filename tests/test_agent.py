@@ -80,10 +80,23 @@ def test_gc_is_disabled_inside_the_loop_and_restored_after():
 
 
 def test_idle_strategy_runs_when_no_work_and_housekeeping_is_periodic():
-    agent = _CountingAgent(200, idle_every=3)
-    AgentRunner(agent, BackoffIdle(max_spins=1, max_yields=1, min_park_ns=1000, max_park_ns=2000),
-                housekeeping_every=64, freeze_gc=False).run()
+    class _CountingIdle(BackoffIdle):
+        idles = resets = 0
+
+        def idle(self):
+            self.idles += 1
+            super().idle()
+
+        def reset(self):
+            self.resets += 1
+            super().reset()
+
+    agent = _CountingAgent(200, idle_every=3)  # 3 empty duty cycles before each unit of work
+    idle = _CountingIdle(max_spins=1, max_yields=1, min_park_ns=1000, max_park_ns=2000)
+    AgentRunner(agent, idle, housekeeping_every=64, freeze_gc=False).run()
     assert agent.i == 200
+    assert idle.idles == 3 * 200  # once per empty duty cycle, never after work
+    assert idle.resets >= 200  # back-off restarts after each unit of work
     assert agent.hk_calls >= 800 // 64
 
 

@@ -15,6 +15,7 @@ from models.fused import select_backend
 from models.loader import default_model_path
 from replay.generator import default_data_path
 from replay.reader import read_ticks
+from replay.source import ReplaySource
 from tests.holding_source import HoldingSource
 
 FS = DEFAULT_FEATURE_SET
@@ -158,3 +159,37 @@ def test_keep_warm_stands_aside_while_a_reload_is_validated(ticks):
         time.sleep(0.005)
     assert ticket.status == "swapped", ticket.message
     assert agent.keep_warm() is True and agent._warm["backend"] is agent.backend
+
+
+class _RawCapture:
+    def __init__(self) -> None:
+        self.payloads: list[tuple[bytes, bytes]] = []
+
+    def publish(self, topic, payload) -> bool:
+        self.payloads.append((bytes(topic), bytes(payload)))
+        return True
+
+
+@pytest.mark.parametrize("kind", ["ort", "fused"])
+def test_the_inlined_and_the_stage_sampled_publish_paths_send_the_same_bytes(ticks, kind):
+    """do_work / _do_work_fused inline _finish_sampled's publish on purpose: they must agree byte for byte."""
+    from engine.wire import ScoreEncoder
+
+    runs = {}
+    for stage_every in (1, 1 << 20):  # every tick through the sampled path / all but seq 0 inlined
+        choice = select_backend(kind, A, FS)
+        sink = _RawCapture()
+        agent = ScoringAgent(ReplaySource(ticks), choice.backend, [sink], SYMBOLS, FS.params_array(),
+                             recorder_capacity=len(ticks), stage_every=stage_every, feature_set=FS,
+                             backend_kind=kind, parity_X=choice.parity_X)  # fmt: skip
+        AgentRunner(agent, BusySpinIdle(), pin_core=None, freeze_gc=False).run()
+        runs[stage_every] = sink.payloads
+    sampled, inlined = runs[1], runs[1 << 20]
+    assert len(sampled) == len(inlined) == len(ticks) - 2
+    enc = ScoreEncoder()
+    for k, ((t1, p1), (t2, p2)) in enumerate(zip(sampled, inlined, strict=True)):
+        s1, s2 = decode_score(p1), decode_score(p2)
+        assert t1 == t2 and s1.instrument.encode() == t1, k
+        # equal apart from the two clock readings, and each payload is the canonical encoding
+        assert s1.__replace__(ts_in_ns=0, ts_out_ns=0) == s2.__replace__(ts_in_ns=0, ts_out_ns=0), k
+        assert bytes(enc.encode(s1)) == p1 and bytes(enc.encode(s2)) == p2, k

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_service import Svc, _aeron_dir
+from tests.conftest import Svc, _aeron_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,86 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from engine.config import ConfigError, load_config, parse_config
 from engine.control import request
+from tests.conftest import SYMBOLS, Svc, _aeron_dir, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ROOT / "tests" / "wire_clients.py"
 sys.path.insert(0, str(ROOT / "tests"))
 from wire_clients import GARBAGE_EXPECTED, GARBAGE_EXPECTED_AERON  # noqa: E402
-
-SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
-
-
-def _free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _aeron_dir() -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return f"{base}/tickscore-test-{uuid.uuid4().hex[:12]}"
-
-
-class Svc:
-    """A service subprocess with its config, control endpoint and stderr log."""
-
-    def __init__(self, tmp: Path, toml: str, name: str = "svc", instruments=SYMBOLS) -> None:
-        self.tmp = tmp
-        self.control = f"tcp://127.0.0.1:{_free_port()}"
-        self.out = tmp / f"{name}-out"
-        self.cfg = tmp / f"{name}.toml"
-        self.cfg.write_text(
-            f'instruments = {json.dumps(list(instruments))}\n{toml}\n'
-            f'[control]\nendpoint = "{self.control}"\n[output]\ndir = "{self.out}"\n'
-        )
-        self.log = tmp / f"{name}.log"
-        self._logf = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--config", str(self.cfg)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._logf,
-        )
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 90.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"service exited early:\n{self.log.read_text()}"
-            try:
-                st = request(self.control, "status", timeout_s=1.0)
-                if st.get("state") == "running":
-                    return st
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"service not ready after {timeout}s:\n{self.log.read_text()}")
-
-    def status(self) -> dict:
-        return request(self.control, "status", timeout_s=10.0)
-
-    def wait_for(self, pred, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        st = self.status()
-        while not pred(st) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            st = self.status()
-        return st
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._logf.close()
-
-    def summary(self) -> dict:
-        return json.loads((self.out / "summary.json").read_text())
 
 
 def _client(role: str, spec: dict, tmp: Path, name: str) -> subprocess.Popen:
@@ -270,7 +202,7 @@ def test_tickscore_subscribe_records_scores_to_parquet(zmq_service, tmp_path):
     assert stdout.count("seq=") == n  # one printed line per score
 
 
-def test_control_rejects_unknown_commands_and_reload_swaps_or_says_unavailable(zmq_service):
+def test_control_rejects_unknown_commands_and_reload_swaps_the_model(zmq_service):
     svc = zmq_service
     bad = request(svc.control, "explode")
     assert bad["ok"] is False and "unknown command" in bad["error"]
@@ -278,8 +210,6 @@ def test_control_rejects_unknown_commands_and_reload_swaps_or_says_unavailable(z
     assert missing["ok"] is False and "model path" in missing["error"]
     fp32 = ROOT / "models" / "default" / "risk_fp32.onnx"
     reply = request(svc.control, json.dumps({"command": "reload", "path": str(fp32)}))
-    if not reply["ok"] and "not available" in reply.get("error", ""):
-        return  # this build's agent has no hot reload: the reply says so
     assert reply["ok"], reply
     assert reply["status"] in ("pending", "swapped")
     st = svc.wait_for(lambda s: s.get("reloads", [{}])[-1].get("status") != "pending", 60)

@@ -76,7 +76,7 @@ def test_replay_over_the_wire_with_a_spawned_service_reports_wire_to_wire_latenc
 
 
 def test_replay_over_the_wire_against_a_running_service_twice(tmp_path):
-    from tests.test_service import Svc
+    from tests.conftest import Svc
 
     svc = Svc(tmp_path, (
         '[engine]\npin = "none"\nidle = "backoff"\n'
