@@ -223,6 +223,41 @@ def _default_error_handler(exc: BaseException) -> None:
     print(f"tickscore: error in agent loop (loop continues): {exc!r}", file=sys.stderr)
 
 
+class AgentInvoker:
+    """Step an agent's duty cycle from the caller's own loop (Agrona's ``AgentInvoker``).
+
+    :meth:`invoke` runs one ``do_work`` and handles an exception the way the
+    runner does: count it, pass it to ``error_handler``, carry on; after
+    ``max_errors`` it raises ``RuntimeError`` (the agent is broken, not the
+    input).  The service's drain after a stop steps the agent through the
+    runner's invoker, so both count into one ``errors``.
+    """
+
+    def __init__(self, agent: Agent, error_handler: Callable[[BaseException], None] = _default_error_handler,
+                 max_errors: int = 1000) -> None:  # fmt: skip
+        self.agent = agent
+        self.error_handler = error_handler
+        self.max_errors = max_errors
+        self.errors = 0
+
+    def invoke(self) -> int:
+        """Run one duty cycle; return its work count (1 after a handled error: the input was consumed)."""
+        try:
+            return self.agent.do_work()
+        except Exception as exc:  # noqa: BLE001 - error handler + counter, the caller's loop survives
+            self.on_error(exc)
+            return 1
+
+    def on_error(self, exc: BaseException) -> None:
+        """Count and hand on ``exc``; raise once ``max_errors`` is reached."""
+        self.errors += 1
+        self.error_handler(exc)
+        if self.errors >= self.max_errors:
+            raise RuntimeError(
+                f"agent {self.agent.role_name!r} raised {self.errors} errors; giving up"
+            ) from exc
+
+
 class AgentRunner:
     """Run one agent on the calling thread: pin, warm up, freeze GC, duty-cycle loop.
 
@@ -267,16 +302,20 @@ class AgentRunner:
         self.pin_core = pin_core
         self.freeze_gc = freeze_gc
         self._hk_mask = housekeeping_every - 1
-        self.error_handler = error_handler
-        self.max_errors = max_errors
+        #: error counting and handling, shared with callers that step the agent themselves
+        self.invoker = AgentInvoker(agent, error_handler, max_errors)
         self.keep_warm_ns = max(0, int(keep_warm_ns))
         #: Calls of ``agent.keep_warm`` so far.
         self.warm_calls = 0
-        self.errors = 0
         self.running = False
         self.pin: PinResult | None = None
         self.rt_priority = rt_priority
         self.scheduler = "default scheduler"
+
+    @property
+    def errors(self) -> int:
+        """Exceptions raised by ``do_work`` so far (in the loop and through :attr:`invoker`)."""
+        return self.invoker.errors
 
     def stop(self) -> None:
         """Ask the loop to end after the current duty cycle (safe from a signal handler)."""
@@ -353,10 +392,5 @@ class AgentRunner:
                         # housekeeping may swap the agent's do_work (hot model reload)
                         do_work = agent.do_work
             except Exception as exc:  # noqa: BLE001 - error handler + counter, loop survives
-                self.errors += 1
-                self.error_handler(exc)
-                if self.errors >= self.max_errors:
-                    raise RuntimeError(
-                        f"agent {agent.role_name!r} raised {self.errors} errors; giving up"
-                    ) from exc
+                self.invoker.on_error(exc)
         hk(clock())

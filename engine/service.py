@@ -367,8 +367,6 @@ class Service:
             self._next_slow = now_ns + _SLOW_PERIOD_NS
             if self.zmq_sink is not None:
                 self.zmq_sink.poll_subscriptions()
-            # The replay keeps rejected indices to align intended times; live they only grow.
-            agent.rejected_idx.clear()
 
     def _drain(self) -> None:
         """Score what already arrived: until quiet for drain_quiet_ms or drain_timeout_ms passed."""
@@ -380,13 +378,13 @@ class Service:
         deadline = t0 + self.cfg.engine.drain_timeout_ms * 1_000_000
         quiet = self.cfg.engine.drain_quiet_ms * 1_000_000
         n = 0
+        invoke = self.runner.invoker.invoke  # counts and reports errors as the runner does
         while True:
             try:
-                worked = agent.do_work()
-            except Exception as exc:  # noqa: BLE001 - as in the runner: count, go on
-                self.runner.errors += 1
-                print(f"tickscore: error while draining (continuing): {exc!r}", file=sys.stderr)
-                worked = 1
+                worked = invoke()
+            except RuntimeError as exc:  # the error budget ran out: stop draining, still report
+                print(f"tickscore: drain stopped: {exc}", file=sys.stderr)
+                break
             now = clock()
             if worked:
                 n += 1
@@ -443,9 +441,7 @@ class Service:
         ticket = agent.request_reload(path)
         # The agent loads on a new thread, which inherited the hot core: move it off.
         pin_helper_threads(self.helper_cpus)
-        info = ticket.as_dict() if hasattr(ticket, "as_dict") else {
-            k: getattr(ticket, k, None) for k in ("path", "status", "message", "swap_seq", "version")
-        }
+        info = ticket.as_dict()
         return {"ok": info.get("status") != "rejected", "command": "reload", **info}
 
     def _fold(self) -> None:
@@ -493,10 +489,10 @@ class Service:
             "not_connected": int(sinks.get("aeron", {}).get("not_connected", 0)),
             "sinks": sinks,
             "model": {
-                "version": getattr(agent, "model_version", self.backend.version),
-                "path": str(getattr(agent.backend, "path", self.model_path)),
-                "backend": getattr(agent.backend, "kind", self.backend_kind),
-                "quantization": getattr(agent.backend, "quantization", "unknown"),
+                "version": agent.model_version,
+                "path": str(agent.backend.path),
+                "backend": agent.backend.kind,
+                "quantization": agent.backend.quantization,
             },
             "latency_ns": self.hist.percentiles(),
             "last_event_ns": self._last_event_ns(),
@@ -507,9 +503,8 @@ class Service:
             "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
             **self._input_state(),
         }
-        reloads = getattr(agent, "reloads", None)
-        if reloads:
-            rec["reloads"] = [t.as_dict() for t in reloads[-8:]]
+        if agent.reloads:
+            rec["reloads"] = [t.as_dict() for t in agent.reloads[-8:]]
         return rec
 
     def _input_state(self) -> dict:
@@ -594,10 +589,10 @@ class Service:
             wall_s=wall_s,
             stats=stats,
             mode=self._mode(),
-            backend=str(getattr(agent.backend, "kind", self.backend_kind)),
+            backend=agent.backend.kind,
             model_path=str(self.model_path),
-            model_version=getattr(agent, "model_version", self.backend.version),
-            quantization=getattr(agent.backend, "quantization", "unknown"),
+            model_version=agent.model_version,
+            quantization=agent.backend.quantization,
             data_path=ins,
             data_rows=ticks_in,
             pinned=pinned,
@@ -617,7 +612,7 @@ class Service:
                 "helper_threads": self.helper_threads,
                 "idle": cfg.engine.idle,
                 "out_of_range": stats.out_of_range,
-                "reloads": [t.as_dict() for t in getattr(agent, "reloads", [])],
+                "reloads": [t.as_dict() for t in agent.reloads],
                 **self._input_state(),
             },
         )

@@ -195,7 +195,14 @@ class TickSlot:
         self.counters[REJECT_MALFORMED] += 1
 
 
-class ZmqTickSource:
+class _LiveSource:
+    """What every live source shares: rejects need no bookkeeping beyond the kernel's counters."""
+
+    def on_reject(self, i: int) -> None:
+        """The agent rejected the tick in slot ``i``: counted by reason already; nothing to align."""
+
+
+class ZmqTickSource(_LiveSource):
     """Ticks from a ZeroMQ SUB socket, two frames ``[topic, payload]`` per message.
 
     Parameters
@@ -306,7 +313,7 @@ class ZmqTickSource:
         self.sock.close(0)
 
 
-class AeronTickSource:
+class AeronTickSource(_LiveSource):
     """Ticks from an Aeron subscription: one Tick per (reassembled) message, payload only.
 
     Parameters
@@ -386,7 +393,7 @@ class AeronTickSource:
             pass
 
 
-class MultiSource:
+class MultiSource(_LiveSource):
     """Poll several sources sharing one :class:`TickSlot`, alternating after each tick."""
 
     name = "multi"

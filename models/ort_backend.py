@@ -103,6 +103,11 @@ class OrtBackend:
         Model file.
     """
 
+    #: backend name (:class:`engine.ports.Backend`)
+    kind = "ort"
+    #: no parity check: onnxruntime is the reference
+    parity = None
+
     def __init__(self, path: str | Path, feature_set: FeatureSetLike) -> None:
         self.path = Path(path)
         model, meta = load_checked(self.path, feature_set)

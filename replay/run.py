@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
-from engine.scorer import ReloadAt, WatchModel
+from engine.reload import ReloadAt, WatchModel
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.generator import default_data_path
 from replay.inputs import open_replay_data
@@ -197,7 +197,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         stats = latency_stats(lat[warm:])
         if source.intended_ns is not None and agent.seq:
             accepted = np.ones(len(source.ticks), dtype=bool)
-            accepted[agent.rejected_idx] = False
+            accepted[source.rejected_idx] = False
             intended = source.intended_ns[accepted][: agent.seq]
             corrected = t_out - intended
             corrected_stats = latency_stats(corrected[warm:])
@@ -215,7 +215,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         backend=choice.kind,
         model_path=model_path,
         model_version=backend.version,
-        quantization=getattr(backend, "quantization", "unknown"),
+        quantization=backend.quantization,
         data_path=data_path,
         data_rows=data.rows,
         pinned=runner.pin.pinned if runner.pin else [],
@@ -231,7 +231,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "scheduler": runner.scheduler,
             "backend_selection": choice.as_dict(),
             "reloads": [t.as_dict() for t in agent.reloads],
-            "backend_final": getattr(agent.backend, "kind", "ort"),
+            "backend_final": agent.backend.kind,
             "model_version_final": agent.backend.version,
             "latency_from_intended_ns": corrected_stats.as_contract() if corrected_stats else None,
             "out_of_range": stats.out_of_range,

@@ -73,6 +73,8 @@ class ReplaySource:
         self.ts_list = ticks["ts_event_ns"].tolist()
         self.speed = speed
         self.intended_ns = np.zeros(self.n, dtype=np.int64) if speed is not None else None
+        #: indices of the ticks the agent rejected (to align intended send times with scores)
+        self.rejected_idx: list[int] = []
         self.done = self.n == 0
         self._i = 0
         self._start_ns = 0
@@ -84,6 +86,10 @@ class ReplaySource:
     def start(self, now_ns: int | None = None) -> None:
         """Fix the pacing origin; without a call, the first poll fixes it."""
         self._start_ns = time.perf_counter_ns() if now_ns is None else now_ns
+
+    def on_reject(self, i: int) -> None:
+        """The agent rejected tick ``i`` (no score): remember it for the intended-time alignment."""
+        self.rejected_idx.append(i)
 
     @property
     def position(self) -> int:
@@ -303,8 +309,8 @@ class ChunkedReplaySource:
 
     The agent must be attached (:meth:`attach`) before the run: at every chunk
     boundary the source drains the agent's latency ring into :attr:`latency`
-    (and :attr:`latency_intended` when paced) and truncates
-    ``agent.rejected_idx``, so nothing grows with the file.  :meth:`finish` stops
+    (and :attr:`latency_intended` when paced) and forgets the chunk's rejected
+    indices, so nothing grows with the file.  :meth:`finish` stops
     the reader process and raises :class:`ChunkReadError` if reading failed (the
     run then ends at the failed chunk, with every earlier tick scored).
     """
@@ -323,6 +329,7 @@ class ChunkedReplaySource:
         self.max_chunk_ticks = 0
         self.done = False
         self.error: Exception | None = None
+        self.rejected_idx: list[int] = []  # of the current chunk (see on_reject)
         self._handed = 0
         self._agent = None
         self._drained_seq = 0
@@ -415,6 +422,10 @@ class ChunkedReplaySource:
                 self.error = e
             raise
 
+    def on_reject(self, i: int) -> None:
+        """The agent rejected tick ``i`` of the current chunk."""
+        self.rejected_idx.append(i)
+
     def attach(self, agent) -> None:
         """Remember the agent whose latency ring is drained at chunk boundaries.
 
@@ -465,14 +476,14 @@ class ChunkedReplaySource:
                 idx = np.arange(seq0, seq1, dtype=np.int64) & mask
                 t_out = rec.t_out[idx]
                 keep = np.ones(self.n, dtype=bool)
-                if agent.rejected_idx:
-                    keep[np.asarray(agent.rejected_idx, dtype=np.int64)] = False
+                if self.rejected_idx:
+                    keep[np.asarray(self.rejected_idx, dtype=np.int64)] = False
                 intended = self.intended_ns[: self._i][keep[: self._i]]
                 m = min(len(intended), len(t_out))
                 self.latency_intended.add(t_out[:m] - intended[:m], seq0)
         self._drained_seq = seq1
-        # rejected indices are chunk-local: keep the count, drop the list
-        del agent.rejected_idx[:]
+        # rejected indices are chunk-local: the agent counts them, the list goes
+        del self.rejected_idx[:]
 
     def wall_s(self) -> float:
         """Return seconds from the first tick's ingress to the last tick's publish."""

@@ -28,6 +28,9 @@ class HoldingSource:
     def position(self) -> int:
         return self._src.position
 
+    def on_reject(self, i: int) -> None:
+        self._src.on_reject(i)
+
     def poll(self) -> int:
         if self._src.position >= self.hold_from and any(t.status == "pending" for t in self.agent.reloads):
             return -1

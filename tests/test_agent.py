@@ -72,6 +72,22 @@ def test_runner_gives_up_after_max_errors_and_still_closes():
     assert agent.closed
 
 
+def test_invoker_steps_the_agent_and_counts_errors_with_the_runner():
+    errors = []
+    agent = _CountingAgent(20, fail_at=[3, 7])
+    runner = AgentRunner(agent, BusySpinIdle(), error_handler=errors.append, max_errors=3, freeze_gc=False)
+    inv = runner.invoker
+    assert [inv.invoke() for _ in range(6)] == [1] * 6  # an error counts as consumed input
+    assert runner.errors == inv.errors == 1 and [str(e) for e in errors] == ["bad input 3"]
+    runner.run()  # the loop counts into the same budget: the second error is the 2nd of 3
+    assert runner.errors == 2 and agent.i == 20
+    agent2 = _CountingAgent(10, fail_at=range(10))
+    inv2 = AgentRunner(agent2, BusySpinIdle(), error_handler=lambda e: None, max_errors=2).invoker
+    inv2.invoke()
+    with pytest.raises(RuntimeError, match="2 errors"):
+        inv2.invoke()
+
+
 def test_gc_is_disabled_inside_the_loop_and_restored_after():
     agent = _CountingAgent(10)
     AgentRunner(agent, BusySpinIdle()).run()

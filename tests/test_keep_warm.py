@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from engine.agent import Agent, AgentRunner, BusySpinIdle
-from engine.scorer import ReloadAt, ScoringAgent
+from engine.reload import ReloadAt
+from engine.scorer import ScoringAgent
 from engine.wire import decode_score
 from features.featureset import DEFAULT_FEATURE_SET
 from models.fused import select_backend

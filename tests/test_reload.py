@@ -14,8 +14,9 @@ import onnx
 import pytest
 
 from engine.agent import AgentRunner, BusySpinIdle
+from engine.reload import ReloadAt, WatchModel
 from engine.schema import N_REJECT_REASONS
-from engine.scorer import ReloadAt, ScoringAgent, WatchModel
+from engine.scorer import ScoringAgent
 from engine.wire import decode_score
 from features.featureset import DEFAULT_FEATURE_SET
 from features.kernels import compute_batch, new_state
