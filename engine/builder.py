@@ -3,7 +3,7 @@
 The model's metadata names its feature set; the feature set names its kernels
 (:func:`features.registry.kernels_for`: L1, trade-only or the L3 book); the
 backend (``auto`` / ``ort`` / ``fused``) is chosen by
-:func:`models.fused.select_backend` with its parity checks run on ticks of the
+:func:`models.backend_choice.select_backend` with its parity checks run on ticks of the
 model's own event shape.  :func:`load_scoring` does that once;
 :func:`build_agent` builds the :class:`engine.scorer.ScoringAgent` from it.
 Sources differ (file arrays, ZeroMQ, Aeron); the agent, kernels and sinks do
@@ -24,7 +24,7 @@ import numpy as np
 from engine.scorer import ScoringAgent
 from features.featureset import get_feature_set
 from features.registry import kernels_for
-from models.fused import select_backend
+from models.backend_choice import select_backend
 from models.metadata import read_metadata
 from replay.generator_l3 import write_l3, write_trades
 from replay.reader import read_ticks
@@ -39,7 +39,7 @@ class Scoring:
     model_path: str
     feature_set: Any  # features.featureset.FeatureSet
     kernels: Any  # features.registry.Kernels
-    choice: Any  # models.fused.BackendChoice
+    choice: Any  # models.backend_choice.BackendChoice
     requested: str  # the backend kind asked for (auto / ort / fused): what a reload uses
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.schema import N_REJECT_REASONS, TICK_DTYPE
 from engine.wire import SCORE_SCHEMA_ID
-from models.fused import TickContext
+from models.tick_kernels import TickContext
 
 __all__ = ["KeepWarm", "synthetic_ticks", "warm_tick"]
 

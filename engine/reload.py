@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.keep_warm import warm_tick
 from features.featureset import DEFAULT_FEATURE_SET
-from models.fused import select_backend
+from models.backend_choice import select_backend
 
 __all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel"]
 

@@ -64,7 +64,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
     backend_loader
         ``loader(path) -> backend`` used by :meth:`request_reload` (on a background
         thread): must load, validate (feature set, parity) and return a ready
-        backend or raise with a clear message.  Default: :func:`models.fused.select_backend`
+        backend or raise with a clear message.  Default: :func:`models.backend_choice.select_backend`
         with ``backend_kind`` and ``feature_set``.
     backend_kind
         ``"auto"`` / ``"ort"`` / ``"fused"`` for the default loader.
@@ -76,7 +76,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         :class:`ReloadAt`, :class:`WatchModel`).
     parity_X
         Feature vectors (float32 (n, F)) for the fused-vs-ort parity check of a
-        reloaded model (default: :func:`models.fused.parity_vectors`).
+        reloaded model (default: :func:`models.backend_choice.parity_vectors`).
     """
 
     role_name = "scorer"
@@ -258,7 +258,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         """Fused path of :meth:`do_work`: one numba call validates, updates features and scores.
 
         The kernel reads the tick, state and model through ``self._ctx`` (the
-        address of a :class:`models.fused.TickContext`, held in ``self._tctx``).
+        address of a :class:`models.tick_kernels.TickContext`, held in ``self._tctx``).
         The state arrays must be reset in place, never rebound.  Allocates: no arrays
         (the kernel returns a ``(flags, score)`` tuple).
         """

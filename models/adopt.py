@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 
 from engine.builder import shape_sample_ticks
 from features.featureset import DEFAULT_BY_SHAPE, get_feature_set
-from models.fused import _features_of
+from models.backend_choice import _features_of
 from models.label import LabelSpec
 from models.loader import load_checked
 from models.metadata import (

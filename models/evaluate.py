@@ -37,10 +37,11 @@ from engine.schema import N_REJECT_REASONS
 from features.featureset import get_feature_set
 from features.registry import kernels_for
 from models.dataset import DEFAULT_MAX_ROWS, SPLIT_FRACTIONS, dataset_from_file, time_split
-from models.fused import FusedBackend, UnsupportedGraph
+from models.fused import FusedBackend
 from models.label import LabelSpec
 from models.metadata import QUANT_FP32, ModelMetadata, read_metadata
 from models.ort_backend import OrtBackend
+from models.program import UnsupportedGraph
 from models.train import TRAIN_CHUNK_HELP, _file_digest, add_max_rows_argument, binary_metrics
 from replay.generator import default_data_path
 from replay.mapping import add_input_arguments, mapping_from_cli

@@ -197,7 +197,7 @@ def _scored(source, symbols, kind: str) -> list[tuple]:
     from engine.scorer import ScoringAgent
     from engine.wire import decode_score
     from features.featureset import DEFAULT_FEATURE_SET as fs
-    from models.fused import select_backend
+    from models.backend_choice import select_backend
     from models.loader import default_model_path
 
     first = source.ticks[:2_000].copy()
@@ -366,7 +366,7 @@ def test_ctrl_c_mid_run_stops_the_reader_and_frees_the_shared_memory(tmp_path, l
     from engine.agent import AgentRunner, make_idle
     from engine.scorer import ScoringAgent
     from features.featureset import DEFAULT_FEATURE_SET as fs
-    from models.fused import select_backend
+    from models.backend_choice import select_backend
     from models.loader import default_model_path
 
     p = write(l1_bad, tmp_path, "parquet")

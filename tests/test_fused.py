@@ -16,21 +16,14 @@ from onnx import TensorProto, helper, numpy_helper
 from engine.schema import N_REJECT_REASONS
 from features.featureset import DEFAULT_FEATURE_SET
 from features.kernels import compute_batch, new_state
-from models.fused import (
-    FP32_TOLERANCE,
-    PARITY_ROWS,
-    FusedBackend,
-    UnsupportedGraph,
-    check_parity,
-    lower_graph,
-    lower_model,
-    parity_vectors,
-    select_backend,
-)
+from models.backend_choice import FP32_TOLERANCE, PARITY_ROWS, check_parity, parity_vectors, select_backend
+from models.fused import FusedBackend
 from models.loader import default_model_path
+from models.lowering import lower_graph, lower_model
 from models.metadata import QUANT_FP32, QUANT_INT8_QDQ, ModelMetadata, make_model_version, write_metadata
 from models.onnx_graph import OPSET, MLPWeights, build_graph
 from models.ort_backend import OrtBackend
+from models.program import UnsupportedGraph
 from models.quantize import quantize_int8
 from replay.generator import default_data_path
 from replay.reader import read_ticks
@@ -273,13 +266,14 @@ def test_lowering_is_one_program_for_the_ort_optimized_int8_graph():
 def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
     from numba import njit
 
-    import models.fused as mf
+    import models.backend_choice as bc
+    import models.tick_kernels as tk
 
     @njit
     def stale(i, ctx):  # stands in for a kernel compiled against old feature code
-        fl, s = mf._l1_fused_tick(i, ctx)
+        fl, s = tk._l1_fused_tick(i, ctx)
         return fl, s + 1e-3
 
-    monkeypatch.setattr(mf, "tick_kernel_for", lambda *a, **k: stale)
+    monkeypatch.setattr(bc, "tick_kernel_for", lambda *a, **k: stale)
     choice = select_backend("fused", default_model_path("int8"), FS, parity_X=parity_vectors(FS)[:2000])
     assert choice.kind == "ort" and "per-tick kernel differs" in choice.reason

@@ -12,7 +12,7 @@ from engine.reload import ReloadAt
 from engine.scorer import ScoringAgent
 from engine.wire import decode_score
 from features.featureset import DEFAULT_FEATURE_SET
-from models.fused import select_backend
+from models.backend_choice import select_backend
 from models.loader import default_model_path
 from replay.generator import default_data_path
 from replay.reader import read_ticks

@@ -20,7 +20,7 @@ from engine.scorer import ScoringAgent
 from engine.wire import decode_score
 from features.featureset import DEFAULT_FEATURE_SET
 from features.kernels import compute_batch, new_state
-from models.fused import select_backend
+from models.backend_choice import select_backend
 from models.loader import default_model_path
 from models.ort_backend import OrtBackend
 from replay.generator import default_data_path

@@ -1,0 +1,590 @@
+"""Lowering an ONNX graph to a fused program.
+
+Supported graphs (a chain from ``x`` [N, F] to ``score`` [N, 1]):
+
+* element-wise ``Sub`` / ``Mul`` / ``Add`` with a constant (scalar or [F]),
+  ``Clip``, ``Identity``;
+* ``MatMul`` / ``Gemm`` (+ ``Add`` bias), ``Relu`` / ``Tanh`` / ``Sigmoid``:
+  linear/logistic regression and MLPs, fp32;
+* their QDQ int8 forms: ``QuantizeLinear`` / ``DequantizeLinear`` per tensor
+  (uint8 or int8 activations, int8 weights), lowered to integer arithmetic.
+
+Any other op (or a non-chain graph, per-channel quantization, ...) raises
+:class:`UnsupportedGraph`, whose message names the op and node.
+
+Why int8 results match onnxruntime: onnxruntime does not execute the QDQ graph
+as written.  With all graph optimisations (as :class:`models.ort_backend.OrtBackend`
+runs it) it rewrites ``DQ -> MatMul -> Add -> Relu -> Q`` into a ``QGemm`` with
+an int32 bias and a requantised uint8 output, and the last layer into a float
+``FusedGemm`` on dequantised inputs (onnxruntime 1.31; other versions may
+choose other fusions).  Rounding the bias to int32 and requantising directly
+change the integer codes of hidden activations near rounding boundaries, so a
+kernel that follows the QDQ graph literally differs from onnxruntime by a few
+hidden steps on a fraction of rows.  The fused backend therefore lowers the
+graph *onnxruntime actually runs* (saved with ``optimized_model_filepath``,
+same session options) when it only contains ops it knows (``QGemm``,
+``FusedGemm``, ``MatMulIntegerToFloat``, ``QLinearMatMul``, the ops above),
+reproducing MLAS's arithmetic: ``QuantizeLinear`` = ``x / scale`` in float32,
+clamp, round half to even, add zero point; integer GEMM accumulated exactly in
+int32 (+ int32 bias); requantisation = ``float32(acc) * (sa * sb / sy)``,
+clamp, round half to even, add zero point; ``DequantizeLinear`` =
+``float32(q - zp) * scale``.  Otherwise it falls back to the literal QDQ
+semantics of the original graph (``lowering = "reference"``; on the shipped
+int8 model that differs from onnxruntime by up to 2 output steps on ~4 % of
+rows).  Float GEMMs accumulate in float32 in input order (onnxruntime's
+sgemm uses FMA and its own order), so fp32 graphs agree to ~4e-7.  (On CPUs
+without VNNI, MLAS's u8s8 AVX2 kernel can saturate int16 pair sums; the
+parity check would show that.)
+
+Before a fused backend is used, :func:`check_parity` compares it with the
+onnxruntime backend on >= 100,000 feature vectors: fp32 max abs diff <= 1e-5;
+int8 max abs diff <= one *output quantization step*, defined as the largest
+score change one step of the last quantized activation can cause,
+``0.25 * s_last * max |W_out|`` (0.25 = max slope of the sigmoid).
+:func:`select_backend` implements ``--backend auto|ort|fused``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from models.ort_backend import make_session_options
+from models.program import (
+    _HDR,
+    _OP_NAMES,
+    _ROW,
+    OP_ADD,
+    OP_CLIP,
+    OP_DEQUANT,
+    OP_GEMM_F,
+    OP_GEMM_I2F,
+    OP_GEMM_I2Q,
+    OP_MUL,
+    OP_QUANT,
+    OP_RELU,
+    OP_SIGMOID,
+    OP_SUB,
+    OP_TANH,
+    FusedProgram,
+    UnsupportedGraph,
+)
+
+__all__ = ["SUPPORTED_OPS", "lower_graph", "lower_model"]
+
+log = logging.getLogger("tickscore.fused")
+
+#: Ops of the original graph the lowering understands.
+SUPPORTED_OPS = (
+    "Sub", "Mul", "Add", "Clip", "Identity", "MatMul", "Gemm", "Relu", "Tanh", "Sigmoid",
+    "QuantizeLinear", "DequantizeLinear",
+)
+#: Extra (com.microsoft) ops of onnxruntime-optimised graphs it understands.
+_ORT_FUSED_OPS = ("QGemm", "FusedGemm", "MatMulIntegerToFloat", "QLinearMatMul")
+
+
+# --------------------------------------------------------------------------- lowering
+@dataclass
+class _Val:
+    """Symbolic value of a tensor during lowering."""
+
+    kind: str  # "const", "qconst", "f" (float reg), "q" (int reg)
+    width: int = 0
+    reg: int = -1  # register offset (float registers for "f", integer registers for "q")
+    const: np.ndarray | None = None  # const: float array; qconst: int array
+    scale: float = 1.0
+    zp: int = 0
+    qmin: int = 0
+    qmax: int = 0
+    dq: bool = False  # q-kind value that the graph already dequantized (float semantics)
+
+
+_QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+
+
+class _Lowerer:
+    """Walk a chain-shaped graph and emit program ops."""
+
+    def __init__(self, model: onnx.ModelProto, source: str, allowed: tuple[str, ...]) -> None:
+        self.model = model
+        self.source = source
+        self.allowed = allowed
+        self.rows: list[list[int]] = []
+        self.cf: list[np.ndarray] = []
+        self.ci: list[np.ndarray] = []
+        self.cf_len = 0
+        self.ci_len = 0
+        self.vals: dict[str, _Val] = {}
+        self.op_names: list[str] = []
+        self.last_gemm: tuple[int, _Val, _Val] | None = None  # (row, input, weights) of the last GEMM
+        self.quantized = False
+        self._last_dequant_scale: float | None = None
+
+    # -- constant pools -------------------------------------------------------------
+    def addf(self, a) -> int:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1))
+        off = self.cf_len
+        self.cf.append(a)
+        self.cf_len += a.size
+        return off
+
+    def addi(self, a) -> int:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.int64).reshape(-1))
+        if a.size and (a.max() > np.iinfo(np.int32).max or a.min() < np.iinfo(np.int32).min):
+            raise UnsupportedGraph(f"{self.source}: integer constant out of int32 range")
+        off = self.ci_len
+        self.ci.append(a.astype(np.int32))
+        self.ci_len += a.size
+        return off
+
+    def emit(self, op: int, n_in: int, n_out: int, src: int, dst: int, *p: int) -> int:
+        params = list(p) + [-1] * (5 - len(p))
+        self.rows.append([op, n_in, n_out, src, dst, *params])
+        self.op_names.append(_OP_NAMES[op])
+        return len(self.rows) - 1
+
+    # -- registers --------------------------------------------------------------------
+    def freg(self, width: int, avoid: int) -> int:
+        """Return a float register (offset in w) different from ``avoid``."""
+        a, b = self.F, self.F + self.R
+        return b if avoid == a else a
+
+    def qreg(self, avoid: int) -> int:
+        return self.R if avoid == 0 else 0
+
+    # -- helpers ------------------------------------------------------------------------
+    def fail(self, node: onnx.NodeProto, why: str) -> UnsupportedGraph:
+        return UnsupportedGraph(
+            f"{self.source}: fused backend cannot run node {node.name or '?'!r} "
+            f"(op {node.op_type!r}): {why}"
+        )
+
+    def const(self, name: str, node: onnx.NodeProto) -> np.ndarray:
+        v = self.vals.get(name)
+        if v is None or v.kind not in ("const", "qconst"):
+            raise self.fail(node, f"input {name!r} must be a constant initializer")
+        if v.kind == "qconst":
+            return self.fold(v)
+        return v.const
+
+    def fold(self, v: _Val) -> np.ndarray:
+        return (np.float32(v.scale) * (v.const - v.zp).astype(np.float32)).astype(np.float32)
+
+    def scalar(self, name: str, node: onnx.NodeProto) -> np.ndarray:
+        a = self.const(name, node) if self.vals[name].kind == "const" else self.vals[name].const
+        if a.size != 1:
+            raise self.fail(node, f"{name!r} must be a scalar (per-tensor quantization only)")
+        return a.reshape(())
+
+    def to_float(self, v: _Val) -> _Val:
+        """Materialise a dequantized int value as a float register."""
+        if v.kind == "f":
+            return v
+        if v.kind != "q":
+            raise UnsupportedGraph(f"{self.source}: constant used as activation")
+        dst = self.freg(v.width, -1)
+        self.emit(OP_DEQUANT, v.width, v.width, v.reg, dst, self.addf([v.scale]), self.addi([v.zp]))
+        return _Val("f", v.width, dst)
+
+    def runtime_inputs(self, node: onnx.NodeProto) -> list[str]:
+        return [n for n in node.input if n and n in self.vals and self.vals[n].kind in ("f", "q")]
+
+    # -- gemm -------------------------------------------------------------------------
+    def gemm(
+        self, node: onnx.NodeProto, a: _Val, b: _Val, bias: np.ndarray | None, alpha: float = 1.0
+    ) -> _Val:
+        n_in = a.width
+        if b.const.ndim != 2 or b.const.shape[0] != n_in:
+            raise self.fail(node, f"weight shape {b.const.shape} does not match input width {n_in}")
+        n_out = int(b.const.shape[1])
+        if bias is not None:
+            bias = np.broadcast_to(np.asarray(bias, dtype=np.float32).reshape(-1), (n_out,))
+        if a.kind == "q" and a.dq and b.kind == "qconst" and alpha == 1.0:
+            # DQ(act) x DQ(W): exact int32 accumulation, float output.
+            self.quantized = True
+            wt = np.ascontiguousarray((b.const.astype(np.int64) - b.zp).T)
+            m = np.float32(np.float32(a.scale) * np.float32(b.scale))
+            dst = self.F
+            row = self.emit(
+                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi(wt), self.addi([a.zp]),
+                self.addf([m]), self.addf(bias) if bias is not None else -1, -1,
+            )
+            out = _Val("f", n_out, dst)
+            self.last_gemm = (row, a, b)
+            return out
+        a = self.to_float(a)
+        W = self.fold(b) if b.kind == "qconst" else b.const
+        W = np.asarray(W, dtype=np.float32)
+        if alpha != 1.0:
+            W = (W * np.float32(alpha)).astype(np.float32)
+        dst = self.freg(n_out, a.reg)
+        row = self.emit(
+            OP_GEMM_F, n_in, n_out, a.reg, dst, self.addf(np.ascontiguousarray(W)),
+            self.addf(bias) if bias is not None else -1,
+        )
+        self.last_gemm = (row, a, b)
+        return _Val("f", n_out, dst)
+
+    # -- main ---------------------------------------------------------------------------
+    def run(self) -> FusedProgram:
+        g = self.model.graph
+        for t in g.initializer:
+            arr = numpy_helper.to_array(t)
+            self.vals[t.name] = _Val("const", int(arr.size), const=arr)
+        for n in g.node:
+            if n.op_type == "Constant":
+                attr = {a.name: a for a in n.attribute}
+                if "value" not in attr:
+                    raise self.fail(n, "only tensor Constants are supported")
+                arr = numpy_helper.to_array(attr["value"].t)
+                self.vals[n.output[0]] = _Val("const", int(arr.size), const=arr)
+        inputs = [i for i in g.input if i.name not in self.vals]
+        if len(inputs) != 1:
+            names = [i.name for i in inputs]
+            raise UnsupportedGraph(f"{self.source}: expected one graph input, found {names}")
+        dims = inputs[0].type.tensor_type.shape.dim
+        if len(dims) != 2 or not dims[1].HasField("dim_value"):
+            raise UnsupportedGraph(f"{self.source}: input must have shape [N, F] with a fixed F")
+        self.F = F = int(dims[1].dim_value)
+        widths = [F]
+        for t in g.initializer:
+            widths.extend(int(d) for d in t.dims)
+        self.R = max(widths) if widths else F
+        self.vals[inputs[0].name] = _Val("f", F, 0)
+        for node in g.node:
+            if node.op_type == "Constant":
+                continue
+            self.node(node)
+        if len(g.output) != 1:
+            raise UnsupportedGraph(f"{self.source}: expected one graph output")
+        out = self.vals.get(g.output[0].name)
+        if out is None or out.kind not in ("f", "q"):
+            raise UnsupportedGraph(
+                f"{self.source}: output {g.output[0].name!r} is not computed from the input"
+            )
+        if out.kind == "q":
+            if not out.dq:
+                raise UnsupportedGraph(f"{self.source}: the graph output is quantized (not float)")
+            out = self.to_float(out)
+        if out.width != 1:
+            raise UnsupportedGraph(f"{self.source}: output width must be 1, got {out.width}")
+        if not self.rows:
+            raise UnsupportedGraph(f"{self.source}: graph has no operations")
+        return self.finish(out)
+
+    def finish(self, out: _Val) -> FusedProgram:
+        n_ops = len(self.rows)
+        ops_off = _HDR
+        ints_off = ops_off + n_ops * _ROW
+        iregs_off = ints_off + self.ci_len
+        x_off = self.cf_len
+        rows = np.array(self.rows, dtype=np.int64).reshape(n_ops, _ROW)
+        # Relocate: constant offsets into mi, integer and float registers.
+        ci_fields = {OP_QUANT: (6,), OP_DEQUANT: (6,), OP_GEMM_I2F: (5, 6, 9), OP_GEMM_I2Q: (5, 6, 8)}
+        int_src = (OP_DEQUANT, OP_GEMM_I2F, OP_GEMM_I2Q)
+        int_dst = (OP_QUANT, OP_GEMM_I2Q)
+        for r in rows:
+            op = int(r[0])
+            for f in ci_fields.get(op, ()):
+                if r[f] >= 0:
+                    r[f] += ints_off
+            r[3] += iregs_off if op in int_src else x_off
+            r[4] += iregs_off if op in int_dst else x_off
+        header = np.array([n_ops, self.F, ops_off, x_off + out.reg, x_off], dtype=np.int64)
+        ints = [a.astype(np.int64) for a in self.ci]
+        mi = np.concatenate([header, rows.reshape(-1), *ints, np.zeros(2 * self.R, np.int64)])
+        if mi.max() > np.iinfo(np.int32).max:
+            raise UnsupportedGraph(f"{self.source}: model too large for the fused backend")
+        mf = np.concatenate([*self.cf, np.zeros(self.F + 2 * self.R, np.float32)]).astype(np.float32)
+        return FusedProgram(
+            mi=np.ascontiguousarray(mi.astype(np.int32)),
+            mf=np.ascontiguousarray(mf),
+            n_features=self.F,
+            x_offset=x_off,
+            score_index=x_off + out.reg,
+            lowering="",
+            ops=self.op_names,
+            out_step=self.output_step(),
+            quantized=self.quantized,
+        )
+
+    def output_step(self) -> float | None:
+        """Return 0.25 * s_last * max|W_out| for graphs whose last GEMM input is quantized."""
+        if self.last_gemm is None:
+            return None
+        row, a, b = self.last_gemm
+        op = self.rows[row][0]
+        if a.kind == "q" or (op == OP_GEMM_F and self._last_dequant_scale is not None):
+            s = a.scale if a.kind == "q" else self._last_dequant_scale
+            W = self.fold(b) if b.kind == "qconst" else np.asarray(b.const, dtype=np.float32)
+            return float(0.25 * s * np.abs(W).max())
+        return None
+
+    def node(self, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        if op not in self.allowed:
+            raise UnsupportedGraph(
+                f"{self.source}: fused backend does not support op {op!r} (node {node.name or '?'!r}); "
+                f"supported ops: {', '.join(SUPPORTED_OPS)}"
+            )
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        rt = self.runtime_inputs(node)
+        if len(rt) > 1:
+            raise self.fail(node, "combines two runtime tensors; only chain graphs are supported")
+        get = self.vals.get
+        out_name = node.output[0]
+
+        if op == "DequantizeLinear":
+            x, s = get(node.input[0]), self.scalar(node.input[1], node)
+            zp = self.scalar(node.input[2], node) if len(node.input) > 2 and node.input[2] else np.int32(0)
+            if x is None:
+                raise self.fail(node, f"unknown input {node.input[0]!r}")
+            if x.kind == "const":
+                if x.const.dtype not in _QRANGE and x.const.dtype != np.int32:
+                    raise self.fail(node, f"unsupported quantized dtype {x.const.dtype}")
+                self.vals[out_name] = _Val("qconst", x.width, const=x.const, scale=float(s), zp=int(zp))
+            elif x.kind == "q":
+                if abs(float(s) - x.scale) > 0 or int(zp) != x.zp:
+                    # Different parameters than the producer: materialise exactly.
+                    self.vals[out_name] = self.to_float(
+                        _Val("q", x.width, x.reg, scale=float(s), zp=int(zp), dq=True)
+                    )
+                else:
+                    self.vals[out_name] = _Val("q", x.width, x.reg, scale=x.scale, zp=x.zp,
+                                               qmin=x.qmin, qmax=x.qmax, dq=True)
+                self._last_dequant_scale = float(s)
+            else:
+                raise self.fail(node, "input must be a quantized tensor")
+            return
+        if op == "QuantizeLinear":
+            x = get(node.input[0])
+            s = self.scalar(node.input[1], node)
+            zpv = get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            zp_arr = zpv.const if zpv is not None else np.array(0, dtype=np.uint8)
+            if zp_arr.size != 1:
+                raise self.fail(node, "per-channel quantization is not supported")
+            if zp_arr.dtype not in _QRANGE:
+                raise self.fail(node, f"quantized type {zp_arr.dtype} not supported (uint8/int8 only)")
+            qmin, qmax = _QRANGE[zp_arr.dtype]
+            if x is None or x.kind not in ("f", "q"):
+                raise self.fail(node, "input must be a runtime tensor")
+            x = self.to_float(x) if x.kind == "q" else x
+            dst = self.qreg(-1)
+            self.emit(OP_QUANT, x.width, x.width, x.reg, dst, self.addf([s]),
+                      self.addi([int(zp_arr), qmin, qmax]))
+            self.vals[out_name] = _Val(
+                "q", x.width, dst, scale=float(s), zp=int(zp_arr), qmin=qmin, qmax=qmax
+            )
+            self.quantized = True
+            return
+        if op in ("Sub", "Mul", "Add"):
+            a, b = get(node.input[0]), get(node.input[1])
+            if a is None or b is None:
+                raise self.fail(node, "unknown input")
+            if a.kind in ("f", "q"):
+                x, c = a, b
+            elif op != "Sub" and b.kind in ("f", "q"):
+                x, c = b, a
+            else:
+                raise self.fail(node, "needs a runtime tensor as first operand and a constant as second")
+            if c.kind not in ("const", "qconst"):
+                raise self.fail(node, "second operand must be constant")
+            cv = np.asarray(self.fold(c) if c.kind == "qconst" else c.const, dtype=np.float32).reshape(-1)
+            # Bias of the preceding GEMM (no bias yet): fold it into that op.
+            if (
+                op == "Add"
+                and self.rows
+                and self.rows[-1][0] in (OP_GEMM_F, OP_GEMM_I2F)
+                and self.rows[-1][2] == x.width
+                and x.kind == "f"
+                and x.reg == self.rows[-1][4]
+                and (self.rows[-1][6] if self.rows[-1][0] == OP_GEMM_F else self.rows[-1][8]) < 0
+                and cv.size in (1, x.width)
+            ):
+                bias = np.broadcast_to(cv, (x.width,))
+                if self.rows[-1][0] == OP_GEMM_F:
+                    self.rows[-1][6] = self.addf(bias)
+                else:
+                    self.rows[-1][8] = self.addf(bias)
+                self.vals[out_name] = x
+                return
+            x = self.to_float(x)
+            if cv.size not in (1, x.width):
+                raise self.fail(node, f"constant of size {cv.size} does not broadcast to width {x.width}")
+            code = {"Sub": OP_SUB, "Mul": OP_MUL, "Add": OP_ADD}[op]
+            dst = self.freg(x.width, x.reg)
+            self.emit(code, x.width, x.width, x.reg, dst, self.addf(cv), 1 if cv.size > 1 else 0)
+            self.vals[out_name] = _Val("f", x.width, dst)
+            return
+        if op == "Clip":
+            x = get(node.input[0])
+            ins = list(node.input) + ["", ""]
+            lo = self.scalar(ins[1], node) if ins[1] else attrs.get("min", -np.inf)
+            hi = self.scalar(ins[2], node) if ins[2] else attrs.get("max", np.inf)
+            x = self.to_float(x)
+            dst = self.freg(x.width, x.reg)
+            self.emit(OP_CLIP, x.width, x.width, x.reg, dst, self.addf([lo, hi]))
+            self.vals[out_name] = _Val("f", x.width, dst)
+            return
+        if op == "Identity":
+            self.vals[out_name] = get(node.input[0])
+            return
+        if op in ("Relu", "Tanh", "Sigmoid"):
+            x = self.to_float(get(node.input[0]))
+            code = {"Relu": OP_RELU, "Tanh": OP_TANH, "Sigmoid": OP_SIGMOID}[op]
+            self.emit(code, x.width, x.width, x.reg, x.reg)
+            self.vals[out_name] = x
+            return
+        if op == "MatMul":
+            a, b = get(node.input[0]), get(node.input[1])
+            if a is None or a.kind not in ("f", "q") or b is None or b.kind not in ("const", "qconst"):
+                raise self.fail(node, "only activation x constant-weight MatMul is supported")
+            self.vals[out_name] = self.gemm(node, a, b, None)
+            return
+        if op in ("Gemm", "FusedGemm"):
+            a, b = get(node.input[0]), get(node.input[1])
+            if attrs.get("transA", 0):
+                raise self.fail(node, "transA=1 is not supported")
+            if a is None or a.kind not in ("f", "q") or b is None or b.kind not in ("const", "qconst"):
+                raise self.fail(node, "only activation x constant-weight Gemm is supported")
+            if attrs.get("transB", 0):
+                b = _Val(b.kind, b.width, const=b.const.T, scale=b.scale, zp=b.zp)
+            bias = None
+            if len(node.input) > 2 and node.input[2]:
+                bias = self.const(node.input[2], node) * np.float32(attrs.get("beta", 1.0))
+            val = self.gemm(node, a, b, bias, float(attrs.get("alpha", 1.0)))
+            act = attrs.get("activation", b"")
+            act = act.decode() if isinstance(act, bytes) else act
+            if act:
+                code = {"Relu": OP_RELU, "Tanh": OP_TANH, "Sigmoid": OP_SIGMOID}.get(act)
+                if code is None:
+                    raise self.fail(node, f"fused activation {act!r} is not supported")
+                self.emit(code, val.width, val.width, val.reg, val.reg)
+            self.vals[out_name] = val
+            return
+        if op in ("QGemm", "MatMulIntegerToFloat", "QLinearMatMul"):
+            self.vals[out_name] = self.int_gemm(node, attrs)
+            return
+        raise self.fail(node, "not implemented")  # pragma: no cover - guarded by `allowed`
+
+    def int_gemm(self, node: onnx.NodeProto, attrs: dict) -> _Val:
+        """Lower onnxruntime's integer GEMM contrib ops."""
+        inp = list(node.input) + [""] * 9
+
+        def c(name):
+            return self.vals[name].const if name else None
+
+        op = node.op_type
+        if op == "QGemm":
+            a_name, sa, za, b_name, sb, zb, bias, sy, zy = inp[:9]
+            if attrs.get("transA", 0):
+                raise self.fail(node, "transA=1 is not supported")
+        elif op == "MatMulIntegerToFloat":
+            a_name, b_name, sa, sb, za, zb, bias = inp[:7]
+            sy = zy = ""
+        else:  # QLinearMatMul
+            a_name, sa, za, b_name, sb, zb, sy, zy = inp[:8]
+            bias = ""
+        a = self.vals.get(a_name)
+        if a is None or a.kind != "q":
+            raise self.fail(node, "input A must be a quantized activation")
+        B = c(b_name)
+        if B is None or self.vals[b_name].kind != "const" or B.dtype not in _QRANGE:
+            raise self.fail(node, "input B must be a constant int8/uint8 weight")
+        if op == "QGemm" and attrs.get("transB", 0):
+            B = B.T
+        for name in (sa, sb, za, zb, sy, zy):
+            if name and c(name).size != 1:
+                raise self.fail(node, "per-channel quantization is not supported")
+        sa_v = np.float32(c(sa).reshape(()))
+        sb_v = np.float32(c(sb).reshape(()))
+        za_v = int(c(za).reshape(())) if za else 0
+        zb_v = int(c(zb).reshape(())) if zb else 0
+        if za_v != a.zp:
+            raise self.fail(node, "activation zero point differs from its producer")
+        alpha = np.float32(attrs.get("alpha", 1.0))
+        n_in, n_out = a.width, int(B.shape[1])
+        if B.shape[0] != n_in:
+            raise self.fail(node, f"weight shape {B.shape} does not match input width {n_in}")
+        wt = np.ascontiguousarray((B.astype(np.int64) - zb_v).T)
+        self.quantized = True
+        bv = _Val("qconst", B.size, const=B, scale=float(sb_v), zp=zb_v)
+        if sy:  # requantised output
+            sy_v = np.float32(c(sy).reshape(()))
+            zy_arr = c(zy) if zy else np.array(0, dtype=np.uint8)
+            qmin, qmax = _QRANGE[zy_arr.dtype]
+            m = np.float32(np.float32(alpha * sa_v * sb_v) / sy_v)
+            ibias = -1
+            if bias:
+                bb = c(bias)
+                if bb.dtype != np.int32:
+                    raise self.fail(node, "bias must be int32")
+                ibias = self.addi(np.broadcast_to(bb.reshape(-1), (n_out,)))
+            dst = self.qreg(a.reg)
+            row = self.emit(OP_GEMM_I2Q, n_in, n_out, a.reg, dst, self.addi(wt),
+                            self.addi([za_v, int(zy_arr), qmin, qmax]), self.addf([m]), ibias)
+            self.last_gemm = (row, a, bv)
+            return _Val("q", n_out, dst, scale=float(sy_v), zp=int(zy_arr), qmin=qmin, qmax=qmax)
+        m = np.float32(alpha * sa_v * sb_v)
+        fbias = ibias = -1
+        if bias:
+            bb = c(bias)
+            if bb.dtype == np.int32:
+                ibias = self.addi(np.broadcast_to(bb.reshape(-1), (n_out,)))
+            else:
+                fbias = self.addf(np.broadcast_to(bb.astype(np.float32).reshape(-1), (n_out,)))
+        dst = self.F
+        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi(wt), self.addi([za_v]),
+                        self.addf([m]), fbias, ibias)
+        self.last_gemm = (row, a, bv)
+        return _Val("f", n_out, dst)
+
+
+def lower_graph(model: onnx.ModelProto, source: str = "model", *, ort_ops: bool = False) -> FusedProgram:
+    """Return the program of ``model`` (original ops, or also onnxruntime's fused ops).
+
+    Raises
+    ------
+    UnsupportedGraph
+        If the graph has an op (or a shape) the fused backend does not support;
+        the message names the op and node.
+    """
+    allowed = SUPPORTED_OPS + (_ORT_FUSED_OPS if ort_ops else ())
+    prog = _Lowerer(model, source, allowed).run()
+    prog.lowering = "ort-optimized" if ort_ops else "reference"
+    return prog
+
+
+def _ort_optimized_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return the graph onnxruntime runs for ``model`` with the backend's session options."""
+    import onnxruntime as ort  # deferred: onnxruntime only where a session is made here
+
+    with tempfile.TemporaryDirectory(prefix="tickscore-fused-") as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        so = make_session_options()
+        so.optimized_model_filepath = path
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(path)
+
+
+def lower_model(model: onnx.ModelProto, source: str = "model") -> FusedProgram:
+    """Return the program to run for ``model``.
+
+    The original graph must be supported (else :class:`UnsupportedGraph`).  For
+    quantized graphs the graph onnxruntime actually executes is lowered instead
+    when possible (exact integer parity, see the module docstring).
+    """
+    ref = lower_graph(model, source)
+    if not ref.quantized:
+        return ref
+    try:
+        return lower_graph(_ort_optimized_model(model), source, ort_ops=True)
+    except Exception as exc:  # noqa: BLE001 - any failure: keep the reference lowering
+        log.info("%s: onnxruntime-optimised graph not lowered (%s); using the QDQ reference", source, exc)
+        return ref
