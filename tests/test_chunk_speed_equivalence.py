@@ -1,6 +1,6 @@
 """The reader's fast path (native-typed normalised files) gives exactly the general path's result.
 
-The fast path (``replay.reader._normalise_fast`` + polars' own Parquet reader in
+The fast path (``replay.reader.normalise._normalise_fast`` + polars' own Parquet reader in
 ``TickChunks``) is taken only for frames in the normalised schema with native
 column types; these tests feed both paths adversarial rows (nulls everywhere,
 NaN/inf, unknown / padded / empty symbols, every kind and side code of the
@@ -10,12 +10,16 @@ byte-identical ticks, the same reject and anomaly counts and the same chunking.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
 
 from replay import reader as R
 from replay.mapping import IDENTITY, build_mapping
+from replay.reader import normalise as RN
+from replay.reader import plan as RP
 
 
 def _frame(n: int, seed: int, *, kind_dtype=pl.Int8, side_dtype=pl.Int8, drop=(), clean=False):
@@ -71,7 +75,7 @@ def _frame(n: int, seed: int, *, kind_dtype=pl.Int8, side_dtype=pl.Int8, drop=()
 
 
 def _general(monkeypatch):
-    monkeypatch.setattr(R, "_fast_ok", lambda frame, plan, mp: False)
+    monkeypatch.setattr(RN, "_fast_ok", lambda frame, plan, mp: False)
     monkeypatch.setattr(R.TickChunks, "_fast_parquet_columns", lambda self: None)
 
 
@@ -116,31 +120,31 @@ def test_normalise_fast_equals_general(monkeypatch, mp_name, kind_dtype, drop, c
     mp = _MAPPINGS[mp_name]
     frame = _frame(5000, seed=len(drop) * 7 + int(clean), kind_dtype=kind_dtype, side_dtype=kind_dtype,
                    drop=drop, clean=clean)  # fmt: skip
-    plan = R._make_plan(frame.columns, mp, "l1", R.Path("x.parquet"))
-    assert R._fast_ok(frame, plan, mp)
+    plan = RP._make_plan(frame.columns, mp, "l1", Path("x.parquet"))
+    assert RN._fast_ok(frame, plan, mp)
     for index in ({"CLF7": 0, "ESZ6": 1, "NQZ6": 2}, {" ESZ6": 0, "ESZ6": 1}, {}):
         for piece in (frame, frame.slice(37, 1000), frame.head(0)):  # offsets into the buffers
-            fast, slow = _both(monkeypatch, lambda p=piece, ix=index: R._normalise(p, plan, mp, ix))
+            fast, slow = _both(monkeypatch, lambda p=piece, ix=index: RN._normalise(p, plan, mp, ix))
             _same_norm(fast, slow)
 
 
 def test_fast_path_not_taken_for_other_types_or_shapes():
     frame = _frame(100, seed=1, clean=True)
-    plan = R._make_plan(frame.columns, IDENTITY, "l1", R.Path("x.parquet"))
-    assert R._fast_ok(frame, plan, IDENTITY)
-    assert not R._fast_ok(frame.with_columns(pl.col("bid_px").cast(pl.Float32)), plan, IDENTITY)
-    assert not R._fast_ok(frame.with_columns(pl.col("kind").cast(pl.Int32)), plan, IDENTITY)
-    assert not R._fast_ok(frame.with_columns(pl.col("ts_event_ns").cast(pl.UInt64)), plan, IDENTITY)
-    assert not R._fast_ok(frame.with_columns(pl.col("symbol").cast(pl.Categorical)), plan, IDENTITY)
+    plan = RP._make_plan(frame.columns, IDENTITY, "l1", Path("x.parquet"))
+    assert RN._fast_ok(frame, plan, IDENTITY)
+    assert not RN._fast_ok(frame.with_columns(pl.col("bid_px").cast(pl.Float32)), plan, IDENTITY)
+    assert not RN._fast_ok(frame.with_columns(pl.col("kind").cast(pl.Int32)), plan, IDENTITY)
+    assert not RN._fast_ok(frame.with_columns(pl.col("ts_event_ns").cast(pl.UInt64)), plan, IDENTITY)
+    assert not RN._fast_ok(frame.with_columns(pl.col("symbol").cast(pl.Categorical)), plan, IDENTITY)
     for shape in ("trades", "l3"):
-        p = R._make_plan(frame.columns, IDENTITY, shape, R.Path("x.parquet"))
-        assert not R._fast_ok(frame, p, IDENTITY)
+        p = RP._make_plan(frame.columns, IDENTITY, shape, Path("x.parquet"))
+        assert not RN._fast_ok(frame, p, IDENTITY)
     scaled = build_mapping({"ts_event": "ts_event_ns", "symbol": "symbol", "kind": "kind",
                             "price": "price", "size": "size", "bid_px": "bid_px", "bid_sz": "bid_sz",
                             "ask_px": "ask_px", "ask_sz": "ask_sz", "ts_unit": "ns",
                             "price_scale": "0.01"})  # fmt: skip
-    p = R._make_plan(frame.columns, scaled, "l1", R.Path("x.parquet"))
-    assert not R._fast_ok(frame, p, scaled)
+    p = RP._make_plan(frame.columns, scaled, "l1", Path("x.parquet"))
+    assert not RN._fast_ok(frame, p, scaled)
 
 
 def _chunks(path, chunk_rows, **kw):
