@@ -52,12 +52,18 @@ from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher
 from features.kernels import I_LAST_TS
 from models.loader import default_model_path
-from replay.latency import ReplayResult, format_table, latency_stats, summarise, write_outputs
+from replay.latency import (
+    LatencyHistogram,
+    ReplayResult,
+    format_table,
+    latency_stats,
+    summarise,
+    write_outputs,
+)
 
 __all__ = [
     "Service",
     "run_service",
-    "RunningHistogram",
     "pin_helper_threads",
     "add_serve_parser",
     "cmd_serve",
@@ -71,53 +77,6 @@ _SLOW_PERIOD_NS = 100_000_000
 
 def _log(msg: str) -> None:
     print(f"tickscore serve: {msg}", file=sys.stderr, flush=True)
-
-
-class RunningHistogram:
-    """Log-bucketed latency histogram for ``status`` (all ticks so far, bounded memory).
-
-    Each power of two is split into 128 buckets (< 0.8 % relative error); values are
-    folded in from the agent's latency ring in housekeeping, vectorised.
-    Percentiles report a bucket's upper edge, never above the exact maximum.
-    """
-
-    SUB = 128
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(64 * self.SUB, dtype=np.int64)
-        self.count = 0
-        self.max = 0
-        self.total = 0
-
-    def add(self, values_ns: np.ndarray) -> None:
-        """Fold ``values_ns`` (int64 ns) into the histogram."""
-        v = np.maximum(np.asarray(values_ns, dtype=np.int64), 1)
-        if v.size == 0:
-            return
-        m, e = np.frexp(v.astype(np.float64))
-        idx = e.astype(np.int64) * self.SUB + ((m - 0.5) * (2 * self.SUB)).astype(np.int64)
-        self.counts += np.bincount(np.clip(idx, 0, self.counts.size - 1), minlength=self.counts.size)
-        self.count += int(v.size)
-        self.total += int(v.sum())
-        self.max = max(self.max, int(v.max()))
-
-    def percentiles(self) -> dict:
-        """Return p50 ... p9999, max, mean (ns) and count."""
-        out: dict = {"count": self.count}
-        if not self.count:
-            out.update({k: 0 for k in ("p50", "p90", "p99", "p999", "p9999", "max")})
-            out["mean"] = 0.0
-            return out
-        cum = np.cumsum(self.counts)
-        for key, p in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9), ("p9999", 99.99)):
-            rank = max(1, int(np.ceil(p / 100.0 * self.count)))
-            i = int(np.searchsorted(cum, rank))
-            e, sub = divmod(i, self.SUB)
-            upper = (0.5 + (sub + 1) / (2 * self.SUB)) * 2.0**e
-            out[key] = min(int(upper), self.max)
-        out["max"] = self.max
-        out["mean"] = self.total / self.count
-        return out
 
 
 def pin_helper_threads(cpus: set[int]) -> list[str]:
@@ -177,7 +136,7 @@ class Service:
         self.control = None
         self.aeron = None
         self.ctx = None
-        self.hist = RunningHistogram()
+        self.hist = LatencyHistogram()  # every tick so far, for status (bounded memory)
         self.folded = 0
         self.t_start_ns = time.perf_counter_ns()
         self.t_ready_ns = 0
@@ -301,6 +260,7 @@ class Service:
                                  progress=self._housekeeping)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
+        self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now
 
         self.helper_threads = pin_helper_threads(helpers)
         hk = cfg.engine.housekeeping_every or _HK_BY_IDLE[cfg.engine.idle]
@@ -450,8 +410,7 @@ class Service:
         start = max(self.folded, seq - agent.recorder.capacity)
         if seq > start:
             rec = agent.recorder
-            idx = np.arange(start, seq, dtype=np.int64) & rec.mask
-            self.hist.add(rec.t_out[idx] - rec.t_in[idx])
+            self.hist.add_ring(rec.t_in, rec.t_out, rec.mask, start, seq)
         self.folded = seq
 
     def _sink_counters(self) -> dict:
@@ -494,7 +453,7 @@ class Service:
                 "backend": agent.backend.kind,
                 "quantization": agent.backend.quantization,
             },
-            "latency_ns": self.hist.percentiles(),
+            "latency_ns": {"count": self.hist.count, **self.hist.stats().as_contract()},
             "last_event_ns": self._last_event_ns(),
             "errors": self.runner.errors if self.runner else 0,
             "aeron": None if self.aeron is None else {

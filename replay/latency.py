@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
+from numba import njit
 
 __all__ = [
     "PERCENTILES",
     "LatencyStats",
-    "build_histogram",
+    "LatencyHistogram",
     "latency_stats",
     "write_hgrm",
     "format_table",
@@ -72,37 +73,21 @@ class LatencyStats:
         return d
 
 
-def build_histogram(values_ns: np.ndarray) -> tuple[HdrHistogram, int]:
-    """Return an HdrHistogram of ``values_ns`` and the count of out-of-range values.
-
-    Values below 1 ns are recorded as 1 ns, values above one hour are counted as
-    out of range and clamped to the highest trackable value (never dropped).
-    """
-    hist = HdrHistogram(_LOWEST_NS, _HIGHEST_NS, _SIG_FIGS)
-    v = np.asarray(values_ns, dtype=np.int64)
-    out = int(np.count_nonzero(v > _HIGHEST_NS))
-    v = np.clip(v, _LOWEST_NS, _HIGHEST_NS)
-    uniq, counts = np.unique(v, return_counts=True)
-    for value, count in zip(uniq.tolist(), counts.tolist(), strict=True):
-        hist.record_value(value, count)
-    return hist, out
-
-
 def latency_stats(values_ns: np.ndarray) -> LatencyStats:
-    """Return :class:`LatencyStats` of a raw latency array (ns)."""
-    v = np.asarray(values_ns, dtype=np.int64)
-    if v.size == 0:
-        return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
-    hist, out = build_histogram(v)
-    vmax = int(v.max())
-    # a bucket's highest equivalent value may exceed the exact max: never report p > max
-    pct = {k: min(int(hist.get_value_at_percentile(p)), vmax) for k, p in PERCENTILES.items()}
-    return LatencyStats(int(v.size), pct, vmax, float(v.mean()), int(v.min()), out)
+    """Return :class:`LatencyStats` of a raw latency array (ns) (through :class:`LatencyHistogram`)."""
+    h = LatencyHistogram()
+    h.add(np.asarray(values_ns, dtype=np.int64), 0)
+    return h.stats()
 
 
 def write_hgrm(values_ns: np.ndarray, path: str | Path) -> Path:
     """Write the HdrHistogram percentile distribution of ``values_ns`` in microseconds."""
-    hist, _ = build_histogram(values_ns)
+    h = LatencyHistogram()
+    h.add(np.asarray(values_ns, dtype=np.int64), 0)
+    return h.write_hgrm(path)
+
+
+def _write_hgrm(hist: HdrHistogram, path: str | Path) -> Path:
     buf = io.BytesIO()
     hist.output_percentile_distribution(
         buf, output_value_unit_scaling_ratio=1000.0, ticks_per_half_distance=5
@@ -117,6 +102,163 @@ def write_hgrm(values_ns: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join(lines))
     return path
+
+
+class LatencyHistogram:
+    """The latency histogram of every run: bounded memory, HdrHistogram's percentiles.
+
+    One implementation for the replay (whole runs via :func:`latency_stats`,
+    chunked runs drained chunk by chunk) and the live service (``status``,
+    folded from the agent's ring in housekeeping).  Values go into a
+    log-linear count array with HdrHistogram's bucket layout for 3 significant
+    digits (values below 2048 ns exact, above: 1024 sub-buckets per power of
+    two), by one numba pass straight over the ring (:meth:`add_ring`, ~8 ms per
+    million ticks, no copy), with exact count / min / max / mean.  :meth:`stats`
+    records each bucket once into an HdrHistogram (1 ns .. 1 h, 3 digits, as
+    :mod:`replay.latency`): every tick lands in the bucket it would have landed
+    in if recorded one by one, so the percentiles are those of the raw values.
+    The first ``warmup`` scored ticks are left out.
+    """
+
+    _SUB = 2048  # sub-buckets per magnitude (3 significant digits)
+
+    def __init__(self, warmup: int = 0) -> None:
+        self._hi = _HIGHEST_NS
+        self._lo = _LOWEST_NS
+        self._n_mag = int(_HIGHEST_NS).bit_length() - 10 + 1
+        self.counts = np.zeros(self._n_mag * self._SUB, dtype=np.int64)
+        self.warmup = int(warmup)
+        self.count = 0
+        self.total = 0.0
+        self.vmax = 0
+        self.vmin = 0
+        self.out_of_range = 0
+        self._hist = None
+
+    def add(self, values: np.ndarray, first_seq: int) -> None:
+        """Record latencies (ns, int64) of consecutive seqs starting at ``first_seq``."""
+        skip = max(0, self.warmup - first_seq)
+        v = values[skip:] if skip else values
+        if v.size == 0:
+            return
+        acc = np.zeros(3, dtype=np.float64)
+        oor = _bucket_add(np.ascontiguousarray(v, dtype=np.int64), self.counts, self._lo, self._hi, acc)
+        self._fold(int(v.size), oor, acc)
+
+    def add_ring(self, t_in: np.ndarray, t_out: np.ndarray, mask: int, seq0: int, seq1: int) -> None:
+        """Record ``t_out - t_in`` (ns) of seqs [seq0, seq1) of a latency ring, in place (no copy)."""
+        s0 = max(seq0, self.warmup)
+        if s0 >= seq1:
+            return
+        acc = np.zeros(3, dtype=np.float64)
+        oor = _ring_add(t_in, t_out, mask, s0, seq1, self.counts, self._lo, self._hi, acc)
+        self._fold(seq1 - s0, oor, acc)
+
+    def _fold(self, n: int, oor: int, acc: np.ndarray) -> None:
+        """Fold one batch's ``n`` values, out-of-range count and [sum, max, min] into the totals."""
+        self.out_of_range += int(oor)
+        vmax, vmin = int(acc[1]), int(acc[2])
+        self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
+        self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
+        self.count += n
+        self.total += float(acc[0])
+        self._hist = None
+
+    @property
+    def hist(self):
+        """Return the HdrHistogram of everything recorded (built once per change)."""
+        if self._hist is None:
+            h = HdrHistogram(self._lo, self._hi, _SIG_FIGS)
+            for key in np.flatnonzero(self.counts).tolist():
+                e, m = divmod(key, self._SUB)
+                h.record_value(m << e, int(self.counts[key]))
+            self._hist = h
+        return self._hist
+
+    def stats(self):
+        """Return :class:`replay.latency.LatencyStats` of everything recorded."""
+        if self.count == 0:
+            return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
+        h = self.hist
+        pct = {k: min(int(h.get_value_at_percentile(p)), self.vmax) for k, p in PERCENTILES.items()}
+        return LatencyStats(self.count, pct, self.vmax, self.total / self.count, self.vmin, self.out_of_range)
+
+    def write_hgrm(self, path: str | Path) -> Path:
+        """Write the percentile distribution in microseconds (as :func:`write_hgrm`)."""
+        return _write_hgrm(self.hist, path)
+
+    def compile(self) -> None:
+        """Compile the numba passes now (before a hot loop), on scratch arrays."""
+        z = np.zeros(1, dtype=np.int64)
+        scratch = np.zeros_like(self.counts)
+        _ring_add(z, z, 0, 0, 1, scratch, 1, 2, np.zeros(3))
+        _bucket_add(z, scratch, 1, 2, np.zeros(3))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bucket_of(v, lo, hi):
+    """Return the log-linear bucket of ``v`` (ns), clamped to [lo, hi]."""
+    if v > hi:
+        v = hi
+    elif v < lo:
+        v = lo
+    e = 0
+    x = v >> 11
+    while x > 0:
+        x >>= 1
+        e += 1
+    return e * 2048 + (v >> e)
+
+
+@njit(cache=True, nogil=True)
+def _bucket_add(values, counts, lo, hi, acc):
+    """Add ``values`` (ns) to the log-linear ``counts``; acc = [sum, max, min]; return out-of-range count."""
+    oor = 0
+    s = 0.0
+    vmax = values[0]
+    vmin = values[0]
+    for i in range(values.shape[0]):
+        v = values[i]
+        s += v
+        if v > vmax:
+            vmax = v
+        if v < vmin:
+            vmin = v
+        if v > hi:
+            oor += 1
+        counts[_bucket_of(v, lo, hi)] += 1
+    acc[0] += s
+    acc[1] = vmax
+    acc[2] = vmin
+    return oor
+
+
+@njit(cache=True, nogil=True)
+def _ring_add(t_in, t_out, mask, s0, s1, counts, lo, hi, acc):
+    """Add ``t_out - t_in`` (ns) of seqs [s0, s1) of a ring (index ``seq & mask``); as :func:`_bucket_add`.
+
+    Allocates: no.
+    """
+    oor = 0
+    s = 0.0
+    k = s0 & mask
+    vmax = t_out[k] - t_in[k]
+    vmin = vmax
+    for seq in range(s0, s1):
+        k = seq & mask
+        v = t_out[k] - t_in[k]
+        s += v
+        if v > vmax:
+            vmax = v
+        if v < vmin:
+            vmin = v
+        if v > hi:
+            oor += 1
+        counts[_bucket_of(v, lo, hi)] += 1
+    acc[0] += s
+    acc[1] = vmax
+    acc[2] = vmin
+    return oor
 
 
 def _us(ns: float) -> str:

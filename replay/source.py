@@ -17,23 +17,19 @@ tick is kept (``intended_ns``) so reports can measure latency from when a tick
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import operator
 import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-from hdrh.histogram import HdrHistogram
-from numba import njit
 
 from engine.schema import TICK_DTYPE
 from replay.chunk_worker import ChunkReadError, ChunkWorker
-from replay.latency import _HIGHEST_NS, _LOWEST_NS, _SIG_FIGS, PERCENTILES, LatencyStats
+from replay.latency import LatencyHistogram
 
-__all__ = ["ReplaySource", "ChunkedReplaySource", "ChunkLatency", "ChunkReadError", "parse_speed"]
+__all__ = ["ReplaySource", "ChunkedReplaySource", "ChunkReadError", "parse_speed"]
 
 
 def parse_speed(text: str | float | None) -> float | None:
@@ -121,157 +117,6 @@ class ReplaySource:
         return i
 
 
-class ChunkLatency:
-    """Latency account of a chunked replay, kept in bounded memory.
-
-    The agent's latency ring is drained at every chunk boundary into a
-    log-linear count array with HdrHistogram's bucket layout for 3 significant
-    digits (values below 2048 ns exact, above: 1024 sub-buckets per power of
-    two), by one numba pass straight over the ring (:meth:`add_ring`, ~8 ms per
-    million ticks, no copy), with exact count / min / max / mean.  :meth:`stats`
-    records each bucket once into an HdrHistogram (1 ns .. 1 h, 3 digits, as
-    :mod:`replay.latency`): every tick lands in the bucket it would have landed
-    in if recorded one by one, so the percentiles are those of the raw values.
-    The first ``warmup`` scored ticks are left out.
-    """
-
-    _SUB = 2048  # sub-buckets per magnitude (3 significant digits)
-
-    def __init__(self, warmup: int) -> None:
-        self._hi = _HIGHEST_NS
-        self._lo = _LOWEST_NS
-        self._n_mag = int(_HIGHEST_NS).bit_length() - 10 + 1
-        self.counts = np.zeros(self._n_mag * self._SUB, dtype=np.int64)
-        self.warmup = int(warmup)
-        self.count = 0
-        self.total = 0.0
-        self.vmax = 0
-        self.vmin = 0
-        self.out_of_range = 0
-        self._hist = None
-
-    def add(self, values: np.ndarray, first_seq: int) -> None:
-        """Record latencies (ns, int64) of consecutive seqs starting at ``first_seq``."""
-        skip = max(0, self.warmup - first_seq)
-        v = values[skip:] if skip else values
-        if v.size == 0:
-            return
-        acc = np.zeros(3, dtype=np.float64)
-        oor = _bucket_add(np.ascontiguousarray(v, dtype=np.int64), self.counts, self._lo, self._hi, acc)
-        self._fold(int(v.size), oor, acc)
-
-    def add_ring(self, t_in: np.ndarray, t_out: np.ndarray, mask: int, seq0: int, seq1: int) -> None:
-        """Record ``t_out - t_in`` (ns) of seqs [seq0, seq1) of a latency ring, in place (no copy)."""
-        s0 = max(seq0, self.warmup)
-        if s0 >= seq1:
-            return
-        acc = np.zeros(3, dtype=np.float64)
-        oor = _ring_add(t_in, t_out, mask, s0, seq1, self.counts, self._lo, self._hi, acc)
-        self._fold(seq1 - s0, oor, acc)
-
-    def _fold(self, n: int, oor: int, acc: np.ndarray) -> None:
-        """Fold one batch's ``n`` values, out-of-range count and [sum, max, min] into the totals."""
-        self.out_of_range += int(oor)
-        vmax, vmin = int(acc[1]), int(acc[2])
-        self.vmax = vmax if self.count == 0 else max(self.vmax, vmax)
-        self.vmin = vmin if self.count == 0 else min(self.vmin, vmin)
-        self.count += n
-        self.total += float(acc[0])
-        self._hist = None
-
-    @property
-    def hist(self):
-        """Return the HdrHistogram of everything recorded (built once per change)."""
-        if self._hist is None:
-            h = HdrHistogram(self._lo, self._hi, _SIG_FIGS)
-            for key in np.flatnonzero(self.counts).tolist():
-                e, m = divmod(key, self._SUB)
-                h.record_value(m << e, int(self.counts[key]))
-            self._hist = h
-        return self._hist
-
-    def stats(self):
-        """Return :class:`replay.latency.LatencyStats` of everything recorded."""
-        if self.count == 0:
-            return LatencyStats(0, {k: 0 for k in PERCENTILES}, 0, 0.0, 0, 0)
-        h = self.hist
-        pct = {k: min(int(h.get_value_at_percentile(p)), self.vmax) for k, p in PERCENTILES.items()}
-        return LatencyStats(self.count, pct, self.vmax, self.total / self.count, self.vmin, self.out_of_range)
-
-    def write_hgrm(self, path) -> None:
-        """Write the percentile distribution (µs), as :func:`replay.latency.write_hgrm` does."""
-        buf = io.BytesIO()
-        self.hist.output_percentile_distribution(buf, output_value_unit_scaling_ratio=1000.0,
-                                                 ticks_per_half_distance=5)  # fmt: skip
-        Path(path).write_bytes(buf.getvalue())
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _bucket_of(v, lo, hi):
-    """Return the log-linear bucket of ``v`` (ns), clamped to [lo, hi]."""
-    if v > hi:
-        v = hi
-    elif v < lo:
-        v = lo
-    e = 0
-    x = v >> 11
-    while x > 0:
-        x >>= 1
-        e += 1
-    return e * 2048 + (v >> e)
-
-
-@njit(cache=True, nogil=True)
-def _bucket_add(values, counts, lo, hi, acc):
-    """Add ``values`` (ns) to the log-linear ``counts``; acc = [sum, max, min]; return out-of-range count."""
-    oor = 0
-    s = 0.0
-    vmax = values[0]
-    vmin = values[0]
-    for i in range(values.shape[0]):
-        v = values[i]
-        s += v
-        if v > vmax:
-            vmax = v
-        if v < vmin:
-            vmin = v
-        if v > hi:
-            oor += 1
-        counts[_bucket_of(v, lo, hi)] += 1
-    acc[0] += s
-    acc[1] = vmax
-    acc[2] = vmin
-    return oor
-
-
-@njit(cache=True, nogil=True)
-def _ring_add(t_in, t_out, mask, s0, s1, counts, lo, hi, acc):
-    """Add ``t_out - t_in`` (ns) of seqs [s0, s1) of a ring (index ``seq & mask``); as :func:`_bucket_add`.
-
-    Allocates: no.
-    """
-    oor = 0
-    s = 0.0
-    k = s0 & mask
-    vmax = t_out[k] - t_in[k]
-    vmin = vmax
-    for seq in range(s0, s1):
-        k = seq & mask
-        v = t_out[k] - t_in[k]
-        s += v
-        if v > vmax:
-            vmax = v
-        if v < vmin:
-            vmin = v
-        if v > hi:
-            oor += 1
-        counts[_bucket_of(v, lo, hi)] += 1
-    acc[0] += s
-    acc[1] = vmax
-    acc[2] = vmin
-    return oor
-
-
 class ChunkedReplaySource:
     """Source over a tick file read in bounded chunks (source protocol of engine.scorer).
 
@@ -322,8 +167,8 @@ class ChunkedReplaySource:
         self.total = int(chunks.total_rows) if limit is None else min(int(chunks.total_rows), int(limit))
         self.speed = speed
         self.limit = limit
-        self.latency = ChunkLatency(warmup)
-        self.latency_intended = ChunkLatency(warmup) if speed is not None else None
+        self.latency = LatencyHistogram(warmup)
+        self.latency_intended = LatencyHistogram(warmup) if speed is not None else None
         self.reader_rejected: dict[str, int] = {}
         self.chunks_served = 0
         self.max_chunk_ticks = 0
@@ -451,10 +296,7 @@ class ChunkedReplaySource:
         cap = agent.recorder.capacity
         if cap < 2 * max(self.max_chunk_ticks, self.chunks.chunk_rows):
             raise ValueError(f"the agent's latency ring ({cap}) must hold two chunks")
-        z = np.zeros(1, dtype=np.int64)
-        scratch = np.zeros_like(self.latency.counts)
-        _ring_add(z, z, 0, 0, 1, scratch, 1, 2, np.zeros(3))
-        _bucket_add(z, scratch, 1, 2, np.zeros(3))
+        self.latency.compile()
 
     def _drain(self) -> None:
         """Move the finished chunk's latencies into the histograms (runs between chunks).
