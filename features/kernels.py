@@ -39,6 +39,7 @@ from engine.schema import (
     KIND_QUOTE,
     REJECT_OK,
 )
+from features.common import BPS, NS_PER_S, clip, l1_book_features
 from features.validate import validate_tick
 
 __all__ = [
@@ -58,8 +59,6 @@ __all__ = [
 
 INT64_MIN = np.iinfo(np.int64).min
 _LN2 = math.log(2.0)
-_NS_PER_S = 1e9
-_BPS = 1e4
 
 # ---------------------------------------------------------------------------
 # Feature columns (order of x).  Names and docs: features.featureset.
@@ -77,6 +76,7 @@ X_VWAP_DEV = 13
 X_TRADE_AGE = 14
 X_QUOTE_AGE = 15
 N_FEATURES = 16
+assert (X_SPREAD, X_MICRO, X_IMB) == (0, 1, 2)  # features.common.l1_book_features writes x_out[0:3]
 
 #: Column names of ``x`` (the feature set's ``names`` must equal this).
 FEATURE_NAMES = (
@@ -212,18 +212,6 @@ def reset_state(fstate: np.ndarray, istate: np.ndarray) -> None:
     istate[:, I_LAST_TRADE_TS] = INT64_MIN
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _clip(x, lo, hi, neutral):
-    """Return ``(x clipped to [lo, hi], was_clipped)``; NaN maps to ``neutral``."""
-    if x < lo:
-        return lo, True
-    if x > hi:
-        return hi, True
-    if x != x:
-        return neutral, True
-    return x, False
-
-
 @njit(cache=True, nogil=True)
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
@@ -286,7 +274,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
                 fs[F_VAR + k] *= a
                 if has_book:
                     # exact integral of the kernel over (t_prev, ts], in s
-                    fs[F_TIME + k] = a * fs[F_TIME + k] - em * (hl / (_LN2 * _NS_PER_S))
+                    fs[F_TIME + k] = a * fs[F_TIME + k] - em * (hl / (_LN2 * NS_PER_S))
             a = math.exp(-_LN2 * dt_ns / params[P_HL_TRADE])
             fs[F_FLOW_SV] *= a
             fs[F_FLOW_V] *= a
@@ -300,7 +288,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
                 # time-EMA of the piecewise-constant spread held over (t_prev, ts]
                 em = math.expm1(-_LN2 * dt_ns / params[P_HL_SPREAD])
                 mid_prev = 0.5 * fs[F_BID] + 0.5 * fs[F_ASK]
-                s_prev = _BPS * (fs[F_ASK] - fs[F_BID]) / mid_prev
+                s_prev = BPS * (fs[F_ASK] - fs[F_BID]) / mid_prev
                 fs[F_SPREAD_EMA] = (1.0 + em) * fs[F_SPREAD_EMA] - em * s_prev
     st[I_LAST_TS] = ts
     st[I_N_EVENTS] += 1
@@ -312,9 +300,9 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         logmid = math.log(0.5 * bid + 0.5 * ask)
         if st[I_LAST_QUOTE_TS] == INT64_MIN:
             mid = 0.5 * bid + 0.5 * ask
-            fs[F_SPREAD_EMA] = _BPS * (ask - bid) / mid
+            fs[F_SPREAD_EMA] = BPS * (ask - bid) / mid
         else:
-            r = _BPS * (logmid - fs[F_LOGMID])
+            r = BPS * (logmid - fs[F_LOGMID])
             for k in range(3):
                 fs[F_RET + k] += r
                 fs[F_VAR + k] += r * r
@@ -344,7 +332,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
 
     # -- features from the state at ts ----------------------------------------
     clipped = False
-    age_first_s = np.float64(ts - st[I_FIRST_TS]) / _NS_PER_S
+    age_first_s = np.float64(ts - st[I_FIRST_TS]) / NS_PER_S
     age_max = params[P_AGE_MAX_S]
     rate_max = params[P_RATE_MAX]
 
@@ -354,57 +342,44 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             x_out[k] = 0.0
         x_out[X_QUOTE_RATE] = 0.0
         x_out[X_VWAP_DEV] = 0.0
-        v, c = _clip(age_first_s, 0.0, age_max, 0.0)
+        v, c = clip(age_first_s, 0.0, age_max, 0.0)
         clipped |= c
         x_out[X_QUOTE_AGE] = math.log1p(v)
     else:
-        bid = fs[F_BID]
-        ask = fs[F_ASK]
-        bsz = fs[F_BSZ]
-        asz = fs[F_ASZ]
-        mid = 0.5 * bid + 0.5 * ask
-        spread = _BPS * (ask - bid) / mid
-        imb = (bsz - asz) / (bsz + asz)
+        # x_out[X_SPREAD], x_out[X_MICRO], x_out[X_IMB]
         smax = params[P_SPREAD_MAX_BPS]
-        v, c = _clip(spread, 0.0, smax, 0.0)
+        spread, c = l1_book_features(fs[F_BID], fs[F_ASK], fs[F_BSZ], fs[F_ASZ], smax, x_out)
         clipped |= c
-        x_out[X_SPREAD] = v
-        v, c = _clip(0.5 * spread * imb, -0.5 * smax, 0.5 * smax, 0.0)
-        clipped |= c
-        x_out[X_MICRO] = v
-        v, c = _clip(imb, -1.0, 1.0, 0.0)
-        clipped |= c
-        x_out[X_IMB] = v
         rmax = params[P_RET_MAX_BPS]
         vmax = params[P_VOL_MAX]
         for k in range(3):
-            v, c = _clip(fs[F_RET + k], -rmax, rmax, 0.0)
+            v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
             clipped |= c
             x_out[X_RET_FAST + k] = v
             tsum = fs[F_TIME + k]
             vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
-            v, c = _clip(vol, 0.0, vmax, 0.0)
+            v, c = clip(vol, 0.0, vmax, 0.0)
             clipped |= c
             x_out[X_VOL_FAST + k] = math.log1p(v)
         floor = params[P_SPREAD_FLOOR_BPS]
         srmax = params[P_SPREAD_REL_MAX]
-        v, c = _clip(math.log((spread + floor) / (fs[F_SPREAD_EMA] + floor)), -srmax, srmax, 0.0)
+        v, c = clip(math.log((spread + floor) / (fs[F_SPREAD_EMA] + floor)), -srmax, srmax, 0.0)
         clipped |= c
         x_out[X_SPREAD_REL] = v
-        rate = fs[F_QUOTE_N] * (_LN2 * _NS_PER_S) / params[P_HL_QUOTE]
-        v, c = _clip(rate, 0.0, rate_max, 0.0)
+        rate = fs[F_QUOTE_N] * (_LN2 * NS_PER_S) / params[P_HL_QUOTE]
+        v, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
         x_out[X_QUOTE_RATE] = math.log1p(v)
         if fs[F_VWAP_V] > 0.0:
             vwap = fs[F_VWAP_PV] / fs[F_VWAP_V]
             dmax = params[P_VWAP_DEV_MAX_BPS]
-            v, c = _clip(_BPS * (fs[F_LOGMID] - math.log(vwap)), -dmax, dmax, 0.0)
+            v, c = clip(BPS * (fs[F_LOGMID] - math.log(vwap)), -dmax, dmax, 0.0)
             clipped |= c
             x_out[X_VWAP_DEV] = v
         else:
             x_out[X_VWAP_DEV] = 0.0
-        age_q = np.float64(ts - st[I_LAST_QUOTE_TS]) / _NS_PER_S
-        v, c = _clip(age_q, 0.0, age_max, 0.0)
+        age_q = np.float64(ts - st[I_LAST_QUOTE_TS]) / NS_PER_S
+        v, c = clip(age_q, 0.0, age_max, 0.0)
         clipped |= c
         x_out[X_QUOTE_AGE] = math.log1p(v)
 
@@ -416,17 +391,17 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     else:
         vol_t = fs[F_FLOW_V]
         if vol_t > 0.0:
-            v, c = _clip(fs[F_FLOW_SV] / vol_t, -1.0, 1.0, 0.0)
+            v, c = clip(fs[F_FLOW_SV] / vol_t, -1.0, 1.0, 0.0)
             clipped |= c
             x_out[X_FLOW_IMB] = v
         else:
             x_out[X_FLOW_IMB] = 0.0
-        rate = fs[F_TRADE_N] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
-        v, c = _clip(rate, 0.0, rate_max, 0.0)
+        rate = fs[F_TRADE_N] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
+        v, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
         x_out[X_TRADE_RATE] = math.log1p(v)
-        age_t = np.float64(ts - st[I_LAST_TRADE_TS]) / _NS_PER_S
-    v, c = _clip(age_t, 0.0, age_max, 0.0)
+        age_t = np.float64(ts - st[I_LAST_TRADE_TS]) / NS_PER_S
+    v, c = clip(age_t, 0.0, age_max, 0.0)
     clipped |= c
     x_out[X_TRADE_AGE] = math.log1p(v)
 

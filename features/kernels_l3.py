@@ -75,6 +75,7 @@ from features.book import (
     _i2f,
     book_apply,
 )
+from features.common import BPS, NS_PER_S, clip, l1_book_features
 
 __all__ = [
     "N_FEATURES",
@@ -89,7 +90,6 @@ __all__ = [
 ]
 
 _LN2 = math.log(2.0)
-_NS_PER_S = 1e9
 
 
 def _drop_stale_cache() -> None:
@@ -113,7 +113,6 @@ def _drop_stale_cache() -> None:
 
 
 _drop_stale_cache()
-_BPS = 1e4
 # _log_checked / _log_approx constants
 _LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
 _F32_DROP_MASK = (1 << 29) - 1  # float64 mantissa bits below float32's
@@ -153,6 +152,7 @@ N_FEATURES = len(FEATURE_NAMES)
 X_SPREAD = 0
 X_MICRO = 1
 X_IMB = 2
+assert (X_SPREAD, X_MICRO, X_IMB) == (0, 1, 2)  # features.common.l1_book_features writes x_out[0:3]
 X_DEPTH_S = 3
 X_DEPTH_L = 4
 X_RET = 5  # + k
@@ -198,13 +198,13 @@ P_HL_VWAP = 7
 P_HL_BOOK = 8
 P_WARMUP_EVENTS = 9
 P_WARMUP_NS = 10
-P_STALE_NS = 11
-P_SPREAD_MAX = 12
-P_RET_MAX = 13
+P_STALE_TOP_NS = 11
+P_SPREAD_MAX_BPS = 12
+P_RET_MAX_BPS = 13
 P_VOL_MAX = 14
 P_RATE_MAX = 15
-P_VWAP_MAX = 16
-P_AGE_MAX = 17
+P_VWAP_DEV_MAX_BPS = 16
+P_AGE_MAX_S = 17
 P_DEPTH_S = 18
 P_DEPTH_L = 19
 
@@ -281,17 +281,6 @@ def new_state(
     """
     return _bk.new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels,
                               crossing_add=crossing_add)  # fmt: skip
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _clip(x, lo, hi, neutral):
-    if x < lo:
-        return lo, True
-    if x > hi:
-        return hi, True
-    if x != x:
-        return neutral, True
-    return x, False
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -470,7 +459,7 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
                     # exact integral of the decay kernel over (t_prev, ts], in s
                     hl = params[P_HL_RET + k]
                     fstate[fb + C_TIME + k] = a * fstate[fb + C_TIME + k] + (1.0 - a) * (
-                        hl / (_LN2 * _NS_PER_S)
+                        hl / (_LN2 * NS_PER_S)
                     )
             a = _decay(x, params, P_HL_TRADE, a0, a1, a2)
             fstate[fb + C_FLOW_SV] *= a
@@ -496,7 +485,7 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
         # VWAP = PV / V is unchanged by decay (both decay alike): log it on trades only
         fstate[fb + C_LOGVWAP] = math.log(fstate[fb + C_VWAP_PV] / fstate[fb + C_VWAP_V])
         if istate[ib + I_LAST_TOP_TS] != INT64_MIN and (
-            np.float64(ts - istate[ib + I_LAST_TOP_TS]) > params[P_STALE_NS]
+            np.float64(ts - istate[ib + I_LAST_TOP_TS]) > params[P_STALE_TOP_NS]
         ):
             flags |= FLAG_STALE_QUOTE
         istate[ib + I_LAST_TRADE_TS] = ts
@@ -525,7 +514,7 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
         if two_sided:
             logmid = math.log(0.5 * bid + 0.5 * ask)
             if istate[ib + I_HAVE_MID] != 0:
-                r = _BPS * (logmid - fstate[fb + C_LOGMID])
+                r = BPS * (logmid - fstate[fb + C_LOGMID])
                 for k in range(3):
                     fstate[fb + C_RET + k] += r
                     fstate[fb + C_VAR + k] += r * r
@@ -534,30 +523,20 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
 
     # -- features ----------------------------------------------------------------------
     clipped = False
-    age_max = params[P_AGE_MAX]
+    age_max = params[P_AGE_MAX_S]
     rate_max = params[P_RATE_MAX]
-    age_first_s = np.float64(ts - istate[ib + I_FIRST_TS]) / _NS_PER_S
+    age_first_s = np.float64(ts - istate[ib + I_FIRST_TS]) / NS_PER_S
     if two_sided:
         if bid >= ask:
             istate[ib + I_ANOM + (A_CROSSED if bid > ask else A_LOCKED)] += 1
-        mid = 0.5 * bid + 0.5 * ask
-        spread = _BPS * (ask - bid) / mid
         bsz = fstate[bbase + L + nb - 1]
         asz = fstate[abase + L + na - 1]
-        imb = (bsz - asz) / (bsz + asz)
-        smax = params[P_SPREAD_MAX]
-        v, c = _clip(spread, 0.0, smax, 0.0)
+        # x_out[X_SPREAD], x_out[X_MICRO], x_out[X_IMB]
+        _, c = l1_book_features(bid, ask, bsz, asz, params[P_SPREAD_MAX_BPS], x_out)
         clipped |= c
-        x_out[X_SPREAD] = v
-        v, c = _clip(0.5 * spread * imb, -0.5 * smax, 0.5 * smax, 0.0)
-        clipped |= c
-        x_out[X_MICRO] = v
-        v, c = _clip(imb, -1.0, 1.0, 0.0)
-        clipped |= c
-        x_out[X_IMB] = v
         if fstate[fb + C_VWAP_V] > 0.0:
-            dmax = params[P_VWAP_MAX]
-            v, c = _clip(_BPS * (fstate[fb + C_LOGMID] - fstate[fb + C_LOGVWAP]), -dmax, dmax, 0.0)
+            dmax = params[P_VWAP_DEV_MAX_BPS]
+            v, c = clip(BPS * (fstate[fb + C_LOGMID] - fstate[fb + C_LOGVWAP]), -dmax, dmax, 0.0)
             clipped |= c
             x_out[X_VWAP] = v
         else:
@@ -592,23 +571,23 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     tot = sb_l + sa_l
     x_out[X_DEPTH_L] = (sb_l - sa_l) / tot if tot > 0.0 else 0.0
     if istate[ib + I_HAVE_MID] != 0:
-        rmax = params[P_RET_MAX]
+        rmax = params[P_RET_MAX_BPS]
         vmax = params[P_VOL_MAX]
         for k in range(3):
-            v, c = _clip(fstate[fb + C_RET + k], -rmax, rmax, 0.0)
+            v, c = clip(fstate[fb + C_RET + k], -rmax, rmax, 0.0)
             clipped |= c
             x_out[X_RET + k] = v
             tsum = fstate[fb + C_TIME + k]
             vol = math.sqrt(fstate[fb + C_VAR + k] / tsum) if tsum > 0.0 else 0.0
-            v, c = _clip(vol, 0.0, vmax, 0.0)
+            v, c = clip(vol, 0.0, vmax, 0.0)
             clipped |= c
             fstate[fb + C_LOG_IN + k] = v
     else:
         for k in range(3):
             x_out[X_RET + k] = 0.0
             fstate[fb + C_LOG_IN + k] = 0.0
-    rate = fstate[fb + C_BOOK_N] * (_LN2 * _NS_PER_S) / params[P_HL_BOOK]
-    v, c = _clip(rate, 0.0, rate_max, 0.0)
+    rate = fstate[fb + C_BOOK_N] * (_LN2 * NS_PER_S) / params[P_HL_BOOK]
+    v, c = clip(rate, 0.0, rate_max, 0.0)
     clipped |= c
     fstate[fb + C_LOG_IN + 3] = v
     tot = fstate[fb + C_OF_ABS]
@@ -623,22 +602,22 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     else:
         vol_t = fstate[fb + C_FLOW_V]
         if vol_t > 0.0:
-            v, c = _clip(fstate[fb + C_FLOW_SV] / vol_t, -1.0, 1.0, 0.0)
+            v, c = clip(fstate[fb + C_FLOW_SV] / vol_t, -1.0, 1.0, 0.0)
             clipped |= c
             x_out[X_FLOW] = v
         else:
             x_out[X_FLOW] = 0.0
-        rate = fstate[fb + C_TRADE_N] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
-        v, c = _clip(rate, 0.0, rate_max, 0.0)
+        rate = fstate[fb + C_TRADE_N] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
+        v, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
         fstate[fb + C_LOG_IN + 4] = v
-        age_t = np.float64(ts - istate[ib + I_LAST_TRADE_TS]) / _NS_PER_S
-    v, c = _clip(age_t, 0.0, age_max, 0.0)
+        age_t = np.float64(ts - istate[ib + I_LAST_TRADE_TS]) / NS_PER_S
+    v, c = clip(age_t, 0.0, age_max, 0.0)
     clipped |= c
     fstate[fb + C_LOG_IN + 5] = v
     top_ts = istate[ib + I_LAST_TOP_TS]
-    age_q = age_first_s if top_ts == INT64_MIN else np.float64(ts - top_ts) / _NS_PER_S
-    v, c = _clip(age_q, 0.0, age_max, 0.0)
+    age_q = age_first_s if top_ts == INT64_MIN else np.float64(ts - top_ts) / NS_PER_S
+    v, c = clip(age_q, 0.0, age_max, 0.0)
     clipped |= c
     fstate[fb + C_LOG_IN + 6] = v
 

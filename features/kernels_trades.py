@@ -39,6 +39,7 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
+from features.common import BPS, NS_PER_S, clip
 
 __all__ = [
     "N_FEATURES",
@@ -56,8 +57,6 @@ __all__ = [
 
 INT64_MIN = np.iinfo(np.int64).min
 _LN2 = math.log(2.0)
-_NS_PER_S = 1e9
-_BPS = 1e4
 
 FEATURE_NAMES = (
     "ret_fast_bps",
@@ -103,19 +102,19 @@ PARAM_NAMES = (
 )
 N_PARAMS = len(PARAM_NAMES)
 P_MAX_PRICE = 0
-P_BAND = 1
+P_PRICE_BAND = 1
 P_HL_RET = 2  # + k
 P_HL_TRADE = 5
 P_HL_SLOW = 6
 P_WARMUP_EVENTS = 7
 P_WARMUP_NS = 8
-P_RET_MAX = 9
+P_RET_MAX_BPS = 9
 P_VOL_MAX = 10
 P_RATE_MAX = 11
 P_RATE_REL_MAX = 12
-P_VWAP_MAX = 13
+P_VWAP_DEV_MAX_BPS = 13
 P_SIZE_REL_MAX = 14
-P_AGE_MAX = 15
+P_AGE_MAX_S = 15
 
 #: Default parameters of the ``trades`` feature set.
 DEFAULT_PARAMS: dict[str, float] = {
@@ -171,17 +170,6 @@ def new_state(n_instruments: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _clip(x, lo, hi, neutral):
-    if x < lo:
-        return lo, True
-    if x > hi:
-        return hi, True
-    if x != x:
-        return neutral, True
-    return x, False
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _reject(x_out, counters, reason):
     counters[reason] += 1
     for k in range(x_out.shape[0]):
@@ -214,7 +202,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     fs = fstate[inst]
     st = istate[inst]
     last = fs[F_LAST_PX]
-    band = params[P_BAND]
+    band = params[P_PRICE_BAND]
     if p > params[P_MAX_PRICE] or (last > 0.0 and (p > last * band or p * band < last)):
         return _reject(x_out, counters, REJECT_ABSURD_PRICE)
     ts = t.ts_event_ns
@@ -228,7 +216,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         st[I_FIRST_TS] = ts
     else:
         dt_ns = np.float64(ts - st[I_LAST_TS])
-        gap_s = dt_ns / _NS_PER_S
+        gap_s = dt_ns / NS_PER_S
         if dt_ns > 0.0:
             x = -_LN2 * dt_ns
             for k in range(3):
@@ -236,7 +224,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
                 a = math.exp(x / hl)
                 fs[F_RET + k] *= a
                 fs[F_VAR + k] *= a
-                fs[F_TIME + k] = a * fs[F_TIME + k] + (1.0 - a) * (hl / (_LN2 * _NS_PER_S))
+                fs[F_TIME + k] = a * fs[F_TIME + k] + (1.0 - a) * (hl / (_LN2 * NS_PER_S))
             a = math.exp(x / params[P_HL_TRADE])
             fs[F_FLOW_SV] *= a
             fs[F_FLOW_V] *= a
@@ -252,7 +240,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     logp = math.log(p)
     side = 1.0 if t.side > 0 else (-1.0 if t.side < 0 else 0.0)
     if n_prev > 0:
-        r = _BPS * (logp - fs[F_LOGPX])
+        r = BPS * (logp - fs[F_LOGPX])
         if r != 0.0:
             for k in range(3):
                 fs[F_RET + k] += r
@@ -274,40 +262,40 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
 
     # -- features -----------------------------------------------------------------------
     clipped = False
-    rmax = params[P_RET_MAX]
+    rmax = params[P_RET_MAX_BPS]
     vmax = params[P_VOL_MAX]
     for k in range(3):
-        v, c = _clip(fs[F_RET + k], -rmax, rmax, 0.0)
+        v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
         clipped |= c
         x_out[X_RET + k] = v
         tsum = fs[F_TIME + k]
         vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
-        v, c = _clip(vol, 0.0, vmax, 0.0)
+        v, c = clip(vol, 0.0, vmax, 0.0)
         clipped |= c
         x_out[X_VOL + k] = math.log(1.0 + v)
     vt = fs[F_FLOW_V]
-    v, c = _clip(fs[F_FLOW_SV] / vt if vt > 0.0 else 0.0, -1.0, 1.0, 0.0)
+    v, c = clip(fs[F_FLOW_SV] / vt if vt > 0.0 else 0.0, -1.0, 1.0, 0.0)
     clipped |= c
     x_out[X_FLOW] = v
     rate_max = params[P_RATE_MAX]
-    rate_f = fs[F_N_FAST] * (_LN2 * _NS_PER_S) / params[P_HL_TRADE]
-    rate_s = fs[F_N_SLOW] * (_LN2 * _NS_PER_S) / params[P_HL_SLOW]
-    v, c = _clip(rate_f, 0.0, rate_max, 0.0)
+    rate_f = fs[F_N_FAST] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
+    rate_s = fs[F_N_SLOW] * (_LN2 * NS_PER_S) / params[P_HL_SLOW]
+    v, c = clip(rate_f, 0.0, rate_max, 0.0)
     clipped |= c
     x_out[X_RATE] = math.log(1.0 + v)
     rr = params[P_RATE_REL_MAX]
-    v, c = _clip(math.log((rate_f + 1e-3) / (rate_s + 1e-3)), -rr, rr, 0.0)
+    v, c = clip(math.log((rate_f + 1e-3) / (rate_s + 1e-3)), -rr, rr, 0.0)
     clipped |= c
     x_out[X_RATE_REL] = v
-    dmax = params[P_VWAP_MAX]
-    v, c = _clip(_BPS * (logp - fs[F_LOGVWAP]), -dmax, dmax, 0.0)
+    dmax = params[P_VWAP_DEV_MAX_BPS]
+    v, c = clip(BPS * (logp - fs[F_LOGVWAP]), -dmax, dmax, 0.0)
     clipped |= c
     x_out[X_VWAP] = v
     smax = params[P_SIZE_REL_MAX]
-    v, c = _clip(math.log(q / mean_size_before) if mean_size_before > 0.0 else 0.0, -smax, smax, 0.0)
+    v, c = clip(math.log(q / mean_size_before) if mean_size_before > 0.0 else 0.0, -smax, smax, 0.0)
     clipped |= c
     x_out[X_SIZE_REL] = v
-    v, c = _clip(gap_s, 0.0, params[P_AGE_MAX], 0.0)
+    v, c = clip(gap_s, 0.0, params[P_AGE_MAX_S], 0.0)
     clipped |= c
     x_out[X_GAP] = math.log(1.0 + v)
 
