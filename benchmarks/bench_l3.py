@@ -3,7 +3,7 @@
 1. **Batch**: ``features.kernels_l3.compute_batch`` (book update + features, one
    numba loop, no Python per event) over a generated L3 stream, single thread,
    best of ``--repeat`` runs; then the ``tickscore features`` path
-   (:func:`replay.features_cli.compute_features`: Parquet in, Parquet out) with
+   (:func:`replay.batch_features.compute_features`: Parquet in, Parquet out) with
    1 thread and with instrument-parallel threads.  Events/s are reported by
    wall clock and by process CPU time (the host is shared: CPU time shows the
    kernel's own cost when other processes compete for the two cores).
@@ -133,7 +133,7 @@ def bench_parallel(ticks: np.ndarray, n_inst: int, threads: int, repeat: int) ->
 
 
 def bench_features_cli(path: str, threads: list[int]) -> dict:
-    from replay.features_cli import compute_features
+    from replay.batch_features import compute_features
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,21 @@
-"""argparse value types shared by the command modules (``--speed``, ``--pin``, counts)."""
+"""argparse value types and argument groups shared by the command modules (:mod:`engine.commands`)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from models.dataset import DEFAULT_MAX_ROWS
 from replay.source import parse_speed
 
-__all__ = ["speed", "pin", "non_negative_int"]
+__all__ = [
+    "speed",
+    "pin",
+    "non_negative_int",
+    "add_input_arguments",
+    "add_max_rows_argument",
+    "TRAIN_CHUNK_HELP",
+]
 
 
 def speed(text: str):
@@ -36,3 +45,42 @@ def non_negative_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return v
+
+
+def add_input_arguments(p: Any, chunk_rows_help: str | None = None) -> None:
+    """Add ``--map``, ``--map-file``, ``--shape``, ``--sort-by-exchange-time``, ``--chunk-rows``.
+
+    The flags of every command that reads a market file (replay, publish,
+    features, train, evaluate), so a file is read the same way by all of them.
+    """
+    p.add_argument(
+        "--map", action="append", default=[], metavar="KEY=VALUE[,...]",
+        help="column mapping for another vendor's layout, e.g. ts_event=time,price=Price,ts_unit=ms "
+        "(repeatable; see 'Bringing your own data' in the README)",
+    )
+    p.add_argument("--map-file", metavar="TOML", help="column mapping in a TOML file (same keys as --map)")
+    p.add_argument(
+        "--shape", choices=["l1", "trades", "l3"], default=None,
+        help="event shape: l1 quotes+trades, trades (trade-only feed), l3 (order by order); "
+        "default: from the mapping, the model, or detected from the file",
+    )
+    p.add_argument(
+        "--sort-by-exchange-time", action="store_true",
+        help="replay in exchange-time order (stable: file order kept for equal times)",
+    )
+    p.add_argument(
+        "--chunk-rows", type=int, default=None, metavar="N",
+        help=chunk_rows_help or "read the file in chunks of N rows (bounded memory); default: whole "
+        "file if it has at most 5M rows, else 1M-row chunks",
+    )
+
+
+TRAIN_CHUNK_HELP = "rows per chunk as the file is read, chunk by chunk (default 1,000,000)"
+
+
+def add_max_rows_argument(p: Any) -> None:
+    """Add ``--max-rows`` (usable rows kept for fitting / evaluation) to a parser."""
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
+                   help="usable rows kept; beyond N a uniform sample of N rows (by a hash of the row "
+                        "number) is fitted and evaluated, so memory stays bounded whatever the file's "
+                        "size; 0 = keep all (default %(default)s)")  # fmt: skip

@@ -33,7 +33,6 @@ Lifecycle:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -46,8 +45,8 @@ import zmq
 
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
-from engine.config import DEFAULT_CONTROL_ENDPOINT, ServiceConfig, load_config, to_toml
-from engine.control import DEFER, ControlError, ControlServer, request
+from engine.config import ServiceConfig
+from engine.control import DEFER, ControlServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher
 from features.kernels import I_LAST_TS
@@ -65,9 +64,6 @@ __all__ = [
     "Service",
     "run_service",
     "pin_helper_threads",
-    "add_serve_parser",
-    "cmd_serve",
-    "cmd_control",
 ]
 
 _HK_BY_IDLE = {"busy-spin": 1024, "yield": 1024, "backoff": 64, "sleep": 16}
@@ -634,64 +630,3 @@ def run_service(cfg: ServiceConfig, config_path: str | None = None) -> dict:
 # ---------------------------------------------------------------------- command line
 
 
-def add_serve_parser(sub) -> None:
-    """Add ``tickscore serve`` and ``tickscore control`` to the CLI's subparsers."""
-    s = sub.add_parser(
-        "serve",
-        help="run the live scoring service (ticks in over ZeroMQ/Aeron, scores out)",
-        description=(
-            "Score every tick received over ZeroMQ and/or Aeron and publish the scores over "
-            "ZeroMQ and/or Aeron, as configured in a TOML file (see engine/examples/service.toml). "
-            "SIGTERM/SIGINT or 'tickscore control stop' stop it gracefully."
-        ),
-    )
-    s.add_argument("--config", metavar="FILE", help="service TOML (default: built-in defaults)")
-    s.add_argument("--check", action="store_true",
-                   help="validate the config, print the effective config and exit")
-    s.add_argument("--json", action="store_true", help="print the final report JSON on stdout at exit")
-
-    c = sub.add_parser(
-        "control",
-        help="send status / reload MODEL / stop to a running service",
-        description="Talk to a running service's control socket; prints the JSON reply.",
-    )
-    c.add_argument("action", choices=["status", "reload", "stop"], help="what to ask")
-    c.add_argument("model", nargs="?", help="model file for 'reload'")
-    c.add_argument("--config", metavar="FILE", help="take the control endpoint from this service config")
-    c.add_argument("--endpoint", help="control endpoint (default: the config's, else tcp://127.0.0.1:5590)")
-    c.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
-
-
-def cmd_serve(args) -> int:
-    """Run ``tickscore serve``."""
-    cfg = load_config(args.config)
-    if args.check:
-        print(to_toml(cfg), end="")
-        print(f"# {args.config or 'defaults'}: OK", file=sys.stderr)
-        return 0
-    final = run_service(cfg, args.config)
-    if args.json:
-        print(json.dumps(final, indent=2, default=str))
-    return 0
-
-
-def cmd_control(args) -> int:
-    """Run ``tickscore control``."""
-    endpoint = args.endpoint
-    if endpoint is None and args.config:
-        endpoint = load_config(args.config).control.endpoint
-        if not endpoint:
-            raise ValueError(f"{args.config}: the control channel is disabled ([control] endpoint = \"\")")
-    endpoint = endpoint or DEFAULT_CONTROL_ENDPOINT
-    text = args.action
-    if args.action == "reload":
-        if not args.model:
-            raise ValueError("reload needs a model file: tickscore control reload MODEL.onnx")
-        text = json.dumps({"command": "reload", "path": os.path.abspath(args.model)})
-    try:
-        reply = request(endpoint, text, timeout_s=args.timeout)
-    except ControlError as exc:
-        print(f"tickscore control: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(reply, indent=2))
-    return 0 if reply.get("ok") else 1

@@ -17,17 +17,13 @@ SIGTERM, after ``--count`` scores or ``--duration`` seconds.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 
 import msgspec
-import polars as pl
 import zmq
 
-from engine.config import SCORE_STREAM_ID, default_aeron_dir
-
-__all__ = ["Score", "subscribe_zmq", "subscribe_aeron", "add_subscribe_parser", "cmd_subscribe"]
+__all__ = ["Score", "subscribe_zmq", "subscribe_aeron"]
 
 
 class Score(msgspec.Struct, array_like=True, tag=2, frozen=True):
@@ -48,7 +44,7 @@ COLUMNS = ("instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score",
            "flags", "recv_ns")
 
 
-class _Stop:
+class StopFlag:
     def __init__(self) -> None:
         self.flag = False
 
@@ -122,63 +118,3 @@ def subscribe_aeron(channel: str, stream_id: int, aeron_dir: str, topics=("",), 
         aeron.close()
 
 
-def add_subscribe_parser(sub) -> None:
-    """Add ``tickscore subscribe`` to the CLI's subparsers."""
-    p = sub.add_parser(
-        "subscribe",
-        help="print or record the scores of a running service (ZeroMQ or Aeron)",
-        description="Subscribe to a service's scores and print them, or record them to Parquet.",
-    )
-    p.add_argument("endpoint", help="ZeroMQ endpoint (ipc://..., tcp://...) or Aeron channel (aeron:ipc, "
-                   "aeron:udp?endpoint=HOST:PORT)")
-    p.add_argument("--topic", action="append", default=None, metavar="SYM",
-                   help="only this instrument (repeatable; prefix match); default all")
-    p.add_argument("--out", metavar="FILE.parquet", help="record every score here (written at exit)")
-    p.add_argument("--count", type=int, default=0, help="stop after N scores")
-    p.add_argument("--duration", type=float, default=0.0, metavar="S", help="stop after S seconds")
-    p.add_argument("--quiet", action="store_true", help="do not print each score")
-    p.add_argument("--stream-id", type=int, default=None, help="Aeron stream id (default 1002)")
-    p.add_argument("--aeron-dir", default=None,
-                   help="Aeron driver directory (default: the service's embedded driver, "
-                        "/dev/shm/tickscore-aeron-USER)")
-
-
-def cmd_subscribe(args) -> int:
-    """Run ``tickscore subscribe``."""
-    topics = tuple(args.topic or ("",))
-    rows: list[tuple] = []
-    n = [0]
-    deadline = time.monotonic() + args.duration if args.duration > 0 else None
-    stopper = _Stop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stopper)
-
-    def stop() -> bool:
-        return stopper.flag or (deadline is not None and time.monotonic() >= deadline) or (
-            args.count > 0 and n[0] >= args.count)
-
-    def on_score(s: Score, recv_ns: int) -> None:
-        n[0] += 1
-        if args.out:
-            rows.append((s.instrument, s.seq, s.ts_event_ns, s.ts_in_ns, s.ts_out_ns, s.score,
-                         s.model_version, s.flags, recv_ns))
-        if not args.quiet:
-            flags = "|".join(v for k, v in FLAG_NAMES.items() if s.flags & k) or "-"
-            print(f"{s.instrument:<8} seq={s.seq:<10} score={s.score:.6f} flags={flags:<12} "
-                  f"{s.model_version}  wire_us={(recv_ns - s.ts_out_ns) / 1000:.1f}", flush=True)
-
-    if args.endpoint.startswith("aeron:"):
-        subscribe_aeron(args.endpoint, args.stream_id or SCORE_STREAM_ID,
-                        args.aeron_dir or default_aeron_dir(), topics, on_score, stop)
-    else:
-        subscribe_zmq(args.endpoint, topics, on_score, stop)
-    print(f"tickscore subscribe: {n[0]:,} scores", file=sys.stderr)
-    if args.out:
-        df = pl.DataFrame(rows, schema=[
-            ("instrument", pl.Utf8), ("seq", pl.Int64), ("ts_event_ns", pl.Int64), ("ts_in_ns", pl.Int64),
-            ("ts_out_ns", pl.Int64), ("score", pl.Float64), ("model_version", pl.Utf8),
-            ("flags", pl.Int64), ("recv_ns", pl.Int64),
-        ], orient="row")
-        df.write_parquet(args.out)
-        print(f"tickscore subscribe: wrote {len(df):,} rows to {args.out}", file=sys.stderr)
-    return 0

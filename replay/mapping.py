@@ -118,7 +118,6 @@ __all__ = [
     "load_map_file",
     "build_mapping",
     "mapping_from_cli",
-    "add_input_arguments",
     "IDENTITY",
 ]
 
@@ -522,31 +521,3 @@ def mapping_from_cli(
     if shape is not None:
         m = replace(m, shape=shape)
     return m
-
-
-def add_input_arguments(p: Any, chunk_rows_help: str | None = None) -> None:
-    """Add ``--map``, ``--map-file``, ``--shape``, ``--sort-by-exchange-time``, ``--chunk-rows``.
-
-    The flags of every command that reads a market file (replay, publish,
-    features, train, evaluate), so a file is read the same way by all of them.
-    """
-    p.add_argument(
-        "--map", action="append", default=[], metavar="KEY=VALUE[,...]",
-        help="column mapping for another vendor's layout, e.g. ts_event=time,price=Price,ts_unit=ms "
-        "(repeatable; see 'Bringing your own data' in the README)",
-    )
-    p.add_argument("--map-file", metavar="TOML", help="column mapping in a TOML file (same keys as --map)")
-    p.add_argument(
-        "--shape", choices=["l1", "trades", "l3"], default=None,
-        help="event shape: l1 quotes+trades, trades (trade-only feed), l3 (order by order); "
-        "default: from the mapping, the model, or detected from the file",
-    )
-    p.add_argument(
-        "--sort-by-exchange-time", action="store_true",
-        help="replay in exchange-time order (stable: file order kept for equal times)",
-    )
-    p.add_argument(
-        "--chunk-rows", type=int, default=None, metavar="N",
-        help=chunk_rows_help or "read the file in chunks of N rows (bounded memory); default: whole "
-        "file if it has at most 5M rows, else 1M-row chunks",
-    )

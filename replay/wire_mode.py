@@ -67,15 +67,14 @@ from replay.publish import (
     check_service_shape,
     first_event_after,
     first_ticks_for_wire,
-    parse_rate,
     pin_self,
     publish_ticks,
 )
 from replay.scores import write_scores
 
-__all__ = ["add_wire_arguments", "cmd_replay_wire", "WireRun", "run_wire", "match_scores"]
+__all__ = [ "WireRun", "run_wire", "match_scores"]
 
-_DEFAULT_RATE = 2_000.0
+DEFAULT_RATE = 2_000.0
 
 
 # ------------------------------------------------------------------------ helpers
@@ -668,76 +667,6 @@ def _progress(args, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------ command line
-
-
-def add_wire_arguments(r) -> None:
-    """Add the wire-mode flags to the ``tickscore replay`` parser."""
-    g = r.add_argument_group(
-        "wire mode",
-        "--via sends the ticks from a separate publisher process to a service and receives the "
-        "scores in a separate subscriber process; latency is wire-to-wire from the intended send time",
-    )
-    g.add_argument("--via", choices=["zmq", "aeron"], default=None,
-                   help="replay over the wire instead of in-process")
-    g.add_argument("--service-config", metavar="FILE",
-                   help="use the running service of this config (default: spawn one)")
-    g.add_argument("--spawn", action="store_true",
-                   help="start a service for the run and stop it after "
-                   "(the default without --service-config)")
-    g.add_argument("--rate", type=parse_rate, default=_DEFAULT_RATE, metavar="TPS|max",
-                   help=f"send rate in ticks/s when --speed is not given (default {_DEFAULT_RATE:,.0f}; "
-                   "'max' = back to back)")
-    g.add_argument("--aeron-udp", action="store_true",
-                   help="with --via aeron --spawn: use aeron:udp on 127.0.0.1 instead of aeron:ipc")
-    g.add_argument("--client-cpus", metavar="LIST",
-                   help="cores for the publisher and subscriber (default: all but --pin)")
-    g.add_argument("--client-idle", choices=["auto", "spin", "yield", "block"], default="auto",
-                   help="subscriber while waiting: spin = busy-poll at the lowest priority (SCHED_IDLE, "
-                   "so it never delays the publisher or I/O threads on its core), yield, block "
-                   "(ZeroMQ only: blocking receive); auto (default) = spin for Aeron, block for ZeroMQ "
-                   "(whose I/O threads need the shared core: measured lower p99)")
-    g.add_argument("--client-rt-priority", type=int, default=10, metavar="0-99",
-                   help="run the publisher's send loop SCHED_FIFO at this priority while paced, so "
-                   "it wakes up on time next to the spinning subscriber (it sleeps between ticks; "
-                   "not used when ticks are closer than 2 x --sleep-margin-us; needs CAP_SYS_NICE, "
-                   "a refusal is reported); 0 = off; default 10")
-    g.add_argument("--sleep-margin-us", type=float, default=150.0, metavar="US",
-                   help="publisher sleeps until this long before each send time, then spins (default 150)")
-    g.add_argument("--idle-timeout", type=float, default=3.0, metavar="S",
-                   help="subscriber stops after S seconds without a score (default 3)")
-    g.add_argument("--service-timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for a spawned service to warm up (default 120)")
-
-
-def cmd_replay_wire(args) -> int:
-    """Run ``tickscore replay --via ...``."""
-    if args.spawn and args.service_config:
-        raise ValueError("--spawn and --service-config exclude each other")
-    res = run_wire(args)
-    s = res.summary
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    pace = f"speed {s['speed']}x" if s["rate_tps"] is None and s["speed"] != "max" else (
-        f"{s['rate_tps']:,.0f} ticks/s" if s["rate_tps"] else "max rate")
-    print(
-        f"tickscore replay --via {s['mode']}: {s['data']['path']}\n"
-        f"  service {s['service']}: model {s['model']['version']} ({s['model']['quantization']}, "
-        f"backend {s['backend']}), hot loop on core {s['host']['pinned'] or 'any'}; "
-        f"clients on {s['client_cpus']} ({s['client_idle']}); {pace}\n"
-        f"  ticks {s['ticks']:,}  scores {s['scores']:,}  rejected {s['rejected']:,}  "
-        f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
-        f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"
-    )
-    print("  wire (intended) = receive - intended send time (the headline, latency_ns); "
-          "wire (sent) = receive - actual send; service = ts_out - ts_in inside the service")
-    print()
-    print(res.table())
-    if res.out_files:
-        print()
-        for name, path in res.out_files.items():
-            print(f"  {name:<8} {path}")
-    return 0
 
 
 def _main(argv: list[str]) -> int:

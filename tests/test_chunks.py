@@ -398,7 +398,7 @@ def test_ctrl_c_mid_run_stops_the_reader_and_frees_the_shared_memory(tmp_path, l
 def test_features_command_equals_one_batch_call_with_chunks_and_threads(tmp_path, shape):
     from features.featureset import DEFAULT_BY_SHAPE
     from features.registry import kernels_for
-    from replay.features_cli import compute_features
+    from replay.batch_features import compute_features
 
     df = generate_market(20_000, seed=2) if shape == "l1" else generate_l3(20_000, seed=2)
     p = write(df, tmp_path, "parquet")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.cli import main as tickscore_main
 from replay.latency import latency_stats
 from replay.report import (
     CO_LABEL,
@@ -20,7 +21,6 @@ from replay.report import (
     check_regression,
     compare_table,
     load_run,
-    main,
     parse_max_regress,
     write_report,
 )
@@ -74,7 +74,7 @@ def _lat(n: int = 20_000, seed: int = 1) -> np.ndarray:
 
 
 def _run_report(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
+    code = tickscore_main(["report", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -286,8 +286,7 @@ def test_report_via_subprocess_prints_table_and_writes_files(tmp_path):
     a = _make_run(tmp_path / "a", _lat(3_000))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from replay.report import main; sys.exit(main())",
-         str(a), "--out", str(out)],
+        [sys.executable, "-m", "engine.cli", "report", str(a), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

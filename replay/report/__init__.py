@@ -14,7 +14,7 @@ Series per run:
   where ``intended`` is when the tick should have been released; a stall then
   shows up in every tick queued behind it, so coordinated omission is not hidden.
 
-Command line (wired into ``tickscore`` by :func:`add_report_parser` / :func:`cmd_report`)::
+Command line (:mod:`engine.commands.report`)::
 
     tickscore report RUN_DIR [RUN_DIR ...] [--out DIR] [--html] [--no-plots]
     tickscore report --check BASELINE_DIR CANDIDATE_DIR [--max-regress 10%]
@@ -22,10 +22,9 @@ Command line (wired into ``tickscore`` by :func:`add_report_parser` / :func:`cmd
 The package, one concern per module: :mod:`~replay.report.runs` (loading),
 :mod:`~replay.report.tables`, :mod:`~replay.report.plots`,
 :mod:`~replay.report.output` (text, JSON, HTML), :mod:`~replay.report.gate`
-(regression check), :mod:`~replay.report.cli`.
+(regression check); the command line is :mod:`engine.commands.report`.
 """
 
-from replay.report.cli import add_report_parser, cmd_report, main
 from replay.report.gate import check_regression, parse_max_regress
 from replay.report.output import write_report
 from replay.report.runs import CO_LABEL, SERVICE_LABEL, Run, RunLoadError, StageStats, load_run
@@ -37,12 +36,9 @@ __all__ = [
     "Run",
     "RunLoadError",
     "StageStats",
-    "add_report_parser",
     "check_regression",
-    "cmd_report",
     "compare_table",
     "load_run",
-    "main",
     "parse_max_regress",
     "stage_table",
     "write_report",

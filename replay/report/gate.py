@@ -53,7 +53,7 @@ def parse_max_regress(text: str | float | Fraction) -> Fraction:
     return value
 
 
-def _pct(r: Fraction) -> str:
+def pct(r: Fraction) -> str:
     return f"{float(r) * 100:g}%"
 
 
@@ -91,7 +91,7 @@ def check_regression(
         rel = "<=" if passed else ">"
         msg = (
             f"{'ok  ' if passed else 'FAIL'} {label} {SERVICE_LABEL}: candidate {_us(c)} µs vs baseline "
-            f"{_us(b)} µs = {ratio} {rel} limit {float(limit):.3f}x (+{_pct(r)})"
+            f"{_us(b)} µs = {ratio} {rel} limit {float(limit):.3f}x (+{pct(r)})"
         )
         ok &= passed
         messages.append(msg)

@@ -34,7 +34,7 @@ def _header(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def _report_text(runs: Sequence[Run]) -> str:
+def report_text(runs: Sequence[Run]) -> str:
     return "\n\n".join([_header(runs), compare_table(runs), stage_table(runs)])
 
 
@@ -300,7 +300,7 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, html: bool = False) -
     stages = _plot_stages(runs, names, out / "stages.png")
     if stages is not None:
         files["stages"] = stages
-    (out / "report.txt").write_text(_report_text(runs) + "\n")
+    (out / "report.txt").write_text(report_text(runs) + "\n")
     files["text"] = out / "report.txt"
     (out / "report.json").write_text(json.dumps(_report_json(runs), indent=2) + "\n")
     files["json"] = out / "report.json"

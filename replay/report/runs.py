@@ -28,8 +28,8 @@ _STAGE_COLORS = {"features": "#4C78A8", "model": "#F58518", "publish": "#54A24B"
 #: Percentile bands of total latency for the stage breakdown: (label, low %, high %).
 _BANDS = (("p0–50", 0.0, 50.0), ("p50–90", 50.0, 90.0), ("p90–99", 90.0, 99.0),
           ("p99–99.9", 99.0, 99.9), (">p99.9", 99.9, 100.0))
-_DEFAULT_OUT = "report"
-_DEFAULT_MAX_REGRESS = "10%"
+DEFAULT_OUT = "report"
+DEFAULT_MAX_REGRESS = "10%"
 
 
 class RunLoadError(ValueError):

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from replay.report.gate import _pct, check_regression, parse_max_regress
-from replay.report.output import _report_text, write_report
-from replay.report.runs import _DEFAULT_MAX_REGRESS, _DEFAULT_OUT, RunLoadError, load_run
-
-# ---------------------------------------------------------------------------- CLI
+from replay.report.gate import check_regression, parse_max_regress, pct
+from replay.report.output import report_text, write_report
+from replay.report.runs import DEFAULT_MAX_REGRESS, DEFAULT_OUT, RunLoadError, load_run
 
 
-def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``report`` subcommand to ``subparsers`` and return its parser."""
+def register(subparsers) -> None:
+    """Register the command's parser(s) on the ``tickscore`` subparsers."""
     p = subparsers.add_parser(
         "report",
         help="compare replay runs: percentile table, plots, HTML, regression check",
@@ -28,14 +25,14 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories; the first is the reference")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help=f"directory for plots and report files (default ./{_DEFAULT_OUT})")
+                   help=f"directory for plots and report files (default ./{DEFAULT_OUT})")
     p.add_argument("--html", action="store_true", help="also write a self-contained report.html")
     p.add_argument("--no-plots", action="store_true", help="print the tables only, write no files")
     p.add_argument("--check", nargs=2, metavar=("BASELINE_DIR", "CANDIDATE_DIR"),
                    help="regression gate on service-time p50 and p99: exit 0 ok, 1 regressed, 2 usage")
     p.add_argument("--max-regress", metavar="R", default=None,
                    help="allowed increase for --check: '10%%' or '0.1' (default 10%%)")
-    return p
+    p.set_defaults(handler=cmd_report)
 
 
 def _err(msg: str) -> int:
@@ -46,20 +43,20 @@ def _err(msg: str) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
         limit = parse_max_regress(
-            _DEFAULT_MAX_REGRESS if args.max_regress is None else args.max_regress
+            DEFAULT_MAX_REGRESS if args.max_regress is None else args.max_regress
         )
     except ValueError as exc:
         return _err(str(exc))
     base, cand = (load_run(d) for d in args.check)
-    print(_report_text([base, cand]))
+    print(report_text([base, cand]))
     ok, messages = check_regression(base, cand, limit)
     print()
-    print(f"regression check: {cand.name} against baseline {base.name}, max regress +{_pct(limit)}")
+    print(f"regression check: {cand.name} against baseline {base.name}, max regress +{pct(limit)}")
     for m in messages:
         print(f"  {m}")
     print("PASS" if ok else "FAIL: candidate regressed beyond the limit")
     if args.out or args.html:
-        _print_files(write_report([base, cand], args.out or _DEFAULT_OUT, args.html))
+        _print_files(write_report([base, cand], args.out or DEFAULT_OUT, args.html))
     return 0 if ok else 1
 
 
@@ -83,24 +80,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.html and args.no_plots:
             return _err("--html needs the plots; drop --no-plots")
         runs = [load_run(d) for d in args.runs]
-        print(_report_text(runs))
+        print(report_text(runs))
         if not args.no_plots:
-            _print_files(write_report(runs, args.out or _DEFAULT_OUT, args.html))
+            _print_files(write_report(runs, args.out or DEFAULT_OUT, args.html))
         return 0
     except RunLoadError as exc:
         if getattr(args, "debug", False):
             raise
         return _err(str(exc))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``report`` as a standalone command (``python -m replay.report ...``)."""
-    parser = argparse.ArgumentParser(prog="tickscore")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_report_parser(sub)
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    return cmd_report(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
