@@ -2,16 +2,49 @@
 
 Every helper is ``inline="always"``: each kernel compiles it into its own
 code, exactly as if written in place (no call, same machine code).  Numba's
-disk cache does not notice edits here in the kernels that inline them; the
-fused backend's per-tick check (:func:`models.backend_choice.check_tick_kernel`)
-catches a stale kernel, and deleting ``features/__pycache__/*.nb?`` rebuilds.
+disk cache does not notice edits here in the kernels that inline them:
+:func:`drop_stale_numba_cache`, called by each kernel module at import, deletes
+a cache older than the files it compiles in (and the fused backend's per-tick
+check, :func:`models.backend_choice.check_tick_kernel`, would catch a stale one).
 """
 
 from __future__ import annotations
 
+import glob
+import os
+from collections.abc import Iterable
+
 from numba import njit
 
-__all__ = ["NS_PER_S", "BPS", "clip", "l1_book_features"]
+__all__ = ["NS_PER_S", "BPS", "clip", "l1_book_features", "drop_stale_numba_cache"]
+
+def drop_stale_numba_cache(module_file: str, dependencies: Iterable[str]) -> None:
+    """Delete ``module_file``'s numba cache if a file it compiles in changed after it was written.
+
+    Numba's on-disk cache is keyed on the caller's own source file only, but a
+    compiled function carries the code of every ``@njit`` function it calls and
+    the values of the module constants it reads, from any module.  A cache
+    older than one of ``dependencies`` (paths or glob patterns) would run old
+    code against a new state layout; call this at import, before the first
+    compilation, with the files whose functions or constants the module's
+    kernels use.
+    """
+    newest = 0.0
+    for pattern in dependencies:
+        for dep in glob.glob(pattern):
+            try:
+                newest = max(newest, os.path.getmtime(dep))
+            except OSError:
+                pass
+    here = os.path.dirname(os.path.abspath(module_file))
+    stem = os.path.splitext(os.path.basename(module_file))[0]
+    for f in glob.glob(os.path.join(here, "__pycache__", f"{stem}.*.nb[ic]")):
+        try:
+            if os.path.getmtime(f) < newest:
+                os.remove(f)
+        except OSError:
+            pass
+
 
 #: Nanoseconds per second (float, for rates and ages).
 NS_PER_S = 1e9

@@ -26,6 +26,7 @@ a fused features+model kernel can call it from its own ``@njit`` function.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit
@@ -39,7 +40,7 @@ from engine.schema import (
     KIND_QUOTE,
     REJECT_OK,
 )
-from features.common import BPS, NS_PER_S, clip, l1_book_features
+from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features
 from features.validate import validate_tick
 
 __all__ = [
@@ -56,6 +57,10 @@ __all__ = [
     "update_tick",
     "compute_batch",
 ]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+drop_stale_numba_cache(__file__, [os.path.join(_HERE, "common.py"), os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
 
 INT64_MIN = np.iinfo(np.int64).min
 _LN2 = math.log(2.0)

@@ -26,7 +26,6 @@ prefetch the order-table slot an event a few rows ahead will look up.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 
@@ -47,15 +46,18 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
-from features import book as _bk
-from features.book import (
+from features.book.apply import book_apply
+from features.book.layout import (
     A_CROSSED,
     A_LOCKED,
     A_SAME_TS,
     A_SNAPSHOT,
+    DEFAULT_MAX_LEVELS,
+    DEFAULT_MAX_ORDERS,
     DEPTH_CLEAN,
     H_F_OFF_LEVELS,
     H_LEVELS,
+    H_MAX_LIVE,
     H_N_INST,
     H_OFF_INST,
     I_ANOM,
@@ -71,11 +73,17 @@ from features.book import (
     I_SPARE,
     NF_INST,
     NI_INST,
+    P_MAX_PRICE,
+    P_PRICE_BAND,
+    P_UNCROSS,
     _f2i,
     _i2f,
-    book_apply,
+    _prefetch,
+    new_book_state,
 )
-from features.common import BPS, NS_PER_S, clip, l1_book_features
+from features.book.levels import best_prices
+from features.book.orders import grow_book_state, prefetch_order
+from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features
 
 __all__ = [
     "N_FEATURES",
@@ -92,27 +100,11 @@ __all__ = [
 _LN2 = math.log(2.0)
 
 
-def _drop_stale_cache() -> None:
-    """Delete this module's numba cache if features/book.py changed after it was written.
-
-    numba's on-disk cache only tracks the caller's own source file, but these
-    kernels inline the book's functions: a cache older than book.py would run
-    the old book against the new state layout.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        t_book = os.path.getmtime(os.path.join(here, "book.py"))
-    except OSError:
-        return
-    for f in glob.glob(os.path.join(here, "__pycache__", "kernels_l3.*.nb[ic]")):
-        try:
-            if os.path.getmtime(f) < t_book:
-                os.remove(f)
-        except OSError:
-            pass
-
-
-_drop_stale_cache()
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# the kernels compile in the book's functions, the shared helpers and the schema's constants
+drop_stale_numba_cache(__file__, [os.path.join(_HERE, "book", "*.py"), os.path.join(_HERE, "common.py"),
+                                  os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
 # _log_checked / _log_approx constants
 _LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
 _F32_DROP_MASK = (1 << 29) - 1  # float64 mantissa bits below float32's
@@ -189,9 +181,9 @@ PARAM_NAMES = (
     "depth_levels_long",
 )
 N_PARAMS = len(PARAM_NAMES)
-assert PARAM_NAMES[_bk.P_MAX_PRICE] == "max_price"
-assert PARAM_NAMES[_bk.P_PRICE_BAND] == "price_band"
-assert PARAM_NAMES[_bk.P_UNCROSS] == "uncross"
+assert PARAM_NAMES[P_MAX_PRICE] == "max_price"
+assert PARAM_NAMES[P_PRICE_BAND] == "price_band"
+assert PARAM_NAMES[P_UNCROSS] == "uncross"
 P_HL_RET = 3
 P_HL_TRADE = 6
 P_HL_VWAP = 7
@@ -266,8 +258,8 @@ I_HAVE_MID = I_SPARE  # 1 once the instrument had a two-sided book
 def new_state(
     n_instruments: int,
     *,
-    max_orders: int = _bk.DEFAULT_MAX_ORDERS,
-    max_levels: int = _bk.DEFAULT_MAX_LEVELS,
+    max_orders: int = DEFAULT_MAX_ORDERS,
+    max_levels: int = DEFAULT_MAX_LEVELS,
     crossing_add: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return fresh ``(fstate, istate)`` for ``n_instruments`` (see :func:`features.book.new_book_state`).
@@ -279,7 +271,7 @@ def new_state(
     ``crossing_add``, the venue's meaning of a marketable add (``keep``,
     ``uncross``, ``aggressor``; None: the ``uncross`` parameter decides).
     """
-    return _bk.new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels,
+    return new_book_state(n_instruments, max_orders=max_orders, max_levels=max_levels,
                               crossing_add=crossing_add)  # fmt: skip
 
 
@@ -653,10 +645,10 @@ def _prefetch_ahead(ticks, j, n, istate):
     ``_PREFETCH_ROWS`` ahead and the order slot of the event ``_PREFETCH`` ahead.
     Changes no result."""
     if j + _PREFETCH_ROWS < n:  # an event spans up to two cache lines
-        _bk._prefetch(ticks, j + _PREFETCH_ROWS, 0)
-        _bk._prefetch(ticks, j + _PREFETCH_ROWS, 64)
+        _prefetch(ticks, j + _PREFETCH_ROWS, 0)
+        _prefetch(ticks, j + _PREFETCH_ROWS, 64)
     if j + _PREFETCH < n:
-        _bk.prefetch_order(ticks, j + _PREFETCH, istate)
+        prefetch_order(ticks, j + _PREFETCH, istate)
 
 
 @njit(cache=True, nogil=True)
@@ -813,7 +805,7 @@ def compute_batch_top(ticks, fstate, istate, params, X_out, flags_out, counters,
         flags_out[j] = f
         if f >= 0:
             n_ok += 1
-            b, a = _bk.best_prices(fstate, istate, ticks[j].instrument)
+            b, a = best_prices(fstate, istate, ticks[j].instrument)
             bid_out[j] = b
             ask_out[j] = a
         else:
@@ -868,7 +860,7 @@ def compute_batch_auto(ticks, state, params, X_out, flags_out, counters, grow=4)
         done = compute_batch_grow(ticks[j:], state[0], state[1], params, X_out[j:], flags_out[j:], counters)
         j += done
         if j < n:
-            cap = int(state[1][_bk.H_MAX_LIVE])
-            state[0], state[1] = _bk.grow_book_state(state[0], state[1], cap * grow)
+            cap = int(state[1][H_MAX_LIVE])
+            state[0], state[1] = grow_book_state(state[0], state[1], cap * grow)
             grown += 1
     return grown

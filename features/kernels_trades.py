@@ -23,6 +23,7 @@ State: ``fstate`` float64 ``(n_instruments, NF_STATE)``, ``istate`` int64
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit
@@ -39,7 +40,7 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
-from features.common import BPS, NS_PER_S, clip
+from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache
 
 __all__ = [
     "N_FEATURES",
@@ -54,6 +55,10 @@ __all__ = [
     "update_tick",
     "compute_batch",
 ]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+drop_stale_numba_cache(__file__, [os.path.join(_HERE, "common.py"), os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
 
 INT64_MIN = np.iinfo(np.int64).min
 _LN2 = math.log(2.0)

@@ -36,6 +36,7 @@ from features import book
 from features import kernels as k_l1
 from features import kernels_l3 as k_l3
 from features import kernels_trades as k_trades
+from features.book import layout as book_layout
 
 __all__ = ["Kernels", "kernels_for", "FAMILIES"]
 
@@ -66,10 +67,10 @@ def _l1_trades_seen(istate: np.ndarray) -> int:
 
 
 def _l3_trades_seen(istate: np.ndarray) -> int:
-    n = int(istate[book.H_N_INST])
-    off = int(istate[book.H_OFF_INST])
-    blk = istate[off : off + n * book.NI_INST].reshape(n, book.NI_INST)
-    return int((blk[:, book.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
+    n = int(istate[book_layout.H_N_INST])
+    off = int(istate[book_layout.H_OFF_INST])
+    blk = istate[off : off + n * book_layout.NI_INST].reshape(n, book_layout.NI_INST)
+    return int((blk[:, book_layout.I_LAST_TRADE_TS] != np.iinfo(np.int64).min).sum())
 
 
 @functools.cache

@@ -7,6 +7,7 @@ so a call costs one numba dispatch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from engine.schema import TICK_DTYPE
+from features.common import drop_stale_numba_cache
 from features.kernels import apply_tick as _l1_apply_tick
 from features.kernels_l3 import apply_tick as _l3_apply_tick
 from features.kernels_trades import apply_tick as _trades_apply_tick
@@ -22,6 +24,13 @@ from features.registry import kernels_for
 from models.program import UnsupportedGraph, _run_program
 
 __all__ = ["TickContext", "tick_kernel_for"]
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tick kernels compile in every feature kernel, the book and the program interpreter
+drop_stale_numba_cache(__file__, [os.path.join(_ROOT, "features", "*.py"),
+                                  os.path.join(_ROOT, "features", "book", "*.py"),
+                                  os.path.join(_ROOT, "models", "program.py"),
+                                  os.path.join(_ROOT, "engine", "schema.py")])  # fmt: skip
 
 # --------------------------------------------------------------------------- per-tick kernels
 # A numba call costs ~45 ns per array argument (and ~150 ns more for the record

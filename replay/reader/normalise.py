@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -20,10 +21,15 @@ from engine.schema import (
     REJECT_OK,
     TICK_DTYPE,
 )
+from features.common import drop_stale_numba_cache
 from features.validate import validate_tick
 from replay.mapping import KIND_CLEAR, KIND_PRINT, KIND_SKIP, ColumnMapping, norm_code
 from replay.reader.base import _INT64_MAX, _UNIT_NS, QUOTE_COLUMNS, TRADE_COLUMNS
 from replay.reader.plan import _Plan
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+drop_stale_numba_cache(__file__, [os.path.join(_ROOT, "features", "validate.py"),
+                                  os.path.join(_ROOT, "engine", "schema.py")])  # fmt: skip
 
 
 def _where(ok: pl.Series, v: pl.Series, other: pl.Series | None = None) -> pl.Series:
