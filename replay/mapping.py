@@ -25,75 +25,10 @@ TOML (``--map-file``): the same keys at top level, code tables as tables::
 Later keys override earlier ones: preset, then the file, then ``--map`` flags
 in order.
 
-Field keys (value = the vendor column name; ``a|b`` = first non-null of
-columns ``a`` and ``b`` row by row, missing columns skipped; ``=X`` = the
-constant ``X``):
-
-=============  ===================================================================
-key            normalised field
-=============  ===================================================================
-ts_event       exchange / event time (``ts_event_ns``); required
-ts_recv        local receive time (``ts_recv_ns``); optional (default: ts_event)
-symbol         instrument symbol; default: the column ``symbol`` if present,
-               else the file name without suffixes (``btcusdt.csv.gz`` -> ``btcusdt``)
-kind           event code, translated by ``kinds``; default: the column ``kind``,
-               or every row a trade for the ``trades`` shape
-side           side code, translated by ``sides``; optional (0)
-price, size    trade / order price and size
-bid_px, bid_sz, ask_px, ask_sz
-               L1 quote fields
-order_id       order id (L3): integers, or any text (hashed to 64 bits)
-=============  ===================================================================
-
-Option keys:
-
-``shape``: ``l1`` | ``trades`` | ``l3`` (also ``--shape``).
-``preset``: ``lobster`` | ``databento-mbo`` | ``normalised`` (defaults for the key set).
-``format``: ``auto`` (by suffix, then content) | ``csv`` | ``parquet``.
-``header``: ``true`` | ``false``; without a header CSV columns are named
-``column_1``, ``column_2``, ...
-``separator``: one character, or ``comma`` / ``tab`` / ``semicolon`` / ``pipe`` / ``space``.
-``ts_unit``: ``auto`` | ``ns`` | ``us`` | ``ms`` | ``s`` | ``datetime``; numbers are
-epoch times in that unit (``auto`` picks by magnitude: >= 1e17 ns, >= 1e14 us,
->= 1e11 ms, >= 1e8 s).  Decimal text (``1585180700.0647``, ``34200.004241176``)
-is converted exactly (no float rounding) to ns.  ``datetime``: ISO 8601 /
-``ts_format`` strings or Parquet timestamps.  ``auto`` also accepts datetimes.
-``ts_recv_unit``: the same for ``ts_recv`` (default: ``ts_unit``).
-``ts_format``: strftime format of datetime strings (default: ISO 8601 inference).
-``ts_tz``: time zone of naive datetimes and of ``ts_date`` (default ``UTC``),
-e.g. ``America/New_York``.
-``ts_date``: ``YYYY-MM-DD``: times are time since midnight of that date
-(LOBSTER ``34200.004`` = 09:30:00.004), as numbers in ``ts_unit`` (default s) or
-``HH:MM:SS[.fff]`` strings.
-``price_scale``: multiply every price by this (``0.0001`` for LOBSTER's
-price x 10000; ``1e-9`` for fixed-point nanos).  A power of ten is applied as an
-exact decimal division.
-``price_int_scale``: like ``price_scale`` but only when the price column holds
-integers (Databento: fixed-point integers, or decimal text with ``pretty_px``).
-``size_scale``: multiply sizes by this.
-``kinds.<code>``: event code -> one of ``quote``, ``trade`` (a fill when it names an
-order id), ``fill`` (= trade), ``print`` (a trade that never touches the book; the
-order id is dropped), ``add``, ``modify``, ``delete`` (= ``cancel``), ``clear``
-(remove all of the instrument's orders), ``skip`` (drop the row; counted as
-``skipped``).  Codes are matched case-insensitively after trimming; integral
-numbers match their integer text (``1.0`` -> ``1``).
-``sides.<code>``: side code -> ``buy`` | ``sell`` | ``none`` (or +1 / -1 / 0).
-``trade_side``: ``aggressor`` (default: a trade's side is the aggressor's) or
-``resting`` (the file gives the resting order's side on trades, as LOBSTER and
-Coinbase do: it is negated).
-``order_id_hash``: ``auto`` (hash text ids that are not all integers) | ``true`` | ``false``.
-``crossing_add`` (L3): what an add at or through the opposite best price means on
-this venue: ``uncross`` (default: the opposite levels it crosses are stale and
-dropped), ``aggressor`` (the venue announces an incoming taker as an add at its
-limit price before the fills: it is held off the book while it crosses and its
-remainder rests once it no longer does) or ``keep`` (every order as received).
-See :mod:`features.book`.
-
-Default codes (always active, a mapping adds to or overrides them):
-kinds ``1 quote 2 trade 3 add 4 modify 5 delete`` and the names ``quote trade
-print fill add modify delete cancel clear skip book_add book_modify
-book_delete``; sides ``1 +1 b buy bid`` -> +1, ``-1 s sell a ask offer`` -> -1,
-``0 n none`` -> 0.
+Every key (fields, units, timestamps, price encodings, event and side codes,
+``crossing_add`` for L3 venues) is documented once, in the README's
+"Bringing your own data"; :data:`FIELDS` lists the fields and
+:func:`build_mapping` checks every key and value with a message naming it.
 """
 
 from __future__ import annotations
