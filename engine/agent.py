@@ -52,8 +52,13 @@ class Agent:
         """Do a bounded unit of work; return the amount done (0 = idle)."""
         raise NotImplementedError
 
-    def housekeeping(self, now_ns: int) -> None:
-        """Periodic off-tick work (progress, stats); called every few thousand duty cycles."""
+    def housekeeping(self, now_ns: int) -> bool | None:
+        """Periodic off-tick work (progress, stats); called every few thousand duty cycles.
+
+        Return True when this call replaced the agent's ``do_work`` (e.g. a hot
+        model reload swapped in a backend with another per-tick path): the
+        runner then binds the new one.  Anything else keeps the bound method.
+        """
 
     def keep_warm(self) -> bool:
         """Exercise the hot path on throwaway state while idle (``keep_warm_ns``); return whether it ran."""
@@ -387,9 +392,7 @@ class AgentRunner:
                         idle()
                         idled = True
                     cycles += 1
-                    if not cycles & mask:
-                        hk(clock())
-                        # housekeeping may swap the agent's do_work (hot model reload)
+                    if not cycles & mask and hk(clock()):  # True: the agent replaced do_work
                         do_work = agent.do_work
             except Exception as exc:  # noqa: BLE001 - error handler + counter, loop survives
                 self.invoker.on_error(exc)

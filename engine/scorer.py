@@ -301,14 +301,19 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         t_model = time.perf_counter_ns()
         return self._finish_sampled(src, i, t_in, t_model, t_model, flags, score, seq)
 
-    def housekeeping(self, now_ns: int) -> None:
-        """Swap in a validated model, run reload triggers, report progress (off the per-tick path)."""
-        if self._pending is not None:
+    def housekeeping(self, now_ns: int) -> bool:
+        """Swap in a validated model, run reload triggers, report progress (off the per-tick path).
+
+        Returns True when a swap replaced ``do_work`` (the runner rebinds it).
+        """
+        swapped = self._pending is not None
+        if swapped:
             self._swap()
         for trigger in self.triggers:
             trigger(self, now_ns)
         if self.progress is not None:
             self.progress(self, now_ns)
+        return swapped
 
     # -- results ------------------------------------------------------------------
     def rejected_by_reason(self) -> dict[str, int]:
