@@ -4,11 +4,11 @@
 what a trading system on the same host sees: three processes besides the
 coordinator,
 
-* a **publisher** (``python -m replay.wire_mode publish``) that sends the ticks of
+* a **publisher** (a worker process, :func:`worker_main` ``publish``) that sends the ticks of
   the data file as ``Tick`` messages at the chosen pace,
 * the **service** (``tickscore serve``): a running one (``--service-config``) or
   one spawned for the run (``--spawn``, the default),
-* a **subscriber** (``python -m replay.wire_mode subscribe``) that receives the
+* a **subscriber** (:func:`worker_main` ``subscribe``) that receives the
   scores,
 
 and reports **wire-to-wire latency = subscriber receive time - the tick's
@@ -395,8 +395,11 @@ def _wait_service(proc, endpoint: str, timeout_s: float, log: Path) -> dict:
 
 def _client(role: str, spec: dict, spec_path: Path) -> subprocess.Popen:
     spec_path.write_text(json.dumps(spec))
+    # the worker process runs worker_main directly (as the chunk reader does): no command line to parse
+    code = ("import sys; from replay.wire_mode import worker_main; "
+            f"sys.exit(worker_main({role!r}, {str(spec_path)!r}))")
     return subprocess.Popen(
-        [sys.executable, "-m", "replay.wire_mode", role, str(spec_path)],
+        [sys.executable, "-c", code],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=str(Path(__file__).resolve().parents[1]),
     )
@@ -666,16 +669,9 @@ def _progress(args, msg: str) -> None:
         print(f"tickscore replay: {msg}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------ command line
-
-
-def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("publish", "subscribe"):
-        print("usage: python -m replay.wire_mode publish|subscribe SPEC.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[1]).read_text())
-    return _publisher(spec) if argv[0] == "publish" else _subscriber(spec)
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+def worker_main(role: str, spec_path: str) -> int:
+    """Entry of a wire-mode worker process: ``role`` publish or subscribe, its spec in a JSON file."""
+    if role not in ("publish", "subscribe"):
+        raise ValueError(f"unknown wire-mode worker role {role!r}")
+    spec = json.loads(Path(spec_path).read_text())
+    return _publisher(spec) if role == "publish" else _subscriber(spec)
