@@ -198,12 +198,7 @@ def _run_inprocess(args: argparse.Namespace) -> int:
     if s["rejected_by_reason"]:
         reasons = ", ".join(f"{k} {v:,}" for k, v in s["rejected_by_reason"].items())
         print(f"  rejected by reason: {reasons}")
-    print()
-    print(res.table())
-    if res.out_files:
-        print()
-        for name, path in res.out_files.items():
-            print(f"  {name:<8} {path}")
+    _print_table_and_files(res)
     return 0
 
 
@@ -229,10 +224,15 @@ def cmd_replay_wire(args) -> int:
     )
     print("  wire (intended) = receive - intended send time (the headline, latency_ns); "
           "wire (sent) = receive - actual send; service = ts_out - ts_in inside the service")
+    _print_table_and_files(res)
+    return 0
+
+
+def _print_table_and_files(res) -> None:
+    """Print the percentile table and the files written (in-process and wire runs alike)."""
     print()
     print(res.table())
     if res.out_files:
         print()
         for name, path in res.out_files.items():
             print(f"  {name:<8} {path}")
-    return 0
