@@ -625,8 +625,3 @@ def run_service(cfg: ServiceConfig, config_path: str | None = None) -> dict:
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-# ---------------------------------------------------------------------- command line
-
-

@@ -116,5 +116,3 @@ def subscribe_aeron(channel: str, stream_id: int, aeron_dir: str, topics=("",), 
             idle.idle(sub.poll(handler, 64))
     finally:
         aeron.close()
-
-

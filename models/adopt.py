@@ -251,5 +251,3 @@ def _quantize(model: onnx.ModelProto, out: Path, meta: ModelMetadata, X: np.ndar
     write_metadata(q, meta8)
     onnx.save(q, str(out8))
     return {"written": True, "path": str(out8), "version": meta8.model_version}
-
-

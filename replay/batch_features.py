@@ -261,5 +261,3 @@ def compute_features(
         "events_per_s": n_events / wall if wall > 0 else 0.0,
         "kernel_events_per_s": n_events / t_kernel if t_kernel > 0 else 0.0,
     }
-
-

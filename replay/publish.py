@@ -336,5 +336,3 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
             "symbols": symbols, "reader_rejected": {k: v for k, v in chunks.rejected.items() if v},
             **{k: np.concatenate(v) for k, v in rec.items()}}
-
-
