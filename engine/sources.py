@@ -333,7 +333,9 @@ class AeronTickSource(_LiveSource):
     -----
     ``poll`` asks the subscription for at most one fragment (``fragment_limit=1``,
     fragments reassembled), so the agent scores one tick per duty cycle and the
-    rest wait in the log.  An empty poll costs ~0.1 us.
+    rest wait in the log; a message in several fragments is scored once, on the
+    poll that completes it.  An empty poll costs ~0.1 us.  ``received`` counts
+    whole messages.
     """
 
     name = "aeron"
@@ -371,14 +373,21 @@ class AeronTickSource(_LiveSource):
         self.slot.bind_counters(counters)
 
     def _on_fragment(self, buf, header) -> None:
+        # Called once per whole (reassembled) message, never for a partial fragment.
+        self.received += 1
         self._ok = self._ingest(buf)
 
     def poll(self) -> int:
-        """Return 0 when a tick was written into ``ticks[0]``, else -1.  Never raises on bad input."""
-        if self._poll(self._handler, 1):
-            self.received += 1
-            return 0 if self._ok else -1
-        return -1
+        """Return 0 when a tick was written into ``ticks[0]``, else -1.  Never raises on bad input.
+
+        The poll may consume one fragment of a message still being reassembled:
+        the handler is then not called, so ``_ok`` is reset first and a tick is
+        reported only when this poll completed a valid message (it used to keep
+        the previous tick's flag and score that tick again per fragment).
+        """
+        self._ok = False
+        self._poll(self._handler, 1)
+        return 0 if self._ok else -1
 
     @property
     def connected(self) -> bool:
