@@ -9,8 +9,7 @@ request                reply
 ``status``             counters so far: ticks in, scores out, rejected (by reason), drops and
                        back-pressure per sink, model version, latency percentiles (ns) ...
 ``reload PATH``        the reload ticket (``status`` pending/swapped/rejected, ``message``,
-                       ``swap_seq``, ``version``), or ``"ok": false`` when this build of the
-                       agent has no hot reload
+                       ``swap_seq``, ``version``)
 ``stop``               graceful stop: stop reading, score what was received, flush the sinks;
                        the reply (sent once that is done) is the final report
 ``{"command": "reload", "path": "m.onnx"}``   JSON form of the same requests
@@ -19,6 +18,14 @@ request                reply
 The service polls the socket without blocking from the agent's housekeeping
 (every few thousand idle duty cycles, i.e. within milliseconds), never on the
 per-tick path.  :func:`request` is the client side (``tickscore control``).
+
+Any client gets an answer or nothing, never a broken socket: a request is one
+frame of at most :data:`MAX_REQUEST_BYTES` (libzmq drops a longer one and the
+connection that sent it: no large allocation, nothing parsed); a multi-frame
+request, bad UTF-8, bad or deeply nested JSON, an unknown command or a command
+with words it does not take (``stop now please``) is answered with
+``"ok": false`` and the reason; a socket error re-creates the socket.  Nothing
+the control channel meets raises into the agent.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ __all__ = ["ControlServer", "DEFER", "parse_request", "request", "status_or_none
 DEFER = object()
 
 COMMANDS = ("status", "reload", "stop")
+#: Largest request accepted (bytes); larger messages are dropped by libzmq (``ZMQ_MAXMSGSIZE``).
+MAX_REQUEST_BYTES = 64 * 1024
+_JSON_KEYS = {"command", "path", "arg"}
 
 
 class ControlError(RuntimeError):
@@ -51,10 +61,14 @@ def parse_request(msg: bytes) -> tuple[str, str | None]:
     if text.startswith("{"):
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"request is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ValueError(f"request is not valid JSON: {why}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
             raise ValueError('JSON request must be an object with a "command" string')
+        extra = sorted(set(obj) - _JSON_KEYS)
+        if extra:
+            raise ValueError(f"unknown request fields {extra}; fields: command, path")
         cmd = obj["command"].strip().lower()
         arg = obj.get("path", obj.get("arg"))
         arg = None if arg is None else str(arg)
@@ -63,7 +77,9 @@ def parse_request(msg: bytes) -> tuple[str, str | None]:
         cmd = cmd.lower()
         arg = rest.strip() or None
     if cmd not in COMMANDS:
-        raise ValueError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")
+        raise ValueError(f"unknown command {cmd[:40]!r}; commands: {', '.join(COMMANDS)}")
+    if cmd != "reload" and arg is not None:
+        raise ValueError(f"{cmd} takes no argument (got {arg[:40]!r})")
     if cmd == "reload" and not arg:
         raise ValueError("reload needs a model path: 'reload /path/to/model.onnx'")
     return cmd, arg
@@ -84,34 +100,60 @@ class ControlServer:
     def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object]) -> None:
         self.endpoint = endpoint
         self.handler = handler
-        self.sock = ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        try:
-            ensure_ipc_free(endpoint)
-            self.sock.bind(endpoint)
-        except (zmq.ZMQError, OSError) as exc:
-            self.sock.close(0)
-            raise OSError(f"cannot bind the control socket to {endpoint!r}: {exc}") from exc
-        self._get = self.sock.get
-        self._events = int(zmq.EVENTS)
-        self._pollin = int(zmq.POLLIN)
-        self._nb = int(zmq.NOBLOCK)
-        self._again = zmq.Again
+        self.ctx = ctx
+        ensure_ipc_free(endpoint)
+        self.sock = self._bind()
         self.deferred = False
         self.handled = 0
+        #: requests answered with ``"ok": false`` because they were malformed
+        self.bad_requests = 0
+        #: socket errors recovered by re-creating the socket
+        self.socket_errors = 0
+
+    def _bind(self):
+        sock = self.ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        try:
+            sock.bind(self.endpoint)
+        except (zmq.ZMQError, OSError) as exc:
+            sock.close(0)
+            raise OSError(f"cannot bind the control socket to {self.endpoint!r}: {exc}") from exc
+        return sock
+
+    def _reset(self) -> None:
+        """Re-create the socket after an error left it unusable (a half-done exchange)."""
+        self.socket_errors += 1
+        self.deferred = False
+        try:
+            self.sock.close(0)
+        except zmq.ZMQError:
+            pass
+        try:
+            self.sock = self._bind()
+        except OSError:  # the address is taken meanwhile: try again at the next poll
+            self.sock = self.ctx.socket(zmq.REP)
 
     def poll(self) -> int:
-        """Answer at most one waiting request; return 1 if one was handled, else 0."""
-        if self.deferred or not self._get(self._events) & self._pollin:
+        """Answer at most one waiting request; return 1 if one was handled, else 0.  Never raises."""
+        if self.deferred:
             return 0
         try:
-            msg = self.sock.recv(self._nb)
-        except self._again:
+            if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return 0
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return 0
+        except zmq.ZMQError:
+            self._reset()
             return 0
         self.handled += 1
         try:
-            cmd, arg = parse_request(msg)
+            if len(frames) != 1:
+                raise ValueError(f"a request is one frame of text or JSON, got {len(frames)} frames")
+            cmd, arg = parse_request(frames[0])
         except ValueError as exc:
+            self.bad_requests += 1
             self._send({"ok": False, "error": str(exc)})
             return 1
         try:
@@ -125,7 +167,10 @@ class ControlServer:
         return 1
 
     def _send(self, obj) -> None:
-        self.sock.send(json.dumps(obj, default=str).encode())
+        try:
+            self.sock.send(json.dumps(obj, default=str).encode(), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self._reset()
 
     def reply_deferred(self, obj) -> None:
         """Send the answer of a deferred request (e.g. the final report of ``stop``)."""

@@ -53,6 +53,9 @@ from engine.zmq_io import ensure_ipc_free
 
 __all__ = ["TickSlot", "ZmqTickSource", "AeronTickSource", "MultiSource", "StrictTick"]
 
+#: Largest ZeroMQ frame a tick source accepts (``ZMQ_MAXMSGSIZE``); a Tick is a few hundred bytes.
+MAX_TICK_FRAME_BYTES = 64 * 1024
+
 
 class StrictTick(
     msgspec.Struct, array_like=True, tag=TICK_SCHEMA_ID, frozen=True, forbid_unknown_fields=True
@@ -230,7 +233,8 @@ class ZmqTickSource(_LiveSource):
     burst costs no readiness checks.  Frames are received without copying so the
     "more" flag is free: a message of one frame, or of three or more, is drained
     whole and counted as malformed, so a bad sender never shifts the framing of
-    the next message.
+    the next message.  A frame over :data:`MAX_TICK_FRAME_BYTES` never arrives:
+    libzmq drops it, and the connection that sent it, without allocating it.
     """
 
     name = "zmq"
@@ -256,6 +260,8 @@ class ZmqTickSource(_LiveSource):
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a longer frame (and the connection that sent it) before allocating it
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_TICK_FRAME_BYTES)
         for prefix in subscribe:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         try:

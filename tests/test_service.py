@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, load_config, parse_config
-from engine.control import request
+from engine.control import ControlError, request
 from tests.conftest import SYMBOLS, Svc, _aeron_dir, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +216,35 @@ def test_control_rejects_unknown_commands_and_reload_swaps_the_model(zmq_service
     last = st["reloads"][-1]
     assert last["status"] == "swapped", last
     assert st["model"]["version"] == last["version"]
+
+
+def test_control_survives_any_client_and_answers_every_bad_request(zmq_service):
+    """Malformed control traffic never reaches the agent's error budget (issue: operable service, 3 and 4)."""
+    import zmq
+
+    svc = zmq_service
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 10_000)
+    dealer.connect(svc.control)
+    try:
+        for _ in range(1_200):  # more than the runner's 1,000-error budget
+            dealer.send_multipart([b"", b"status", b"x"])
+            empty, reply = dealer.recv_multipart()
+            assert empty == b"" and "one frame" in json.loads(reply)["error"]
+    finally:
+        dealer.close(0)
+    nested = '{"command":"status","x":' + "[" * 20_000
+    for text, why in ((nested, "not valid JSON"), ("stop now please", "stop takes no argument"),
+                      ('{"command": "status", "extra": 1}', "unknown request fields"),
+                      ("explode", "unknown command")):
+        r = request(svc.control, text)
+        assert r["ok"] is False and why in r["error"], (text[:30], r)
+    with pytest.raises(ControlError):  # over MAX_REQUEST_BYTES: dropped by libzmq, no answer, no parse
+        request(svc.control, "status " + "x" * (128 * 1024), timeout_s=1.0)
+    st = svc.status()  # still answering, still running, no error charged to the hot agent
+    assert st["ok"] and st["state"] == "running" and st["errors"] == 0
 
 
 # ------------------------------------------------------------------------------ Aeron
