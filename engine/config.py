@@ -86,10 +86,21 @@ _AERON_SCHEMES = ("aeron:ipc", "aeron:udp")
 Port = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+#: Latency ring entries: two int64 rings of this many (2**27: 2 GiB), allocated at start-up.
+RecorderCapacity = Annotated[int, msgspec.Meta(ge=1, le=1 << 27)]
+#: Keep-warm period (µs): at most one second.
+KeepWarmUs = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 
 
 class ConfigError(ValueError):
     """A configuration file cannot be read or has a bad key or value (message names both)."""
+
+
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set()
 
 
 class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -108,13 +119,13 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     #: While idle, run one synthetic tick through features + model on throwaway state
     #: every this many microseconds, so the next real tick finds the code and the
     #: model warm (0 = off).  Costs one model call per period on the hot core only.
-    keep_warm_us: NonNegative = 100
+    keep_warm_us: KeepWarmUs = 100
     #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
     freeze_gc: bool = True
     #: Duty cycles between housekeeping calls (control socket, stats); power of two, 0 = by idle.
     housekeeping_every: NonNegative = 0
     #: Latest ticks whose (t_in, t_out) are kept in the ring for the final statistics.
-    recorder_capacity: Positive = 1 << 20
+    recorder_capacity: RecorderCapacity = 1 << 20
     #: First N latencies of the run excluded from the final statistics.
     warmup_ticks: NonNegative = 1000
     #: Graceful stop: at most this long scoring what was already received.
@@ -126,6 +137,11 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
         h = self.housekeeping_every
         if h and h & (h - 1):
             raise ValueError(f"housekeeping_every = {h}: must be a power of two (or 0 = automatic)")
+        allowed = _allowed_cpus()
+        missing = sorted(set(self.helper_cpus) - allowed) if allowed else []
+        if missing:
+            raise ValueError(f"helper_cpus = {self.helper_cpus}: core(s) {missing} are not available to this "
+                             f"process (allowed: {sorted(allowed)})")  # fmt: skip
 
 
 class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -452,15 +468,30 @@ def parse_config(raw: dict, source: str = "config") -> ServiceConfig:
         raise ConfigError(_format_error(exc, raw, source)) from None
 
 
+def check_output_dir(path: str) -> None:
+    """Create ``[output] dir`` and check it is writable at start-up (at stop the summary would be lost)."""
+    if not path:
+        return
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".tickscore-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output.dir = {path!r}: not writable: {exc.strerror or exc}") from None
+
+
 def load_config(path: str | Path | None) -> ServiceConfig:
     """Read and validate a TOML config file (``None`` = all defaults); raise :class:`ConfigError`."""
     if path is None:
         return ServiceConfig()
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text (UTF-8) TOML file") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +38,10 @@ from engine.wire import SCORE_SCHEMA_ID, ScoreEncoder
 from features.kernels import new_state as _l1_new_state
 from features.kernels import update_tick as _l1_update_tick
 
-__all__ = ["ScoringAgent"]
+__all__ = ["ScoringAgent", "MAX_RELOAD_TICKETS"]
+
+#: Reload tickets kept (status, summary); older ones are forgotten.
+MAX_RELOAD_TICKETS = 64
 
 
 class ScoringAgent(HotReload, KeepWarm, Agent):
@@ -123,7 +127,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         self.backend_loader = backend_loader
         self.triggers = list(triggers)
         self.parity_X = parity_X
-        self.reloads: list[ReloadTicket] = []
+        #: the latest reload tickets (bounded: a service may take reloads for months)
+        self.reloads: deque[ReloadTicket] = deque(maxlen=MAX_RELOAD_TICKETS)
         self._pending: ReloadTicket | None = None
         self._reloading: ReloadTicket | None = None
         self._reload_lock = threading.Lock()

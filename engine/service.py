@@ -45,7 +45,7 @@ import zmq
 
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
-from engine.config import ServiceConfig
+from engine.config import ServiceConfig, check_output_dir
 from engine.control import DEFER, ControlServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher
@@ -179,6 +179,7 @@ class Service:
 
     def _build(self) -> None:
         cfg = self.cfg
+        check_output_dir(cfg.output.dir)  # before anything starts: a stop must be able to write
         hot, helpers = self._cores()
         self.helper_cpus = helpers
         io_cpu = min(helpers) if helpers else None
@@ -459,7 +460,7 @@ class Service:
             **self._input_state(),
         }
         if agent.reloads:
-            rec["reloads"] = [t.as_dict() for t in agent.reloads[-8:]]
+            rec["reloads"] = [t.as_dict() for t in list(agent.reloads)[-8:]]
         return rec
 
     def _input_state(self) -> dict:

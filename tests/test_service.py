@@ -82,6 +82,27 @@ def test_bad_config_key_or_value_is_a_clear_error_naming_it(tmp_path):
         load_config(example)
 
 
+def test_config_values_that_would_fail_late_are_refused_up_front(tmp_path):
+    """Issue: operable service, defect 12: each of these failed at run time, or not at all."""
+    with pytest.raises(ConfigError, match=r"engine\.recorder_capacity = 1099511627776: expected `int` <= "):
+        parse_config({"engine": {"recorder_capacity": 2**40}}, "svc.toml")  # was a MemoryError
+    with pytest.raises(ConfigError, match=r"engine\.keep_warm_us = .*expected `int` <= 1000000"):
+        parse_config({"engine": {"keep_warm_us": 10**20}}, "svc.toml")
+    with pytest.raises(ConfigError, match=r"engine\.helper_cpus = \[99\]: core\(s\) \[99\] are not"):
+        parse_config({"engine": {"helper_cpus": [99]}}, "svc.toml")
+    binary = tmp_path / "cfg.toml"
+    binary.write_bytes(b"\x00\xff\xfe\x89PNG")
+    with pytest.raises(ConfigError, match=r"cfg\.toml: not a text \(UTF-8\) TOML file"):
+        load_config(binary)
+    from engine.config import check_output_dir
+
+    (tmp_path / "a_file").write_text("")  # a directory below a file cannot be made, even by root
+    with pytest.raises(ConfigError, match=r"output\.dir = .*not writable"):
+        check_output_dir(str(tmp_path / "a_file" / "out"))
+    check_output_dir(str(tmp_path / "new" / "out"))  # created
+    assert (tmp_path / "new" / "out").is_dir() and not list((tmp_path / "new" / "out").iterdir())
+
+
 def test_serve_with_a_bad_config_exits_2_before_starting_anything(tmp_path):
     port = _free_port()
     cfg = tmp_path / "svc.toml"
