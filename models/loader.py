@@ -12,7 +12,7 @@ from typing import Protocol
 
 import onnx
 
-from models.metadata import ModelError, ModelMetadata, metadata_from_model
+from models.metadata import ModelError, ModelMetadata, make_model_version, metadata_from_model
 from models.onnx_graph import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
@@ -109,6 +109,14 @@ def load_checked(path: str | Path, feature_set: FeatureSetLike) -> tuple[onnx.Mo
     if width != len(fs_names):
         raise ModelError(
             f"{src}: model input has {width} features, feature set {fs_id!r} has {len(fs_names)}"
+        )
+    content = make_model_version(model, meta.quantization)
+    if meta.model_version != content:
+        # Every score carries model_version: it must name these weights, not whatever the metadata says.
+        raise ModelError(
+            f"{src}: the metadata's model_version {meta.model_version!r} does not match the file's "
+            f"weights ({content!r}): the graph was changed after it was stamped; stamp it again "
+            "(tickscore adopt) or use the original file"
         )
     return model, meta
 

@@ -136,6 +136,21 @@ def test_model_of_another_feature_set_is_rejected_and_old_model_keeps_serving(ti
     assert np.max(np.abs(np.array(sink.score) - offline[A])) < 1e-5
 
 
+def test_a_tampered_model_keeping_the_original_version_is_refused(ticks, offline, tmp_path):
+    """Issue: operable service, defect 2: a changed output bias must not score under the old version."""
+    from onnx import numpy_helper
+
+    bad = tmp_path / "tampered.onnx"
+    m = onnx.load(str(A))
+    bias = next(i for i in m.graph.initializer if i.name == "out_b")  # the output bias
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) - 1e4, "out_b"))  # every score ~0
+    onnx.save(m, str(bad))  # metadata (with the original model_version) copied unchanged
+    agent, sink, ticket = _run(ticks, "auto", "auto", bad, speed=600.0)
+    assert ticket.status == "rejected" and "does not match the file's weights" in ticket.message, ticket
+    assert set(sink.version) == {OrtBackend(A, FS).version}
+    assert np.max(np.abs(np.array(sink.score) - offline[A])) < 1e-5
+
+
 def test_missing_model_is_rejected_with_a_clear_message(ticks):
     first = select_backend("ort", A, FS)
     agent = ScoringAgent(ReplaySource(ticks[:10]), first.backend, [_Capture()], ["a", "b", "c"],
