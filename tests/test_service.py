@@ -268,6 +268,31 @@ def test_control_survives_any_client_and_answers_every_bad_request(zmq_service):
     assert st["ok"] and st["state"] == "running" and st["errors"] == 0
 
 
+def test_a_second_service_on_the_same_endpoints_fails_clearly_and_the_first_keeps_serving(zmq_service):
+    """Issue: operable service, defect 6: the second start must not take the first one's ipc paths."""
+    svc = zmq_service
+    before = svc.status()
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(svc.cfg)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "is served by a running process" in run.stderr and "Traceback" not in run.stderr
+    for path in (svc.ticks, svc.scores):  # the first service's socket files are still there ...
+        assert os.path.exists(path[len("ipc://"):])
+    after = svc.status()  # ... and it still answers, still bound: a publisher reaches it
+    assert after["state"] == "running" and after["pid"] == before["pid"]
+    sub = pub = None
+    try:
+        sub = _client("subscribe", {"via": "zmq", "endpoint": svc.scores, "expect": 50,
+                                    "out": str(svc.tmp / "sub2.json")}, svc.tmp, "sub2")  # fmt: skip
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] > after["sinks"]["zmq"]["subscribers"], 10)
+        pub = _client("publish", {"via": "zmq", "endpoint": svc.ticks, "n": 50, "first": 900_000},
+                      svc.tmp, "pub2")  # fmt: skip
+        _finish(pub)
+        _finish(sub)
+    finally:
+        _kill_all(sub, pub)
+
+
 # ------------------------------------------------------------------------------ Aeron
 
 
