@@ -151,6 +151,8 @@ class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str = ""
     #: Model runtime, as for ``tickscore replay --backend`` (checked when the model is loaded).
     backend: Literal["auto", "ort", "fused"] = "auto"
+    #: A reloaded model whose median call costs more (µs) is refused; the old one keeps serving.
+    max_call_us: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 1_000.0
 
 
 def _check_zmq_endpoint(key: str, endpoint: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from engine.keep_warm import warm_tick
 from features.featureset import DEFAULT_FEATURE_SET
 from models.backend_choice import select_backend
 
-__all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel"]
+__all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel", "DEFAULT_MAX_MODEL_CALL_US"]
 
 #: GIL switch interval while a reload is prepared in the background (s).
 _RELOAD_SWITCH_INTERVAL_S = 1e-4
@@ -144,13 +145,22 @@ class WatchModel:
             self.tickets.append(agent.request_reload(self.path))
 
 
+#: Default per-call budget of a reloaded model (µs): above it the reload is refused.
+DEFAULT_MAX_MODEL_CALL_US = 1_000.0
+
+
 class HotReload:
     """Mixin of :class:`engine.scorer.ScoringAgent`: load, validate and swap a model while scoring.
+
+    A reload is refused when the new model's median call costs more than
+    ``max_model_call_us`` (a valid but huge model would slow every tick).
 
     Uses the agent's ``backend``, ``backend_loader``, ``backend_kind``,
     ``feature_set``, ``parity_X``, ``params``, state arrays, ``seq``, ``reloads``,
     ``_pending`` / ``_reloading`` / ``_reload_lock`` and ``_bind``.
     """
+
+    max_model_call_us: float = DEFAULT_MAX_MODEL_CALL_US
 
     def request_reload(self, path: str) -> ReloadTicket:
         """Start loading ``path`` in the background; return its ticket at once.
@@ -217,6 +227,10 @@ class HotReload:
                 warm_tick(backend, self.new_state, self.params, 2_000)
                 prepared = backend.make_tick(self.fstate, self.istate, self.params, self.counters)
             backend.warmup()
+            cost_us = _call_cost_us(backend)
+            if cost_us > self.max_model_call_us:
+                raise ValueError(f"one model call costs {cost_us:,.1f} us (median of {_COST_CALLS}), "
+                                 f"over the budget of {self.max_model_call_us:,.0f} us per tick")  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - any failure rejects the reload
             with self._reload_lock:
                 self._reloading = None
@@ -259,6 +273,21 @@ class HotReload:
         if t is not None and t.status == "pending":
             self._pending = None
             t._reject(f"reload of {t.path} not swapped in: the agent stopped first")
+
+
+_COST_CALLS = 200
+
+
+def _call_cost_us(backend) -> float:
+    """Return the median time of one ``backend.run()`` (µs), on the reload thread, input preserved."""
+    t = np.empty(_COST_CALLS, dtype=np.int64)
+    clock = time.perf_counter_ns
+    run = backend.run
+    for k in range(_COST_CALLS):
+        t0 = clock()
+        run()
+        t[k] = clock() - t0
+    return float(np.median(t)) / 1e3
 
 
 def _check_scores(backend) -> None:

@@ -81,6 +81,9 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
     parity_X
         Feature vectors (float32 (n, F)) for the fused-vs-ort parity check of a
         reloaded model (default: :func:`models.backend_choice.parity_vectors`).
+    max_model_call_us
+        A reloaded model whose median call costs more is refused (default
+        :data:`engine.reload.DEFAULT_MAX_MODEL_CALL_US`).
     """
 
     role_name = "scorer"
@@ -103,6 +106,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         feature_set: Any = None,
         triggers: Sequence[Callable] = (),
         parity_X: np.ndarray | None = None,
+        max_model_call_us: float | None = None,
     ) -> None:
         self.source = source
         self.backend = backend
@@ -127,6 +131,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         self.backend_loader = backend_loader
         self.triggers = list(triggers)
         self.parity_X = parity_X
+        if max_model_call_us is not None:
+            self.max_model_call_us = float(max_model_call_us)
         #: the latest reload tickets (bounded: a service may take reloads for months)
         self.reloads: deque[ReloadTicket] = deque(maxlen=MAX_RELOAD_TICKETS)
         self._pending: ReloadTicket | None = None

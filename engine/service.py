@@ -254,7 +254,8 @@ class Service:
 
         self.agent = build_agent(self.scoring, self.source, self.sinks, symbols,
                                  recorder_capacity=cfg.engine.recorder_capacity,
-                                 progress=self._housekeeping)  # fmt: skip
+                                 progress=self._housekeeping,
+                                 max_model_call_us=cfg.model.max_call_us)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
         self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now

@@ -12,7 +12,13 @@ from typing import Protocol
 
 import onnx
 
-from models.metadata import ModelError, ModelMetadata, make_model_version, metadata_from_model
+from models.metadata import (
+    ModelError,
+    ModelMetadata,
+    check_model_file,
+    make_model_version,
+    metadata_from_model,
+)
 from models.onnx_graph import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
@@ -80,10 +86,8 @@ def load_checked(path: str | Path, feature_set: FeatureSetLike) -> tuple[onnx.Mo
     See :func:`load_model`; this variant also returns the ``ModelProto`` so a
     backend does not parse the file twice.
     """
-    path = Path(path)
+    path = check_model_file(path)
     src = str(path)
-    if not path.is_file():
-        raise ModelError(f"{src}: model file not found")
     try:
         model = onnx.load(src, load_external_data=False)
         onnx.checker.check_model(model)

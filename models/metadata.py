@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = [
+    "MAX_MODEL_BYTES",
+    "check_model_file",
     "ModelError",
     "ModelMetadata",
     "METADATA_KEYS",
@@ -166,6 +169,31 @@ def metadata_from_model(model: onnx.ModelProto, source: str = "model") -> ModelM
     return ModelMetadata.from_props(props, source=source)
 
 
+#: Largest model file loaded (bytes): a per-tick model is kilobytes; this bounds a reload's read.
+MAX_MODEL_BYTES = 64 << 20
+
+
+def check_model_file(path: str | Path, max_bytes: int = MAX_MODEL_BYTES) -> Path:
+    """Return ``path`` if it is a readable file of at most ``max_bytes``; else raise :class:`ModelError`.
+
+    A missing file, an unreadable one and a directory get the same answer, so
+    a control client cannot probe which paths exist.  The size is checked
+    before anything is read (a reload of a 2 GB file must not read it).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        ok = path.is_file() and os.access(path, os.R_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        raise ModelError(f"{path}: no readable model file there")
+    if size > max_bytes:
+        raise ModelError(f"{path}: model file is {size / 2**20:,.1f} MiB, over the {max_bytes >> 20} MiB "
+                         "limit for a per-tick model")  # fmt: skip
+    return path
+
+
 def read_metadata(path: str | Path) -> ModelMetadata:
     """Return the tickscore metadata stored in the ONNX file at ``path``.
 
@@ -174,9 +202,7 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     ModelError
         If the file is missing, not ONNX, or has no tickscore metadata.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
+    path = check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...

@@ -282,7 +282,7 @@ def test_corrupt_model_file_gives_clear_error_naming_the_file(tmp_path):
     with pytest.raises(ModelError, match="not a valid ONNX model") as exc:
         load_model(path, FS)
     assert str(path) in str(exc.value)
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(ModelError, match="no readable model file there"):
         load_model(tmp_path / "missing.onnx", FS)
 
 

@@ -151,13 +151,42 @@ def test_a_tampered_model_keeping_the_original_version_is_refused(ticks, offline
     assert np.max(np.abs(np.array(sink.score) - offline[A])) < 1e-5
 
 
+def test_reload_refuses_unreadable_and_oversized_files_alike_and_models_over_the_budget(ticks, tmp_path):
+    """Issue: operable service, defect 8: bounded size, bounded cost, no file-existence probe."""
+    import os
+
+    from models.metadata import MAX_MODEL_BYTES
+
+    first = select_backend("ort", A, FS)
+    agent = ScoringAgent(ReplaySource(ticks[:10]), first.backend, [_Capture()], ["a", "b", "c"],
+                         FS.params_array(), backend_kind="ort", max_model_call_us=1e-3)  # fmt: skip
+    unreadable = tmp_path / "secret.onnx"
+    unreadable.write_bytes(b"x")
+    unreadable.chmod(0o000)
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:  # sparse: no disk, no memory
+        f.truncate(MAX_MODEL_BYTES + 1)
+    answers = {}
+    for path in (tmp_path / "missing.onnx", unreadable, tmp_path):
+        t = agent.request_reload(str(path))
+        assert t.wait(30) and t.status == "rejected"
+        answers[path] = t.message.split(": ", 2)[-1]
+    if not os.access(unreadable, os.R_OK):  # (root reads anything: then it is just not ONNX)
+        assert len(set(answers.values())) == 1, answers  # missing, unreadable, a directory: one answer
+    t = agent.request_reload(str(big))
+    assert t.wait(30) and t.status == "rejected" and "over the 64 MiB limit" in t.message
+    t = agent.request_reload(str(B))  # a valid model, but over this agent's 0.001 us budget
+    assert t.wait(60) and t.status == "rejected" and "over the budget" in t.message, t.message
+    assert agent.backend is first.backend
+
+
 def test_missing_model_is_rejected_with_a_clear_message(ticks):
     first = select_backend("ort", A, FS)
     agent = ScoringAgent(ReplaySource(ticks[:10]), first.backend, [_Capture()], ["a", "b", "c"],
                          FS.params_array(), backend_kind="ort")
     t = agent.request_reload("/nonexistent/model.onnx")
     assert t.wait(30) and t.status == "rejected"
-    assert "/nonexistent/model.onnx" in t.message and "not found" in t.message
+    assert "/nonexistent/model.onnx" in t.message and "no readable model file there" in t.message
     assert agent.backend is first.backend
 
 
