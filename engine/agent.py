@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Agent",
+    "allowed_cpus",
     "IdleStrategy",
     "BusySpinIdle",
     "YieldIdle",
@@ -197,6 +198,14 @@ class PinResult:
     def ok(self) -> bool:
         """Return True when the thread runs only on the requested core."""
         return self.requested is not None and self.pinned == [self.requested]
+
+
+def allowed_cpus() -> set[int]:
+    """Cores the calling thread may run on (empty where the OS cannot say)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set()
 
 
 def pin_current_thread(core: int | None) -> PinResult:

@@ -42,6 +42,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from engine.agent import allowed_cpus
+
 __all__ = [
     "TICK_STREAM_ID",
     "SCORE_STREAM_ID",
@@ -96,13 +98,6 @@ class ConfigError(ValueError):
     """A configuration file cannot be read or has a bad key or value (message names both)."""
 
 
-def _allowed_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set()
-
-
 class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
@@ -137,7 +132,7 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
         h = self.housekeeping_every
         if h and h & (h - 1):
             raise ValueError(f"housekeeping_every = {h}: must be a power of two (or 0 = automatic)")
-        allowed = _allowed_cpus()
+        allowed = allowed_cpus()
         missing = sorted(set(self.helper_cpus) - allowed) if allowed else []
         if missing:
             raise ValueError(f"helper_cpus = {self.helper_cpus}: core(s) {missing} are not available to this "

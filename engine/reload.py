@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.agent import allowed_cpus
 from engine.keep_warm import warm_tick
 from features.featureset import DEFAULT_FEATURE_SET
 from models.backend_choice import select_backend
@@ -26,14 +27,6 @@ __all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel", "DEFAULT_MAX_M
 
 #: GIL switch interval while a reload is prepared in the background (s).
 _RELOAD_SWITCH_INTERVAL_S = 1e-4
-
-
-def _allowed_cpus() -> set[int]:
-    """Cores the calling thread may run on (empty where the OS cannot say)."""
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set()
 
 
 @dataclass(eq=False)
@@ -179,7 +172,7 @@ class HotReload:
                 )
                 return ticket
             self._reloading = ticket
-        hot = _allowed_cpus()  # the calling (hot) thread's cores
+        hot = allowed_cpus()  # the calling (hot) thread's cores
         ticket.cpus = self._process_cpus - hot  # empty: nowhere else to go
         threading.Thread(
             target=self._prepare_reload, args=(ticket,), name="tickscore-reload", daemon=True

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.agent import Agent
+from engine.agent import Agent, allowed_cpus
 from engine.keep_warm import KeepWarm, synthetic_ticks, warm_tick
 from engine.ports import Backend, ScoreSink, TickSource
 from engine.recorder import LatencyRecorder
-from engine.reload import HotReload, ReloadTicket, _allowed_cpus
+from engine.reload import HotReload, ReloadTicket
 from engine.schema import N_REJECT_REASONS, REJECT_NAMES
 from engine.wire import SCORE_SCHEMA_ID, ScoreEncoder
 from features.kernels import new_state as _l1_new_state
@@ -140,7 +140,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         self._reload_lock = threading.Lock()
         # cores this process may use, read before the runner pins the hot thread:
         # reload threads go to these minus the hot thread's own
-        self._process_cpus = _allowed_cpus()
+        self._process_cpus = allowed_cpus()
         self._warm: dict | None = None
         self._bind()
 
