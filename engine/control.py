@@ -129,15 +129,23 @@ class ControlServer:
             self.sock.close(0)
         except zmq.ZMQError:
             pass
+        self.sock = None
+        self._rebind()
+
+    def _rebind(self) -> None:
         try:
             self.sock = self._bind()
         except OSError:  # the address is taken meanwhile: try again at the next poll
-            self.sock = self.ctx.socket(zmq.REP)
+            self.sock = None
 
     def poll(self) -> int:
         """Answer at most one waiting request; return 1 if one was handled, else 0.  Never raises."""
         if self.deferred:
             return 0
+        if self.sock is None:
+            self._rebind()
+            if self.sock is None:
+                return 0
         try:
             if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return 0
@@ -180,7 +188,8 @@ class ControlServer:
 
     def close(self) -> None:
         """Close the socket (a reply just sent is flushed for up to 1 s)."""
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:

@@ -114,3 +114,26 @@ def test_an_oversized_tick_frame_is_dropped_by_libzmq_never_decoded(tmp_path):
         pub.close(0)
         src.close()
         ctx.term()
+
+
+def test_a_reset_whose_rebind_fails_retries_at_the_next_poll(tmp_path, monkeypatch):
+    ctx = zmq.Context()
+    srv = ControlServer(ctx, f"ipc://{tmp_path}/ctl.ipc", lambda c, a: {"ok": True, "c": c})
+    real_bind = srv._bind
+    try:
+        def taken():
+            raise OSError("address in use")
+
+        monkeypatch.setattr(srv, "_bind", taken)
+        srv._reset()
+        assert srv.sock is None and srv.poll() == 0  # still nothing bound, and no exception
+        monkeypatch.setattr(srv, "_bind", real_bind)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(request(srv.endpoint, "status", timeout_s=10)))
+        t.start()
+        while t.is_alive():
+            srv.poll()
+        assert got == {"ok": True, "c": "status"} and srv.socket_errors == 1
+    finally:
+        srv.close()
+        ctx.term()
