@@ -139,6 +139,10 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
                              f"process (allowed: {sorted(allowed)})")  # fmt: skip
 
 
+#: Default per-call budget of a reloaded model (µs): above it the reload is refused.
+DEFAULT_MAX_MODEL_CALL_US = 1_000.0
+
+
 class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Model file and runtime."""
 
@@ -147,7 +151,7 @@ class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Model runtime, as for ``tickscore replay --backend`` (checked when the model is loaded).
     backend: Literal["auto", "ort", "fused"] = "auto"
     #: A reloaded model whose median call costs more (µs) is refused; the old one keeps serving.
-    max_call_us: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 1_000.0
+    max_call_us: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = DEFAULT_MAX_MODEL_CALL_US
 
 
 def _check_zmq_endpoint(key: str, endpoint: str) -> None:

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from engine.agent import allowed_cpus
+from engine.config import DEFAULT_MAX_MODEL_CALL_US
 from engine.keep_warm import warm_tick
 from features.featureset import DEFAULT_FEATURE_SET
 from models.backend_choice import select_backend
 
-__all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel", "DEFAULT_MAX_MODEL_CALL_US"]
+__all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel"]
 
 #: GIL switch interval while a reload is prepared in the background (s).
 _RELOAD_SWITCH_INTERVAL_S = 1e-4
@@ -136,10 +137,6 @@ class WatchModel:
         if sig is not None and sig != self._sig:
             self._sig = sig
             self.tickets.append(agent.request_reload(self.path))
-
-
-#: Default per-call budget of a reloaded model (µs): above it the reload is refused.
-DEFAULT_MAX_MODEL_CALL_US = 1_000.0
 
 
 class HotReload:

@@ -83,7 +83,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         reloaded model (default: :func:`models.backend_choice.parity_vectors`).
     max_model_call_us
         A reloaded model whose median call costs more is refused (default
-        :data:`engine.reload.DEFAULT_MAX_MODEL_CALL_US`).
+        :data:`engine.config.DEFAULT_MAX_MODEL_CALL_US`).
     """
 
     role_name = "scorer"
