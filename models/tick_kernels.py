@@ -27,7 +27,9 @@ __all__ = ["TickContext", "tick_kernel_for"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tick kernels compile in every feature kernel, the book and the program interpreter
-drop_stale_numba_cache(__file__, [os.path.join(_ROOT, "features", "*.py"),
+drop_stale_numba_cache(__file__, [os.path.join(_ROOT, "features", "kernels*.py"),
+                                  os.path.join(_ROOT, "features", "common.py"),
+                                  os.path.join(_ROOT, "features", "validate.py"),
                                   os.path.join(_ROOT, "features", "book", "*.py"),
                                   os.path.join(_ROOT, "models", "program.py"),
                                   os.path.join(_ROOT, "engine", "schema.py")])  # fmt: skip
