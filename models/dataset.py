@@ -372,7 +372,6 @@ class FileDataset:
     """A dataset read from a file, with what the reader saw (:func:`dataset_from_file`)."""
 
     dataset: Dataset
-    shape: str
     rows_read: int
     rejected: dict[str, int]
     timing: dict[str, float]
@@ -410,5 +409,5 @@ def dataset_from_file(
         why = ", ".join(f"{k} {v:,}" for k, v in chunks.rejected.items()) or "the file is empty"
         raise ValueError(f"{path}: no acceptable rows to train on (rejected: {why})")
     timing = {"read_s": time.perf_counter() - t0 - sum(b.timing.values()), **b.timing}
-    return FileDataset(dataset=ds, shape=shape, rows_read=int(chunks.rows_read),
+    return FileDataset(dataset=ds, rows_read=int(chunks.rows_read),
                        rejected=dict(chunks.rejected), timing=timing)  # fmt: skip

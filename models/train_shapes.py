@@ -32,16 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from features.featureset import DEFAULT_BY_SHAPE
-from models.dataset import (
-    dataset_from_ticks,
-    reference_quotes,  # noqa: F401 - (re-exported: its old home)
-)
+from models.dataset import dataset_from_ticks
 from models.label import LabelSpec
 from models.train import train_on_dataset
 from replay.generator_l3 import write_l3, write_trades
 from replay.reader import read_ticks
 
-__all__ = ["reference_quotes", "build_shape_dataset", "train_shape", "main", "DEFAULTS"]
+__all__ = ["build_shape_dataset", "train_shape", "main", "DEFAULTS"]
 
 #: Per shape: generated events, data seed, label horizon (ms), label k.
 DEFAULTS: dict[str, dict[str, Any]] = {
