@@ -100,12 +100,21 @@ class AeronRuntime:
             parent = os.path.dirname(dir.rstrip("/")) or "."
             if not os.path.isdir(parent):
                 raise OSError(f"cannot start the Aeron media driver: {parent!r} does not exist")
+            # Owner-only: Aeron has no authentication, so the driver's files (cnc.dat, the log
+            # buffers) must not be writable, or even readable, by other users.
+            old_umask = os.umask(0o077)
             try:
                 self.driver = pa.MediaDriver(
                     dir=dir, threading=threading, dir_delete_on_start=True, dir_delete_on_shutdown=True
                 )
             except pa.AeronError as exc:
                 raise OSError(f"cannot start the Aeron media driver in {dir!r}: {exc}") from None
+            finally:
+                os.umask(old_umask)
+            try:
+                os.chmod(dir, 0o700)
+            except OSError:
+                pass
         elif not pa.is_driver_active(dir, driver_timeout_ms):
             raise OSError(
                 f"no Aeron media driver is running in {dir!r}: start one (aeronmd, or another "

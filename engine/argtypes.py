@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.config import ServiceConfig
+from engine.security import ClientKeys, client_keys
 from models.dataset import DEFAULT_MAX_ROWS
 from replay.source import parse_speed
 
@@ -15,6 +17,8 @@ __all__ = [
     "add_input_arguments",
     "add_max_rows_argument",
     "TRAIN_CHUNK_HELP",
+    "add_client_key_arguments",
+    "client_keys_of",
 ]
 
 
@@ -84,3 +88,22 @@ def add_max_rows_argument(p: Any) -> None:
                    help="usable rows kept; beyond N a uniform sample of N rows (by a hash of the row "
                         "number) is fitted and evaluated, so memory stays bounded whatever the file's "
                         "size; 0 = keep all (default %(default)s)")  # fmt: skip
+
+
+def add_client_key_arguments(p: argparse.ArgumentParser) -> None:
+    """``--client-key`` / ``--server-key``: talk CURVE to a service run with ``[security] curve``."""
+    g = p.add_argument_group("CURVE (a service with [security] curve = true)")
+    g.add_argument("--client-key", metavar="NAME.key_secret", default=None,
+                   help="this client's secret key file (tickscore keygen); its NAME.key must be in the "
+                        "service's authorized_keys directory")
+    g.add_argument("--server-key", metavar="NAME.key", default=None,
+                   help="the service's public key file")
+
+
+def client_keys_of(args, cfg: ServiceConfig | None = None) -> ClientKeys | None:
+    """Return the CURVE keys of ``--client-key``/``--server-key``, else of the config's ``[security]``."""
+    ck, sk = getattr(args, "client_key", None), getattr(args, "server_key", None)
+    if cfg is not None and cfg.security.curve:
+        ck = ck or cfg.security.client_key or None
+        sk = sk or cfg.security.server_key or cfg.security.secret_key or None
+    return client_keys(ck, sk)

@@ -20,6 +20,9 @@ Layout (every table and key is optional; see ``engine/examples/service.toml``)::
     [sinks.aeron]    channel, stream_id, back_pressure_retries, not_connected_retries, linger_ms
     [aeron]     embedded, dir, threading, driver_timeout_ms     (media driver, if Aeron is used)
     [control]   endpoint                                   (ZeroMQ REP: status / reload / stop)
+    [security]  curve, secret_key, authorized_keys, client_key, server_key   (ZeroMQ CURVE)
+    [metrics]   endpoint                                   (Prometheus /metrics, /healthz, /readyz)
+    [log]       format                                     (text | json lines on stderr)
     [output]    dir                                        (final summary.json, hgrm, plot)
     [book]      crossing_add                               (L3 models: the venue's crossing-add policy)
 
@@ -63,11 +66,15 @@ __all__ = [
     "ControlConfig",
     "OutputConfig",
     "BookConfig",
+    "SecurityConfig",
+    "MetricsConfig",
+    "LogConfig",
     "ServiceConfig",
     "load_config",
     "parse_config",
     "default_aeron_dir",
     "to_toml",
+    "is_loopback_endpoint",
 ]
 
 #: Aeron stream id of Tick messages (schema id 1) sent to the service.
@@ -152,6 +159,9 @@ class ModelConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     backend: Literal["auto", "ort", "fused"] = "auto"
     #: A reloaded model whose median call costs more (µs) is refused; the old one keeps serving.
     max_call_us: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = DEFAULT_MAX_MODEL_CALL_US
+    #: ``reload`` loads only files inside these directories (symlinks and ``..`` resolved first);
+    #: [] = the directory of ``path`` (of the shipped model when ``path`` is "").
+    reload_dirs: list[str] = []
 
 
 def _check_zmq_endpoint(key: str, endpoint: str) -> None:
@@ -207,8 +217,12 @@ class ZmqSinkConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
 
     endpoint: str = DEFAULT_SCORE_ENDPOINT
     bind: bool = True
-    #: Per-subscriber queue bound in messages; beyond it a score is a counted drop.
+    #: Per-subscriber queue bound in messages.
     sndhwm: NonNegative = 100_000
+    #: A subscriber whose queue is full: "per-subscriber" = it alone loses that score (it sees a
+    #: ``seq`` gap; the others get it); "count" = the score is refused for every subscriber and
+    #: counted as a drop here (ZMQ_XPUB_NODROP; one slow subscriber then costs them all).
+    drop_policy: Literal["per-subscriber", "count"] = "per-subscriber"
     #: At stop, wait up to this long for queued scores to be sent.
     linger_ms: NonNegative = 2000
 
@@ -262,6 +276,59 @@ class ControlConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
             _check_zmq_endpoint("endpoint", self.endpoint)
 
 
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Return whether a ZeroMQ endpoint stays on this host (ipc, inproc, tcp on a loopback address)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    return host.startswith(_LOOPBACK_HOSTS)
+
+
+class SecurityConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """ZeroMQ CURVE on the tick, score and control sockets (README, "Security")."""
+
+    #: Run the service's ZeroMQ sockets as CURVE servers; only authorized clients connect.
+    curve: bool = False
+    #: The service's secret key file (``tickscore keygen --out DIR/NAME`` -> NAME.key_secret).
+    secret_key: str = ""
+    #: Directory of the public key files (NAME.key) of the clients allowed to connect.
+    authorized_keys: str = ""
+    #: Client tools run with ``--config``: their own secret key file.
+    client_key: str = ""
+    #: Client tools run with ``--config``: the service's public key file ("" = from ``secret_key``).
+    server_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.curve and not self.secret_key:
+            raise ValueError("secret_key = '': CURVE needs the service's key file "
+                             "(tickscore keygen --out DIR/NAME)")
+        if self.curve and not self.authorized_keys:
+            raise ValueError("authorized_keys = '': CURVE needs a directory of the clients' public keys")
+
+
+class MetricsConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Prometheus text endpoint (``/metrics``) with ``/healthz`` and ``/readyz``."""
+
+    #: ``HOST:PORT`` to serve on ("" = off), e.g. "127.0.0.1:9464".
+    endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.endpoint:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"endpoint = {self.endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+
+
+class LogConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Log lines on stderr."""
+
+    #: "text" (timestamped lines) or "json" (one object per line: ts, level, event, fields).
+    format: Literal["text", "json"] = "text"
+
+
 class BookConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The L3 order book (models of the ``l3`` feature set only)."""
 
@@ -296,6 +363,9 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
     control: ControlConfig = ControlConfig()
     output: OutputConfig = OutputConfig()
     book: BookConfig = BookConfig()
+    security: SecurityConfig = SecurityConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -318,6 +388,11 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
                 )
         if src.zmq is not None and snk.zmq is not None and src.zmq.endpoint == snk.zmq.endpoint:
             raise ValueError(f"sources.zmq and sinks.zmq use the same endpoint {src.zmq.endpoint!r}")
+        if self.control.endpoint and not self.security.curve and not is_loopback_endpoint(
+                self.control.endpoint):
+            raise ValueError(f"[control] endpoint = {self.control.endpoint!r} is reachable from other hosts: "
+                             "without [security] curve = true anyone there could stop the service or "
+                             "reload its model; bind it to 127.0.0.1 or an ipc:// path, or enable CURVE")
         if self.max_instruments and self.max_instruments < len(self.instruments):
             raise ValueError(f"max_instruments = {self.max_instruments} is fewer than the "
                              f"{len(self.instruments)} instruments listed")  # fmt: skip

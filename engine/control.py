@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import zmq
 
+from engine.security import apply_client
 from engine.zmq_io import ensure_ipc_free
 
 __all__ = ["ControlServer", "DEFER", "parse_request", "request", "status_or_none", "ControlError"]
@@ -95,11 +96,20 @@ class ControlServer:
         Where to bind (default config: ``tcp://127.0.0.1:5590``).
     handler : callable
         ``handler(command, arg) -> dict | DEFER``; the dict is sent as JSON.
+    configure : callable, optional
+        ``configure(sock)`` before every bind (CURVE server keys, :mod:`engine.security`).
+    audit : callable, optional
+        ``audit(who, command, arg, reply)`` after every request (``reply`` None = deferred);
+        ``who`` is the client's CURVE public key (``curve:KEY``) when CURVE is on, else its
+        peer address.
     """
 
-    def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object]) -> None:
+    def __init__(self, ctx, endpoint: str, handler: Callable[[str, str | None], object], *,
+                 configure: Callable | None = None, audit: Callable | None = None) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.handler = handler
+        self.configure = configure
+        self.audit = audit
         self.ctx = ctx
         ensure_ipc_free(endpoint)
         self.sock = self._bind()
@@ -114,6 +124,8 @@ class ControlServer:
         sock = self.ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if self.configure is not None:
+            self.configure(sock)
         try:
             sock.bind(self.endpoint)
         except (zmq.ZMQError, OSError) as exc:
@@ -149,20 +161,23 @@ class ControlServer:
         try:
             if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return 0
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return 0
         except zmq.ZMQError:
             self._reset()
             return 0
         self.handled += 1
+        who = _who(frames[0])
         try:
             if len(frames) != 1:
                 raise ValueError(f"a request is one frame of text or JSON, got {len(frames)} frames")
-            cmd, arg = parse_request(frames[0])
+            cmd, arg = parse_request(frames[0].bytes)
         except ValueError as exc:
             self.bad_requests += 1
-            self._send({"ok": False, "error": str(exc)})
+            reply = {"ok": False, "error": str(exc)}
+            self._audit(who, "bad_request", None, reply)
+            self._send(reply)
             return 1
         try:
             reply = self.handler(cmd, arg)
@@ -170,9 +185,18 @@ class ControlServer:
             reply = {"ok": False, "command": cmd, "error": f"{type(exc).__name__}: {exc}"}
         if reply is DEFER:
             self.deferred = True
+            self._audit(who, cmd, arg, None)
         else:
+            self._audit(who, cmd, arg, reply)
             self._send(reply)
         return 1
+
+    def _audit(self, who: str, cmd: str, arg, reply) -> None:
+        if self.audit is not None:
+            try:
+                self.audit(who, cmd, arg, reply)
+            except Exception:  # noqa: BLE001 - an audit line must never break the channel
+                pass
 
     def _send(self, obj) -> None:
         try:
@@ -192,17 +216,31 @@ class ControlServer:
             self.sock.close()
 
 
-def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:
+def _who(frame) -> str:
+    """Return the sender of a request: ``curve:KEY`` (CURVE user id) or its peer address."""
+    for prop, prefix in (("User-Id", "curve:"), ("Peer-Address", "")):
+        try:
+            v = frame.get(prop)
+        except (zmq.ZMQError, AttributeError):
+            continue
+        if v and v != "anonymous":
+            return prefix + v
+    return "local"
+
+
+def request(endpoint: str, command: str, timeout_s: float = 5.0, keys=None) -> dict:
     """Send one control request and return the decoded JSON reply.
 
     Raises
     ------
     ControlError
-        No reply within ``timeout_s`` (service not running, wrong endpoint).
+        No reply within ``timeout_s`` (service not running, wrong endpoint, or refused: a
+        CURVE service answers only clients with an authorized key, ``keys``).
     """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_client(sock, keys)
     try:
         sock.connect(endpoint)
         sock.send(command.encode())
@@ -215,11 +253,11 @@ def request(endpoint: str, command: str, timeout_s: float = 5.0) -> dict:
         sock.close(0)
 
 
-def status_or_none(endpoint: str | None, timeout_s: float = 5.0) -> dict | None:
+def status_or_none(endpoint: str | None, timeout_s: float = 5.0, keys=None) -> dict | None:
     """Return the service's ``status`` reply, or None when ``endpoint`` is empty or nothing answers."""
     if not endpoint:
         return None
     try:
-        return request(endpoint, "status", timeout_s)
+        return request(endpoint, "status", timeout_s, keys)
     except ControlError:
         return None

@@ -9,6 +9,7 @@ rejected and the old one keeps serving.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -23,6 +24,7 @@ from engine.config import DEFAULT_MAX_MODEL_CALL_US
 from engine.keep_warm import warm_tick
 from features.featureset import DEFAULT_FEATURE_SET
 from models.backend_choice import select_backend
+from models.metadata import MAX_MODEL_BYTES
 
 __all__ = ["HotReload", "ReloadTicket", "ReloadAt", "WatchModel"]
 
@@ -51,6 +53,8 @@ class ReloadTicket:
         Backend kind of the new model (``"ort"`` / ``"fused"``).
     requested_seq : int
         The agent's ``seq`` when the reload was requested.
+    sha256 : str
+        SHA-256 (hex) of the file, computed on the loading thread before it is read.
     cpus : set of int
         Cores the loading thread runs on: the process's cores minus the hot
         thread's (empty = left where it started).
@@ -63,6 +67,7 @@ class ReloadTicket:
     version: str | None = None
     backend: str | None = None
     requested_seq: int = 0
+    sha256: str = ""
     cpus: set[int] = field(default_factory=set)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _swapped: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -84,6 +89,7 @@ class ReloadTicket:
             "version": self.version,
             "backend": self.backend,
             "requested_seq": self.requested_seq,
+            "sha256": self.sha256,
         }
 
     def _reject(self, message: str) -> None:
@@ -206,6 +212,7 @@ class HotReload:
 
     def _prepare_reload_inner(self, ticket: ReloadTicket) -> None:
         try:
+            ticket.sha256 = _sha256(ticket.path)
             backend = self._load_for_reload(ticket.path)
             if backend.n_features != len(self._x):
                 raise ValueError(
@@ -266,6 +273,17 @@ class HotReload:
 
 
 _COST_CALLS = 200
+
+
+def _sha256(path: str) -> str:
+    """Return the SHA-256 (hex) of a model file ("" when unreadable or over the model size bound)."""
+    try:
+        if os.stat(path).st_size > MAX_MODEL_BYTES:
+            return ""  # refused by the loader with its own message; never read whole
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""
 
 
 def _call_cost_us(backend) -> float:

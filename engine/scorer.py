@@ -327,12 +327,12 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         return swapped
 
     # -- results ------------------------------------------------------------------
-    def rejected_by_reason(self) -> dict[str, int]:
-        """Return reject counts by reason name (non-zero only)."""
+    def rejected_by_reason(self, all_reasons: bool = False) -> dict[str, int]:
+        """Return reject counts by reason name (non-zero only, unless ``all_reasons``)."""
         return {
             REJECT_NAMES[r]: int(self.counters[r])
             for r in range(1, N_REJECT_REASONS)
-            if self.counters[r]
+            if all_reasons or self.counters[r]
         }
 
     @property

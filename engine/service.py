@@ -33,8 +33,10 @@ Lifecycle:
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,8 +49,12 @@ from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
 from engine.config import ServiceConfig, check_output_dir
 from engine.control import DEFER, ControlServer
+from engine.log import configure as configure_log
+from engine.log import log
+from engine.metrics import MetricsServer, MetricsSnapshot
+from engine.security import CurveServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
-from engine.zmq_io import ZmqPublisher
+from engine.zmq_io import ZmqPublisher, ensure_ipc_free
 from features.kernels import I_LAST_TS
 from models.loader import default_model_path
 from replay.latency import (
@@ -71,8 +77,36 @@ _CONTROL_PERIOD_NS = 1_000_000
 _SLOW_PERIOD_NS = 100_000_000
 
 
-def _log(msg: str) -> None:
-    print(f"tickscore serve: {msg}", file=sys.stderr, flush=True)
+def _log(msg: str, event: str = "", level: int = logging.INFO, **fields) -> None:
+    log("serve", msg, event=event, level=level, **fields)
+
+
+def _check_free(what: str, endpoint: str) -> None:
+    """Raise OSError if ``endpoint`` (to be bound) is served by a live process or its port is taken.
+
+    Run for every endpoint before any is bound: a second service must fail before it
+    takes anything over (libzmq binds an ipc path by unlinking the live one's socket).
+    """
+    try:
+        ensure_ipc_free(endpoint)
+    except OSError as exc:
+        raise OSError(f"{what}: {exc}") from None
+    if endpoint.startswith("tcp://") or what == "metrics.endpoint":
+        addr = endpoint[len("tcp://"):] if endpoint.startswith("tcp://") else endpoint
+        host, _, port = addr.rpartition(":")
+        if not port.isdigit() or host in ("*", "") or int(port) == 0:
+            return
+        host = host.strip("[]")
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(fam, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            raise OSError(f"{what} {endpoint}: {exc.strerror or exc} (another tickscore serve running?); "
+                          "nothing was bound") from None
+        finally:
+            probe.close()
 
 
 def pin_helper_threads(cpus: set[int]) -> list[str]:
@@ -145,6 +179,13 @@ class Service:
         self._next_slow = 0
         self._fold_threshold = 1 << 19
         self.final: dict | None = None
+        self.curve: CurveServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.reload_dirs: list[str] = []
+        self.control_results: dict[str, int] = {"ok": 0, "refused": 0, "error": 0, "bad_request": 0}
+        self._reloads_logged = 0
+        self._ipc_bound: list[tuple[str, int]] = []
+        self.unscored_at_stop: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start-up
     def request_stop(self, reason: str) -> None:
@@ -180,6 +221,7 @@ class Service:
     def _build(self) -> None:
         cfg = self.cfg
         check_output_dir(cfg.output.dir)  # before anything starts: a stop must be able to write
+        self._check_endpoints()  # every endpoint before any is bound: a second start takes nothing over
         hot, helpers = self._cores()
         self.helper_cpus = helpers
         io_cpu = min(helpers) if helpers else None
@@ -192,6 +234,13 @@ class Service:
         self.backend, self.model_path = self.scoring.backend, self.scoring.model_path
         self.backend_kind = self.scoring.choice.kind
         self.feature_set = self.scoring.feature_set
+        self.reload_dirs = [os.path.realpath(os.path.expanduser(d)) for d in cfg.model.reload_dirs] or [
+            os.path.dirname(os.path.realpath(self.model_path))]
+        sec = cfg.security
+        if sec.curve:
+            self.curve = CurveServer(sec.secret_key, sec.authorized_keys, log=self._on_refused)
+        if cfg.metrics.endpoint:
+            self.metrics = MetricsServer(cfg.metrics.endpoint, lambda: self.state)
 
         # Helper threads first (they must exist before the hot thread is pinned).
         self.ctx = zmq.Context(io_threads=1)
@@ -223,8 +272,9 @@ class Service:
             z = src_cfg.zmq
             self.sources.append(
                 ZmqTickSource(self.ctx, z.endpoint, bind=z.bind, subscribe=z.subscribe,
-                              rcvhwm=z.rcvhwm, slot=slot)
+                              rcvhwm=z.rcvhwm, slot=slot, configure=self._secure("ticks"))
             )
+            self._remember_ipc(z.endpoint, z.bind)
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
             self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
@@ -233,9 +283,11 @@ class Service:
         if snk_cfg.zmq is not None:
             z = snk_cfg.zmq
             self.zmq_sink = ZmqPublisher(
-                z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms
+                z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms,
+                drop_policy=z.drop_policy, configure=self._secure("scores"),
             )
             self.sinks.append(self.zmq_sink)
+            self._remember_ipc(z.endpoint, z.bind)
         if snk_cfg.aeron is not None:
             # deferred: loads the Aeron C client, only where Aeron is used
             from engine.aeron_io import AeronPublisher
@@ -250,7 +302,9 @@ class Service:
             self.sinks.append(self.aeron_sink)
 
         if cfg.control.endpoint:
-            self.control = ControlServer(self.ctx, cfg.control.endpoint, self._on_control)
+            self.control = ControlServer(self.ctx, cfg.control.endpoint, self._on_control,
+                                         configure=self._secure("control"), audit=self._audit)
+            self._remember_ipc(cfg.control.endpoint, True)
 
         self.agent = build_agent(self.scoring, self.source, self.sinks, symbols,
                                  recorder_capacity=cfg.engine.recorder_capacity,
@@ -259,6 +313,9 @@ class Service:
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
         self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now
+        if self.metrics is not None:
+            self.metrics.hist = self.hist
+            self._update_metrics()
 
         self.helper_threads = pin_helper_threads(helpers)
         hk = cfg.engine.housekeeping_every or _HK_BY_IDLE[cfg.engine.idle]
@@ -277,6 +334,104 @@ class Service:
         """A symbol seen first on the wire took slot ``inst``: name it for the scores."""
         self.agent.symbols[inst] = symbol
         self.agent.topics[inst] = symbol.encode()
+
+    def _check_endpoints(self) -> None:
+        """Raise before anything is bound if an endpoint to bind is taken (see :func:`_check_free`)."""
+        cfg = self.cfg
+        src, snk = cfg.effective_sources, cfg.effective_sinks
+        if src.zmq is not None and src.zmq.bind:
+            _check_free("sources.zmq.endpoint", src.zmq.endpoint)
+        if snk.zmq is not None and snk.zmq.bind:
+            _check_free("sinks.zmq.endpoint", snk.zmq.endpoint)
+        if cfg.control.endpoint:
+            _check_free("control.endpoint", cfg.control.endpoint)
+        if cfg.metrics.endpoint:
+            _check_free("metrics.endpoint", cfg.metrics.endpoint)
+
+    def _remember_ipc(self, endpoint: str, bound: bool) -> None:
+        """Note an ipc socket file this service bound, to remove it at exit (libzmq leaves it)."""
+        if bound and endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+            path = endpoint[len("ipc://"):]
+            try:
+                self._ipc_bound.append((path, os.stat(path).st_ino))
+            except OSError:
+                pass
+
+    def _remove_ipc_files(self) -> None:
+        for path, ino in self._ipc_bound:
+            try:
+                if os.stat(path).st_ino == ino:  # still ours (nobody re-bound it meanwhile)
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._ipc_bound = []
+
+    def _secure(self, domain: str):
+        """Return the socket hook making a socket a CURVE server of ``domain`` (None: no CURVE)."""
+        curve = self.curve
+        if curve is None:
+            return None
+        return lambda sock: curve.apply(sock, domain)
+
+    def _on_refused(self, event: str, fields: dict) -> None:
+        _log(f"refused a client on the {fields.get('socket', '?')} socket: {fields.get('reason', '')}",
+             event="refused", level=logging.WARNING, audit=True, **fields)
+
+    def _audit(self, who: str, cmd: str, arg, reply) -> None:
+        """One audit line per control request: who, what, result."""
+        if reply is None:
+            result, detail = "accepted", "stopping"
+        elif cmd == "bad_request":
+            result, detail = "bad_request", reply.get("error", "")
+        elif reply.get("ok"):
+            result, detail = "ok", reply.get("status", "")
+        else:
+            result = "refused" if reply.get("refused") else "error"
+            detail = reply.get("error") or reply.get("message", "")
+        self.control_results[result] = self.control_results.get(result, 0) + 1
+        if cmd == "status" and result == "ok":
+            return  # polled often; counted, not logged
+        fields = {"who": who, "command": cmd, "result": result}
+        if arg is not None:
+            fields["path"] = arg
+        if reply is not None and reply.get("sha256"):
+            fields["sha256"] = reply["sha256"]
+        _log(f"control {cmd} from {who}: {result}" + (f" ({detail})" if detail else ""), event="control",
+             level=logging.INFO if result in ("ok", "accepted") else logging.WARNING, audit=True, **fields)
+
+    def _log_reload_results(self) -> None:
+        """Log each reload once it is swapped or rejected (its request was logged when it came)."""
+        agent = self.agent
+        done = list(agent.reloads)
+        while self._reloads_logged < len(done) and done[self._reloads_logged].status != "pending":
+            t = done[self._reloads_logged]
+            self._reloads_logged += 1
+            _log(f"reload {t.status}: {t.message}", event="reload", audit=True, path=t.path,
+                 result=t.status, version=t.version or "", sha256=getattr(t, "sha256", "") or "",
+                 swap_seq=t.swap_seq if t.swap_seq is not None else "")
+
+    def _update_metrics(self) -> None:
+        """Housekeeping: fold the counters into a new metrics snapshot (a few µs, no per-tick work)."""
+        agent = self.agent
+        c = agent.counters
+        sinks = self._sink_counters()
+        reloads: dict[str, int] = {"swapped": 0, "rejected": 0}
+        for t in agent.reloads:
+            if t.status != "pending":
+                reloads[t.status] = reloads.get(t.status, 0) + 1
+        self.metrics.snapshot = MetricsSnapshot(
+            ticks=int(c.sum()), scores=int(agent.seq), errors=self.runner.errors if self.runner else 0,
+            rejected=agent.rejected_by_reason(all_reasons=True),
+            dropped={k: int(v.get("drops", 0)) for k, v in sinks.items()},
+            back_pressure={k: int(v.get("back_pressured", 0)) for k, v in sinks.items()},
+            not_connected={k: int(v.get("not_connected", 0)) for k, v in sinks.items()},
+            reloads=reloads,
+            refused=dict(self.curve.refused) if self.curve is not None else {},
+            control=dict(self.control_results),
+            model={"version": agent.model_version, "feature_set": self.feature_set.id,
+                   "backend": agent.backend.kind},
+            t_mono=time.monotonic(),
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -325,6 +480,11 @@ class Service:
             self._next_slow = now_ns + _SLOW_PERIOD_NS
             if self.zmq_sink is not None:
                 self.zmq_sink.poll_subscriptions()
+            if self._reloads_logged < len(agent.reloads):
+                self._log_reload_results()
+            if self.metrics is not None:
+                self._fold()
+                self._update_metrics()
 
     def _drain(self) -> None:
         """Score what already arrived: until quiet for drain_quiet_ms or drain_timeout_ms passed."""
@@ -337,22 +497,35 @@ class Service:
         quiet = self.cfg.engine.drain_quiet_ms * 1_000_000
         n = 0
         invoke = self.runner.invoker.invoke  # counts and reports errors as the runner does
+        why = "arrived_after_drain"  # the drain ended quiet: only late arrivals can be left
         while True:
             try:
                 worked = invoke()
             except RuntimeError as exc:  # the error budget ran out: stop draining, still report
-                print(f"tickscore: drain stopped: {exc}", file=sys.stderr)
+                _log(f"drain stopped: {exc}", event="drain", level=logging.ERROR)
+                why = "error_budget"
                 break
             now = clock()
             if worked:
                 n += 1
                 last = now
-            elif now - last >= quiet or now >= deadline or self.hurry:
+            elif now - last >= quiet and now < deadline and not self.hurry:
                 break
-            if now >= deadline or self.hurry:
+            if self.hurry:
+                why = "second_signal"
+                break
+            if now >= deadline:
+                why = "drain_timeout"
                 break
         self.drained = n
         self.drain_s = (clock() - t0) / 1e9
+        # Received but not scored: count it by reason rather than let it vanish at close.
+        pending = getattr(self.source, "discard_pending", None)
+        left = int(pending()) if pending is not None else 0
+        if left:
+            self.unscored_at_stop[why] = self.unscored_at_stop.get(why, 0) + left
+            _log(f"{left:,} ticks received but not scored at stop ({why})", event="unscored",
+                 level=logging.WARNING, reason=why, ticks=left)
 
     def _stop_sources(self) -> None:
         if self._sources_closed:
@@ -366,6 +539,8 @@ class Service:
 
     def _close_resources(self) -> None:
         self._stop_sources()
+        if self.curve is not None:
+            self.curve.close()  # monitors and authenticators first: the sinks' close ends their contexts
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -381,6 +556,10 @@ class Service:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+        self._remove_ipc_files()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # ------------------------------------------------------------------ control
     def _on_control(self, cmd: str, arg: str | None):
@@ -396,7 +575,13 @@ class Service:
     def _reload(self, path: str) -> dict:
         agent = self.agent
         path = os.path.abspath(os.path.expanduser(path))
-        ticket = agent.request_reload(path)
+        real = os.path.realpath(path)  # symlinks and ".." resolved: what would really be read
+        if not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in self.reload_dirs):
+            return {"ok": False, "command": "reload", "refused": True, "status": "rejected", "path": path,
+                    "error": f"reload refused: {path} is not inside the model directories "
+                             f"({', '.join(self.reload_dirs)}; [model] reload_dirs); the old model keeps "
+                             "serving"}  # fmt: skip
+        ticket = agent.request_reload(real)
         # The agent loads on a new thread, which inherited the hot core: move it off.
         pin_helper_threads(self.helper_cpus)
         info = ticket.as_dict()
@@ -458,11 +643,22 @@ class Service:
                 "dir": self.aeron.dir, "embedded": self.aeron.embedded, "errors": self.aeron.errors,
             },
             "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
+            "security": self._security_state(),
+            "control": dict(self.control_results),
+            "metrics": self.metrics.endpoint if self.metrics is not None else "",
             **self._input_state(),
         }
         if agent.reloads:
             rec["reloads"] = [t.as_dict() for t in list(agent.reloads)[-8:]]
         return rec
+
+    def _security_state(self) -> dict:
+        """Return whether CURVE is on and the refused handshakes per socket."""
+        if self.curve is None:
+            return {"curve": False}
+        return {"curve": True, "authorized_keys": self.curve.authorized_dir,
+                "authorized": self.curve.authorized, "refused": dict(self.curve.refused),
+                "reload_dirs": self.reload_dirs}
 
     def _input_state(self) -> dict:
         """Return the feature set, the instrument table (symbol -> id) and the messy-data counters."""
@@ -510,7 +706,7 @@ class Service:
         parts.append(f"model {self.backend.version} ({self.backend_kind})")
         if self.runner.pin is not None:
             parts.append(self.runner.pin.message)
-        _log("; ".join(parts))
+        _log("; ".join(parts), event="ready")
 
     def _mode(self) -> str:
         src = self.cfg.effective_sources
@@ -570,6 +766,9 @@ class Service:
                 "idle": cfg.engine.idle,
                 "out_of_range": stats.out_of_range,
                 "reloads": [t.as_dict() for t in agent.reloads],
+                "unscored_at_stop": dict(self.unscored_at_stop),
+                "security": self._security_state(),
+                "control": dict(self.control_results),
                 **self._input_state(),
             },
         )
@@ -601,7 +800,8 @@ class Service:
         lines.extend("    " + ln for ln in table.splitlines())
         for name, path in files.items():
             lines.append(f"  {name:<8} {path}")
-        _log("\n".join(lines))
+        _log("\n".join(lines), event="stopped", ticks=ticks_in, scores=int(agent.seq), rejected=rejected,
+             dropped=dropped, stop_reason=self.stop_reason or "end")
         return summary
 
 
@@ -616,12 +816,17 @@ def _install_signals(service: Service) -> dict:
     return old
 
 
-def run_service(cfg: ServiceConfig, config_path: str | None = None) -> dict:
-    """Build and run the service until a graceful stop; return the final report."""
+def run_service(cfg: ServiceConfig, config_path: str | None = None, log_format: str | None = None) -> dict:
+    """Build and run the service until a graceful stop; return the final report.
+
+    ``log_format`` ("text" / "json") overrides ``[log] format``.
+    """
+    configure_log(log_format or cfg.log.format)
     service = Service(cfg, config_path)
     old = _install_signals(service)
     try:
-        _log(f"starting (pid {os.getpid()}, config {config_path or 'defaults'})")
+        _log(f"starting (pid {os.getpid()}, config {config_path or 'defaults'})", event="starting",
+             pid=os.getpid(), config=config_path or "defaults")
         service.build()
         return service.run()
     finally:

@@ -224,6 +224,8 @@ class ZmqTickSource(_LiveSource):
         Receive queue bound in messages (0 = none).
     slot : TickSlot, optional
         Buffer shared with other sources.
+    configure : callable, optional
+        ``configure(sock)`` before bind/connect (CURVE server keys, :mod:`engine.security`).
 
     Notes
     -----
@@ -249,6 +251,7 @@ class ZmqTickSource(_LiveSource):
         subscribe: Sequence[str] = ("",),
         rcvhwm: int = 100_000,
         slot: TickSlot | None = None,
+        configure=None,
     ) -> None:
         self.endpoint = endpoint
         self.slot = slot if slot is not None else TickSlot(instruments)
@@ -264,6 +267,8 @@ class ZmqTickSource(_LiveSource):
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_TICK_FRAME_BYTES)
         for prefix in subscribe:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        if configure is not None:  # e.g. CURVE server keys (engine.security)
+            configure(self.sock)
         try:
             if bind:
                 ensure_ipc_free(endpoint)
@@ -313,6 +318,19 @@ class ZmqTickSource(_LiveSource):
             self.slot.reject_malformed()
             return -1
         return 0 if self.slot.ingest(payload) else -1
+
+    def discard_pending(self, limit: int = 10_000_000) -> int:
+        """Read and drop the messages already queued (at stop); return how many (for the report)."""
+        n = 0
+        try:
+            while n < limit:
+                frame = self._recv(self._nb, copy=False)
+                while frame.more:
+                    frame = self._recv(self._nb, copy=False)
+                n += 1
+        except (zmq.Again, zmq.ZMQError):
+            pass
+        return n
 
     def close(self) -> None:
         """Close the socket (unread messages are discarded)."""
@@ -400,6 +418,20 @@ class AeronTickSource(_LiveSource):
         """Return whether at least one publisher's image is connected."""
         return bool(self.sub.is_connected)
 
+    def discard_pending(self, limit: int = 10_000_000) -> int:
+        """Consume the messages already in the log (at stop); return how many (for the report)."""
+        seen = [0]
+
+        def count(buf, header) -> None:
+            seen[0] += 1
+
+        try:
+            while seen[0] < limit and self._poll(count, 1024) > 0:
+                pass
+        except Exception:  # noqa: BLE001 - the driver may be gone at stop
+            pass
+        return seen[0]
+
     def close(self) -> None:
         """Close the subscription."""
         try:
@@ -442,6 +474,10 @@ class MultiSource(_LiveSource):
     def received(self) -> int:
         """Return the messages read by all sources."""
         return sum(s.received for s in self.sources)
+
+    def discard_pending(self, limit: int = 10_000_000) -> int:
+        """Drop what every source has queued (at stop); return how many messages."""
+        return sum(s.discard_pending(limit) for s in self.sources)
 
     def poll(self) -> int:
         """Return 0 when one of the sources wrote a tick, else -1 (fair: the next poll starts after it)."""

@@ -23,6 +23,8 @@ import time
 import msgspec
 import zmq
 
+from engine.security import apply_client
+
 __all__ = ["Score", "subscribe_zmq", "subscribe_aeron"]
 
 
@@ -52,12 +54,17 @@ class StopFlag:
         self.flag = True
 
 
-def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout_ms: int = 100) -> None:
-    """Call ``on_score(score, recv_ns)`` for every score on a ZeroMQ endpoint until ``stop()``."""
+def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout_ms: int = 100,
+                  keys=None) -> None:  # fmt: skip
+    """Call ``on_score(score, recv_ns)`` for every score on a ZeroMQ endpoint until ``stop()``.
+
+    ``keys`` (:class:`engine.security.ClientKeys`): connect as a CURVE client.
+    """
     decode = msgspec.msgpack.Decoder(Score).decode
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 0)
+    apply_client(sock, keys)
     for t in topics:
         sock.setsockopt(zmq.SUBSCRIBE, t.encode())
     sock.connect(endpoint)

@@ -1,9 +1,12 @@
 """ZeroMQ score publisher (sink) for the hot path.
 
-The socket is an **XPUB** (wire-compatible with PUB: any SUB connects to it) with
-``ZMQ_XPUB_NODROP`` set, so when a subscriber's queue is full (``sndhwm``) the
-non-blocking send fails with ``EAGAIN`` and the message is *counted* as a drop
-instead of being silently discarded by libzmq or blocking the loop.  XPUB also
+The socket is an **XPUB** (wire-compatible with PUB: any SUB connects to it).
+With ``drop_policy="count"`` (the replay's) ``ZMQ_XPUB_NODROP`` is set, so when a
+subscriber's queue is full (``sndhwm``) the non-blocking send fails with
+``EAGAIN`` and the message is *counted* as a drop instead of being silently
+discarded or blocking the loop; but then one slow subscriber costs every
+subscriber that message.  With ``"per-subscriber"`` (the service's default)
+libzmq drops for the full subscriber alone; it sees the loss as a ``seq`` gap.  XPUB also
 lets the publisher see subscriptions, so a replay can wait for its subscribers
 before it starts.
 """
@@ -80,6 +83,13 @@ class ZmqPublisher:
     io_cpu : int or None
         Core for ZeroMQ's I/O thread (``ZMQ_THREAD_AFFINITY_CPU_ADD``), keeping it
         off the hot core.  Must be set before the first socket is created.
+    drop_policy : str
+        ``"count"`` (``ZMQ_XPUB_NODROP``: a full subscriber queue refuses the send for
+        every subscriber and the score is counted in ``drops``; the replay's default)
+        or ``"per-subscriber"`` (libzmq drops for the full subscriber only, which sees a
+        ``seq`` gap; ``drops`` stays 0; the service's default).
+    configure : callable, optional
+        ``configure(sock)`` before bind/connect (CURVE server keys).
     """
 
     name = "zmq"
@@ -92,6 +102,8 @@ class ZmqPublisher:
         io_cpu: int | None = 0,
         connect: bool = False,
         linger_ms: int = 2_000,
+        drop_policy: str = "count",
+        configure=None,
     ) -> None:
         self.endpoint = endpoint
         self.ctx = zmq.Context(io_threads=1)
@@ -102,8 +114,15 @@ class ZmqPublisher:
                 pass  # older libzmq: affinity is inherited; reported nowhere critical
         self.sock = self.ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+        if drop_policy not in ("count", "per-subscriber"):
+            raise ValueError(f"drop_policy {drop_policy!r}: choose count or per-subscriber")
+        self.drop_policy = drop_policy
+        # "count": a full queue refuses the send (for every subscriber) and it is counted here;
+        # "per-subscriber": libzmq drops for the full subscriber only, which sees a seq gap
+        self.sock.setsockopt(zmq.XPUB_NODROP, 1 if drop_policy == "count" else 0)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
+        if configure is not None:  # e.g. CURVE server keys (engine.security)
+            configure(self.sock)
         try:
             if connect:
                 self.sock.connect(endpoint)

@@ -362,7 +362,10 @@ def plot_percentiles(
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", axis="y", alpha=0.15)
-    ax.legend(loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # no run with latencies (nothing scored): no legend
+        ax.legend(loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no latencies recorded", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

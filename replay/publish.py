@@ -27,6 +27,7 @@ import time
 import numpy as np
 import zmq
 
+from engine.security import ClientKeys, apply_client
 from engine.wire import Tick, encode_tick
 from engine.zmq_io import ensure_ipc_free, raw_send
 from features.featureset import get_feature_set
@@ -213,6 +214,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 5000)
+        curve = spec.get("curve")  # [public, secret, server public] (Z85): a CURVE service
+        if curve:
+            apply_client(sock, ClientKeys(*(k.encode() for k in curve)))
         if spec["bind"]:
             ensure_ipc_free(spec["endpoint"])
             sock.bind(spec["endpoint"])

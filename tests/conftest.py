@@ -30,8 +30,10 @@ def _aeron_dir() -> str:
 class Svc:
     """A service subprocess with its config, control endpoint and stderr log."""
 
-    def __init__(self, tmp: Path, toml: str, name: str = "svc", instruments=SYMBOLS) -> None:
+    def __init__(self, tmp: Path, toml: str, name: str = "svc", instruments=SYMBOLS, *, keys=None,
+                 args=(), wait: bool = True) -> None:  # fmt: skip
         self.tmp = tmp
+        self.keys = keys  # CURVE client keys of the control requests (engine.security.ClientKeys)
         self.control = f"tcp://127.0.0.1:{_free_port()}"
         self.out = tmp / f"{name}-out"
         self.cfg = tmp / f"{name}.toml"
@@ -42,17 +44,18 @@ class Svc:
         self.log = tmp / f"{name}.log"
         self._logf = open(self.log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--config", str(self.cfg)],
+            [sys.executable, "-m", "engine.cli", "serve", "--config", str(self.cfg), *args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._logf,
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout: float = 90.0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"service exited early:\n{self.log.read_text()}"
             try:
-                st = request(self.control, "status", timeout_s=1.0)
+                st = request(self.control, "status", timeout_s=1.0, keys=self.keys)
                 if st.get("state") == "running":
                     return st
             except Exception:  # noqa: BLE001 - not up yet
@@ -61,7 +64,7 @@ class Svc:
         raise AssertionError(f"service not ready after {timeout}s:\n{self.log.read_text()}")
 
     def status(self) -> dict:
-        return request(self.control, "status", timeout_s=10.0)
+        return request(self.control, "status", timeout_s=10.0, keys=self.keys)
 
     def wait_for(self, pred, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout

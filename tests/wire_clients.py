@@ -11,7 +11,8 @@ SPEC keys: ``via`` (zmq|aeron); zmq: ``endpoint``; aeron: ``channel``,
 ``stream_id``, ``aeron_dir`` or ``embedded`` (own driver, for UDP).
 publish: ``n``, ``first`` (index of the first tick; sets its times), ``rate``
 (ticks/s, 0 = back to back), ``garbage`` (send the malformed set first),
-``symbols``.  subscribe: ``out`` (JSON report), ``expect`` (stop after),
+``symbols``, ``curve`` ([public, secret, server public] Z85: a CURVE client).
+subscribe: ``out`` (JSON report), ``expect`` (stop after),
 ``idle_s`` (stop after this long without a score once one arrived), ``max_s``.
 Prints ``ready`` once connected.
 """
@@ -29,6 +30,13 @@ SCORE_FIELDS = [
 ]
 SCORE_TYPES = [int, str, int, int, int, int, float, str, int]
 BASE_NS = 1_800_000_000_000_000_000
+
+
+def _curve(sock, spec: dict) -> None:
+    """CURVE client keys from ``spec["curve"]`` = [public, secret, server public] (Z85 text)."""
+    if spec.get("curve"):
+        pub, sec, srv = (k.encode() for k in spec["curve"])
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = sec, pub, srv
 
 
 def tick(i: int, symbols: list[str]) -> bytes:
@@ -87,6 +95,7 @@ def publish(spec: dict) -> None:
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 5000)
+        _curve(sock, spec)
         sock.connect(spec["endpoint"])
         assert sock.poll(30_000), "the service did not subscribe"
         sock.recv()
@@ -155,6 +164,7 @@ def subscribe(spec: dict) -> None:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        _curve(sock, spec)
         sock.connect(spec["endpoint"])
         print("ready", flush=True)
         while not expect or len(seqs) + len(bad) < expect:

@@ -13,6 +13,7 @@ from engine.commands import (
     evaluate,
     features,
     generate,
+    keygen,
     publish,
     replay,
     report,
@@ -23,4 +24,4 @@ from engine.commands import (
 
 __all__ = ["COMMANDS"]
 
-COMMANDS = (replay, report, features, serve, subscribe, publish, train, evaluate, adopt, generate)
+COMMANDS = (replay, report, features, serve, subscribe, publish, train, evaluate, adopt, generate, keygen)

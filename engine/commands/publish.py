@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.argtypes import add_input_arguments
+from engine.argtypes import add_client_key_arguments, add_input_arguments, client_keys_of
 from engine.argtypes import speed as _speed
 from engine.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_TICK_ENDPOINT, TICK_STREAM_ID, default_aeron_dir
 from engine.control import status_or_none
@@ -47,12 +47,17 @@ def register(sub) -> None:
                         "rebased times start after it (default tcp://127.0.0.1:5590; '' = do not ask)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_input_arguments(p)
+    add_client_key_arguments(p)
     p.set_defaults(handler=cmd_publish)
 
 
 def cmd_publish(args) -> int:
     """Run ``tickscore publish``."""
     endpoint = args.endpoint or DEFAULT_TICK_ENDPOINT
+    keys = client_keys_of(args)
+    if keys is not None and endpoint.startswith("aeron:"):
+        raise ValueError("--client-key/--server-key are ZeroMQ CURVE keys; Aeron has no transport "
+                         "authentication (README, Security)")
     data = str(Path(args.data).resolve()) if args.data else str(default_data_path())
     shape = resolve_shape(data, mapping_from_cli(args.map, args.map_file, args.shape), args.shape)
     print(f"tickscore publish: {data}: a {shape!r} file", file=sys.stderr)
@@ -68,7 +73,7 @@ def cmd_publish(args) -> int:
     if not args.keep_times and control:
         # the service rejects an instrument's tick older than its last one (time_backwards):
         # start the rebased times after whatever it has seen, as replay --via does
-        st = status_or_none(control, 2.0)
+        st = status_or_none(control, 2.0, keys)
         if st is None:
             print(f"tickscore publish: warning: no service answered on {control}; event times start "
                   f"now (ticks older than what the service already saw are rejected as time_backwards; "
@@ -82,6 +87,8 @@ def cmd_publish(args) -> int:
         where = f"{endpoint} stream {spec['stream_id']} (driver {spec['aeron_dir']})"
     else:
         spec.update(via="zmq", endpoint=endpoint, bind=args.bind)
+        if keys is not None:
+            spec["curve"] = [k.decode() for k in keys]
         where = endpoint
     pace = (f"{spec['rate']:,.0f} ticks/s" if spec["rate"] else
             f"{spec['speed']:g}x recorded" if spec["speed"] else "back to back")

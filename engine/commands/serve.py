@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
+from engine.argtypes import add_client_key_arguments, client_keys_of
 from engine.config import DEFAULT_CONTROL_ENDPOINT, load_config, to_toml
 from engine.control import ControlError, request
+from engine.log import FORMATS
 from engine.service import run_service
 
 
@@ -26,6 +29,9 @@ def register(sub) -> None:
     s.add_argument("--check", action="store_true",
                    help="validate the config, print the effective config and exit")
     s.add_argument("--json", action="store_true", help="print the final report JSON on stdout at exit")
+    s.add_argument("--log-format", choices=FORMATS, default=None,
+                   help="log lines on stderr: text (default) or json (one object per line); "
+                        "overrides [log] format")
 
     c = sub.add_parser(
         "control",
@@ -36,7 +42,9 @@ def register(sub) -> None:
     c.add_argument("model", nargs="?", help="model file for 'reload'")
     c.add_argument("--config", metavar="FILE", help="take the control endpoint from this service config")
     c.add_argument("--endpoint", help="control endpoint (default: the config's, else tcp://127.0.0.1:5590)")
-    c.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)")
+    c.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait (default 10); a reload is followed until it is swapped or rejected")
+    add_client_key_arguments(c)
     s.set_defaults(handler=cmd_serve)
     c.set_defaults(handler=cmd_control)
 
@@ -48,7 +56,7 @@ def cmd_serve(args) -> int:
         print(to_toml(cfg), end="")
         print(f"# {args.config or 'defaults'}: OK", file=sys.stderr)
         return 0
-    final = run_service(cfg, args.config)
+    final = run_service(cfg, args.config, log_format=args.log_format)
     if args.json:
         print(json.dumps(final, indent=2, default=str))
     return 0
@@ -57,8 +65,10 @@ def cmd_serve(args) -> int:
 def cmd_control(args) -> int:
     """Run ``tickscore control``."""
     endpoint = args.endpoint
-    if endpoint is None and args.config:
-        endpoint = load_config(args.config).control.endpoint
+    cfg = load_config(args.config) if args.config else None
+    keys = client_keys_of(args, cfg)
+    if endpoint is None and cfg is not None:
+        endpoint = cfg.control.endpoint
         if not endpoint:
             raise ValueError(f"{args.config}: the control channel is disabled ([control] endpoint = \"\")")
     endpoint = endpoint or DEFAULT_CONTROL_ENDPOINT
@@ -67,10 +77,26 @@ def cmd_control(args) -> int:
         if not args.model:
             raise ValueError("reload needs a model file: tickscore control reload MODEL.onnx")
         text = json.dumps({"command": "reload", "path": os.path.abspath(args.model)})
+    deadline = time.monotonic() + args.timeout
     try:
-        reply = request(endpoint, text, timeout_s=args.timeout)
+        reply = request(endpoint, text, timeout_s=args.timeout, keys=keys)
+        if args.action == "reload" and reply.get("status") == "pending":
+            reply = _follow_reload(endpoint, reply, deadline, keys)
     except ControlError as exc:
         print(f"tickscore control: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(reply, indent=2))
     return 0 if reply.get("ok") else 1
+
+
+def _follow_reload(endpoint: str, reply: dict, deadline: float, keys) -> dict:
+    """Poll ``status`` until the reload ticket of ``reply`` is swapped or rejected (or the deadline)."""
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        st = request(endpoint, "status", timeout_s=max(0.5, deadline - time.monotonic()), keys=keys)
+        for t in reversed(st.get("reloads", [])):
+            if t.get("path") == reply.get("path") and t.get("requested_seq") == reply.get("requested_seq"):
+                if t.get("status") != "pending":
+                    return {"ok": t["status"] == "swapped", "command": "reload", **t}
+                break
+    return reply

@@ -8,6 +8,7 @@ import time
 
 import polars as pl
 
+from engine.argtypes import add_client_key_arguments, client_keys_of
 from engine.config import SCORE_STREAM_ID, default_aeron_dir
 from engine.subscribe import FLAG_NAMES, Score, StopFlag, subscribe_aeron, subscribe_zmq
 
@@ -31,12 +32,17 @@ def register(sub) -> None:
     p.add_argument("--aeron-dir", default=None,
                    help="Aeron driver directory (default: the service's embedded driver, "
                         "/dev/shm/tickscore-aeron-USER)")
+    add_client_key_arguments(p)
     p.set_defaults(handler=cmd_subscribe)
 
 
 def cmd_subscribe(args) -> int:
     """Run ``tickscore subscribe``."""
     topics = tuple(args.topic or ("",))
+    keys = client_keys_of(args)
+    if keys is not None and args.endpoint.startswith("aeron:"):
+        raise ValueError("--client-key/--server-key are ZeroMQ CURVE keys; Aeron has no transport "
+                         "authentication (README, Security)")
     rows: list[tuple] = []
     n = [0]
     deadline = time.monotonic() + args.duration if args.duration > 0 else None
@@ -62,7 +68,7 @@ def cmd_subscribe(args) -> int:
         subscribe_aeron(args.endpoint, args.stream_id or SCORE_STREAM_ID,
                         args.aeron_dir or default_aeron_dir(), topics, on_score, stop)
     else:
-        subscribe_zmq(args.endpoint, topics, on_score, stop)
+        subscribe_zmq(args.endpoint, topics, on_score, stop, keys=keys)
     print(f"tickscore subscribe: {n[0]:,} scores", file=sys.stderr)
     if args.out:
         df = pl.DataFrame(rows, schema=[
