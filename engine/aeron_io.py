@@ -16,7 +16,8 @@ reported, and publications/subscriptions then raise or return NOT_CONNECTED.
 Publisher: :class:`AeronPublisher` offers each score once and, on a retryable
 result, retries a bounded number of times (``back_pressure_retries`` for
 BACK_PRESSURED / ADMIN_ACTION, ``not_connected_retries`` for NOT_CONNECTED);
-then the score is a counted drop.  Every non-success result is counted by kind.
+then the score is a counted drop (after NOT_CONNECTED: counted apart as
+``unsent_no_subscriber``, no reader lost it).  Every non-success result is counted by kind.
 It never blocks the loop and never raises (a closed publication is counted as
 an error and a drop).
 """
@@ -189,6 +190,8 @@ class AeronPublisher:
         self.linger_ms = linger_ms
         self.sent = 0
         self.drops = 0
+        #: scores not sent because no subscriber was connected (after the retries): apart from drops
+        self.unsent_no_subscriber = 0
         self.back_pressured = 0
         self.not_connected = 0
         self.admin_action = 0
@@ -241,7 +244,10 @@ class AeronPublisher:
             if r is True:
                 self.sent += 1
                 return True
-        self.drops += 1
+        if r is self._NC:  # nobody subscribed: not a loss to any reader, counted apart
+            self.unsent_no_subscriber += 1
+        else:
+            self.drops += 1
         return False
 
     def _failed(self, exc: BaseException) -> bool:
@@ -263,6 +269,7 @@ class AeronPublisher:
         return {
             "sent": self.sent,
             "drops": self.drops,
+            "unsent_no_subscriber": self.unsent_no_subscriber,
             "back_pressured": self.back_pressured,
             "not_connected": self.not_connected,
             "admin_action": self.admin_action,

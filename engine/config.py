@@ -134,6 +134,9 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     drain_timeout_ms: NonNegative = 2000
     #: Graceful stop: the drain ends once no tick arrived for this long.
     drain_quiet_ms: NonNegative = 20
+    #: A tick whose ts_event_ns is further ahead of this host's wall clock (s) is rejected as
+    #: ``implausible_time`` (0 = no bound).  Historical replays (older times) are unaffected.
+    max_event_ahead_s: Annotated[int, msgspec.Meta(ge=0, le=10 * 365 * 86400)] = 86_400
 
     def __post_init__(self) -> None:
         h = self.housekeeping_every

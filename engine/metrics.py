@@ -114,8 +114,8 @@ class _Collector:
                        "sink", s.dropped)
         yield labelled("tickscore_back_pressure", "Sends refused for back-pressure (then retried)", "sink",
                        s.back_pressure)
-        yield labelled("tickscore_not_connected", "Sends with no subscriber connected", "sink",
-                       s.not_connected)
+        yield labelled("tickscore_not_connected", "Scores not sent: no subscriber connected (not drops)",
+                       "sink", s.not_connected)
         yield labelled("tickscore_reloads", "Model reloads, by result", "result", s.reloads)
         yield labelled("tickscore_auth_refused", "Refused CURVE handshakes, by socket", "socket", s.refused)
         yield labelled("tickscore_control_requests", "Control requests, by result", "result", s.control)

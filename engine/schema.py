@@ -41,6 +41,9 @@ __all__ = [
     "REJECT_ABSURD_PRICE",
     "REJECT_BOOK_FULL",
     "REJECT_INSTRUMENTS_FULL",
+    "REJECT_IMPLAUSIBLE_TIME",
+    "REJECT_ABSURD_VALUE",
+    "MAX_ABS_VALUE",
     "REJECT_NAMES",
     "N_REJECT_REASONS",
     "empty_ticks",
@@ -118,6 +121,10 @@ REJECT_UNKNOWN_ORDER = 8  #: book modify/delete for an order id that is not in t
 REJECT_ABSURD_PRICE = 9  #: price above the feature set's max_price or outside its band around the mid
 REJECT_BOOK_FULL = 10  #: book add while the preallocated order table is full
 REJECT_INSTRUMENTS_FULL = 11  #: a new symbol while every instrument slot of the service is taken
+REJECT_IMPLAUSIBLE_TIME = 12  #: ts_event_ns <= 0 or further ahead of the receiving clock than allowed
+REJECT_ABSURD_VALUE = 13  #: a finite price or size beyond MAX_ABS_VALUE (1e300, a uint64-max sentinel)
+#: Largest finite price or size a live source accepts (larger: ``absurd_value``).
+MAX_ABS_VALUE = 1e15
 REJECT_NAMES = (
     "ok",
     "nonfinite",
@@ -131,6 +138,8 @@ REJECT_NAMES = (
     "absurd_price",
     "book_full",
     "instruments_full",
+    "implausible_time",
+    "absurd_value",
 )
 N_REJECT_REASONS = len(REJECT_NAMES)
 

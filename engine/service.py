@@ -186,6 +186,7 @@ class Service:
         self._reloads_logged = 0
         self._ipc_bound: list[tuple[str, int]] = []
         self.unscored_at_stop: dict[str, int] = {}
+        self.slot = None
 
     # ------------------------------------------------------------------ start-up
     def request_stop(self, reason: str) -> None:
@@ -267,7 +268,9 @@ class Service:
         n_slots = cfg.instrument_slots
         symbols = list(cfg.instruments) + [""] * (n_slots - len(cfg.instruments))
         slot = TickSlot(cfg.instruments, capacity=n_slots if cfg.max_instruments else None,
-                        on_new=self._on_new_instrument)  # fmt: skip
+                        on_new=self._on_new_instrument,
+                        max_ahead_ns=cfg.engine.max_event_ahead_s * 1_000_000_000)  # fmt: skip
+        self.slot = slot
         if src_cfg.zmq is not None:
             z = src_cfg.zmq
             self.sources.append(
@@ -424,7 +427,7 @@ class Service:
             rejected=agent.rejected_by_reason(all_reasons=True),
             dropped={k: int(v.get("drops", 0)) for k, v in sinks.items()},
             back_pressure={k: int(v.get("back_pressured", 0)) for k, v in sinks.items()},
-            not_connected={k: int(v.get("not_connected", 0)) for k, v in sinks.items()},
+            not_connected={k: int(v.get("unsent_no_subscriber", 0)) for k, v in sinks.items()},
             reloads=reloads,
             refused=dict(self.curve.refused) if self.curve is not None else {},
             control=dict(self.control_results),
@@ -480,6 +483,7 @@ class Service:
             self._next_slow = now_ns + _SLOW_PERIOD_NS
             if self.zmq_sink is not None:
                 self.zmq_sink.poll_subscriptions()
+            self.slot.advance_clock()
             if self._reloads_logged < len(agent.reloads):
                 self._log_reload_results()
             if self.metrics is not None:
@@ -601,7 +605,7 @@ class Service:
         if self.zmq_sink is not None:
             z = self.zmq_sink
             out["zmq"] = {"endpoint": z.endpoint, "sent": z.sent, "drops": z.drops,
-                          "subscribers": z.subscriptions}
+                          "drop_policy": z.drop_policy, "subscribers": z.subscriptions}
         if self.aeron_sink is not None:
             a = self.aeron_sink
             out["aeron"] = {"channel": a.channel, "stream_id": a.stream_id, **a.counters()}
@@ -629,6 +633,7 @@ class Service:
             "drops": int(sum(s.get("drops", 0) for s in sinks.values())),
             "back_pressure": int(sinks.get("aeron", {}).get("back_pressured", 0)),
             "not_connected": int(sinks.get("aeron", {}).get("not_connected", 0)),
+            "unsent_no_subscriber": int(sinks.get("aeron", {}).get("unsent_no_subscriber", 0)),
             "sinks": sinks,
             "model": {
                 "version": agent.model_version,

@@ -17,7 +17,13 @@ non-positive, crossed, time going backwards, unknown kind):
   outside 0..255, side outside -128..127, timestamps outside int64, negative
   order id), a ZeroMQ message that is not exactly two frames;
 * ``unknown_instrument`` (:data:`REJECT_UNKNOWN_INSTRUMENT`): a symbol not in
-  the instrument table.
+  the instrument table;
+* ``implausible_time`` (:data:`REJECT_IMPLAUSIBLE_TIME`): ``ts_event_ns <= 0`` or
+  more than ``[engine] max_event_ahead_s`` ahead of the wall clock (a tick at
+  ``2**63-1`` would otherwise make every later tick of its instrument
+  ``time_backwards``);
+* ``absurd_value`` (:data:`REJECT_ABSURD_VALUE`): a finite price or size above
+  :data:`engine.schema.MAX_ABS_VALUE` (1e300, a uint64-max sentinel).
 
 Both are counted in ``counters`` (an int64 array indexed by reject reason; the
 service binds it to the agent's ``counters`` with :meth:`bind_counters`, so the
@@ -34,7 +40,9 @@ struct; no arrays.
 
 from __future__ import annotations
 
+import math
 import struct
+import time
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -42,7 +50,10 @@ import numpy as np
 import zmq
 
 from engine.schema import (
+    MAX_ABS_VALUE,
     N_REJECT_REASONS,
+    REJECT_ABSURD_VALUE,
+    REJECT_IMPLAUSIBLE_TIME,
     REJECT_INSTRUMENTS_FULL,
     REJECT_MALFORMED,
     REJECT_UNKNOWN_INSTRUMENT,
@@ -131,7 +142,12 @@ class TickSlot:
     MAX_SYMBOL_BYTES = 64
 
     def __init__(self, instruments: Sequence[str], capacity: int | None = None,
-                 on_new: Callable[[int, str], None] | None = None) -> None:
+                 on_new: Callable[[int, str], None] | None = None, max_ahead_ns: int = 0) -> None:
+        #: a tick whose ts_event_ns is above this is ``implausible_time`` (0 = no bound); the
+        #: service moves it with the wall clock in housekeeping (:meth:`advance_clock`)
+        self.max_ahead_ns = int(max_ahead_ns)
+        self.max_event_ns = (1 << 63) - 1
+        self.advance_clock()
         self.ticks = np.zeros(1, dtype=TICK_DTYPE)
         self.inst_list = [0]
         self.ts_list = [0]
@@ -143,6 +159,11 @@ class TickSlot:
         self._decode = msgspec.msgpack.Decoder(StrictTick).decode
         self._pack_into = _tick_struct().pack_into
         self._mv = memoryview(self.ticks.view(np.uint8))
+
+    def advance_clock(self) -> None:
+        """Move the event-time bound to now + ``max_ahead_ns`` (off the per-tick path)."""
+        if self.max_ahead_ns > 0:
+            self.max_event_ns = time.time_ns() + self.max_ahead_ns
 
     def bind_counters(self, counters: np.ndarray) -> None:
         """Count rejects into ``counters`` (the agent's array) from now on; carry over counts so far."""
@@ -161,6 +182,13 @@ class TickSlot:
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.counters[REJECT_MALFORMED] += 1
             return False
+        if not 0 < t.ts_event_ns <= self.max_event_ns:
+            self.counters[REJECT_IMPLAUSIBLE_TIME] += 1
+            return False
+        lim = MAX_ABS_VALUE
+        if (t.bid_px > lim or t.ask_px > lim or t.price > lim or t.bid_sz > lim or t.ask_sz > lim
+                or t.size > lim) and self._absurd(t):  # fmt: skip
+            return False
         inst = self.ids.get(t.instrument, -1)
         if inst < 0 and (inst := self._admit(t.instrument)) < 0:
             return False
@@ -174,6 +202,13 @@ class TickSlot:
             return False
         self.inst_list[0] = inst
         self.ts_list[0] = t.ts_event_ns
+        return True
+
+    def _absurd(self, t) -> bool:
+        """Rare path: count an absurd finite value; +inf is left to the kernel (``nonfinite``)."""
+        if math.inf in (t.bid_px, t.ask_px, t.price, t.bid_sz, t.ask_sz, t.size):
+            return False
+        self.counters[REJECT_ABSURD_VALUE] += 1
         return True
 
     def _admit(self, symbol: str) -> int:
