@@ -8,16 +8,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint bench clean
+LOCK := .ci/constraints.txt
+
+.PHONY: demo test venv lint bench clean lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 12), f"tickscore needs Python >= 3.12, $(PY) is {sys.version.split()[0]}"'
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	@touch $(STAMP)
+
+# Refresh the lock (every transitive version) from the newest releases allowed by pyproject.toml.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^tickscore' > $(LOCK)
+	rm -rf .venv-lock
 
 demo: $(STAMP)
 	$(BIN)/tickscore replay --out runs/demo

@@ -24,12 +24,20 @@ an error and a drop).
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading as _threading
 import time
 
+from engine.log import log
+
 __all__ = ["AeronRuntime", "AeronPublisher", "connect_client"]
+
+#: Aeron C client error codes meaning the media driver is gone: AERON_CLIENT_ERROR_DRIVER_TIMEOUT,
+#: AERON_CLIENT_ERROR_CLIENT_TIMEOUT, AERON_CLIENT_ERROR_CONDUCTOR_SERVICE_TIMEOUT (pyaeron passes them
+#: positive: "error 1000: MediaDriver keepalive: age=2376ms > timeout=2000ms").
+_DRIVER_LOST_CODES = (-1000, -1001, -1002, 1000, 1001, 1002)
+
 
 
 def _pyaeron():
@@ -49,7 +57,7 @@ def connect_client(dir: str, *, timeout_ms: int = 10_000, name: str = "tickscore
     pa = _pyaeron()
 
     def _default(code, message):
-        print(f"tickscore: aeron client error {code}: {message}", file=sys.stderr)
+        log("aeron", f"client error {code}: {message}", event="aeron_error", level=logging.ERROR)
 
     handler = on_error or _default
     try:
@@ -91,6 +99,8 @@ class AeronRuntime:
         self.driver = None
         self.errors = 0
         self.last_error = ""
+        #: why the driver is gone (driver or client timeout), "" while it is fine
+        self.lost = ""
         self._lock = _threading.Lock()
         if embedded:
             if pa.is_driver_active(dir, 1_000):
@@ -133,7 +143,9 @@ class AeronRuntime:
         with self._lock:
             self.errors += 1
             self.last_error = f"{code}: {message}"
-        print(f"tickscore: aeron error {code}: {message}", file=sys.stderr)
+            if code in _DRIVER_LOST_CODES or "timeout" in str(message).lower():
+                self.lost = f"{code}: {message}"  # the service stops cleanly at its next housekeeping
+        log("aeron", f"error {code}: {message}", event="aeron_error", level=logging.ERROR, code=code)
 
     def close(self) -> None:
         """Close the client, then stop an embedded driver (its directory is deleted)."""

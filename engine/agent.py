@@ -13,11 +13,13 @@ the loop keeps running.
 from __future__ import annotations
 
 import gc
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from engine.log import log
 
 __all__ = [
     "Agent",
@@ -34,6 +36,7 @@ __all__ = [
     "set_realtime_priority",
     "AgentRunner",
 ]
+
 
 
 class Agent:
@@ -234,7 +237,7 @@ def pin_current_thread(core: int | None) -> PinResult:
 
 
 def _default_error_handler(exc: BaseException) -> None:
-    print(f"tickscore: error in agent loop (loop continues): {exc!r}", file=sys.stderr)
+    log("agent", f"error in agent loop (loop continues): {exc!r}", event="error", level=logging.ERROR)
 
 
 class AgentInvoker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine.config import ServiceConfig
+from engine.config import ServiceConfig, load_config
 from engine.security import ClientKeys, client_keys
 from models.dataset import DEFAULT_MAX_ROWS
 from replay.source import parse_speed
@@ -90,7 +90,7 @@ def add_max_rows_argument(p: Any) -> None:
                         "size; 0 = keep all (default %(default)s)")  # fmt: skip
 
 
-def add_client_key_arguments(p: argparse.ArgumentParser) -> None:
+def add_client_key_arguments(p: argparse.ArgumentParser, config: bool = False) -> None:
     """``--client-key`` / ``--server-key``: talk CURVE to a service run with ``[security] curve``."""
     g = p.add_argument_group("CURVE (a service with [security] curve = true)")
     g.add_argument("--client-key", metavar="NAME.key_secret", default=None,
@@ -98,10 +98,15 @@ def add_client_key_arguments(p: argparse.ArgumentParser) -> None:
                         "service's authorized_keys directory")
     g.add_argument("--server-key", metavar="NAME.key", default=None,
                    help="the service's public key file")
+    if config:
+        g.add_argument("--config", metavar="FILE", default=None,
+                       help="a service config: its [security] client_key / server_key are used")
 
 
 def client_keys_of(args, cfg: ServiceConfig | None = None) -> ClientKeys | None:
     """Return the CURVE keys of ``--client-key``/``--server-key``, else of the config's ``[security]``."""
+    if cfg is None and getattr(args, "config", None):
+        cfg = load_config(args.config)
     ck, sk = getattr(args, "client_key", None), getattr(args, "server_key", None)
     if cfg is not None and cfg.security.curve:
         ck = ck or cfg.security.client_key or None

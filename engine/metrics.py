@@ -81,7 +81,8 @@ class _Collector:
         hist = self.server.hist
         if hist is None:
             return [(f"{b:g}", 0) for b in LATENCY_BUCKETS_S] + [("+Inf", 0)], 0.0
-        counts = hist.counts
+        # a copy: the hot thread folds into hist.counts (numba, without the GIL) at any moment
+        counts = hist.counts.copy()
         if self._vals is None or self._vals.size != counts.size:
             sub = hist._SUB
             e = np.arange(counts.size // sub, dtype=np.int64)[:, None]
@@ -161,7 +162,10 @@ class MetricsServer:
             def do_GET(self):  # noqa: N802 - http.server's name
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    body, ctype, code = generate_latest(server.registry), CONTENT_TYPE_LATEST, 200
+                    try:
+                        body, ctype, code = generate_latest(server.registry), CONTENT_TYPE_LATEST, 200
+                    except Exception as exc:  # noqa: BLE001 - answer, never drop the connection
+                        body, ctype, code = f"metrics failed: {exc}\n".encode(), "text/plain", 500
                 elif path in ("/healthz", "/readyz"):
                     ok, why = server.health() if path == "/healthz" else server.readiness()
                     body, ctype, code = (why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503

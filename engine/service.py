@@ -15,13 +15,18 @@ hot one); the hot loop runs on the main thread, pinned to ``engine.pin``
 
 Lifecycle:
 
-1. start-up: config already validated; load the model, start the Aeron driver
-   (embedded by default) and bind/connect sockets; any error stops here with a
-   clear message (exit 2);
+1. start-up: config already validated; check every endpoint to bind (a live
+   ipc path or a taken port stops it before anything is bound); load the
+   model, start the CURVE authenticator (``[security]``), the metrics server
+   (``[metrics]``) and the Aeron driver (embedded by default), bind/connect
+   sockets; any error stops here with a clear message (exit 2);
 2. warm-up (JIT, model), ``gc.freeze``; then ``ready`` on stderr and the control
    socket answers;
 3. loop: one tick per duty cycle; housekeeping (every ``housekeeping_every`` idle
-   or busy cycles, at most every millisecond) answers control requests;
+   or busy cycles, at most every millisecond) answers control requests (each
+   one an audit line); every ~100 ms it folds the counters into the metrics
+   snapshot, moves the event-time bound and stops cleanly if the Aeron driver
+   is gone;
 4. graceful stop (``stop`` request, SIGTERM or SIGINT): stop the loop, keep scoring
    what already arrived until no tick came for ``drain_quiet_ms`` (at most
    ``drain_timeout_ms``), close the sources, flush the sinks, print the final
@@ -37,7 +42,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -484,6 +488,10 @@ class Service:
             if self.zmq_sink is not None:
                 self.zmq_sink.poll_subscriptions()
             self.slot.advance_clock()
+            if self.aeron is not None and self.aeron.lost and not self.stop_requested:
+                _log(f"the Aeron media driver is gone ({self.aeron.lost}): stopping", event="aeron_lost",
+                     level=logging.ERROR)
+                self.request_stop("aeron driver lost")
             if self._reloads_logged < len(agent.reloads):
                 self._log_reload_results()
             if self.metrics is not None:
@@ -552,7 +560,7 @@ class Service:
             try:
                 s.close()
             except Exception as exc:  # noqa: BLE001
-                print(f"tickscore: closing sink {getattr(s, 'name', s)}: {exc}", file=sys.stderr)
+                _log(f"closing sink {getattr(s, 'name', s)}: {exc}", event="error", level=logging.ERROR)
         self.sinks = []
         if self.aeron is not None:
             self.aeron.close()

@@ -56,8 +56,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from engine.argtypes import client_keys_of
 from engine.config import SCORE_STREAM_ID, TICK_STREAM_ID, load_config
 from engine.control import ControlError, request, status_or_none
+from engine.security import ClientKeys, apply_client
 from engine.wire import decode_score
 from replay.generator import default_data_path
 from replay.inputs import default_model_for_shape
@@ -145,6 +147,8 @@ def _subscriber(spec: dict) -> int:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if spec.get("curve"):  # [public, secret, server public] (Z85): a CURVE service
+            apply_client(sock, ClientKeys(*(k.encode() for k in spec["curve"])))
         if spec["bind"]:
             sock.bind(spec["endpoint"])
         else:
@@ -461,6 +465,7 @@ def run_wire(args) -> WireRun:
     log_path = tmp / "service.log"
     procs: list[subprocess.Popen] = []
     spawned = args.service_config is None
+    keys = None  # CURVE client keys, for a running service with [security] curve
     try:
         if spawned:
             model = args.model or str(default_model_for_shape(td.shape))
@@ -477,7 +482,8 @@ def run_wire(args) -> WireRun:
         else:
             cfg = load_config(args.service_config)
             ep = _endpoints_from_config(cfg, args.via)
-            before = status_or_none(ep["control"])
+            keys = client_keys_of(args, cfg)
+            before = status_or_none(ep["control"], 5.0, keys)
             if before is None and ep["control"]:
                 raise RuntimeError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
@@ -497,6 +503,8 @@ def run_wire(args) -> WireRun:
         if args.via == "zmq":
             sub_spec = {**common, **ep["scores"]}
             pub_spec = {**common, **ep["ticks"]}
+            if keys is not None:
+                sub_spec["curve"] = pub_spec["curve"] = [k.decode() for k in keys]
         else:
             sub_spec = {**common, **ep["scores"], "aeron_dir": ep["aeron_dir"]}
             pub_spec = {**common, **ep["ticks"], "aeron_dir": ep["aeron_dir"]}
@@ -517,7 +525,7 @@ def run_wire(args) -> WireRun:
         if args.via == "zmq" and ep["control"]:  # wait until the service's XPUB saw the subscription
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                st = status_or_none(ep["control"], 1.0) or {}
+                st = status_or_none(ep["control"], 1.0, keys) or {}
                 if st.get("sinks", {}).get("zmq", {}).get("subscribers", 0) > subs0:
                     break
                 time.sleep(0.05)
@@ -533,7 +541,7 @@ def run_wire(args) -> WireRun:
         sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
         if sub.returncode != 0:
             raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
-        after = status_or_none(ep["control"])
+        after = status_or_none(ep["control"], 5.0, keys)
         final = None
         if spawned:
             final = _stop_service(service, ep["control"])

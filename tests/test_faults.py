@@ -197,3 +197,150 @@ def test_implausible_times_and_absurd_values_are_rejected_and_poison_nothing(fuz
     assert after.get("implausible_time", 0) - before.get("implausible_time", 0) == 2
     assert after.get("absurd_value", 0) - before.get("absurd_value", 0) == 2
     assert after.get("time_backwards", 0) == before.get("time_backwards", 0)
+
+
+def test_the_aeron_driver_dying_stops_the_service_cleanly_with_a_summary(tmp_path):
+    """An external media driver killed under the service: a message, a summary, exit 0 (no signal)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, _aeron_dir
+
+    d = _aeron_dir()
+    drv = subprocess.Popen([sys.executable, "-c", "import pyaeron, sys, time\n"
+                            f"d = pyaeron.MediaDriver(dir={d!r})\nprint('up', flush=True)\ntime.sleep(600)"],
+                           cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    svc = None
+    try:
+        assert drv.stdout.readline().strip() == "up"
+        svc = Svc(tmp_path, '[engine]\npin = "none"\n[sources.aeron]\nchannel = "aeron:ipc"\n'
+                  f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/s.ipc"\n'
+                  f'[aeron]\nembedded = false\ndir = "{d}"\ndriver_timeout_ms = 1500\n')
+        drv.kill()
+        drv.wait(timeout=10)
+        assert svc.proc.wait(timeout=60) == 0
+        s = svc.summary()
+        assert s["stop_reason"] == "aeron driver lost"
+        assert "the Aeron media driver is gone" in svc.log.read_text()
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+        if svc is not None:
+            svc.stop()
+
+
+@pytest.fixture(scope="module")
+def aeron_fuzz_service(tmp_path_factory):
+    pyaeron = pytest.importorskip("pyaeron")
+    from tests.conftest import _aeron_dir
+
+    tmp = tmp_path_factory.mktemp("aeronfuzz")
+    d = _aeron_dir()
+    svc = Svc(tmp, '[engine]\npin = "none"\nidle = "backoff"\n[sources.aeron]\nchannel = "aeron:ipc"\n'
+              f'[sinks.zmq]\nendpoint = "ipc://{tmp}/s.ipc"\n[aeron]\ndir = "{d}"\n')
+    client = pyaeron.Aeron(context=pyaeron.Context(dir=d, error_handler=lambda code, msg: None))
+    pub = client.add_exclusive_publication("aeron:ipc", 1001)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.connect(f"ipc://{tmp}/s.ipc")
+    svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] >= 1, 10)
+    deadline = time.monotonic() + 10
+    while not pub.is_connected:
+        assert time.monotonic() < deadline, "the service's Aeron subscription never connected"
+        time.sleep(0.01)
+    svc.pub, svc.sub, svc.next_i = pub, sub, 60_000_000
+    try:
+        yield svc
+    finally:
+        sub.close(0)
+        ctx.term()
+        client.close()
+        svc.stop()
+
+
+def _offer(pub, payload: bytes) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        r = pub.offer(payload)
+        if r is True or (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+            return
+        assert time.monotonic() < deadline, f"offer kept failing: {r}"
+        time.sleep(0.0005)
+
+
+_payloads = st.one_of(
+    st.binary(max_size=3_000),  # arbitrary bytes, some longer than one IPC fragment
+    st.builds(msgpack.packb, st.one_of(
+        st.lists(st.one_of(_ints, st.floats(), st.text(max_size=5), st.none()), max_size=16),
+        st.dictionaries(st.text(max_size=3), _ints, max_size=3), _ints)),
+)
+
+
+@settings(max_examples=40, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(_payloads, min_size=1, max_size=20), seed=st.integers(0, 2**16))
+def test_fuzzed_aeron_messages_among_valid_ticks_every_valid_tick_scored_exactly_once(
+        aeron_fuzz_service, garbage, seed):
+    svc = aeron_fuzz_service
+    before = svc.status()
+    valid = 30
+    order = [("v", k) for k in range(valid)]
+    rng = random.Random(seed)
+    for g in garbage:
+        order.insert(rng.randint(0, len(order)), ("g", g))
+    first = svc.next_i
+    for kind, item in order:
+        _offer(svc.pub, tick(first + 4 * item, SYMBOLS) if kind == "v" else item)
+    svc.next_i = first + 4 * valid
+    got = []
+    deadline = time.monotonic() + 20
+    while len(got) < valid and time.monotonic() < deadline:
+        if svc.sub.poll(200):
+            got.append(msgpack.unpackb(svc.sub.recv_multipart()[1]))
+    time.sleep(0.2)
+    while svc.sub.poll(100):
+        got.append(msgpack.unpackb(svc.sub.recv_multipart()[1]))
+    after = svc.status()
+    assert after["state"] == "running" and after["errors"] == before["errors"]
+    assert sorted(g[3] for g in got) == sorted(BASE_NS + (first + 4 * k) * 1_000 for k in range(valid))
+    delta_in = after["ticks_in"] - before["ticks_in"]
+    delta_msgs = after["messages_received"] - before["messages_received"]
+    assert delta_in == delta_msgs == valid + len(garbage)
+
+
+def test_subscriber_and_publisher_killed_mid_stream_and_replaced(tmp_path):
+    """SIGKILL of a subscriber and of a publisher mid-stream: the service keeps scoring; a new
+    subscriber gets a contiguous run of seqs from when it joined, a new publisher is scored."""
+    svc = Svc(tmp_path, '[engine]\npin = "none"\n'
+              f'[sources.zmq]\nendpoint = "ipc://{tmp_path}/t.ipc"\n'
+              f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/s.ipc"\n')
+    sub1 = sub2 = pub1 = pub2 = None
+    try:
+        sub1 = _client("subscribe", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/s.ipc",
+                                     "out": str(tmp_path / "sub1.json")}, tmp_path, "sub1")
+        svc.wait_for(lambda s: s["sinks"]["zmq"]["subscribers"] >= 1, 10)
+        pub1 = _client("publish", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/t.ipc", "n": 400_000,
+                                   "first": 10, "rate": 20_000}, tmp_path, "pub1")
+        svc.wait_for(lambda s: s["scores_out"] > 5_000, 30)
+        sub1.kill()
+        sub1.wait()
+        sub2 = _client("subscribe", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/s.ipc", "idle_s": 3,
+                                     "out": str(tmp_path / "sub2.json")}, tmp_path, "sub2")
+        n0 = svc.status()["scores_out"]
+        svc.wait_for(lambda s: s["scores_out"] > n0 + 5_000, 30)
+        pub1.kill()
+        pub1.wait()
+        pub2 = _client("publish", {"via": "zmq", "endpoint": f"ipc://{tmp_path}/t.ipc", "n": 2_000,
+                                   "first": 10_000_000}, tmp_path, "pub2")
+        _finish(pub2)
+        _finish(sub2)
+        st_ = svc.status()
+    finally:
+        _kill_all(sub1, sub2, pub1, pub2)
+        svc.stop()
+    rep = json.loads((tmp_path / "sub2.json").read_text())
+    assert rep["seqs_sorted_contiguous"] and rep["count"] >= 2_000 + 5_000, rep["count"]
+    assert st_["state"] == "running" and st_["errors"] == 0
+    assert st_["ticks_in"] == st_["messages_received"] == st_["scores_out"] + st_["rejected"]

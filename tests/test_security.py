@@ -301,3 +301,17 @@ def test_sigkill_then_restart_on_the_same_endpoints_starts_cleanly(tmp_path):
         second.proc.send_signal(signal.SIGTERM)
         second.proc.wait(timeout=60)
         second.stop()
+
+
+def test_replay_via_a_running_curve_service_with_client_keys(curve_service, tmp_path):
+    svc = curve_service
+    base = [sys.executable, "-m", "engine.cli", "replay", "--via", "zmq", "--service-config", str(svc.cfg),
+            "--limit", "2000", "--no-progress", "--json"]
+    keys = ["--client-key", str(svc.keys_dir / "client.key_secret"),
+            "--server-key", str(svc.keys_dir / "server.key")]
+    r = subprocess.run([*base, *keys], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout[r.stdout.index("{"):])
+    assert s["scores"] == 2000 and s["rejected"] == 0
+    r = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)  # no key: refused
+    assert r.returncode != 0

@@ -47,7 +47,7 @@ def register(sub) -> None:
                         "rebased times start after it (default tcp://127.0.0.1:5590; '' = do not ask)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     add_input_arguments(p)
-    add_client_key_arguments(p)
+    add_client_key_arguments(p, config=True)
     p.set_defaults(handler=cmd_publish)
 
 

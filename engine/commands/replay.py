@@ -112,6 +112,11 @@ def add_wire_arguments(r) -> None:
                    help="replay over the wire instead of in-process")
     g.add_argument("--service-config", metavar="FILE",
                    help="use the running service of this config (default: spawn one)")
+    g.add_argument("--client-key", metavar="NAME.key_secret", default=None,
+                   help="with --service-config of a CURVE service: this client's secret key file "
+                        "(default: the config's [security] client_key)")
+    g.add_argument("--server-key", metavar="NAME.key", default=None,
+                   help="with --service-config of a CURVE service: the service's public key file")
     g.add_argument("--spawn", action="store_true",
                    help="start a service for the run and stop it after "
                    "(the default without --service-config)")

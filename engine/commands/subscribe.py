@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--aeron-dir", default=None,
                    help="Aeron driver directory (default: the service's embedded driver, "
                         "/dev/shm/tickscore-aeron-USER)")
-    add_client_key_arguments(p)
+    add_client_key_arguments(p, config=True)
     p.set_defaults(handler=cmd_subscribe)
 
 
