@@ -74,6 +74,8 @@ __all__ = [
     "Service",
     "run_service",
     "pin_helper_threads",
+    "AERON_LOST",
+    "AERON_TRUNCATED",
 ]
 
 _HK_BY_IDLE = {"busy-spin": 1024, "yield": 1024, "backoff": 64, "sleep": 16}
@@ -191,6 +193,8 @@ class Service:
         self._ipc_bound: list[tuple[str, int]] = []
         self.unscored_at_stop: dict[str, int] = {}
         self.slot = None
+        #: a SIGBUS from the Aeron C client/driver (their files truncated): never close them
+        self.aeron_fault = False
 
     # ------------------------------------------------------------------ start-up
     def request_stop(self, reason: str) -> None:
@@ -491,7 +495,7 @@ class Service:
             if self.aeron is not None and self.aeron.lost and not self.stop_requested:
                 _log(f"the Aeron media driver is gone ({self.aeron.lost}): stopping", event="aeron_lost",
                      level=logging.ERROR)
-                self.request_stop("aeron driver lost")
+                self.request_stop(AERON_LOST)
             if self._reloads_logged < len(agent.reloads):
                 self._log_reload_results()
             if self.metrics is not None:
@@ -563,7 +567,11 @@ class Service:
                 _log(f"closing sink {getattr(s, 'name', s)}: {exc}", event="error", level=logging.ERROR)
         self.sinks = []
         if self.aeron is not None:
-            self.aeron.close()
+            if self.aeron_fault:  # its threads fault on the truncated files: closing would hang
+                _log("the Aeron driver's files were truncated (SIGBUS): its client is left unclosed; "
+                     "the process exits without cleanup", event="aeron_lost", level=logging.ERROR)
+            else:
+                self.aeron.close()
             self.aeron = None
         if self.ctx is not None:
             self.ctx.term()
@@ -818,14 +826,28 @@ class Service:
         return summary
 
 
+#: stop reasons after which ``tickscore serve`` exits 1 (summary written): the Aeron driver is gone
+AERON_LOST = "aeron driver lost"
+AERON_TRUNCATED = "aeron driver files truncated (SIGBUS)"
+
+
 def _install_signals(service: Service) -> dict:
     old = {}
 
     def handler(signum, frame):
         service.request_stop(signal.Signals(signum).name)
 
+    def bus(signum, frame):
+        # A SIGBUS in an Aeron C thread (cnc.dat truncated under the mapped file): the C handler
+        # returned to the faulting access, which faults again on that thread; this Python-level
+        # handler runs on the main thread, which can still drain, report and leave (os._exit).
+        service.aeron_fault = True
+        service.request_stop(AERON_TRUNCATED)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         old[sig] = signal.signal(sig, handler)
+    if service.cfg.uses_aeron:
+        old[signal.SIGBUS] = signal.signal(signal.SIGBUS, bus)
     return old
 
 
@@ -844,4 +866,6 @@ def run_service(cfg: ServiceConfig, config_path: str | None = None, log_format: 
         return service.run()
     finally:
         for sig, h in old.items():
+            if sig == signal.SIGBUS and service.aeron_fault:
+                continue  # Aeron's threads still fault: the default action would kill the process now
             signal.signal(sig, h)

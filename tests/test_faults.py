@@ -200,7 +200,7 @@ def test_implausible_times_and_absurd_values_are_rejected_and_poison_nothing(fuz
 
 
 def test_the_aeron_driver_dying_stops_the_service_cleanly_with_a_summary(tmp_path):
-    """An external media driver killed under the service: a message, a summary, exit 0 (no signal)."""
+    """An external media driver killed under the service: a message, a summary, exit 1 (no signal)."""
     import subprocess
     import sys
 
@@ -218,7 +218,7 @@ def test_the_aeron_driver_dying_stops_the_service_cleanly_with_a_summary(tmp_pat
                   f'[aeron]\nembedded = false\ndir = "{d}"\ndriver_timeout_ms = 1500\n')
         drv.kill()
         drv.wait(timeout=10)
-        assert svc.proc.wait(timeout=60) == 0
+        assert svc.proc.wait(timeout=60) == 1  # a failure for the supervisor (restart), not a crash
         s = svc.summary()
         assert s["stop_reason"] == "aeron driver lost"
         assert "the Aeron media driver is gone" in svc.log.read_text()
@@ -344,3 +344,35 @@ def test_subscriber_and_publisher_killed_mid_stream_and_replaced(tmp_path):
     assert rep["seqs_sorted_contiguous"] and rep["count"] >= 2_000 + 5_000, rep["count"]
     assert st_["state"] == "running" and st_["errors"] == 0
     assert st_["ticks_in"] == st_["messages_received"] == st_["scores_out"] + st_["rejected"]
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["embedded", "external"])
+def test_truncating_the_aeron_cnc_file_stops_the_service_with_a_summary(tmp_path, embedded):
+    """Defect 10: cnc.dat truncated under the service used to kill it with SIGBUS and no summary."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, _aeron_dir
+
+    d = _aeron_dir()
+    drv = svc = None
+    try:
+        if not embedded:
+            drv = subprocess.Popen([sys.executable, "-c", "import pyaeron, time\n"
+                                    f"d = pyaeron.MediaDriver(dir={d!r})\nprint('up', flush=True)\n"
+                                    "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            assert drv.stdout.readline().strip() == "up"
+        svc = Svc(tmp_path, '[engine]\npin = "none"\n[sources.aeron]\nchannel = "aeron:ipc"\n'
+                  f'[sinks.zmq]\nendpoint = "ipc://{tmp_path}/s.ipc"\n'
+                  f'[aeron]\nembedded = {"true" if embedded else "false"}\ndir = "{d}"\n')
+        os.truncate(f"{d}/cnc.dat", 0)
+        assert svc.proc.wait(timeout=60) == 1  # not -SIGBUS
+        s = svc.summary()
+        assert s["stop_reason"] == "aeron driver files truncated (SIGBUS)"
+        assert "files were truncated" in svc.log.read_text()
+    finally:
+        if drv is not None and drv.poll() is None:
+            drv.kill()
+        if svc is not None:
+            svc.stop()

@@ -11,7 +11,7 @@ from engine.argtypes import add_client_key_arguments, client_keys_of
 from engine.config import DEFAULT_CONTROL_ENDPOINT, load_config, to_toml
 from engine.control import ControlError, request
 from engine.log import FORMATS
-from engine.service import run_service
+from engine.service import AERON_LOST, AERON_TRUNCATED, run_service
 
 
 def register(sub) -> None:
@@ -59,7 +59,12 @@ def cmd_serve(args) -> int:
     final = run_service(cfg, args.config, log_format=args.log_format)
     if args.json:
         print(json.dumps(final, indent=2, default=str))
-    return 0
+    reason = final.get("stop_reason")
+    if reason == AERON_TRUNCATED:  # Aeron's C threads fault on every access: no cleanup can run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return 1 if reason == AERON_LOST else 0
 
 
 def cmd_control(args) -> int:
