@@ -36,7 +36,7 @@ SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 MAX_EVENT_NS = 2**62
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _decode_all(buf, offsets, syms, out_i, out_f, insts):
     """Decode every message; return how many were accepted (symbol found by byte compare)."""
     ok = 0

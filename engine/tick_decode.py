@@ -21,7 +21,11 @@ msgspec path of the live sources (:meth:`engine.sources.TickSlot.ingest`):
    ``malformed`` (the order of :meth:`~engine.sources.TickSlot.ingest`).
 
 Every read is bounds-checked against ``n`` (and ``n`` against the buffer), so
-no input reads outside the buffer.  ``tests/test_tick_decode.py`` feeds both
+no input reads outside the buffer.  The functions are compiled with ``_nrt=False`` (numba's
+reference counting off: they allocate nothing): with it on, every call of a
+helper taking the buffer paid two atomic reference-count updates, about 17 ns
+per call on the 2-vCPU VM (``benchmarks/bench_decode.py``: 353 -> 108 ns per
+tick in a compiled loop that is itself ``_nrt=False``).  ``tests/test_tick_decode.py`` feeds both
 decoders the same bytes (hypothesis) and requires identical decisions and
 values.  This is the first piece of the native duty cycle (issue 16); the
 live sources still use msgspec.
@@ -51,7 +55,7 @@ def new_outputs() -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(N_OUT_I, np.int64), np.zeros(N_OUT_F, np.float64)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # no refcounting: see the module docstring
 def _be(buf, pos, size):
     """Big-endian unsigned integer of ``size`` bytes at ``pos`` (as uint64)."""
     v = np.uint64(0)
@@ -60,7 +64,7 @@ def _be(buf, pos, size):
     return v
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # no refcounting: see the module docstring
 def _read_int(buf, pos, n):
     """Read a MessagePack integer at ``pos``; return (ok, value as int64 bits, big = >= 2^63, next pos).
 
@@ -91,7 +95,7 @@ def _read_int(buf, pos, n):
     return False, np.int64(0), False, pos
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # no refcounting: see the module docstring
 def _read_num(buf, pos, n):
     """Read a float (float32/64) or an integer as float64; return (ok, value, next pos)."""
     if pos >= n:
@@ -113,7 +117,7 @@ def _read_num(buf, pos, n):
     return True, np.float64(v), nxt
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # no refcounting: see the module docstring
 def _utf8_ok(buf, start, length):
     """Return whether buf[start:start+length] is valid UTF-8 (no overlongs, surrogates, > U+10FFFF)."""
     i = start
@@ -150,7 +154,7 @@ def _utf8_ok(buf, start, length):
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # no refcounting: see the module docstring
 def decode_tick(buf, n, max_event_ns, out_i, out_f):
     """Decode one Tick from ``buf[:n]``; return 0 (decoded, see ``out_i``/``out_f``) or a reject reason.
 
