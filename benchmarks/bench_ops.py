@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,32 +39,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from live_clients import curve_client, free_port, pin_core0  # noqa: E402
 
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _curve(sock, keys) -> None:
-    if keys:
-        pub, sec, srv = (k.encode() for k in keys)
-        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = sec, pub, srv
-
-
-def _core0() -> None:
-    """Keep the clients off the service's hot core (1)."""
-    try:
-        os.sched_setaffinity(0, {0})
-    except (AttributeError, OSError):
-        pass
 
 
 def role_pub(spec: dict) -> None:
-    _core0()
+    pin_core0()
     import msgpack
     import zmq
 
@@ -73,7 +58,7 @@ def role_pub(spec: dict) -> None:
     sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.LINGER, 5000)
-    _curve(sock, spec.get("curve"))
+    curve_client(sock, spec.get("curve"))
     sock.connect(spec["endpoint"])
     if not sock.poll(30_000):
         raise SystemExit("no service subscribed")
@@ -95,7 +80,7 @@ def role_pub(spec: dict) -> None:
 
 
 def role_sub(spec: dict) -> None:
-    _core0()
+    pin_core0()
     import msgpack
     import zmq
 
@@ -103,7 +88,7 @@ def role_sub(spec: dict) -> None:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
-    _curve(sock, spec.get("curve"))
+    curve_client(sock, spec.get("curve"))
     sock.connect(spec["endpoint"])
     print("ready", flush=True)
     lat = np.zeros(spec["n"], dtype=np.int64)
@@ -127,8 +112,8 @@ def _pct(a: np.ndarray) -> dict:
 
 
 def run_variant(name: str, curve: bool, metrics: bool, n: int, rate: float, tmp: Path, keys) -> dict:
-    ticks, scores, control = _port(), _port(), _port()
-    mport = _port()
+    ticks, scores, control = free_port(), free_port(), free_port()
+    mport = free_port()
     out = tmp / f"{name}-out"
     toml = (f'instruments = {json.dumps(SYMBOLS)}\n[engine]\npin = 1\nwarmup_ticks = 2000\n'
             f'[sources.zmq]\nendpoint = "tcp://127.0.0.1:{ticks}"\n'

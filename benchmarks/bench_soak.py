@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,24 +26,16 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from live_clients import free_port, pin_core0  # noqa: E402
+
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _core0() -> None:
-    try:
-        os.sched_setaffinity(0, {0})
-    except (AttributeError, OSError):
-        pass
 
 
 def role_pub(spec: dict) -> None:
-    _core0()
+    pin_core0()
     import msgpack
     import zmq
 
@@ -79,7 +70,7 @@ def role_pub(spec: dict) -> None:
 
 
 def role_sub(spec: dict) -> None:
-    _core0()
+    pin_core0()
     import zmq
 
     ctx = zmq.Context()
@@ -126,7 +117,7 @@ def main() -> int:
         (role_pub if args.role == "pub" else role_sub)(json.loads(args.spec))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="tickscore-soak-"))
-    ticks, scores, control, mport = _port(), _port(), _port(), _port()
+    ticks, scores, control, mport = free_port(), free_port(), free_port(), free_port()
     cfg = tmp / "svc.toml"
     cfg.write_text(f'instruments = {json.dumps(SYMBOLS)}\n[engine]\npin = 1\n'
                    f'[sources.zmq]\nendpoint = "tcp://127.0.0.1:{ticks}"\n'

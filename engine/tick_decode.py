@@ -24,7 +24,7 @@ Every read is bounds-checked against ``n`` (and ``n`` against the buffer), so
 no input reads outside the buffer.  The functions are compiled with ``_nrt=False`` (numba's
 reference counting off: they allocate nothing): with it on, every call of a
 helper taking the buffer paid two atomic reference-count updates, about 17 ns
-per call on the 2-vCPU VM (``benchmarks/bench_decode.py``: 353 -> 108 ns per
+per call on the 2-vCPU VM (``benchmarks/bench_decode.py``: 353 -> 106 ns per
 tick in a compiled loop that is itself ``_nrt=False``).  ``tests/test_tick_decode.py`` feeds both
 decoders the same bytes (hypothesis) and requires identical decisions and
 values.  This is the first piece of the native duty cycle (issue 16); the
@@ -159,8 +159,8 @@ def decode_tick(buf, n, max_event_ns, out_i, out_f):
     """Decode one Tick from ``buf[:n]``; return 0 (decoded, see ``out_i``/``out_f``) or a reject reason.
 
     ``out_i``: kind, ts_event_ns, ts_recv_ns, side, order_id (int64 bits), sym_start, sym_len,
-    range_ok; ``out_f``: bid_px, bid_sz, ask_px, ask_sz, price, size.  Written only when 0 is
-    returned.
+    range_ok; ``out_f``: bid_px, bid_sz, ask_px, ask_sz, price, size.  Meaningful only when 0
+    is returned (a reject may leave them partly written).
     """
     if n < 0 or n > buf.shape[0]:
         return REJECT_MALFORMED
@@ -215,25 +215,12 @@ def decode_tick(buf, n, max_event_ns, out_i, out_f):
     ok, ts_recv, ts_recv_big, pos = _read_int(buf, pos, n)
     if not ok:
         return REJECT_MALFORMED
-    # six prices and sizes (kept in locals; written out once the tick is decoded)
-    ok, f0, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
-    ok, f1, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
-    ok, f2, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
-    ok, f3, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
-    ok, f4, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
-    ok, f5, pos = _read_num(buf, pos, n)
-    if not ok:
-        return REJECT_MALFORMED
+    # six prices and sizes
+    for j in range(6):
+        ok, f, pos = _read_num(buf, pos, n)
+        if not ok:
+            return REJECT_MALFORMED
+        out_f[j] = f
     # side, order_id
     ok, side, side_big, pos = _read_int(buf, pos, n)
     if not ok:
@@ -247,8 +234,14 @@ def decode_tick(buf, n, max_event_ns, out_i, out_f):
     if ts_event_big or ts_event <= 0 or ts_event > max_event_ns:
         return REJECT_IMPLAUSIBLE_TIME
     lim = MAX_ABS_VALUE
-    if (f0 > lim or f1 > lim or f2 > lim or f3 > lim or f4 > lim or f5 > lim) and not (
-            f0 == np.inf or f1 == np.inf or f2 == np.inf or f3 == np.inf or f4 == np.inf or f5 == np.inf):
+    big = False
+    inf = False
+    for j in range(6):
+        if out_f[j] > lim:
+            big = True
+        if out_f[j] == np.inf:
+            inf = True
+    if big and not inf:
         return REJECT_ABSURD_VALUE
     ok = 1
     if kind_big or kind < 0 or kind > 255:
@@ -267,5 +260,4 @@ def decode_tick(buf, n, max_event_ns, out_i, out_f):
     out_i[I_SYM_START] = start
     out_i[I_SYM_LEN] = slen
     out_i[I_RANGE_OK] = ok
-    out_f[0], out_f[1], out_f[2], out_f[3], out_f[4], out_f[5] = f0, f1, f2, f3, f4, f5
     return 0
