@@ -27,26 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from live_clients import free_port, pin_core0  # noqa: E402
+from live_clients import connect_publisher, connect_subscriber, free_port, pin_core0  # noqa: E402
 
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
-
-
 
 
 def role_pub(spec: dict) -> None:
     pin_core0()
     import msgpack
-    import zmq
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.XPUB)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.connect(spec["endpoint"])
-    if not sock.poll(30_000):
-        raise SystemExit("no service subscribed")
-    sock.recv()
-    time.sleep(0.2)
+    ctx, sock = connect_publisher(spec["endpoint"])
     per_ms = max(1, round(spec["rate"] / 1000))
     end = time.monotonic() + spec["duration"]
     i = 0
@@ -71,13 +61,8 @@ def role_pub(spec: dict) -> None:
 
 def role_sub(spec: dict) -> None:
     pin_core0()
-    import zmq
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
-    sock.connect(spec["endpoint"])
+    ctx, sock = connect_subscriber(spec["endpoint"])
     print("ready", flush=True)
     n = 0
     last = time.monotonic()
