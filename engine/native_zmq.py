@@ -1,0 +1,130 @@
+"""libzmq's ``zmq_send`` bound for compiled (numba) code: the publish step of a native loop.
+
+pyzmq ships libzmq as a shared library (``pyzmq.libs/libzmq-*.so``, or linked
+into its extension).  :func:`bind_libzmq` finds that very library (the one
+pyzmq's sockets live in), checks at start-up that every symbol needed exists
+and that its version is the one pyzmq reports, and returns ctypes function
+objects with explicit prototypes, which numba calls directly from nopython
+code.  A missing library or symbol, or a version mismatch, is a clear
+:class:`NativeBindError` at start-up, never a crash in the hot loop.
+
+:func:`send_two_frames` publishes ``[topic, payload]`` on a socket handle
+(``zmq.Socket.underlying``) without Python: ``zmq_send`` with
+``ZMQ_SNDMORE | ZMQ_DONTWAIT``, then the payload; it returns 0, or the
+``errno`` of a refused send (``EAGAIN``: the queue is full, counted by the
+caller as today's drop).  Lengths are checked against the arrays in the kernel.
+
+Pointers go through ctypes as ``size_t`` (same width and calling convention as
+``void *`` on the 64-bit hosts tickscore runs on; checked at bind time).
+
+This is the second piece of the native duty cycle (issue 16); the live sinks
+still publish through pyzmq.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from dataclasses import dataclass
+
+import zmq
+from numba import njit
+
+__all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender"]
+
+#: Symbols a native loop needs from libzmq.
+REQUIRED_SYMBOLS = ("zmq_send", "zmq_errno", "zmq_version")
+ZMQ_DONTWAIT = 1
+ZMQ_SNDMORE = 2
+
+
+class NativeBindError(RuntimeError):
+    """libzmq could not be bound for compiled code (library, symbol or version); the message says which."""
+
+
+@dataclass(frozen=True)
+class LibZmq:
+    """libzmq bound with explicit prototypes (ctypes function objects numba can call)."""
+
+    path: str
+    version: tuple[int, int, int]
+    zmq_send: object
+    zmq_errno: object
+
+
+def libzmq_path() -> str:
+    """Return the path of the libzmq pyzmq loaded (its bundled copy, or the system one it links)."""
+    base = os.path.dirname(os.path.dirname(zmq.__file__))
+    patterns = (os.path.join(base, "pyzmq.libs", "libzmq*.so*"), os.path.join(base, "zmq", "libzmq*.so*"))
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    # linked dynamically against a system libzmq: find it among the loaded libraries
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if "/" in line else ""
+                if os.path.basename(path).startswith("libzmq"):
+                    return path
+    except OSError:
+        pass
+    raise NativeBindError("cannot find the libzmq that pyzmq uses (no pyzmq.libs/libzmq*.so, none loaded)")
+
+
+def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYMBOLS) -> LibZmq:
+    """Bind libzmq for compiled code; raise :class:`NativeBindError` naming what is missing or wrong."""
+    if ctypes.sizeof(ctypes.c_void_p) != ctypes.sizeof(ctypes.c_size_t):
+        raise NativeBindError("pointers are not size_t wide on this host: native publishing is unsupported")
+    path = path or libzmq_path()
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        raise NativeBindError(f"cannot load libzmq {path!r}: {exc}") from None
+    missing = [s for s in symbols if not hasattr(lib, s)]
+    if missing:
+        raise NativeBindError(f"libzmq {path!r} lacks the symbol(s) {', '.join(missing)}: this libzmq cannot "
+                              "serve a native loop (use --loop python)")  # fmt: skip
+    major, minor, patch = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    lib.zmq_version.argtypes = [ctypes.POINTER(ctypes.c_int)] * 3
+    lib.zmq_version.restype = None
+    lib.zmq_version(ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch))
+    version = (major.value, minor.value, patch.value)
+    want = tuple(int(x) for x in zmq.zmq_version().split("."))
+    if version != want:
+        raise NativeBindError(f"libzmq {path!r} is version {'.'.join(map(str, version))} but pyzmq's sockets "
+                              f"live in {zmq.zmq_version()}: a socket handle of one must not go to the other")
+    if version < (4, 0, 0):
+        raise NativeBindError(f"libzmq {'.'.join(map(str, version))} is too old (need 4.x)")
+    send = lib.zmq_send
+    # zmq_send(void *socket, const void *buf, size_t len, int flags) -> int
+    send.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+    send.restype = ctypes.c_int
+    errno_ = lib.zmq_errno
+    errno_.argtypes = []
+    errno_.restype = ctypes.c_int
+    return LibZmq(path, version, send, errno_)
+
+
+def make_sender(lib: LibZmq):
+    """Return ``send_two_frames(sock, topic, topic_len, payload, payload_len) -> 0 | errno`` (numba).
+
+    ``sock`` is ``zmq.Socket.underlying``; ``topic`` / ``payload`` are uint8 arrays; the lengths are
+    checked against them (a bad length is ``-1``, nothing sent).
+    """
+    zsend, zerrno = lib.zmq_send, lib.zmq_errno
+    more = ZMQ_SNDMORE | ZMQ_DONTWAIT
+
+    @njit(nogil=True, _nrt=False)
+    def send_two_frames(sock, topic, topic_len, payload, payload_len):
+        if topic_len < 0 or topic_len > topic.shape[0] or payload_len < 0 or payload_len > payload.shape[0]:
+            return -1
+        if zsend(sock, topic.ctypes.data, topic_len, more) < 0:
+            return zerrno()
+        # the second frame of a message is never refused once the first is queued
+        if zsend(sock, payload.ctypes.data, payload_len, ZMQ_DONTWAIT) < 0:
+            return zerrno()
+        return 0
+
+    return send_two_frames
