@@ -73,11 +73,25 @@ def libzmq_path() -> str:
     raise NativeBindError("cannot find the libzmq that pyzmq uses (no pyzmq.libs/libzmq*.so, none loaded)")
 
 
+def _mapped_paths() -> set[str] | None:
+    """Return the real paths of the files mapped into this process (None where /proc is absent)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {os.path.realpath(ln.split()[-1]) for ln in f if "/" in ln.split()[-1]}
+    except OSError:
+        return None
+
+
 def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYMBOLS) -> LibZmq:
     """Bind libzmq for compiled code; raise :class:`NativeBindError` naming what is missing or wrong."""
     if ctypes.sizeof(ctypes.c_void_p) != ctypes.sizeof(ctypes.c_size_t):
         raise NativeBindError("pointers are not size_t wide on this host: native publishing is unsupported")
     path = path or libzmq_path()
+    loaded = _mapped_paths()
+    if loaded is not None and os.path.exists(path) and os.path.realpath(path) not in loaded:
+        # another copy of libzmq would have its own globals: a socket handle of pyzmq's must
+        # never reach it
+        raise NativeBindError(f"libzmq {path!r} is not the library pyzmq loaded in this process")
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 import errno
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,5 +88,9 @@ def test_a_missing_symbol_or_library_is_a_clear_error_at_bind_time(tmp_path):
         bind_libzmq(symbols=(*REQUIRED_SYMBOLS, "zmq_no_such_symbol"))
     with pytest.raises(NativeBindError, match="cannot load libzmq"):
         bind_libzmq(str(tmp_path / "libzmq-nothere.so"))
+    copy = tmp_path / "libzmq-copy.so"  # the same bytes, another file: another library instance
+    copy.write_bytes(Path(bind_libzmq().path).read_bytes())
+    with pytest.raises(NativeBindError, match="not the library pyzmq loaded"):
+        bind_libzmq(str(copy))
     lib = bind_libzmq()
     assert lib.version == tuple(int(x) for x in zmq.zmq_version().split("."))
