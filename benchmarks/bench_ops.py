@@ -41,7 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from live_clients import connect_publisher, connect_subscriber, free_port, pin_core0  # noqa: E402
+from live_clients import (  # noqa: E402
+    connect_publisher,
+    connect_subscriber,
+    free_port,
+    pin_core0,
+    start_service,
+)
 
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 
@@ -108,16 +114,9 @@ def run_variant(name: str, curve: bool, metrics: bool, n: int, rate: float, tmp:
                  f'authorized_keys = "{keys["authorized"]}"\n')
     cfg = tmp / f"{name}.toml"
     cfg.write_text(toml)
-    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115
-    svc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg)], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=log)
+    svc = start_service(cfg, tmp / f"{name}.log")
     ck = keys["client"] if curve else None
     try:
-        deadline = time.monotonic() + 90
-        while "ready:" not in (tmp / f"{name}.log").read_text():
-            if svc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / f"{name}.log").read_text())
-            time.sleep(0.2)
         me = [sys.executable, __file__, "--role"]
         sub_spec = {"endpoint": f"tcp://127.0.0.1:{scores}", "n": n, "out": str(tmp / f"{name}.npy"),
                     "curve": ck}
@@ -136,10 +135,8 @@ def run_variant(name: str, curve: bool, metrics: bool, n: int, rate: float, tmp:
         svc.send_signal(signal.SIGTERM)
         svc.wait(timeout=60)
     finally:
-        for p in (svc,):
-            if p.poll() is None:
-                p.kill()
-        log.close()
+        if svc.poll() is None:
+            svc.kill()
     summary = json.loads((out / "summary.json").read_text())
     wire = np.load(tmp / f"{name}.npy")[warm:]  # the same warm-up as the service
     lat = summary["latency_ns"]
@@ -173,7 +170,7 @@ def main() -> int:
 
     ck = client_keys(str(csec), str(tmp / "keys" / "server.key"))
     keys = {"server": str(tmp / "keys" / "server.key_secret"), "authorized": str(tmp / "keys" / "authorized"),
-            "client": [k.decode() for k in ck]}
+            "client": ck.as_text()}
     variants = [("plain", False, False), ("metrics", False, True), ("curve", True, False),
                 ("curve+metrics", True, True)]
     runs: dict[str, list[dict]] = {v[0]: [] for v in variants}

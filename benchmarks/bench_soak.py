@@ -27,7 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from live_clients import connect_publisher, connect_subscriber, free_port, pin_core0  # noqa: E402
+from live_clients import (  # noqa: E402
+    connect_publisher,
+    connect_subscriber,
+    free_port,
+    pin_core0,
+    start_service,
+)
 
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 
@@ -109,17 +115,10 @@ def main() -> int:
                    f'[sinks.zmq]\nendpoint = "tcp://127.0.0.1:{scores}"\n'
                    f'[control]\nendpoint = "tcp://127.0.0.1:{control}"\n'
                    f'[metrics]\nendpoint = "127.0.0.1:{mport}"\n[output]\ndir = "{tmp}/out"\n')
-    log = open(tmp / "svc.log", "w")  # noqa: SIM115
-    svc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg)], cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=log)
+    svc = start_service(cfg, tmp / "svc.log")
     url = f"http://127.0.0.1:{mport}/metrics"
     samples = []
     try:
-        deadline = time.monotonic() + 90
-        while "ready:" not in (tmp / "svc.log").read_text():
-            if svc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "svc.log").read_text())
-            time.sleep(0.2)
         me = [sys.executable, __file__, "--role"]
         sub = subprocess.Popen([*me, "sub", json.dumps({"endpoint": f"tcp://127.0.0.1:{scores}"})],
                                stdout=subprocess.PIPE, text=True)
@@ -146,7 +145,6 @@ def main() -> int:
     finally:
         if svc.poll() is None:
             svc.kill()
-        log.close()
     summary = json.loads((tmp / "out" / "summary.json").read_text())
     base = [s for s in samples if s["t_s"] >= args.warmup]
     growth = base[-1]["rss_mb"] - base[0]["rss_mb"] if len(base) >= 2 else None

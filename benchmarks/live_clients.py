@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.security import ClientKeys, apply_client
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -22,10 +30,22 @@ def pin_core0() -> None:
 
 
 def curve_client(sock, keys) -> None:
-    """Make ``sock`` a CURVE client: ``keys`` = [public, secret, server public] (Z85 text) or None."""
-    if keys:
-        pub, sec, srv = (k.encode() for k in keys)
-        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = sec, pub, srv
+    """Make ``sock`` a CURVE client: ``keys`` = ``ClientKeys.as_text()`` or None."""
+    apply_client(sock, ClientKeys.from_text(keys))
+
+
+def start_service(cfg: Path, log_path: Path, timeout_s: float = 90.0) -> subprocess.Popen:
+    """Start ``tickscore serve --config cfg`` (stderr to ``log_path``); return once it logged ``ready:``."""
+    with open(log_path, "w") as log:  # the child writes to its own copy of the descriptor
+        svc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + timeout_s
+    while "ready:" not in log_path.read_text():
+        if svc.poll() is not None or time.monotonic() > deadline:
+            svc.kill()
+            raise RuntimeError(log_path.read_text())
+        time.sleep(0.2)
+    return svc
 
 
 def connect_publisher(endpoint: str, keys=None, timeout_ms: int = 30_000):

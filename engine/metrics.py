@@ -75,7 +75,6 @@ class _Collector:
     def __init__(self, server: MetricsServer) -> None:
         self.server = server
         self._bounds_ns = np.array([round(b * 1e9) for b in LATENCY_BUCKETS_S], dtype=np.int64)
-        self._vals = None
 
     def _buckets(self):
         hist = self.server.hist
@@ -83,14 +82,9 @@ class _Collector:
             return [(f"{b:g}", 0) for b in LATENCY_BUCKETS_S] + [("+Inf", 0)], 0.0
         # a copy: the hot thread folds into hist.counts (numba, without the GIL) at any moment
         counts = hist.counts.copy()
-        if self._vals is None or self._vals.size != counts.size:
-            sub = hist._SUB
-            e = np.arange(counts.size // sub, dtype=np.int64)[:, None]
-            m = np.arange(sub, dtype=np.int64)[None, :]
-            self._vals = (m << e).ravel()  # the value each count bucket stands for (ns)
         nz = np.flatnonzero(counts)
         c = counts[nz]
-        per = np.bincount(np.searchsorted(self._bounds_ns, self._vals[nz], side="left"), weights=c,
+        per = np.bincount(np.searchsorted(self._bounds_ns, hist.bucket_values()[nz], side="left"), weights=c,
                           minlength=len(self._bounds_ns) + 1)  # fmt: skip
         cum = np.cumsum(per).astype(np.int64)
         out = [(f"{b:g}", int(cum[i])) for i, b in enumerate(LATENCY_BUCKETS_S)]

@@ -116,6 +116,15 @@ class ClientKeys(NamedTuple):
     secret: bytes
     server_public: bytes
 
+    def as_text(self) -> list[str]:
+        """Return ``[public, secret, server public]`` as text (for a JSON spec of a worker process)."""
+        return [k.decode() for k in self]
+
+    @classmethod
+    def from_text(cls, keys) -> ClientKeys | None:
+        """Return the keys of :meth:`as_text` (``None``/empty: no CURVE)."""
+        return cls(*(k.encode() for k in keys)) if keys else None
+
 
 def client_keys(client_key: str | None, server_key: str | None) -> ClientKeys | None:
     """Return the client's CURVE keys from its secret file and the server's public key file.

@@ -97,22 +97,26 @@ def _check_free(what: str, endpoint: str) -> None:
         ensure_ipc_free(endpoint)
     except OSError as exc:
         raise OSError(f"{what}: {exc}") from None
-    if endpoint.startswith("tcp://") or what == "metrics.endpoint":
-        addr = endpoint[len("tcp://"):] if endpoint.startswith("tcp://") else endpoint
-        host, _, port = addr.rpartition(":")
-        if not port.isdigit() or host in ("*", "") or int(port) == 0:
-            return
-        host = host.strip("[]")
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        probe = socket.socket(fam, socket.SOCK_STREAM)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq: TIME_WAIT is no conflict
-        try:
-            probe.bind((host, int(port)))
-        except OSError as exc:
-            raise OSError(f"{what} {endpoint}: {exc.strerror or exc} (another tickscore serve running?); "
-                          "nothing was bound") from None
-        finally:
-            probe.close()
+    if endpoint.startswith("tcp://"):
+        _check_port(what, endpoint[len("tcp://"):])
+
+
+def _check_port(what: str, host_port: str) -> None:
+    """Raise OSError if ``HOST:PORT`` cannot be bound now (a wildcard host or port 0 is not checked)."""
+    host, _, port = host_port.rpartition(":")
+    if not port.isdigit() or host in ("*", "") or int(port) == 0:
+        return
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(fam, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq: TIME_WAIT is no conflict
+    try:
+        probe.bind((host, int(port)))
+    except OSError as exc:
+        raise OSError(f"{what} {host_port}: {exc.strerror or exc} (another tickscore serve running?); "
+                      "nothing was bound") from None
+    finally:
+        probe.close()
 
 
 def pin_helper_threads(cpus: set[int]) -> list[str]:
@@ -357,7 +361,7 @@ class Service:
         if cfg.control.endpoint:
             _check_free("control.endpoint", cfg.control.endpoint)
         if cfg.metrics.endpoint:
-            _check_free("metrics.endpoint", cfg.metrics.endpoint)
+            _check_port("metrics.endpoint", cfg.metrics.endpoint)
 
     def _remember_ipc(self, endpoint: str, bound: bool) -> None:
         """Note an ipc socket file this service bound, to remove it at exit (libzmq leaves it)."""
@@ -418,7 +422,7 @@ class Service:
             t = done[self._reloads_logged]
             self._reloads_logged += 1
             _log(f"reload {t.status}: {t.message}", event="reload", audit=True, path=t.path,
-                 result=t.status, version=t.version or "", sha256=getattr(t, "sha256", "") or "",
+                 result=t.status, version=t.version or "", sha256=t.sha256,
                  swap_seq=t.swap_seq if t.swap_seq is not None else "")
 
     def _update_metrics(self) -> None:

@@ -134,6 +134,15 @@ class LatencyHistogram:
         self.vmin = 0
         self.out_of_range = 0
         self._hist = None
+        self._values = None
+
+    def bucket_values(self) -> np.ndarray:
+        """Return the latency (ns) each entry of ``counts`` stands for (index e*SUB + m -> m << e)."""
+        if self._values is None:
+            e = np.arange(self._n_mag, dtype=np.int64)[:, None]
+            m = np.arange(self._SUB, dtype=np.int64)[None, :]
+            self._values = (m << e).ravel()
+        return self._values
 
     def add(self, values: np.ndarray, first_seq: int) -> None:
         """Record latencies (ns, int64) of consecutive seqs starting at ``first_seq``."""
@@ -169,9 +178,9 @@ class LatencyHistogram:
         """Return the HdrHistogram of everything recorded (built once per change)."""
         if self._hist is None:
             h = HdrHistogram(self._lo, self._hi, _SIG_FIGS)
+            values = self.bucket_values()
             for key in np.flatnonzero(self.counts).tolist():
-                e, m = divmod(key, self._SUB)
-                h.record_value(m << e, int(self.counts[key]))
+                h.record_value(int(values[key]), int(self.counts[key]))
             self._hist = h
         return self._hist
 

@@ -214,9 +214,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         sock = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 5000)
-        curve = spec.get("curve")  # [public, secret, server public] (Z85): a CURVE service
-        if curve:
-            apply_client(sock, ClientKeys(*(k.encode() for k in curve)))
+        apply_client(sock, ClientKeys.from_text(spec.get("curve")))  # a CURVE service
         if spec["bind"]:
             ensure_ipc_free(spec["endpoint"])
             sock.bind(spec["endpoint"])

@@ -147,8 +147,7 @@ def _subscriber(spec: dict) -> int:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        if spec.get("curve"):  # [public, secret, server public] (Z85): a CURVE service
-            apply_client(sock, ClientKeys(*(k.encode() for k in spec["curve"])))
+        apply_client(sock, ClientKeys.from_text(spec.get("curve")))  # a CURVE service
         if spec["bind"]:
             sock.bind(spec["endpoint"])
         else:
@@ -504,7 +503,7 @@ def run_wire(args) -> WireRun:
             sub_spec = {**common, **ep["scores"]}
             pub_spec = {**common, **ep["ticks"]}
             if keys is not None:
-                sub_spec["curve"] = pub_spec["curve"] = [k.decode() for k in keys]
+                sub_spec["curve"] = pub_spec["curve"] = keys.as_text()
         else:
             sub_spec = {**common, **ep["scores"], "aeron_dir": ep["aeron_dir"]}
             pub_spec = {**common, **ep["ticks"], "aeron_dir": ep["aeron_dir"]}

@@ -2,6 +2,7 @@
 
 import errno
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,31 @@ def sender():
     return make_sender(bind_libzmq())
 
 
-def test_compiled_sends_arrive_byte_identical_and_in_order_over_ipc(sender, tmp_path):
+@contextmanager
+def _pub_sub(endpoint: str, *, pub_opts: dict, sub_opts: dict):
+    """An XPUB bound to ``endpoint`` and a SUB of everything connected to it, once subscribed."""
     ctx = zmq.Context()
     pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(f"ipc://{tmp_path}/n.ipc")
+    for opt, v in pub_opts.items():
+        pub.setsockopt(opt, v)
+    pub.bind(endpoint)
     sub = ctx.socket(zmq.SUB)
+    for opt, v in sub_opts.items():
+        sub.setsockopt(opt, v)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVHWM, 0)
-    sub.connect(f"ipc://{tmp_path}/n.ipc")
+    sub.connect(endpoint)
     try:
         assert pub.poll(5000) and pub.recv() == b"\x01"  # the subscription
+        yield pub, sub
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+
+
+def test_compiled_sends_arrive_byte_identical_and_in_order_over_ipc(sender, tmp_path):
+    endpoint = f"ipc://{tmp_path}/n.ipc"
+    with _pub_sub(endpoint, pub_opts={zmq.SNDHWM: 0}, sub_opts={zmq.RCVHWM: 0}) as (pub, sub):
         time.sleep(0.05)
         rng = np.random.default_rng(0)
         sent = []
@@ -41,34 +56,16 @@ def test_compiled_sends_arrive_byte_identical_and_in_order_over_ipc(sender, tmp_
         while len(got) < len(sent) and sub.poll(2000):
             got.append(sub.recv_multipart())
         assert got == sent
-    finally:
-        pub.close(0)
-        sub.close(0)
-        ctx.term()
 
 
 def test_a_full_queue_returns_eagain_never_blocks(sender, tmp_path):
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 2)
-    pub.setsockopt(zmq.XPUB_NODROP, 1)
-    pub.bind(f"ipc://{tmp_path}/f.ipc")
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.RCVHWM, 2)
-    sub.setsockopt(zmq.RCVBUF, 1024)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(f"ipc://{tmp_path}/f.ipc")
-    try:
-        assert pub.poll(5000) and pub.recv() == b"\x01"
+    with _pub_sub(f"ipc://{tmp_path}/f.ipc", pub_opts={zmq.SNDHWM: 2, zmq.XPUB_NODROP: 1},
+                  sub_opts={zmq.RCVHWM: 2, zmq.RCVBUF: 1024}) as (pub, sub):
         topic = np.frombuffer(b"T", np.uint8)
         payload = np.zeros(4096, np.uint8)
         rcs = [sender(pub.underlying, topic, 1, payload, 4096) for _ in range(20_000)]
         assert errno.EAGAIN in rcs  # the sub never reads: sends are refused, counted by the caller
         assert set(rcs) <= {0, errno.EAGAIN}
-    finally:
-        pub.close(0)
-        sub.close(0)
-        ctx.term()
 
 
 def test_bad_lengths_are_refused_in_the_kernel(sender, tmp_path):

@@ -88,7 +88,7 @@ def cmd_publish(args) -> int:
     else:
         spec.update(via="zmq", endpoint=endpoint, bind=args.bind)
         if keys is not None:
-            spec["curve"] = [k.decode() for k in keys]
+            spec["curve"] = keys.as_text()
         where = endpoint
     pace = (f"{spec['rate']:,.0f} ticks/s" if spec["rate"] else
             f"{spec['speed']:g}x recorded" if spec["speed"] else "back to back")

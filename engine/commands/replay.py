@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.argtypes import add_input_arguments
+from engine.argtypes import add_client_key_arguments, add_input_arguments
 from engine.argtypes import non_negative_int as _non_negative_int
 from engine.argtypes import pin as _pin
 from engine.argtypes import speed as _speed
@@ -98,6 +98,7 @@ def register(sub) -> None:
                         "flags, model_version); in wire mode, as the subscriber received them (needs --out)")
     add_input_arguments(r)  # --map, --map-file, --shape, --sort-by-exchange-time, --chunk-rows
     add_wire_arguments(r)
+    add_client_key_arguments(r)  # --client-key / --server-key for --via with a CURVE --service-config
     r.set_defaults(handler=run)
 
 
@@ -112,11 +113,6 @@ def add_wire_arguments(r) -> None:
                    help="replay over the wire instead of in-process")
     g.add_argument("--service-config", metavar="FILE",
                    help="use the running service of this config (default: spawn one)")
-    g.add_argument("--client-key", metavar="NAME.key_secret", default=None,
-                   help="with --service-config of a CURVE service: this client's secret key file "
-                        "(default: the config's [security] client_key)")
-    g.add_argument("--server-key", metavar="NAME.key", default=None,
-                   help="with --service-config of a CURVE service: the service's public key file")
     g.add_argument("--spawn", action="store_true",
                    help="start a service for the run and stop it after "
                    "(the default without --service-config)")
