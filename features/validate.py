@@ -22,7 +22,7 @@ from engine.schema import (
     REJECT_UNKNOWN_INSTRUMENT,
 )
 
-__all__ = ["validate_tick", "validate_batch"]
+__all__ = ["validate_tick", "validate_batch", "validate_rows"]
 
 
 @njit(cache=True, nogil=True)
@@ -85,6 +85,16 @@ def validate_batch(ticks, n_instruments, reasons_out, counts_out):
     accepted rows.  Allocates: one int64 array of ``n_instruments``.
     """
     last_ts = np.full(n_instruments, np.iinfo(np.int64).min, dtype=np.int64)
+    return validate_rows(ticks, last_ts, reasons_out, counts_out)
+
+
+@njit(cache=True, nogil=True)
+def validate_rows(ticks, last_ts, reasons_out, counts_out):
+    """Validate rows in order against carried per-instrument ``last_ts`` (updated); return n accepted.
+
+    The chunked form of :func:`validate_batch`: the readers carry ``last_ts`` from
+    chunk to chunk.
+    """
     n_ok = 0
     for i in range(ticks.shape[0]):
         r = validate_tick(ticks, i, last_ts)

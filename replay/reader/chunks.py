@@ -15,6 +15,7 @@ from engine.schema import (
     REJECT_OK,
     empty_ticks,
 )
+from features.validate import validate_rows
 from replay.mapping import IDENTITY, ColumnMapping
 from replay.reader.base import DEFAULT_CHUNK_ROWS, SHAPES, TickChunk, _add, _reasons
 from replay.reader.files import _BadRows, _check_file, _format_of, _iter_frames, _read_error
@@ -25,7 +26,6 @@ from replay.reader.normalise import (
     _fast_plan_ok,
     _normalise,
     _text,
-    _validate_rows,
 )
 from replay.reader.plan import _make_plan, _Plan
 from replay.reader.read import _symbol_table
@@ -264,7 +264,7 @@ class TickChunks:
         for cand, counts in src:
             if self.shape == "l1" and len(cand):
                 reasons = np.empty(len(cand), dtype=np.uint8)
-                n_ok = _validate_rows(cand, self._last_ts, reasons, counts)
+                n_ok = validate_rows(cand, self._last_ts, reasons, counts)
                 ticks = cand if n_ok == len(cand) else cand[reasons == REJECT_OK]
             else:
                 ticks = cand

@@ -18,11 +18,9 @@ from engine.schema import (
     KIND_BOOK_MODIFY,
     KIND_QUOTE,
     KIND_TRADE,
-    REJECT_OK,
     TICK_DTYPE,
 )
 from features.common import drop_stale_numba_cache
-from features.validate import validate_tick
 from replay.mapping import KIND_CLEAR, KIND_PRINT, KIND_SKIP, ColumnMapping, norm_code
 from replay.reader.base import _INT64_MAX, _UNIT_NS, QUOTE_COLUMNS, TRADE_COLUMNS
 from replay.reader.plan import _Plan
@@ -447,18 +445,6 @@ def _fill_ticks(out, keep, ts, recv, inst, kind, side, bpx, bsz, apx, asz, px, s
     return j
 
 
-@njit(cache=True, nogil=True)
-def _validate_rows(ticks, last_ts, reasons_out, counts_out):
-    """Validate rows in order against carried per-instrument ``last_ts``; return n accepted."""
-    n_ok = 0
-    for i in range(ticks.shape[0]):
-        r = validate_tick(ticks, i, last_ts)
-        reasons_out[i] = r
-        counts_out[r] += 1
-        if r == REJECT_OK:
-            last_ts[ticks[i].instrument] = ticks[i].ts_event_ns
-            n_ok += 1
-    return n_ok
 
 
 @njit(cache=True, nogil=True)

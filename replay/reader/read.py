@@ -18,10 +18,11 @@ from engine.schema import (
     REJECT_OK,
     TICK_DTYPE,
 )
+from features.validate import validate_rows
 from replay.mapping import IDENTITY, KIND_CLEAR, ColumnMapping
 from replay.reader.base import SHAPES, TickData, _reasons
 from replay.reader.files import _iter_frames, _read_frame
-from replay.reader.normalise import _codes, _column, _count_same_ts, _normalise, _text, _validate_rows
+from replay.reader.normalise import _codes, _column, _count_same_ts, _normalise, _text
 from replay.reader.plan import _make_plan
 
 
@@ -219,7 +220,7 @@ def read_ticks(
     if shp == "l1":
         reasons = np.empty(len(cand), dtype=np.uint8)
         last_ts = np.full(len(table), np.iinfo(np.int64).min, dtype=np.int64)
-        n_ok = _validate_rows(cand, last_ts, reasons, counts)
+        n_ok = validate_rows(cand, last_ts, reasons, counts)
         accepted = cand if n_ok == len(cand) else cand[reasons == REJECT_OK]
     else:
         accepted = cand
