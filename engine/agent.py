@@ -287,7 +287,8 @@ class AgentRunner:
     freeze_gc : bool
         ``gc.collect(); gc.freeze(); gc.disable()`` before the loop, re-enabled after.
     housekeeping_every : int
-        Duty cycles between ``agent.housekeeping`` calls (power of two).
+        Duty cycles between ``agent.housekeeping`` calls (power of two); a cycle that did
+        work counts as the amount it did (``do_work``'s return: ticks scored).
     error_handler : callable
         Receives exceptions raised by ``do_work``; ``errors`` counts them.
     max_errors : int
@@ -378,9 +379,11 @@ class AgentRunner:
         idle = self.idle.idle
         reset = self.idle.reset
         hk = agent.housekeeping
-        mask = self._hk_mask
+        every = self._hk_mask + 1
         clock = time.perf_counter_ns
-        cycles = 0
+        # housekeeping every ``every`` units: an idle cycle is one, a cycle that did work is as
+        # many as it did (a native duty cycle scores a batch), so a batch loop is not a slower clock
+        left = every
         idled = False
         warm_ns = self.keep_warm_ns
         keep_warm = agent.keep_warm
@@ -388,11 +391,14 @@ class AgentRunner:
         while self.running and not agent.done:
             try:
                 while self.running and not agent.done:
-                    if do_work():
+                    worked = do_work()
+                    if worked:
+                        left -= worked
                         if idled:
                             reset()
                             idled = False
                     else:
+                        left -= 1
                         if warm_ns:
                             now = clock()
                             if not idled:
@@ -403,9 +409,10 @@ class AgentRunner:
                                 warm_due = clock() + warm_ns
                         idle()
                         idled = True
-                    cycles += 1
-                    if not cycles & mask and hk(clock()):  # True: the agent replaced do_work
-                        do_work = agent.do_work
+                    if left <= 0:
+                        left = every
+                        if hk(clock()):  # True: the agent replaced do_work
+                            do_work = agent.do_work
             except Exception as exc:  # noqa: BLE001 - error handler + counter, loop survives
                 self.invoker.on_error(exc)
         hk(clock())

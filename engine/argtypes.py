@@ -51,6 +51,14 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+def positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    v = non_negative_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
 def add_input_arguments(p: Any, chunk_rows_help: str | None = None) -> None:
     """Add ``--map``, ``--map-file``, ``--shape``, ``--sort-by-exchange-time``, ``--chunk-rows``.
 

@@ -122,6 +122,12 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     #: every this many microseconds, so the next real tick finds the code and the
     #: model warm (0 = off).  Costs one model call per period on the hot core only.
     keep_warm_us: KeepWarmUs = 100
+    #: Duty cycle: ``native`` = one compiled call per cycle scores every tick ready (fused
+    #: backend; a run it cannot serve is a start-up error), ``python`` = the per-tick Python
+    #: path, ``auto`` = native where it can serve, else python (the reason is logged).
+    loop: Literal["auto", "native", "python"] = "auto"
+    #: Ticks per native duty cycle at most (housekeeping runs between cycles).
+    batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
     #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
     freeze_gc: bool = True
     #: Duty cycles between housekeeping calls (control socket, stats); power of two, 0 = by idle.

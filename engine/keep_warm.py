@@ -18,7 +18,7 @@ from engine.schema import N_REJECT_REASONS, TICK_DTYPE
 from engine.wire import SCORE_SCHEMA_ID
 from models.tick_kernels import TickContext
 
-__all__ = ["KeepWarm", "synthetic_ticks", "warm_tick"]
+__all__ = ["KeepWarm", "synthetic_ticks", "warm_tick", "throwaway_tick"]
 
 
 class KeepWarm:
@@ -38,7 +38,9 @@ class KeepWarm:
         w = {"ticks": ticks, "fstate": fstate, "istate": istate, "counters": counters,
              "x": np.zeros_like(self._x), "buf": bytearray(), "j": 0, "backend": self.backend}
         if self._tick is not None:
-            w["tick"], w["tctx"] = _throwaway_tick(self.backend, fstate, istate, self.params, counters, ticks)
+            w["tick"], w["tctx"] = throwaway_tick(self.backend, fstate, istate, self.params, counters, ticks)
+            if self._native is not None:  # the native loop's kernel, publishing nothing
+                w["native"] = self._native.throwaway(w["tick"])
         self._warm = w
 
     def keep_warm(self) -> bool:
@@ -60,7 +62,8 @@ class KeepWarm:
         if self._reloading is not None:
             return False
         w = self._warm
-        if w is None or w["backend"] is not self.backend:  # first call, or a model was swapped in
+        if w is None or w["backend"] is not self.backend or ("native" in w) != (self._native is not None):
+            # first call, a model was swapped in, or the loop changed
             self._prepare_warm()
             w = self._warm
         j = w["j"]
@@ -70,6 +73,9 @@ class KeepWarm:
             w["istate"][:] = istate
             j = 0
         w["j"] = j + 1
+        if "native" in w and self._native is not None:  # the native duty cycle, on throwaway state
+            w["native"].run(w["tctx"].addr, j, j + 1)
+            return True
         if self._tick is not None:
             flags, score = w["tick"](j, w["tctx"].addr)
         else:
@@ -91,7 +97,7 @@ def synthetic_ticks(n: int) -> np.ndarray:
     return ticks
 
 
-def _throwaway_tick(backend, fstate, istate, params, counters, ticks):
+def throwaway_tick(backend, fstate, istate, params, counters, ticks):
     """Return ``(tick, ctx)``: a fused backend's kernel over these arrays and a copy of its model arrays.
 
     The copy keeps the live model registers untouched.
@@ -105,6 +111,6 @@ def warm_tick(backend, new_state: Callable, params: np.ndarray, n: int) -> None:
     """Compile and exercise a fused backend's tick kernel on throwaway state and ticks."""
     fstate, istate = new_state(1)
     counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
-    tick, tctx = _throwaway_tick(backend, fstate, istate, params, counters, synthetic_ticks(n))
+    tick, tctx = throwaway_tick(backend, fstate, istate, params, counters, synthetic_ticks(n))
     for i in range(n):
         tick(i, tctx.addr)

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from engine.agent import Agent, allowed_cpus
-from engine.keep_warm import KeepWarm, synthetic_ticks, warm_tick
+from engine.keep_warm import KeepWarm, synthetic_ticks, throwaway_tick, warm_tick
+from engine.native_loop import L_REJ_N, L_SEQ, L_TAP_N, NativeLoop, native_loop_refusal
 from engine.ports import Backend, ScoreSink, TickSource
 from engine.recorder import LatencyRecorder
 from engine.reload import HotReload, ReloadTicket
@@ -38,7 +39,18 @@ from engine.wire import SCORE_SCHEMA_ID, ScoreEncoder
 from features.kernels import new_state as _l1_new_state
 from features.kernels import update_tick as _l1_update_tick
 
-__all__ = ["ScoringAgent", "MAX_RELOAD_TICKETS"]
+__all__ = ["ScoringAgent", "MAX_RELOAD_TICKETS", "LOOPS", "NativeLoopUnavailable"]
+
+#: ``loop`` choices: ``auto`` = native where the backend is fused and every sink has a compiled path
+LOOPS = ("auto", "native", "python")
+
+
+def _nothing(k: int) -> None:
+    """``consumed`` of a source whose ``poll`` already handed the tick out."""
+
+
+class NativeLoopUnavailable(ValueError):
+    """``loop="native"`` was asked for a run the native loop cannot serve (the message says why)."""
 
 #: Reload tickets kept (status, summary); older ones are forgotten.
 MAX_RELOAD_TICKETS = 64
@@ -84,6 +96,14 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
     max_model_call_us
         A reloaded model whose median call costs more is refused (default
         :data:`engine.config.DEFAULT_MAX_MODEL_CALL_US`).
+    loop
+        ``"native"``: one compiled call per duty cycle scores up to ``batch`` ticks
+        (:mod:`engine.native_loop`; fused backend only, raises
+        :class:`NativeLoopUnavailable` otherwise); ``"python"``: the per-tick Python
+        path; ``"auto"`` (default): native where it can serve, else python (logged).
+        After a hot reload to an ``ort`` backend the agent runs the python path.
+    batch
+        Ticks per native duty cycle at most.
     """
 
     role_name = "scorer"
@@ -107,7 +127,19 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         triggers: Sequence[Callable] = (),
         parity_X: np.ndarray | None = None,
         max_model_call_us: float | None = None,
+        loop: str = "auto",
+        batch: int = 256,
     ) -> None:
+        if loop not in LOOPS:
+            raise ValueError(f"loop {loop!r}: choose one of {', '.join(LOOPS)}")
+        self.loop_requested = loop
+        self.batch = max(1, int(batch))
+        #: the loop running now (``native`` / ``python``) and why python where native was possible
+        self.loop = "python"
+        self.loop_reason = ""
+        self._native: NativeLoop | None = None
+        self._bound = False
+        self._native_kernels: dict = {}
         self.source = source
         self.backend = backend
         self.sinks = list(sinks)
@@ -164,6 +196,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         else:
             self._tick = None
             self.__dict__.pop("do_work", None)  # back to the class's ort path
+        self._bind_loop()
         if len(self.sinks) == 1:
             self._publish = self.sinks[0].publish
         else:
@@ -174,6 +207,43 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
                     p(topic, payload)
 
             self._publish = _fanout
+
+    def _bind_loop(self) -> None:
+        """Choose the native or the python duty cycle for the current backend and sinks."""
+        first, self._bound = not self._bound, True
+        python = self.loop_requested == "python"
+        why = "--loop python" if python else native_loop_refusal(self.backend, self.sinks)
+        if why is not None:
+            # at start a refusal of an explicit "native" is an error; after a swap to an ort
+            # model the python loop takes over (the reload was validated for it)
+            if self.loop_requested == "native" and first:
+                raise NativeLoopUnavailable(f"--loop native: {why}")
+            if self._native is not None:
+                self._native.sync_sink_counters()
+            self._native = None
+            self.loop, self.loop_reason = "python", why if first else f"{why} (after a model swap)"
+            return
+        if self._native is not None:  # a model swap: the sinks' counters carry over
+            self._native.sync_sink_counters()
+        nl = NativeLoop(self._tick, self.symbols, self._version, self.sinks, self.recorder,
+                        batch=self.batch, kernel_cache=self._native_kernels)  # fmt: skip
+        nl.seq = self.seq
+        src = self.source
+        if hasattr(src, "window"):
+            self._window, self._consumed = src.window, src.consumed
+        else:  # a one-tick-at-a-time source: its poll is the window
+            self._window, self._consumed = self._poll_window, _nothing
+        self._native = nl
+        self._ticks = None  # the first native call (re)reads the source's ticks and pacing
+        self.do_work = self._do_work_native
+        self.loop, self.loop_reason = "native", ""
+
+    def name_instrument(self, inst: int, symbol: str) -> None:
+        """Name instrument ``inst`` (a symbol seen first on the wire) in the Scores from now on."""
+        self.symbols[inst] = symbol
+        self.topics[inst] = symbol.encode()
+        if self._native is not None:
+            self._native.set_symbols(self.symbols, self._version)
 
     def warmup(self, n: int = 2_000) -> None:
         """Compile and exercise features, model and encoder on synthetic ticks.
@@ -193,6 +263,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
             self.encoder.encode_row((SCORE_SCHEMA_ID, "W", i, i, t0, clock(), s, self._version, max(fl, 0)))
         if self._tick is not None:
             warm_tick(self.backend, self.new_state, self.params, n)
+        if self._native is not None:
+            self._warm_native(n)
         self.backend.warmup()
 
     # -- hot path -----------------------------------------------------------------
@@ -312,6 +384,64 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         t_model = time.perf_counter_ns()
         return self._finish_sampled(src, i, t_in, t_model, t_model, flags, score, seq)
 
+    def _do_work_native(self) -> int:
+        """Native duty cycle: one compiled call scores every tick the source has ready, up to ``batch``.
+
+        Each tick's latency is its own (clock at ingress or when its turn came, clock after
+        its publish returned), recorded in the kernel; see :mod:`engine.native_loop`.
+        """
+        src = self.source
+        start, stop = self._window(self.batch)
+        if start >= stop:
+            if src.done:
+                self.done = True
+            return 0
+        nl = self._native
+        if src.ticks is not self._ticks:  # a new buffer (chunk switch) or the first call
+            self._native_rebind_source(src)
+        k = nl.kernel(self._ctx, nl.addr, start, stop)
+        self._consumed(k)
+        L = nl.L
+        if L[L_REJ_N]:
+            for i in nl.take_rejects():
+                src.on_reject(int(i))
+        if L[L_TAP_N]:
+            nl.drain_tap()
+        self.seq = int(L[L_SEQ])
+        return k
+
+    def _poll_window(self, limit: int) -> tuple[int, int]:
+        i = self.source.poll()
+        return (i, i + 1) if i >= 0 else (0, 0)
+
+    def _native_rebind_source(self, src) -> None:
+        self._ticks = src.ticks
+        self._tctx.set_ticks(src.ticks)
+        nl = self._native
+        pacing = src.pacing() if hasattr(src, "pacing") else None
+        if pacing is None:
+            nl.set_pacing(0, 0, 0.0, None)
+        else:
+            nl.set_pacing(*pacing)
+        nl.set_ingress(getattr(src, "ingress_ns", None))
+
+    def _warm_native(self, n: int) -> None:
+        """Compile and run the native loop kernel on throwaway state (publishes nothing)."""
+        ticks = synthetic_ticks(n)
+        fstate, istate = self.new_state(1)
+        counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
+        tick, tctx = throwaway_tick(self.backend, fstate, istate, self.params, counters, ticks)
+        nl = self._native.throwaway(tick)
+        i = 0
+        while i < n:
+            i += nl.run(tctx.addr, i, min(n, i + self.batch))
+
+    def on_close(self) -> None:
+        """Fold the native loop's send counts into the sinks; reject an unswapped reload."""
+        if self._native is not None:
+            self._native.sync_sink_counters()
+        super().on_close()
+
     def housekeeping(self, now_ns: int) -> bool:
         """Swap in a validated model, run reload triggers, report progress (off the per-tick path).
 
@@ -320,6 +450,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         swapped = self._pending is not None
         if swapped:
             self._swap()
+        if self._native is not None:
+            self._native.sync_sink_counters()
         for trigger in self.triggers:
             trigger(self, now_ns)
         if self.progress is not None:
@@ -334,6 +466,11 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
             for r in range(1, N_REJECT_REASONS)
             if all_reasons or self.counters[r]
         }
+
+    @property
+    def native_errors(self) -> int:
+        """Internal errors the native loop counted (an instrument beyond the symbol table ...); 0 normally."""
+        return self._native.errors if self._native is not None else 0
 
     @property
     def rejected(self) -> int:

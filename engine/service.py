@@ -324,7 +324,8 @@ class Service:
         self.agent = build_agent(self.scoring, self.source, self.sinks, symbols,
                                  recorder_capacity=cfg.engine.recorder_capacity,
                                  progress=self._housekeeping,
-                                 max_model_call_us=cfg.model.max_call_us)  # fmt: skip
+                                 max_model_call_us=cfg.model.max_call_us, loop=cfg.engine.loop,
+                                 batch=cfg.engine.batch)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
         self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now
@@ -347,8 +348,7 @@ class Service:
 
     def _on_new_instrument(self, inst: int, symbol: str) -> None:
         """A symbol seen first on the wire took slot ``inst``: name it for the scores."""
-        self.agent.symbols[inst] = symbol
-        self.agent.topics[inst] = symbol.encode()
+        self.agent.name_instrument(inst, symbol)
 
     def _check_endpoints(self) -> None:
         """Raise before anything is bound if an endpoint to bind is taken (see :func:`_check_free`)."""
@@ -647,6 +647,7 @@ class Service:
             "uptime_s": (now - self.t_start_ns) / 1e9,
             "ticks_in": int(c.sum()),
             "scores_out": int(agent.seq),
+            "loop": agent.loop,
             "rejected": int(c[1:].sum()),
             "rejected_by_reason": agent.rejected_by_reason(),
             "messages_received": int(sum(getattr(s, "received", 0) for s in srcs)),
@@ -729,6 +730,9 @@ class Service:
         if self.aeron is not None:
             parts.append(f"aeron dir {self.aeron.dir} ({'embedded' if self.aeron.embedded else 'external'})")
         parts.append(f"model {self.backend.version} ({self.backend_kind})")
+        a = self.agent
+        why = a.loop_reason if a.loop_reason and a.loop_requested != "python" else ""
+        parts.append(f"loop {a.loop}" + (f" ({why})" if why else ""))
         if self.runner.pin is not None:
             parts.append(self.runner.pin.message)
         _log("; ".join(parts), event="ready")
@@ -789,6 +793,9 @@ class Service:
                 "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
                 "helper_threads": self.helper_threads,
                 "idle": cfg.engine.idle,
+                "loop": agent.loop,
+                "loop_reason": agent.loop_reason,
+                "native_errors": agent.native_errors,
                 "out_of_range": stats.out_of_range,
                 "reloads": [t.as_dict() for t in agent.reloads],
                 "unscored_at_stop": dict(self.unscored_at_stop),

@@ -93,6 +93,8 @@ class ZmqPublisher:
     """
 
     name = "zmq"
+    #: the native loop publishes on this socket with libzmq's zmq_send (engine.native_loop)
+    native = "zmq"
 
     def __init__(
         self,
@@ -136,6 +138,8 @@ class ZmqPublisher:
             raise OSError(f"cannot {verb} ZeroMQ PUB to {endpoint!r}: {exc}") from exc
         self.sent = 0
         self.drops = 0
+        #: sends refused for another reason than a full queue (native loop; the python path raises)
+        self.send_errors = 0
         self.subscriptions = 0
         self._send = raw_send(self.sock)  # per tick: skip pyzmq's Python wrapper
         self._flags_more = zmq.SNDMORE | zmq.NOBLOCK

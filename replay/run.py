@@ -62,6 +62,10 @@ class ReplayOptions:
     chunk_rows: int | None = None
     #: write DIR/scores.parquet (every published score) into ``out`` (replay.scores)
     record_scores: bool = False
+    #: duty cycle: auto (native where the backend is fused), native, python (engine.scorer.LOOPS)
+    loop: str = "auto"
+    #: ticks per native duty cycle at most
+    batch: int = 256
 
 
 class _Progress:
@@ -110,6 +114,7 @@ class _NullSink:
     """Sink used with ``--publish none``: measures the loop without a socket."""
 
     name = "none"
+    native = "none"  # the native loop skips it
     drops = 0
 
     def publish(self, topic: bytes, payload) -> bool:
@@ -171,7 +176,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         source = data.source
         progress = _Progress(data.total, opts.progress)
         agent = build_agent(scoring, source, sinks, data.symbols, recorder_capacity=data.recorder_capacity,
-                            progress=progress, triggers=_reload_triggers(opts))  # fmt: skip
+                            progress=progress, triggers=_reload_triggers(opts), loop=opts.loop,
+                            batch=opts.batch)  # fmt: skip
         runner = AgentRunner(
             agent, make_idle(opts.idle), pin_core=opts.pin, rt_priority=opts.rt_priority,
             keep_warm_ns=opts.keep_warm_us * 1000,
@@ -224,6 +230,10 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
             "idle": opts.idle,
+            "loop": agent.loop,
+            "loop_reason": agent.loop_reason,
+            "batch": opts.batch,
+            "native_errors": agent.native_errors,
             "keep_warm_us": opts.keep_warm_us,
             "keep_warm_calls": runner.warm_calls,
             "errors": runner.errors,

@@ -32,6 +32,8 @@ class ScoreRecorder:
     """A sink that keeps a copy of every published Score payload (opt-in: it allocates per tick)."""
 
     name = "record"
+    #: the native loop copies every payload out for it after each batch (engine.native_loop)
+    native = "tap"
     drops = 0
 
     def __init__(self) -> None:

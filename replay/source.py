@@ -101,6 +101,29 @@ class ReplaySource:
         self._i = i + 1
         return i
 
+    # -- batches of the native loop (engine.native_loop) ----------------------------------
+    def window(self, limit: int) -> tuple[int, int]:
+        """Return ``(start, stop)``: the ticks the native loop may take next (paced: stops at one not due)."""
+        i = self._i
+        if i >= self.n:
+            self.done = True
+            return 0, 0
+        if self.speed is not None and not self._start_ns:
+            self._start_ns = time.perf_counter_ns()
+        return i, min(self.n, i + limit)
+
+    def consumed(self, k: int) -> None:
+        """The native loop took ``k`` ticks of the window."""
+        self._i += k
+
+    def pacing(self) -> tuple[int, int, float, np.ndarray] | None:
+        """``(start_ns, ts0, 1/speed, intended_ns)`` for the native loop's pacing, or None (max speed)."""
+        if self.speed is None:
+            return None
+        if not self._start_ns:
+            self._start_ns = time.perf_counter_ns()
+        return self._start_ns, self._ts0, self._inv_speed, self.intended_ns
+
     def _poll_paced(self) -> int:
         i = self._i
         if i >= self.n:
@@ -208,6 +231,8 @@ class ChunkedReplaySource:
             self.poll = self._poll_paced
         else:
             self.poll = functools.partial(next, itertools.chain.from_iterable(self._ranges()), -1)
+        #: True once the native loop took over: the position is ``_i`` (as paced), not the range iterator
+        self._indexed = self._paced
 
     # -- chunk boundary (hot thread, between two ticks) -----------------------------------
     def _next_chunk(self) -> bool:
@@ -373,10 +398,9 @@ class ChunkedReplaySource:
 
     def _pos(self) -> int:
         """Return the ticks of the current chunk handed out so far."""
-        if self._paced:
+        if self._indexed:
             return self._i
-        it = self._it
-        return self.n - operator.length_hint(it) if it is not None else 0
+        return self._pos_of_iterator()
 
     @property
     def handed(self) -> int:
@@ -388,6 +412,53 @@ class ChunkedReplaySource:
         """Return the rows consumed so far (handed-out ticks + reader rejects of past chunks)."""
         h = self.handed
         return min(h + sum(self.reader_rejected.values()), max(self.total, h))
+
+    # -- batches of the native loop (engine.native_loop) ----------------------------------
+    def window(self, limit: int) -> tuple[int, int]:
+        """Return ``(start, stop)`` in the current chunk (switching chunks when it is done), or (0, 0).
+
+        The first call moves the source to index mode: ``poll`` (the python loop, after a
+        reload to an ``ort`` backend) then goes on from the same position.
+        """
+        if not self._indexed:
+            self._indexed = True
+            self._i = self._pos_of_iterator()
+            self._it = None
+            self.poll = self._poll_paced if self._paced else self._poll_index
+        i = self._i
+        if i >= self.n:
+            if self.done or not self._advance():
+                return 0, 0
+            i = 0
+        if self._paced and not self._start_ns:
+            self._start_ns = time.perf_counter_ns()
+        return i, min(self.n, i + limit)
+
+    def consumed(self, k: int) -> None:
+        """The native loop took ``k`` ticks of the window."""
+        self._i += k
+
+    def pacing(self) -> tuple[int, int, float, np.ndarray] | None:
+        """``(start_ns, ts0, 1/speed, intended_ns)`` for the native loop's pacing, or None (max speed)."""
+        if not self._paced:
+            return None
+        if not self._start_ns:
+            self._start_ns = time.perf_counter_ns()
+        return self._start_ns, self._ts0, self._inv_speed, self.intended_ns
+
+    def _pos_of_iterator(self) -> int:
+        it = self._it
+        return self.n - operator.length_hint(it) if it is not None else 0
+
+    def _poll_index(self) -> int:
+        """``poll`` in index mode at max speed."""
+        i = self._i
+        if i >= self.n:
+            if self.done or not self._advance():
+                return -1
+            i = 0
+        self._i = i + 1
+        return i
 
     def _poll_paced(self) -> int:
         """Return the next tick index once it is due, else -1 (sets ``done`` when exhausted)."""

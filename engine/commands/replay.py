@@ -8,6 +8,7 @@ import json
 from engine.argtypes import add_client_key_arguments, add_input_arguments
 from engine.argtypes import non_negative_int as _non_negative_int
 from engine.argtypes import pin as _pin
+from engine.argtypes import positive_int as _positive_int
 from engine.argtypes import speed as _speed
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT
 from replay.mapping import mapping_from_cli
@@ -70,6 +71,14 @@ def register(sub) -> None:
         "--rt-priority", type=int, default=None, metavar="1-99",
         help="run the hot loop SCHED_FIFO at this priority (needs privilege; refusal is reported)",
     )
+    r.add_argument(
+        "--loop", default="auto", choices=["auto", "native", "python"],
+        help="duty cycle: native = one compiled call scores a batch of ticks (decode, features, model, "
+        "Score encode, zmq_send, clock readings; fused backend), python = per-tick Python, auto "
+        "(default) = native where the backend is fused and the sinks allow; --via: the spawned service's",
+    )
+    r.add_argument("--batch", type=_positive_int, default=256, metavar="N",
+                   help="ticks per native duty cycle at most (default 256)")
     r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
     r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
     r.add_argument(
@@ -177,6 +186,8 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         sort_by_exchange_time=args.sort_by_exchange_time,
         chunk_rows=args.chunk_rows,
         record_scores=args.record_scores,
+        loop=args.loop,
+        batch=args.batch,
     )
     if args.record_scores and not args.out:
         raise ValueError("--record-scores writes OUT/scores.parquet: give --out DIR")

@@ -1,0 +1,170 @@
+"""Benchmark: the native duty cycle against the python loop, publishing to a draining subscriber.
+
+One run, this 2-core machine: the hot loop pinned to core 1, ZeroMQ PUB over ipc to
+an independent subscriber process on core 0 that drains every Score, checks that
+``seq`` is contiguous from 0 and that every payload is exactly msgspec's encoding of
+its decoded row, and digests the Scores without their two clock fields (so the
+loops' outputs can be compared score by score).  Configurations, alternated
+``--repeats`` times (medians of the per-run figures are reported):
+
+* ``native``: ``--loop native`` (fused backend, one compiled call per batch);
+* ``python``: ``--loop python`` with the same fused backend (per-tick Python);
+* ``python_ort``: ``--loop python --backend ort``: a per-row Python loop with
+  onnxruntime (the numba feature kernel, then ``session.run``): the peer baseline.
+
+Latency is each tick's own ingress-to-publish-returned time (t_out - t_in), first
+``--warmup`` ticks excluded; throughput is scores / (last t_out - first t_in).
+
+    python benchmarks/bench_native_loop.py --json benchmarks/results/native_loop.json
+    python benchmarks/bench_native_loop.py --events 5000000 --repeats 1 --json benchmarks/results/native_loop_5m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_SUB = r"""
+import hashlib, os, sys, time, msgspec, zmq
+os.sched_setaffinity(0, {0})
+ep, out = sys.argv[1], sys.argv[2]
+ctx = zmq.Context(); s = ctx.socket(zmq.SUB); s.setsockopt(zmq.RCVHWM, 0); s.setsockopt(zmq.SUBSCRIBE, b"")
+s.connect(ep)
+print("ready", flush=True)
+dec = msgspec.msgpack.Decoder(); enc = msgspec.msgpack.Encoder()
+h = hashlib.blake2b(digest_size=16); n = 0; gaps = 0; noncanonical = 0; topic_bad = 0; expect = 0
+first = None
+while True:
+    if not s.poll(3000 if first else 120000):
+        break
+    topic, p = s.recv_multipart()
+    first = first or time.monotonic()
+    m = dec.decode(p)
+    if m[2] != expect:
+        gaps += 1
+    expect = m[2] + 1
+    if enc.encode(m) != p:
+        noncanonical += 1
+    if topic != m[1].encode():
+        topic_bad += 1
+    m[4] = m[5] = 0  # ts_in_ns / ts_out_ns: clock readings, differ between runs
+    h.update(enc.encode(m))
+    n += 1
+open(out, "w").write(__import__("json").dumps({"count": n, "seq_gaps": gaps, "noncanonical": noncanonical,
+                                             "topic_mismatch": topic_bad, "digest": h.hexdigest()}))
+"""
+
+CONFIGS = {
+    "native": {"loop": "native", "backend": "fused"},
+    "python": {"loop": "python", "backend": "fused"},
+    "python_ort": {"loop": "python", "backend": "ort"},
+}
+
+
+def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int) -> dict:
+    from replay.run import ReplayOptions, run_inprocess
+
+    ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
+    out = tmp / f"sub-{name}-{k}.json"
+    sub = subprocess.Popen([sys.executable, "-c", _SUB, ep, str(out)], stdout=subprocess.PIPE, text=True)
+    assert sub.stdout.readline().strip() == "ready"
+    cfg = CONFIGS[name]
+    opts = ReplayOptions(data=data, publish=ep, progress=False, pin=1, wait_subscribers=1, sndhwm=0,
+                         warmup_ticks=warmup, loop=cfg["loop"], backend=cfg["backend"],
+                         limit=events or None)  # fmt: skip
+    res = run_inprocess(opts)
+    sub.wait(timeout=600)
+    got = json.loads(out.read_text())
+    s = res.summary
+    return {
+        "loop": s["loop"],
+        "backend": s["backend"],
+        "scores": s["scores"],
+        "dropped": s["dropped"],
+        "p50_ns": s["latency_ns"]["p50"],
+        "p99_ns": s["latency_ns"]["p99"],
+        "p999_ns": s["latency_ns"]["p999"],
+        "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
+        "subscriber": got,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--events", type=int, default=0, help="generate a file of N events (0 = the default data)")
+    ap.add_argument("--warmup", type=int, default=1000)
+    ap.add_argument("--configs", default="native,python,python_ort")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    names = args.configs.split(",")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory(prefix="tickscore-bench-native-") as tmp:
+        tmp = Path(tmp)
+        data = None
+        if args.events:
+            from replay.generator import write_market  # the seeded L1 market
+
+            data = str(tmp / "big.parquet")
+            t = time.time()
+            write_market(data, n_events=args.events)
+            print(f"generated {args.events:,} events in {time.time() - t:.0f} s", file=sys.stderr)
+        for k in range(args.repeats):
+            for n in names:
+                r = _one(n, data, 0, args.warmup, tmp, k)
+                runs[n].append(r)
+                print(f"{n:11s} run {k}: p50 {r['p50_ns']} p99 {r['p99_ns']} p99.9 {r['p999_ns']} ns, "
+                      f"{r['ticks_per_s'] / 1e6:.2f} M ticks/s, sub {r['subscriber']}", file=sys.stderr)  # fmt: skip
+
+    def med(n: str, key: str) -> float:
+        return float(np.median([r[key] for r in runs[n]]))
+
+    summary = {n: {k: med(n, k) for k in ("p50_ns", "p99_ns", "p999_ns", "ticks_per_s")} for n in names}
+    digests = {n: sorted({r["subscriber"]["digest"] for r in runs[n]}) for n in names}
+    checks = {
+        "every_score_received": all(r["subscriber"]["count"] == r["scores"] for n in names for r in runs[n]),
+        "no_seq_gap": all(r["subscriber"]["seq_gaps"] == 0 for n in names for r in runs[n]),
+        "payloads_canonical": all(r["subscriber"]["noncanonical"] == 0 for n in names for r in runs[n]),
+        "same_scores_all_loops": len({d for ds in digests.values() for d in ds}) == 1
+        if all(CONFIGS[n]["backend"] == "fused" for n in names) else None,
+        "same_scores_native_python": digests.get("native") == digests.get("python")
+        if "native" in names and "python" in names else None,
+    }  # fmt: skip
+    ratios = {}
+    if "native" in names and "python" in names:
+        ratios["native_over_python_p99"] = summary["native"]["p99_ns"] / summary["python"]["p99_ns"]
+        ratios["native_over_python_p50"] = summary["native"]["p50_ns"] / summary["python"]["p50_ns"]
+        ratios["native_throughput_x_python"] = summary["native"]["ticks_per_s"] / summary["python"]["ticks_per_s"]
+    if "native" in names and "python_ort" in names:
+        ratios["python_ort_p99_over_native"] = summary["python_ort"]["p99_ns"] / summary["native"]["p99_ns"]
+    report = {
+        "benchmark": "native_loop",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "events": args.events or "default data",
+        "repeats": args.repeats,
+        "median_of_runs": summary,
+        "ratios": ratios,
+        "checks": checks,
+        "runs": runs,
+    }
+    print(json.dumps({"median_of_runs": summary, "ratios": ratios, "checks": checks}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
