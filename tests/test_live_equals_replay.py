@@ -11,6 +11,7 @@ bit-identical, same flags, same event times relative to the first.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def _inprocess(shape, files, tmp_path):
     if shape not in _INPROC:
         path, extra = files[shape]
         out = tmp_path / f"inproc-{shape}"
-        _replay("--data", path, *extra, "--publish", "none", "--out", out, "--record-scores")
+        # the reference: the per-tick python loop (the live service runs the native one where it can)
+        _replay("--data", path, *extra, "--publish", "none", "--out", out, "--record-scores",
+                "--loop", "python")
         _INPROC[shape] = read_scores(out)
     return _INPROC[shape]
 
@@ -80,6 +83,20 @@ def test_live_service_scores_equal_in_process_replay_tick_by_tick(shape, via, fi
     diff = compare_scores(a, b)
     assert diff is None, f"{shape} via {via}: live differs from replay, first differing tick: {diff}"
     assert a["model_version"].unique().to_list() == b["model_version"].unique().to_list()
+
+
+def test_live_service_with_the_python_loop_scores_as_the_native_one(files, tmp_path):
+    path, extra = files["l1"]
+    a = _inprocess("l1", files, tmp_path)
+    runs = {}
+    for loop in ("native", "python"):
+        out = tmp_path / f"wire-{loop}"
+        _replay("--via", "zmq", "--data", path, "--out", out, "--record-scores", "--rate", "20000",
+                "--loop", loop)
+        runs[loop] = read_scores(out)
+        assert json.loads((out / "summary.json").read_text())["service_final"]["loop"] == loop
+    assert compare_scores(runs["native"], runs["python"]) is None
+    assert compare_scores(a, runs["native"]) is None
 
 
 def test_compare_scores_names_the_first_differing_tick():
