@@ -625,7 +625,8 @@ class Service:
         if self.zmq_sink is not None:
             z = self.zmq_sink
             out["zmq"] = {"endpoint": z.endpoint, "sent": z.sent, "drops": z.drops,
-                          "drop_policy": z.drop_policy, "subscribers": z.subscriptions}
+                          "send_errors": z.send_errors, "drop_policy": z.drop_policy,
+                          "subscribers": z.subscriptions}
         if self.aeron_sink is not None:
             a = self.aeron_sink
             out["aeron"] = {"channel": a.channel, "stream_id": a.stream_id, **a.counters()}

@@ -61,8 +61,8 @@ def test_symbols_over_255_bytes_are_refused_at_bind_not_truncated():
         SymbolTable(["x" * 256], "v1")
 
 
-def _replay(loop: str, **kw):
-    opts = ReplayOptions(publish="none", progress=False, loop=loop, record_scores=True, pin=None, **kw)
+def _run_recording(opts: ReplayOptions):
+    """Run ``opts`` (with ``record_scores``); return the summary and every published payload."""
     rec = {}
     orig = ScoreRecorder.__init__
 
@@ -76,6 +76,11 @@ def _replay(loop: str, **kw):
     finally:
         ScoreRecorder.__init__ = orig
     return res.summary, rec["r"].payloads
+
+
+def _replay(loop: str, **kw):
+    return _run_recording(ReplayOptions(publish="none", progress=False, loop=loop, record_scores=True,
+                                        pin=None, **kw))  # fmt: skip
 
 
 def _same_scores(a: list[bytes], b: list[bytes]) -> None:
@@ -194,25 +199,12 @@ def test_an_independent_subscriber_gets_every_native_score_with_the_recorded_byt
     try:
         opts = ReplayOptions(publish=ep, progress=False, loop="native", record_scores=True, pin=None,
                              limit=20_000, wait_subscribers=1, sndhwm=0)  # fmt: skip
-        rec = {}
-        orig = ScoreRecorder.__init__
-
-        def keep(self):
-            orig(self)
-            rec["r"] = self
-
-        ScoreRecorder.__init__ = keep
-        try:
-            res = run_inprocess(opts)
-        finally:
-            ScoreRecorder.__init__ = orig
+        s, payloads = _run_recording(opts)
         t.join(30)
     finally:
         sub.close(0)
         ctx.term()
-    s = res.summary
     assert s["loop"] == "native" and s["dropped"] == 0
-    payloads = rec["r"].payloads
     assert len(got) == s["scores"] == len(payloads)
     assert [p for _, p in got] == payloads  # byte for byte, in order
     for topic, p in got:
