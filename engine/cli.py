@@ -14,6 +14,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from engine.commands import COMMANDS
+from engine.log import log
 from features.compile_notice import compile_notice
 from models.metadata import ModelError
 
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in _COMPILING:
-            with compile_notice(f"tickscore {args.command}"):
+            # the service's notice is a log line of its format (text or JSON); others print
+            say = (lambda text: log("serve", text, event="compile")) if args.command == "serve" else None
+            with compile_notice(f"tickscore {args.command}", say=say):
                 return args.handler(args)
         return args.handler(args)
     except KeyboardInterrupt:

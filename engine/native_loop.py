@@ -2,7 +2,7 @@
 
 ``ScoringAgent`` with ``loop="native"`` replaces its per-tick Python (poll,
 dispatch, msgspec encode, pyzmq send, clock reads) by one numba call per duty
-cycle, :func:`make_loop_kernel`'s ``loop(ctx_addr, lctx_addr, start, stop)``,
+cycle, :func:`loop_kernel` ``(ctx_addr, lctx_addr, start, stop)``,
 which for every tick ``i`` of ``[start, stop)``, in compiled code:
 
 1. waits for nothing: a paced replay stops the batch at the first tick not yet
@@ -38,14 +38,25 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from numba import carray, njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
-from engine.native_zmq import ZMQ_DONTWAIT, ZMQ_SNDMORE, NativeBindError, bind_libzmq
+from engine.native_zmq import (
+    ZMQ_DONTWAIT,
+    ZMQ_SNDMORE,
+    NativeBindError,
+    bind_libzmq,
+    call_clock_gettime,
+    call_errno,
+    call_send_recv,
+    fn_address,
+)
 from engine.recorder import LatencyRecorder
 from engine.wire import SCORE_SCHEMA_ID
-from models.tick_kernels import _ctx_of, _ptr, _ticks_of
+from models.tick_kernels import _ctx_of, _ptr, _ticks_of, tick_cfunc_address
 
-__all__ = ["NativeLoop", "make_loop_kernel", "encode_score", "bind_clock", "native_loop_refusal",
+__all__ = ["NativeLoop", "loop_kernel", "encode_score", "bind_clock", "native_loop_refusal",
            "SymbolTable", "MAX_SCORE_BYTES"]
 
 #: Longest Score payload the kernel writes: 1 + 1 + (5 + 255) + 4 x 9 + 9 + (3 + 255) + 9 bytes
@@ -60,8 +71,9 @@ _MAX_STR = 255
  L_TAP, L_TAP_CAP, L_TAP_USED, L_TAP_OFF, L_TAP_MAX, L_TAP_N,
  L_REJ, L_REJ_CAP, L_REJ_N,
  L_PACED, L_PACE_START, L_PACE_TS0, L_PACE_INV, L_INTENDED, L_INTENDED_N,
- L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_F64, L_ERRORS) = range(42)
-LCTX_LEN = 42
+ L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_F64, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
+ L_FLAGS_OUT) = range(47)
+LCTX_LEN = 47
 _EAGAIN = 11
 
 
@@ -197,140 +209,154 @@ class SymbolTable:
 
 
 # --------------------------------------------------------------------------- the loop kernel
-def make_loop_kernel(tick, zsend=None, zerrno=None, clock=None):
-    """Return ``loop(ctx_addr, lctx_addr, start, stop) -> ticks consumed`` for a fused ``tick`` kernel.
+@njit(cache=True, nogil=True)
+def now_ns(fn, ts):
+    """``CLOCK_MONOTONIC`` in ns via libc's ``clock_gettime`` at address ``fn`` (``ts``: int64[2] scratch)."""
+    call_clock_gettime(fn, 1, ts.ctypes.data)
+    return ts[0] * 1_000_000_000 + ts[1]
 
-    ``tick(i, ctx_addr) -> (flags, score)`` is the fused backend's kernel
-    (:func:`models.tick_kernels.tick_kernel_for`); ``zsend`` / ``zerrno`` are libzmq's
-    functions from :func:`engine.native_zmq.bind_libzmq` (None: no ZeroMQ sink);
-    ``clock`` is :func:`bind_clock`'s.  Not cached on disk (it closes over function
-    pointers of this process); compiling it takes about a second.
+
+_MORE, _LAST = ZMQ_SNDMORE | ZMQ_DONTWAIT, ZMQ_DONTWAIT
+
+
+@intrinsic
+def _call_tick(typingctx, fn, i, ctx_addr, flags_out):
+    """``double tick(int64 i, int64 ctx_addr, int64 *flags)`` at address ``fn`` (:data:`TICK_CFUNC_SIG`)."""
+    sig = types.float64(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.DoubleType(), [i64, i64, i64.as_pointer()])
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(f, [args[1], args[2], builder.inttoptr(args[3], i64.as_pointer())])
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def loop_kernel(ctx_addr, lctx_addr, start, stop):
+    """Score ticks ``[start, stop)`` of the tick context at ``ctx_addr``; see the module docstring.
+
+    The fused tick kernel and the C functions (``clock_gettime``, ``zmq_send``,
+    ``zmq_errno``) are called through the addresses in ``lctx`` (filled by
+    :class:`NativeLoop` after :func:`engine.native_zmq.bind_libzmq`'s start-up
+    checks), so this one kernel serves every feature set and is cached on disk.
     """
-    clock = clock if clock is not None else bind_clock()
-    has_zmq = zsend is not None
-    if not has_zmq:
-        zsend = zerrno = clock  # never called: the branch is pruned (has_zmq is a constant)
-    more, last = ZMQ_SNDMORE | ZMQ_DONTWAIT, ZMQ_DONTWAIT
-
-    @njit(nogil=True, _nrt=False)
-    def now(ts):
-        clock(1, ts.ctypes.data)  # CLOCK_MONOTONIC
-        return ts[0] * 1_000_000_000 + ts[1]
-
-    @njit(nogil=True)
-    def loop(ctx_addr, lctx_addr, start, stop):
-        L = carray(_ptr(lctx_addr, np.int64), (LCTX_LEN,))
-        ticks = _ticks_of(_ctx_of(ctx_addr))
-        ts = carray(_ptr(L[L_TIMESPEC], np.int64), (2,))
-        f64 = carray(_ptr(L[L_F64], np.float64), (1,))
-        mask = L[L_RING_MASK]
-        t_in_ring = carray(_ptr(L[L_T_IN], np.int64), (mask + 1,))
-        t_out_ring = carray(_ptr(L[L_T_OUT], np.int64), (mask + 1,))
-        st_mask = L[L_ST_MASK]
-        st_f = carray(_ptr(L[L_ST_F], np.int64), (st_mask + 1,))
-        st_m = carray(_ptr(L[L_ST_M], np.int64), (st_mask + 1,))
-        st_shift, st_every_mask = L[L_ST_SHIFT], L[L_ST_EVERY_MASK]
-        strtab = carray(_ptr(L[L_STR], np.uint8), (L[L_STR_LEN],))
-        n_sym = L[L_N_SYM]
-        sym_off = carray(_ptr(L[L_SYM_OFF], np.int64), (2 * n_sym + 2,))
-        ver_off, ver_len = L[L_VER_OFF], L[L_VER_LEN]
-        payload = carray(_ptr(L[L_PAYLOAD], np.uint8), (L[L_PAYLOAD_CAP],))
-        sock = L[L_SOCK]
-        tap_cap = L[L_TAP_CAP]
-        tap = carray(_ptr(L[L_TAP], np.uint8), (max(tap_cap, 1),))
-        tap_max = L[L_TAP_MAX]
-        tap_off = carray(_ptr(L[L_TAP_OFF], np.int64), (max(tap_max, 0) + 1,))
-        rej_cap = L[L_REJ_CAP]
-        rej = carray(_ptr(L[L_REJ], np.int64), (rej_cap,))
-        paced = L[L_PACED] != 0
-        n_int = L[L_INTENDED_N]
-        intended = carray(_ptr(L[L_INTENDED], np.int64), (max(n_int, 1),))
-        n_ing = L[L_INGRESS_N]
-        ingress = carray(_ptr(L[L_INGRESS], np.int64), (max(n_ing, 1),))
-        pace_start, pace_ts0 = L[L_PACE_START], L[L_PACE_TS0]
-        inv_speed = carray(_ptr(L[L_PACE_INV], np.float64), (1,))[0]
-        seq = L[L_SEQ]
-        n_rej = L[L_REJ_N]
-        tap_n, tap_used = L[L_TAP_N], L[L_TAP_USED]
-        sent, drops, errors = L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS]
-        bad = L[L_ERRORS]
-        stop = min(stop, ticks.shape[0])
-        i = start
-        while i < stop:
-            if n_rej >= rej_cap:
-                break  # the caller hands the rejects to the source, then goes on
-            if tap_cap > 0 and (tap_n >= tap_max or tap_used + MAX_SCORE_BYTES > tap_cap):
+    L = carray(_ptr(lctx_addr, np.int64), (LCTX_LEN,))
+    ticks = _ticks_of(_ctx_of(ctx_addr))
+    ts = carray(_ptr(L[L_TIMESPEC], np.int64), (2,))
+    fn_clock, fn_send, fn_errno, fn_tick = L[L_FN_CLOCK], L[L_FN_SEND], L[L_FN_ERRNO], L[L_FN_TICK]
+    flags_out = L[L_FLAGS_OUT]
+    flags_arr = carray(_ptr(flags_out, np.int64), (1,))
+    f64 = carray(_ptr(L[L_F64], np.float64), (1,))
+    mask = L[L_RING_MASK]
+    t_in_ring = carray(_ptr(L[L_T_IN], np.int64), (mask + 1,))
+    t_out_ring = carray(_ptr(L[L_T_OUT], np.int64), (mask + 1,))
+    st_mask = L[L_ST_MASK]
+    st_f = carray(_ptr(L[L_ST_F], np.int64), (st_mask + 1,))
+    st_m = carray(_ptr(L[L_ST_M], np.int64), (st_mask + 1,))
+    st_shift, st_every_mask = L[L_ST_SHIFT], L[L_ST_EVERY_MASK]
+    strtab = carray(_ptr(L[L_STR], np.uint8), (L[L_STR_LEN],))
+    n_sym = L[L_N_SYM]
+    sym_off = carray(_ptr(L[L_SYM_OFF], np.int64), (2 * n_sym + 2,))
+    ver_off, ver_len = L[L_VER_OFF], L[L_VER_LEN]
+    payload = carray(_ptr(L[L_PAYLOAD], np.uint8), (L[L_PAYLOAD_CAP],))
+    sock = L[L_SOCK]
+    tap_cap = L[L_TAP_CAP]
+    tap = carray(_ptr(L[L_TAP], np.uint8), (max(tap_cap, 1),))
+    tap_max = L[L_TAP_MAX]
+    tap_off = carray(_ptr(L[L_TAP_OFF], np.int64), (max(tap_max, 0) + 1,))
+    rej_cap = L[L_REJ_CAP]
+    rej = carray(_ptr(L[L_REJ], np.int64), (rej_cap,))
+    paced = L[L_PACED] != 0
+    n_int = L[L_INTENDED_N]
+    intended = carray(_ptr(L[L_INTENDED], np.int64), (max(n_int, 1),))
+    n_ing = L[L_INGRESS_N]
+    ingress = carray(_ptr(L[L_INGRESS], np.int64), (max(n_ing, 1),))
+    pace_start, pace_ts0 = L[L_PACE_START], L[L_PACE_TS0]
+    inv_speed = carray(_ptr(L[L_PACE_INV], np.float64), (1,))[0]
+    seq = L[L_SEQ]
+    n_rej = L[L_REJ_N]
+    tap_n, tap_used = L[L_TAP_N], L[L_TAP_USED]
+    sent, drops, errors = L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS]
+    bad = L[L_ERRORS]
+    stop = min(stop, ticks.shape[0])
+    i = start
+    while i < stop:
+        if n_rej >= rej_cap:
+            break  # the caller hands the rejects to the source, then goes on
+        if tap_cap > 0 and (tap_n >= tap_max or tap_used + MAX_SCORE_BYTES > tap_cap):
+            break
+        if paced:
+            if i >= n_int:
+                bad += 1
                 break
-            if paced:
-                if i >= n_int:
-                    bad += 1
-                    break
-                t_now = now(ts)
-                due = pace_start + np.int64((ticks[i].ts_event_ns - pace_ts0) * inv_speed)
-                if t_now < due:
-                    break
-                intended[i] = due
-            if n_ing > 0 and i < n_ing:
-                t_in = ingress[i]
-            else:
-                t_in = now(ts)
-            flags, score = tick(i, ctx_addr)
-            if flags < 0:
-                rej[n_rej] = i
-                n_rej += 1
-                i += 1
-                continue
-            inst = np.int64(ticks[i].instrument)
-            if inst < 0 or inst >= n_sym:  # cannot happen for a validated tick; never index out of bounds
-                bad += 1
-                i += 1
-                continue
-            if not seq & st_every_mask:  # stage sample: features and model are one call here
-                t_model = now(ts)
-                k = (seq >> st_shift) & st_mask
-                st_f[k] = t_model
-                st_m[k] = t_model
-            s0, sl = sym_off[2 * inst], sym_off[2 * inst + 1]
-            plen = encode_score(payload, strtab, s0, sl, seq, ticks[i].ts_event_ns, t_in, now(ts), score,
-                                f64, ver_off, ver_len, np.int64(flags))  # fmt: skip
-            if plen < 0:
-                bad += 1
-                i += 1
-                continue
-            if has_zmq and sock != 0:
-                h = s0 + 2 if strtab[s0] == 0xD9 else s0 + 1  # the topic: the str item without header
-                if zsend(sock, strtab.ctypes.data + h, s0 + sl - h, more) < 0:
-                    e = zerrno()
-                    if e == _EAGAIN:
-                        drops += 1
-                    else:
-                        errors += 1
-                        L[L_LAST_ERRNO] = e
-                else:
-                    # the second frame of a message is never refused once the first is queued
-                    zsend(sock, payload.ctypes.data, plen, last)
-                    sent += 1
-            if tap_cap > 0:
-                for b in range(plen):
-                    tap[tap_used + b] = payload[b]
-                tap_used += plen
-                tap_n += 1
-                tap_off[tap_n] = tap_used
-            t_out = now(ts)
-            r = seq & mask
-            t_in_ring[r] = t_in
-            t_out_ring[r] = t_out
-            seq += 1
+            t_now = now_ns(fn_clock, ts)
+            due = pace_start + np.int64((ticks[i].ts_event_ns - pace_ts0) * inv_speed)
+            if t_now < due:
+                break
+            intended[i] = due
+        if n_ing > 0 and i < n_ing:
+            t_in = ingress[i]
+        else:
+            t_in = now_ns(fn_clock, ts)
+        score = _call_tick(fn_tick, i, ctx_addr, flags_out)
+        flags = flags_arr[0]
+        if flags < 0:
+            rej[n_rej] = i
+            n_rej += 1
             i += 1
-        L[L_SEQ] = seq
-        L[L_REJ_N] = n_rej
-        L[L_TAP_N] = tap_n
-        L[L_TAP_USED] = tap_used
-        L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS] = sent, drops, errors
-        L[L_ERRORS] = bad
-        return i - start
-
-    return loop
+            continue
+        inst = np.int64(ticks[i].instrument)
+        if inst < 0 or inst >= n_sym:  # cannot happen for a validated tick; never index out of bounds
+            bad += 1
+            i += 1
+            continue
+        if not seq & st_every_mask:  # stage sample: features and model are one call here
+            t_model = now_ns(fn_clock, ts)
+            k = (seq >> st_shift) & st_mask
+            st_f[k] = t_model
+            st_m[k] = t_model
+        s0, sl = sym_off[2 * inst], sym_off[2 * inst + 1]
+        ts_out = now_ns(fn_clock, ts)
+        plen = encode_score(payload, strtab, s0, sl, seq, ticks[i].ts_event_ns, t_in, ts_out, score, f64,
+                            ver_off, ver_len, np.int64(flags))  # fmt: skip
+        if plen < 0:
+            bad += 1
+            i += 1
+            continue
+        if sock != 0 and fn_send != 0:
+            h = s0 + 2 if strtab[s0] == 0xD9 else s0 + 1  # the topic: the str item without header
+            if call_send_recv(fn_send, sock, strtab.ctypes.data + h, s0 + sl - h, _MORE) < 0:
+                e = call_errno(fn_errno)
+                if e == _EAGAIN:
+                    drops += 1
+                else:
+                    errors += 1
+                    L[L_LAST_ERRNO] = e
+            else:
+                # the second frame of a message is never refused once the first is queued
+                call_send_recv(fn_send, sock, payload.ctypes.data, plen, _LAST)
+                sent += 1
+        if tap_cap > 0:
+            for b in range(plen):
+                tap[tap_used + b] = payload[b]
+            tap_used += plen
+            tap_n += 1
+            tap_off[tap_n] = tap_used
+        t_out = now_ns(fn_clock, ts)
+        r = seq & mask
+        t_in_ring[r] = t_in
+        t_out_ring[r] = t_out
+        seq += 1
+        i += 1
+    L[L_SEQ] = seq
+    L[L_REJ_N] = n_rej
+    L[L_TAP_N] = tap_n
+    L[L_TAP_USED] = tap_used
+    L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS] = sent, drops, errors
+    L[L_ERRORS] = bad
+    return i - start
 
 
 def native_loop_refusal(backend, sinks) -> str | None:
@@ -351,7 +377,7 @@ def native_loop_refusal(backend, sinks) -> str | None:
 
 
 class NativeLoop:
-    """The lctx of :func:`make_loop_kernel` with everything it points to (kept alive here).
+    """The lctx of :func:`loop_kernel` with everything it points to (kept alive here).
 
     Parameters
     ----------
@@ -366,19 +392,13 @@ class NativeLoop:
     REJ_CAP = 4096
 
     def __init__(self, tick, symbols: Sequence[str], version: str, sinks, recorder: LatencyRecorder,
-                 batch: int = 256, kernel_cache: dict | None = None, kernel=None) -> None:  # fmt: skip
+                 batch: int = 256, kernel=None) -> None:  # fmt: skip
         self.batch = int(batch)
         self.sinks = list(sinks)
         self.zmq_sink = next((s for s in self.sinks if getattr(s, "native", None) == "zmq"), None)
         self.taps = [s for s in self.sinks if getattr(s, "native", None) == "tap"]
         if kernel is None:
-            lib = bind_libzmq() if self.zmq_sink is not None else None
-            key = (tick, lib is not None)
-            cache = kernel_cache if kernel_cache is not None else {}
-            if key not in cache:
-                zsend, zerrno = (lib.zmq_send, lib.zmq_errno) if lib else (None, None)
-                cache[key] = make_loop_kernel(tick, zsend, zerrno)
-            kernel = cache[key]
+            kernel = loop_kernel
         self.tick = tick
         self.version = version
         self.kernel = kernel
@@ -387,6 +407,12 @@ class NativeLoop:
         self.addr = int(self.L.ctypes.data)
         self._keep: dict[str, np.ndarray] = {}
         L = self.L
+        L[L_FN_CLOCK] = fn_address(bind_clock())
+        L[L_FN_TICK] = tick_cfunc_address(tick)
+        self._flags_out = self._hold("flags_out", np.zeros(1, np.int64), L_FLAGS_OUT)
+        if self.zmq_sink is not None:  # checked at start-up: the library, its symbols and version
+            lib = bind_libzmq()
+            L[L_FN_SEND], L[L_FN_ERRNO] = fn_address(lib.zmq_send), fn_address(lib.zmq_errno)
         self._timespec = self._hold("timespec", np.zeros(2, np.int64), L_TIMESPEC)
         self._f64 = self._hold("f64", np.zeros(1, np.float64), L_F64)
         self._inv = self._hold("inv", np.zeros(1, np.float64), L_PACE_INV)

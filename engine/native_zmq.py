@@ -29,12 +29,15 @@ import os
 from dataclasses import dataclass
 
 import zmq
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
-__all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender"]
+__all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender",
+           "fn_address", "call_send_recv", "call_errno", "call_getsockopt", "call_clock_gettime"]
 
-#: Symbols a native loop needs from libzmq.
-REQUIRED_SYMBOLS = ("zmq_send", "zmq_errno", "zmq_version")
+#: Symbols a native loop needs from libzmq (publishing, and the compiled ingress of engine.native_ingress).
+REQUIRED_SYMBOLS = ("zmq_send", "zmq_recv", "zmq_getsockopt", "zmq_errno", "zmq_version")
 ZMQ_DONTWAIT = 1
 ZMQ_SNDMORE = 2
 
@@ -51,6 +54,8 @@ class LibZmq:
     version: tuple[int, int, int]
     zmq_send: object
     zmq_errno: object
+    zmq_recv: object
+    zmq_getsockopt: object
 
 
 def libzmq_path() -> str:
@@ -118,7 +123,84 @@ def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYM
     errno_ = lib.zmq_errno
     errno_.argtypes = []
     errno_.restype = ctypes.c_int
-    return LibZmq(path, version, send, errno_)
+    recv = lib.zmq_recv
+    # zmq_recv(void *socket, void *buf, size_t len, int flags) -> int (the frame's full length)
+    recv.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+    recv.restype = ctypes.c_int
+    getsockopt = lib.zmq_getsockopt
+    # zmq_getsockopt(void *socket, int option, void *value, size_t *len) -> int
+    getsockopt.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
+    getsockopt.restype = ctypes.c_int
+    return LibZmq(path, version, send, errno_, recv, getsockopt)
+
+
+def fn_address(fn) -> int:
+    """Return the address of a bound ctypes function (what the ``call_*`` intrinsics take)."""
+    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    if not addr:
+        raise NativeBindError(f"{getattr(fn, '__name__', fn)!r} has no address")
+    return int(addr)
+
+
+# Calls through a function address read at run time, with the C prototype spelled out here
+# (the same prototypes bind_libzmq gives ctypes).  A kernel that takes its functions this way
+# closes over no ctypes object, so numba can cache it on disk; the addresses come from the
+# context array the caller fills after bind_libzmq's start-up checks.
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+
+
+def _call(builder, addr, ret, argtys, args):
+    fnty = ir.FunctionType(ret, argtys)
+    return builder.call(builder.inttoptr(addr, fnty.as_pointer()), args)
+
+
+@intrinsic
+def call_send_recv(typingctx, fn, sock, buf, n, flags):
+    """``int zmq_send/zmq_recv(void *socket, void *buf, size_t len, int flags)`` at address ``fn``."""
+    sig = types.int32(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = list(args)
+        flags = builder.trunc(a[4], _I32)
+        return _call(builder, a[0], _I32, [_I64, _I64, _I64, _I32], [a[1], a[2], a[3], flags])
+
+    return sig, codegen
+
+
+@intrinsic
+def call_errno(typingctx, fn):
+    """``int zmq_errno(void)`` at address ``fn``."""
+    sig = types.int32(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, args[0], _I32, [], [])
+
+    return sig, codegen
+
+
+@intrinsic
+def call_getsockopt(typingctx, fn, sock, option, value, length):
+    """``int zmq_getsockopt(void *socket, int option, void *value, size_t *len)`` at address ``fn``."""
+    sig = types.int32(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = list(args)
+        option = builder.trunc(a[2], _I32)
+        return _call(builder, a[0], _I32, [_I64, _I32, _I64, _I64], [a[1], option, a[3], a[4]])
+
+    return sig, codegen
+
+
+@intrinsic
+def call_clock_gettime(typingctx, fn, clock_id, timespec):
+    """``int clock_gettime(clockid_t clock_id, struct timespec *tp)`` at address ``fn``."""
+    sig = types.int32(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a = list(args)
+        return _call(builder, a[0], _I32, [_I32, _I64], [builder.trunc(a[1], _I32), a[2]])
+
+    return sig, codegen
 
 
 def make_sender(lib: LibZmq):

@@ -139,7 +139,6 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         self.loop_reason = ""
         self._native: NativeLoop | None = None
         self._bound = False
-        self._native_kernels: dict = {}
         self.source = source
         self.backend = backend
         self.sinks = list(sinks)
@@ -226,7 +225,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         if self._native is not None:  # a model swap: the sinks' counters carry over
             self._native.sync_sink_counters()
         nl = NativeLoop(self._tick, self.symbols, self._version, self.sinks, self.recorder,
-                        batch=self.batch, kernel_cache=self._native_kernels)  # fmt: skip
+                        batch=self.batch)  # fmt: skip
         nl.seq = self.seq
         src = self.source
         if hasattr(src, "window"):

@@ -56,6 +56,7 @@ from engine.control import DEFER, ControlServer
 from engine.log import configure as configure_log
 from engine.log import log
 from engine.metrics import MetricsServer, MetricsSnapshot
+from engine.native_ingress import NativeZmqTickSource
 from engine.security import CurveServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher, ensure_ipc_free
@@ -285,9 +286,13 @@ class Service:
         self.slot = slot
         if src_cfg.zmq is not None:
             z = src_cfg.zmq
+            # the only source, and a loop that may be native: receive and decode in compiled code
+            native_in = cfg.engine.loop != "python" and src_cfg.aeron is None
+            zsrc = NativeZmqTickSource if native_in else ZmqTickSource
+            extra = {"rows": cfg.engine.batch} if native_in else {}
             self.sources.append(
-                ZmqTickSource(self.ctx, z.endpoint, bind=z.bind, subscribe=z.subscribe,
-                              rcvhwm=z.rcvhwm, slot=slot, configure=self._secure("ticks"))
+                zsrc(self.ctx, z.endpoint, bind=z.bind, subscribe=z.subscribe, rcvhwm=z.rcvhwm, slot=slot,
+                     configure=self._secure("ticks"), **extra)
             )
             self._remember_ipc(z.endpoint, z.bind)
         if src_cfg.aeron is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -24,10 +24,11 @@ __all__ = ["compile_notice"]
 
 
 class _Listener:
-    def __init__(self, after_s: float, stream: TextIO, who: str) -> None:
+    def __init__(self, after_s: float, stream: TextIO, who: str, say: Callable[[str], None] | None) -> None:
         self.after_s = after_s
         self.stream = stream
         self.who = who
+        self.say = say or self._print
         self.depth = 0
         self.t0 = 0.0
         self.total = 0.0
@@ -54,20 +55,26 @@ class _Listener:
                     self.timer.cancel()
                     self.timer = None
 
+    def _print(self, text: str) -> None:
+        print(f"{self.who}: {text}", file=self.stream, flush=True)
+
     def _announce(self) -> None:
         with self.lock:
             if self.depth > 0 and not self.printed:
                 self.printed = True
-                print(f"{self.who}: compiling kernels, first run only (cached for the next runs) ...",
-                      file=self.stream, flush=True)  # fmt: skip
+                self.say("compiling kernels, first run only (cached for the next runs) ...")
 
 
 @contextmanager
 def compile_notice(
-    who: str = "tickscore", after_s: float = 1.0, stream: TextIO | None = None
+    who: str = "tickscore", after_s: float = 1.0, stream: TextIO | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
-    """Print one line when numba compiles for more than ``after_s`` s inside the block, and the total."""
-    state = _Listener(after_s, stream or sys.stderr, who)
+    """Print one line when numba compiles for more than ``after_s`` s inside the block, and the total.
+
+    ``say(text)`` writes a line instead of printing ``who: text`` (e.g. the service's log, JSON or text).
+    """
+    state = _Listener(after_s, stream or sys.stderr, who, say)
 
     class _L(event.Listener):
         def on_start(self, ev) -> None:
@@ -83,4 +90,4 @@ def compile_notice(
         if state.timer is not None:
             state.timer.cancel()
         if state.printed:
-            print(f"{who}: kernels compiled in {state.total:.1f} s", file=state.stream, flush=True)
+            state.say(f"kernels compiled in {state.total:.1f} s")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import carray, njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 from engine.schema import TICK_DTYPE
@@ -23,7 +23,7 @@ from features.kernels_trades import apply_tick as _trades_apply_tick
 from features.registry import kernels_for
 from models.program import UnsupportedGraph, _run_program
 
-__all__ = ["TickContext", "tick_kernel_for"]
+__all__ = ["TickContext", "tick_kernel_for", "tick_cfunc_address", "TICK_CFUNC_SIG"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tick kernels compile in every feature kernel, the book and the program interpreter
@@ -148,6 +148,55 @@ _CACHED_TICK_KERNELS = {
     (_trades_apply_tick, 2, 2): _trades_fused_tick,
     (_l3_apply_tick, 1, 1): _l3_fused_tick,
 }
+
+
+# C-callable forms of the tick kernels, for a compiled caller that takes the kernel by address
+# (engine.native_loop: one loop kernel, cached on disk, for every feature set):
+# ``double tick(int64 i, int64 ctx_addr, int64 *flags)``.
+TICK_CFUNC_SIG = "float64(int64, int64, CPointer(int64))"
+
+
+def _l1_tick_c(i, ctx_addr, flags_out):
+    flags, score = _l1_fused_tick(i, ctx_addr)
+    flags_out[0] = flags
+    return score
+
+
+def _trades_tick_c(i, ctx_addr, flags_out):
+    flags, score = _trades_fused_tick(i, ctx_addr)
+    flags_out[0] = flags
+    return score
+
+
+def _l3_tick_c(i, ctx_addr, flags_out):
+    flags, score = _l3_fused_tick(i, ctx_addr)
+    flags_out[0] = flags
+    return score
+
+
+# compiled (or loaded from the disk cache) on first use: a cfunc compiles when it is made
+_CACHED_TICK_CFUNCS = {_l1_fused_tick: _l1_tick_c, _trades_fused_tick: _trades_tick_c,
+                       _l3_fused_tick: _l3_tick_c}  # fmt: skip
+_TICK_CFUNCS: dict[Any, Any] = {}
+
+
+def tick_cfunc_address(tick: Callable) -> int:
+    """Return the address of ``tick``'s C-callable form (see :data:`TICK_CFUNC_SIG`).
+
+    The shipped feature sets' forms are cached on disk; another kernel's is compiled once per process.
+    """
+    c = _TICK_CFUNCS.get(tick)
+    if c is None and tick in _CACHED_TICK_CFUNCS:
+        c = _TICK_CFUNCS[tick] = cfunc(TICK_CFUNC_SIG, cache=True, nogil=True)(_CACHED_TICK_CFUNCS[tick])
+    if c is None:
+
+        def tick_c(i, ctx_addr, flags_out):
+            flags, score = tick(i, ctx_addr)
+            flags_out[0] = flags
+            return score
+
+        c = _TICK_CFUNCS[tick] = cfunc(TICK_CFUNC_SIG, nogil=True)(tick_c)
+    return int(c.address)
 
 
 def _make_tick_kernel(apply_tick: Callable, f_ndim: int, i_ndim: int) -> Callable:

@@ -1,0 +1,321 @@
+"""Compiled ZeroMQ ingress for the native duty cycle: ``zmq_recv`` + the compiled Tick decoder.
+
+:class:`NativeZmqTickSource` is the live ZeroMQ tick source of a service whose
+agent runs the native loop (:mod:`engine.native_loop`).  Its ``window(limit)``
+makes one numba call that, for up to ``limit`` messages already queued on the
+SUB socket:
+
+1. receives the two frames ``[topic, payload]`` with libzmq's ``zmq_recv``
+   (``ZMQ_DONTWAIT``) into a preallocated buffer, checks the framing with
+   ``zmq_getsockopt(ZMQ_RCVMORE)`` (a message of one frame, or of three or more,
+   is drained whole and counted ``malformed``, as :class:`engine.sources.ZmqTickSource` does);
+2. reads ``CLOCK_MONOTONIC`` as the tick's ingress time (the native loop's
+   ``t_in``: so the service time includes the decode, unlike the python loop's);
+3. decodes the ``Tick`` with :func:`engine.tick_decode.decode_tick` (same
+   decision, by the same reason, as msgspec's path: property-tested);
+4. maps the symbol to its instrument id through an open-addressing hash table of
+   the instrument table (FNV-1a over the UTF-8 bytes);
+5. writes the row into a preallocated multi-row ``TICK_DTYPE`` buffer.
+
+Rejects are counted by reason into the agent's counters.  A symbol not in the
+table stops the batch with the message still in the buffer: Python hands it to
+:meth:`engine.sources.TickSlot.ingest` (the msgspec path, which admits a new
+instrument on first sight or counts ``unknown_instrument`` / ``instruments_full``),
+then the table is rebuilt; so every decision stays the msgspec path's.
+
+``poll()`` (the python loop, e.g. after a hot reload to an ``ort`` model) takes
+the same compiled route one tick at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numba import carray, njit
+
+from engine.native_loop import bind_clock, now_ns
+from engine.native_zmq import (
+    ZMQ_DONTWAIT,
+    bind_libzmq,
+    call_errno,
+    call_getsockopt,
+    call_send_recv,
+    fn_address,
+)
+from engine.schema import REJECT_MALFORMED, TICK_DTYPE
+from engine.sources import MAX_TICK_FRAME_BYTES, ZmqTickSource
+from engine.tick_decode import (
+    I_KIND,
+    I_ORDER_ID,
+    I_RANGE_OK,
+    I_SIDE,
+    I_SYM_LEN,
+    I_SYM_START,
+    I_TS_EVENT,
+    I_TS_RECV,
+    decode_tick,
+    new_outputs,
+)
+from models.tick_kernels import _ptr
+
+__all__ = ["NativeZmqTickSource", "SymbolIndex", "fnv1a"]
+
+_ZMQ_RCVMORE = 13
+_EAGAIN = 11
+
+# ictx slots
+(I_SOCK, I_BUF, I_BUF_CAP, I_TICKS, I_ROWS, I_INGRESS, I_COUNTERS, I_N_COUNTERS, I_HASH, I_HASH_MASK,
+ I_SYM, I_SYM_LEN_TOTAL, I_SYM_OFF, I_N_SYM, I_PENDING, I_PENDING_T, I_RECEIVED, I_OUT_I, I_OUT_F,
+ I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK) = range(27)
+ICTX_LEN = 27
+
+
+@njit(cache=True, nogil=True)
+def fnv1a(buf, start, length):
+    """64-bit FNV-1a of ``buf[start:start+length]`` (as int64 bits)."""
+    h = np.uint64(0xCBF29CE484222325)
+    for k in range(length):
+        h = (h ^ np.uint64(buf[start + k])) * np.uint64(0x100000001B3)
+    return np.int64(h)
+
+
+class SymbolIndex:
+    """Open-addressing hash table of an instrument table, for the compiled symbol lookup."""
+
+    def __init__(self, ids: dict[str, int]) -> None:
+        raw = [(s.encode(), i) for s, i in ids.items()]
+        blob = b"".join(r for r, _ in raw)
+        self.sym = np.frombuffer(blob or b"\0", np.uint8).copy()
+        self.n = len(raw)
+        self.off = np.zeros(3 * max(self.n, 1), np.int64)  # start, length, id
+        size = 8
+        while size < 2 * max(self.n, 1):
+            size <<= 1
+        self.table = np.full(size, -1, np.int64)  # entry index, -1 empty
+        pos = 0
+        for e, (r, inst) in enumerate(raw):
+            self.off[3 * e : 3 * e + 3] = (pos, len(r), inst)
+            h = int(fnv1a(self.sym, pos, len(r))) & (size - 1)
+            while self.table[h] >= 0:
+                h = (h + 1) & (size - 1)
+            self.table[h] = e
+            pos += len(r)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lookup(buf, start, length, table, mask, sym, off):
+    h = fnv1a(buf, start, length) & mask
+    while True:
+        e = table[h]
+        if e < 0:
+            return -1
+        s0, sl = off[3 * e], off[3 * e + 1]
+        if sl == length:
+            same = True
+            for k in range(length):
+                if sym[s0 + k] != buf[start + k]:
+                    same = False
+                    break
+            if same:
+                return off[3 * e + 2]
+        h = (h + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def _more(C):
+    """``ZMQ_RCVMORE`` of the last frame received (through ``zmq_getsockopt``)."""
+    more_len = carray(_ptr(C[I_MORE_LEN], np.int64), (1,))
+    more_len[0] = 4
+    call_getsockopt(C[I_FN_GETSOCKOPT], C[I_SOCK], _ZMQ_RCVMORE, C[I_MORE], C[I_MORE_LEN])
+    return carray(_ptr(C[I_MORE], np.int32), (1,))[0] != 0
+
+
+@njit(cache=True, nogil=True)
+def recv_ticks(ictx_addr, limit, max_event_ns):
+    """Receive, decode and map up to ``limit`` queued ticks into the rows of the ictx; return how many.
+
+    The C functions are called through the addresses in the ictx (filled after
+    :func:`engine.native_zmq.bind_libzmq`'s start-up checks), so this kernel is cached on disk.
+    """
+    C = carray(_ptr(ictx_addr, np.int64), (ICTX_LEN,))
+    fn_recv, fn_errno, fn_clock = C[I_FN_RECV], C[I_FN_ERRNO], C[I_FN_CLOCK]
+    sock = C[I_SOCK]
+    cap = C[I_BUF_CAP]
+    buf = carray(_ptr(C[I_BUF], np.uint8), (cap,))
+    rows = C[I_ROWS]
+    ticks = carray(_ptr(C[I_TICKS], TICK_DTYPE), (rows,))
+    ingress = carray(_ptr(C[I_INGRESS], np.int64), (rows,))
+    counters = carray(_ptr(C[I_COUNTERS], np.int64), (C[I_N_COUNTERS],))
+    table = carray(_ptr(C[I_HASH], np.int64), (C[I_HASH_MASK] + 1,))
+    mask = C[I_HASH_MASK]
+    sym = carray(_ptr(C[I_SYM], np.uint8), (C[I_SYM_LEN_TOTAL],))
+    off = carray(_ptr(C[I_SYM_OFF], np.int64), (3 * max(C[I_N_SYM], 1),))
+    out_i = carray(_ptr(C[I_OUT_I], np.int64), (8,))
+    out_f = carray(_ptr(C[I_OUT_F], np.float64), (6,))
+    ts = carray(_ptr(C[I_TIMESPEC], np.int64), (2,))
+    limit = min(limit, rows)
+    received = C[I_RECEIVED]
+    k = 0
+    while k < limit:
+        n1 = call_send_recv(fn_recv, sock, C[I_BUF], cap, ZMQ_DONTWAIT)
+        if n1 < 0:
+            e = call_errno(fn_errno)
+            if e != _EAGAIN:
+                C[I_ERRNO] = e
+            break
+        received += 1
+        if not _more(C):  # one-frame message
+            counters[REJECT_MALFORMED] += 1
+            continue
+        # later frames of a message are already here
+        n = call_send_recv(fn_recv, sock, C[I_BUF], cap, ZMQ_DONTWAIT)
+        t = now_ns(fn_clock, ts)
+        if _more(C):  # three or more frames: drain the rest of this message
+            while True:
+                if call_send_recv(fn_recv, sock, C[I_BUF], cap, ZMQ_DONTWAIT) < 0 or not _more(C):
+                    break
+            counters[REJECT_MALFORMED] += 1
+            continue
+        if n < 0 or n > cap:  # truncated (cannot happen under ZMQ_MAXMSGSIZE) or failed
+            counters[REJECT_MALFORMED] += 1
+            continue
+        r = decode_tick(buf, n, max_event_ns, out_i, out_f)
+        if r != 0:
+            counters[r] += 1
+            continue
+        inst = _lookup(buf, out_i[I_SYM_START], out_i[I_SYM_LEN], table, mask, sym, off)
+        if inst < 0:  # Python decides (admission on first sight, or the reject): buf holds it
+            C[I_PENDING] = n
+            C[I_PENDING_T] = t
+            break
+        if out_i[I_RANGE_OK] == 0:
+            counters[REJECT_MALFORMED] += 1
+            continue
+        row = ticks[k : k + 1]
+        row[0].ts_event_ns = out_i[I_TS_EVENT]
+        row[0].ts_recv_ns = out_i[I_TS_RECV]
+        row[0].instrument = np.int32(inst)
+        row[0].kind = np.uint8(out_i[I_KIND])
+        row[0].side = np.int8(out_i[I_SIDE])
+        row[0].bid_px = out_f[0]
+        row[0].bid_sz = out_f[1]
+        row[0].ask_px = out_f[2]
+        row[0].ask_sz = out_f[3]
+        row[0].price = out_f[4]
+        row[0].size = out_f[5]
+        row[0].order_id = np.uint64(out_i[I_ORDER_ID])
+        ingress[k] = t
+        k += 1
+    C[I_RECEIVED] = received
+    return k
+
+
+class NativeZmqTickSource(ZmqTickSource):
+    """:class:`engine.sources.ZmqTickSource` received and decoded in compiled code (see the module doc).
+
+    ``rows``: ticks per ``window`` at most (the native loop's ``batch``).
+    """
+
+    def __init__(self, ctx, endpoint: str, instruments: Sequence[str] = (), *, rows: int = 256,
+                 **kw) -> None:  # fmt: skip
+        super().__init__(ctx, endpoint, instruments, **kw)
+        lib = bind_libzmq()  # checked at start-up: the library pyzmq loaded, its symbols and version
+        self._kernel = recv_ticks
+        rows = max(1, int(rows))
+        self.rows = rows
+        self.ticks = np.zeros(rows, dtype=TICK_DTYPE)
+        self.ingress_ns = np.zeros(rows, dtype=np.int64)
+        self.inst_list = [0] * rows
+        self.ts_list = [0] * rows
+        self.C = np.zeros(ICTX_LEN, np.int64)
+        self.addr = int(self.C.ctypes.data)
+        self._buf = np.zeros(MAX_TICK_FRAME_BYTES + 1, np.uint8)
+        self._out_i, self._out_f = new_outputs()
+        self._more = np.zeros(1, np.int32)
+        self._more_len = np.zeros(1, np.int64)
+        self._ts = np.zeros(2, np.int64)
+        C = self.C
+        C[I_SOCK] = int(self.sock.underlying)
+        C[I_BUF], C[I_BUF_CAP] = self._buf.ctypes.data, self._buf.shape[0]
+        C[I_TICKS], C[I_ROWS] = self.ticks.ctypes.data, rows
+        C[I_INGRESS] = self.ingress_ns.ctypes.data
+        C[I_OUT_I], C[I_OUT_F] = self._out_i.ctypes.data, self._out_f.ctypes.data
+        C[I_MORE], C[I_MORE_LEN] = self._more.ctypes.data, self._more_len.ctypes.data
+        C[I_TIMESPEC] = self._ts.ctypes.data
+        C[I_FN_RECV], C[I_FN_GETSOCKOPT] = fn_address(lib.zmq_recv), fn_address(lib.zmq_getsockopt)
+        C[I_FN_ERRNO], C[I_FN_CLOCK] = fn_address(lib.zmq_errno), fn_address(bind_clock())
+        self._bind_counters_ptr()
+        self._index_symbols()
+        self._pos = self._n = 0
+
+    def _bind_counters_ptr(self) -> None:
+        c = self.slot.counters
+        self._counters = c
+        self.C[I_COUNTERS], self.C[I_N_COUNTERS] = c.ctypes.data, c.shape[0]
+
+    def _index_symbols(self) -> None:
+        idx = SymbolIndex(self.slot.ids)
+        self._index = idx
+        C = self.C
+        C[I_HASH], C[I_HASH_MASK] = idx.table.ctypes.data, idx.table.shape[0] - 1
+        C[I_SYM], C[I_SYM_LEN_TOTAL] = idx.sym.ctypes.data, idx.sym.shape[0]
+        C[I_SYM_OFF], C[I_N_SYM] = idx.off.ctypes.data, idx.n
+
+    def bind_counters(self, counters: np.ndarray) -> None:
+        """Count rejects into the agent's ``counters`` (the compiled receive too)."""
+        super().bind_counters(counters)
+        self._bind_counters_ptr()
+
+    @property
+    def received(self) -> int:  # type: ignore[override]
+        """Messages read from the socket (compiled path and python fallbacks)."""
+        return int(self.C[I_RECEIVED]) + self._received_base
+
+    @received.setter
+    def received(self, value: int) -> None:  # ZmqTickSource.__init__ sets 0
+        self._received_base = int(value)
+
+    def _fill(self, limit: int) -> int:
+        k = self._kernel(self.addr, limit, self.slot.max_event_ns)
+        if self.C[I_PENDING]:
+            k = self._pending(k)
+        self._pos, self._n = 0, k
+        return k
+
+    def _pending(self, k: int) -> int:
+        """The message in the buffer names a symbol not in the table: the msgspec path decides."""
+        C = self.C
+        n, t = int(C[I_PENDING]), int(C[I_PENDING_T])
+        C[I_PENDING] = 0
+        slot = self.slot
+        if slot.ingest(self._buf[:n].tobytes()):
+            self.ticks[k] = slot.ticks[0]
+            self.ingress_ns[k] = t
+            k += 1
+        if len(slot.ids) != self._index.n:  # a new instrument was admitted
+            self._index_symbols()
+        return k
+
+    # -- the native loop's window ------------------------------------------------------
+    def window(self, limit: int) -> tuple[int, int]:
+        """Return ``(start, stop)`` of received ticks (receiving a new batch when all were taken)."""
+        if self._pos < self._n:
+            return self._pos, self._n
+        k = self._fill(min(limit, self.rows))
+        return 0, k
+
+    def consumed(self, k: int) -> None:
+        """The native loop took ``k`` ticks of the window."""
+        self._pos += k
+
+    # -- the python loop ---------------------------------------------------------------
+    def poll(self) -> int:
+        """Return the index of the next tick (received through the compiled route), or -1."""
+        if self._pos >= self._n and not self._fill(1):
+            return -1
+        i = self._pos
+        self._pos = i + 1
+        self.inst_list[i] = int(self.ticks[i]["instrument"])
+        self.ts_list[i] = int(self.ticks[i]["ts_event_ns"])
+        return i

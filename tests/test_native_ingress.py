@@ -1,0 +1,147 @@
+"""The compiled ZeroMQ ingress (engine.native_ingress) decides every message as the msgspec source does.
+
+One PUB sends the same messages to a :class:`engine.sources.ZmqTickSource` and a
+:class:`engine.native_ingress.NativeZmqTickSource` (real ipc sockets, each with its
+own instrument slot admitting new symbols up to a capacity); both must accept the
+same ticks, byte for byte and in order, count the same rejects by reason and admit
+the same instruments in the same order.  The messages: valid ticks, drawn ticks
+with fields of wrong types and ranges (the decoder property test's strategy),
+mutated and truncated bytes, one-frame and three-frame messages, new symbols
+beyond the capacity, implausible times and absurd values.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.native_ingress import NativeZmqTickSource, SymbolIndex, fnv1a
+from engine.sources import TickSlot, ZmqTickSource
+from tests.test_tick_decode import MAX_EVENT_NS, SYMBOLS, _tick_bytes
+
+CAPACITY = len(SYMBOLS) + 3
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ep = f"ipc://{tmp_path_factory.mktemp('ingress')}/ticks.ipc"
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind(ep)
+    srcs = []
+    for cls in (ZmqTickSource, NativeZmqTickSource):
+        slot = TickSlot(SYMBOLS, capacity=CAPACITY)
+        slot.max_event_ns = MAX_EVENT_NS
+        srcs.append(cls(ctx, ep, bind=False, slot=slot, rcvhwm=0))
+    time.sleep(0.3)  # subscriptions reach the PUB
+    yield pub, srcs
+    for s in srcs:
+        s.close()
+    pub.close(0)
+    ctx.term()
+
+
+def _drain(src, expect: int, out: list, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    native = hasattr(src, "window")
+    while time.monotonic() < deadline:
+        if native:
+            a, b = src.window(64)
+            if b > a:
+                out.extend(bytes(src.ticks[a:b].tobytes()[k * 80:(k + 1) * 80]) for k in range(b - a))
+                src.consumed(b - a)
+                continue
+        else:
+            i = src.poll()
+            if i >= 0:
+                out.append(bytes(src.ticks[i : i + 1].tobytes()))
+                continue
+        if src.received >= expect:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"{type(src).__name__} received {src.received} of {expect}")
+
+
+def _send_and_compare(pair, messages: list[list[bytes]]) -> int:
+    pub, (ref, nat) = pair
+    r0, n0 = ref.received, nat.received
+    c_ref0, c_nat0 = ref.counters.copy(), nat.counters.copy()
+    for frames in messages:
+        pub.send_multipart(frames)
+    got_ref: list[bytes] = []
+    got_nat: list[bytes] = []
+    _drain(ref, r0 + len(messages), got_ref)
+    _drain(nat, n0 + len(messages), got_nat)
+    assert got_nat == got_ref
+    assert (nat.counters - c_nat0).tolist() == (ref.counters - c_ref0).tolist()
+    assert nat.slot.ids == ref.slot.ids
+    return len(got_ref)
+
+
+def _tick(sym: str, ts: int, **kw) -> bytes:
+    f = {"kind": 1, "recv": ts, "bid": 100.0, "bsz": 1.0, "ask": 100.25, "asz": 2.0, "px": 0.0, "sz": 0.0,
+         "side": 0, "oid": 0} | kw  # fmt: skip
+    return msgpack.packb([1, f["kind"], sym, ts, f["recv"], f["bid"], f["bsz"], f["ask"], f["asz"], f["px"],
+                          f["sz"], f["side"], f["oid"]])  # fmt: skip
+
+
+def test_native_ingress_decides_a_mixed_stream_as_the_msgspec_source(pair):
+    rng = np.random.default_rng(7)
+    ts = 1_700_000_000_000_000_000
+    msgs: list[list[bytes]] = []
+    for j in range(3000):
+        ts += int(rng.integers(0, 10_000))
+        sym = SYMBOLS[j % len(SYMBOLS)] if rng.random() < 0.9 else f"NEW{rng.integers(0, 8)}"
+        p = _tick(sym, ts)
+        r = rng.random()
+        if r < 0.05:
+            p = bytes(p[: rng.integers(0, len(p))])  # truncated
+        elif r < 0.10:
+            b = bytearray(p)
+            b[rng.integers(0, len(b))] = rng.integers(0, 256)
+            p = bytes(b)
+        elif r < 0.12:
+            p = _tick(sym, 0)  # implausible time
+        elif r < 0.14:
+            p = _tick(sym, ts, bid=1e301)  # absurd value
+        elif r < 0.16:
+            p = _tick(sym, ts, kind=300)  # out of the dtype's range
+        elif r < 0.17:
+            p = _tick(sym, ts, oid=2**64 - 1)
+        frames = [sym.encode(), p]
+        if rng.random() < 0.02:
+            frames = [p]  # one frame
+        elif rng.random() < 0.02:
+            frames = [sym.encode(), p, b"x"]  # three frames
+        msgs.append(frames)
+    accepted = _send_and_compare(pair, msgs)
+    assert accepted > 2000
+    pub, (ref, nat) = pair
+    assert len(ref.slot.ids) == CAPACITY  # new symbols admitted up to the capacity, the rest refused
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])  # fmt: skip
+@given(st.lists(_tick_bytes(), min_size=1, max_size=60))
+def test_native_ingress_decides_drawn_ticks_as_the_msgspec_source(pair, payloads):
+    _send_and_compare(pair, [[b"t", p] for p in payloads])
+
+
+def test_symbol_index_finds_every_symbol_and_nothing_else():
+    ids = {f"S{k}": k for k in range(300)} | {"é€": 300, "": 301}
+    idx = SymbolIndex(ids)
+    from engine.native_ingress import _lookup
+
+    for s, i in ids.items():
+        b = np.frombuffer(s.encode() or b"\0", np.uint8)
+        assert _lookup(b, 0, len(s.encode()), idx.table, idx.table.shape[0] - 1, idx.sym, idx.off) == i
+    b = np.frombuffer(b"S300", np.uint8)
+    assert _lookup(b, 0, 4, idx.table, idx.table.shape[0] - 1, idx.sym, idx.off) == -1
+    assert fnv1a(np.frombuffer(b"a", np.uint8), 0, 1) == np.int64(np.uint64(0xAF63DC4C8601EC8C))
