@@ -42,6 +42,7 @@ from llvmlite import ir
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
+from engine.native_aeron import N_A_COUNTERS, offer_with_retries
 from engine.native_zmq import (
     ZMQ_DONTWAIT,
     ZMQ_SNDMORE,
@@ -72,8 +73,8 @@ _MAX_STR = 255
  L_REJ, L_REJ_CAP, L_REJ_N,
  L_PACED, L_PACE_START, L_PACE_TS0, L_PACE_INV, L_INTENDED, L_INTENDED_N,
  L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_F64, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
- L_FLAGS_OUT) = range(47)
-LCTX_LEN = 47
+ L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES) = range(52)
+LCTX_LEN = 52
 _EAGAIN = 11
 
 
@@ -247,6 +248,8 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     ts = carray(_ptr(L[L_TIMESPEC], np.int64), (2,))
     fn_clock, fn_send, fn_errno, fn_tick = L[L_FN_CLOCK], L[L_FN_SEND], L[L_FN_ERRNO], L[L_FN_TICK]
     flags_out = L[L_FLAGS_OUT]
+    apub = L[L_APUB]
+    a_c = carray(_ptr(L[L_A_C], np.int64), (N_A_COUNTERS,))
     flags_arr = carray(_ptr(flags_out, np.int64), (1,))
     f64 = carray(_ptr(L[L_F64], np.float64), (1,))
     mask = L[L_RING_MASK]
@@ -338,6 +341,9 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
                 # the second frame of a message is never refused once the first is queued
                 call_send_recv(fn_send, sock, payload.ctypes.data, plen, _LAST)
                 sent += 1
+        if apub != 0:  # Aeron: the payload only, one message per Score
+            offer_with_retries(L[L_FN_OFFER], apub, payload.ctypes.data, plen, a_c, L[L_A_BP_RETRIES],
+                               L[L_A_NC_RETRIES])  # fmt: skip
         if tap_cap > 0:
             for b in range(plen):
                 tap[tap_used + b] = payload[b]
@@ -366,10 +372,10 @@ def native_loop_refusal(backend, sinks) -> str | None:
         return f"the {kind} backend runs per tick in Python (the native loop needs fused)"
     if sys.byteorder != "little":
         return "the native Score encoder assumes a little-endian host"
-    zmq_sinks = [s for s in sinks if getattr(s, "native", None) == "zmq"]
-    others = [s for s in sinks if getattr(s, "native", None) not in ("zmq", "none", "tap")]
-    if len(zmq_sinks) > 1:
-        return "the native loop publishes to one ZeroMQ socket; this run has several"
+    kinds = [getattr(s, "native", None) for s in sinks]
+    others = [s for s, k in zip(sinks, kinds, strict=True) if k not in ("zmq", "aeron", "none", "tap")]
+    if kinds.count("zmq") > 1 or kinds.count("aeron") > 1:
+        return "the native loop publishes to one ZeroMQ socket and one Aeron publication; this run has more"
     if others:
         names = ", ".join(sorted({getattr(s, "name", type(s).__name__) for s in others}))
         return f"the {names} sink publishes from Python (no compiled path for it yet)"
@@ -396,6 +402,7 @@ class NativeLoop:
         self.batch = int(batch)
         self.sinks = list(sinks)
         self.zmq_sink = next((s for s in self.sinks if getattr(s, "native", None) == "zmq"), None)
+        self.aeron_sink = next((s for s in self.sinks if getattr(s, "native", None) == "aeron"), None)
         self.taps = [s for s in self.sinks if getattr(s, "native", None) == "tap"]
         if kernel is None:
             kernel = loop_kernel
@@ -409,6 +416,13 @@ class NativeLoop:
         L = self.L
         L[L_FN_CLOCK] = fn_address(bind_clock())
         L[L_FN_TICK] = tick_cfunc_address(tick)
+        a = self.aeron_sink
+        if a is not None:  # its counters are written by the kernel in place
+            L[L_APUB], L[L_FN_OFFER] = a.handle, a.fn_offer
+            L[L_A_BP_RETRIES], L[L_A_NC_RETRIES] = a.bp_retries, a.nc_retries
+            self._hold("a_c", a.c, L_A_C)
+        else:
+            self._hold("a_c", np.zeros(N_A_COUNTERS, np.int64), L_A_C)
         self._flags_out = self._hold("flags_out", np.zeros(1, np.int64), L_FLAGS_OUT)
         if self.zmq_sink is not None:  # checked at start-up: the library, its symbols and version
             lib = bind_libzmq()

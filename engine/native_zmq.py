@@ -34,7 +34,8 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender",
-           "fn_address", "call_send_recv", "call_errno", "call_getsockopt", "call_clock_gettime"]
+           "fn_address", "mapped_paths", "call_send_recv", "call_errno", "call_getsockopt",
+           "call_clock_gettime"]
 
 #: Symbols a native loop needs from libzmq (publishing, and the compiled ingress of engine.native_ingress).
 REQUIRED_SYMBOLS = ("zmq_send", "zmq_recv", "zmq_getsockopt", "zmq_errno", "zmq_version")
@@ -78,7 +79,7 @@ def libzmq_path() -> str:
     raise NativeBindError("cannot find the libzmq that pyzmq uses (no pyzmq.libs/libzmq*.so, none loaded)")
 
 
-def _mapped_paths() -> set[str] | None:
+def mapped_paths() -> set[str] | None:
     """Return the real paths of the files mapped into this process (None where /proc is absent)."""
     try:
         with open("/proc/self/maps") as f:
@@ -92,7 +93,7 @@ def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYM
     if ctypes.sizeof(ctypes.c_void_p) != ctypes.sizeof(ctypes.c_size_t):
         raise NativeBindError("pointers are not size_t wide on this host: native publishing is unsupported")
     path = path or libzmq_path()
-    loaded = _mapped_paths()
+    loaded = mapped_paths()
     if loaded is not None and os.path.exists(path) and os.path.realpath(path) not in loaded:
         # another copy of libzmq would have its own globals: a socket handle of pyzmq's must
         # never reach it

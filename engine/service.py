@@ -56,6 +56,7 @@ from engine.control import DEFER, ControlServer
 from engine.log import configure as configure_log
 from engine.log import log
 from engine.metrics import MetricsServer, MetricsSnapshot
+from engine.native_aeron import NativeAeronPublisher
 from engine.native_ingress import NativeZmqTickSource
 from engine.security import CurveServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
@@ -309,16 +310,19 @@ class Service:
             self.sinks.append(self.zmq_sink)
             self._remember_ipc(z.endpoint, z.bind)
         if snk_cfg.aeron is not None:
-            # deferred: loads the Aeron C client, only where Aeron is used
-            from engine.aeron_io import AeronPublisher
-
             a = snk_cfg.aeron
-            self.aeron_sink = AeronPublisher(
-                self.aeron.client, a.channel, a.stream_id,
-                back_pressure_retries=a.back_pressure_retries,
-                not_connected_retries=a.not_connected_retries,
-                linger_ms=a.linger_ms,
-            )
+            retries = {"back_pressure_retries": a.back_pressure_retries, "linger_ms": a.linger_ms,
+                       "not_connected_retries": a.not_connected_retries}  # fmt: skip
+            if cfg.engine.loop != "python" and self.backend.kind == "fused":
+                # the native loop offers from compiled code, on a C client of its own on this driver
+                timeout_ms = cfg.aeron.driver_timeout_ms
+                self.aeron_sink = NativeAeronPublisher(cfg.aeron_dir, a.channel, a.stream_id,
+                                                       driver_timeout_ms=timeout_ms, **retries)
+            else:
+                # deferred: loads the Aeron C client, only where Aeron is used
+                from engine.aeron_io import AeronPublisher
+
+                self.aeron_sink = AeronPublisher(self.aeron.client, a.channel, a.stream_id, **retries)
             self.sinks.append(self.aeron_sink)
 
         if cfg.control.endpoint:

@@ -85,13 +85,14 @@ def test_live_service_scores_equal_in_process_replay_tick_by_tick(shape, via, fi
     assert a["model_version"].unique().to_list() == b["model_version"].unique().to_list()
 
 
-def test_live_service_with_the_python_loop_scores_as_the_native_one(files, tmp_path):
+@pytest.mark.parametrize("via", ["zmq", "aeron"])
+def test_live_service_with_the_python_loop_scores_as_the_native_one(via, files, tmp_path):
     path, extra = files["l1"]
     a = _inprocess("l1", files, tmp_path)
     runs = {}
     for loop in ("native", "python"):
         out = tmp_path / f"wire-{loop}"
-        _replay("--via", "zmq", "--data", path, "--out", out, "--record-scores", "--rate", "20000",
+        _replay("--via", via, "--data", path, "--out", out, "--record-scores", "--rate", "20000",
                 "--loop", loop)
         runs[loop] = read_scores(out)
         assert json.loads((out / "summary.json").read_text())["service_final"]["loop"] == loop
