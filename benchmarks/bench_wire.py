@@ -65,6 +65,7 @@ def one_run(via: str, args) -> dict:
         "--rate", str(args.rate), "--backend", args.backend, "--pin", str(args.pin), "--json",
         "--no-progress", "--warmup-ticks", str(args.warmup), "--client-idle", args.client_idle[via],
         "--client-rt-priority", str(args.client_rt_priority), "--keep-warm-us", str(args.keep_warm_us),
+        "--loop", args.loop,
     ]
     bg = background_busy()
     t0 = time.time()
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1000, help="first N latencies excluded (default 1000)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backend", default="ort")
+    ap.add_argument("--loop", default="auto", choices=["auto", "native", "python"],
+                    help="the spawned service's duty cycle (default auto: native with the fused backend)")
     ap.add_argument("--pin", default="1")
     ap.add_argument("--keep-warm-us", type=int, default=100,
                     help="service keep-warm period while idle, us (0 = off; default 100, as the service)")
@@ -167,7 +170,8 @@ def main() -> None:
     out = {
         "benchmark": "wire-to-wire latency, tickscore replay --via (spawned service)",
         "params": {"limit": args.limit, "rate_tps": args.rate, "warmup": args.warmup, "repeat": args.repeat,
-                   "backend": args.backend, "pin": args.pin, "client_rt_priority": args.client_rt_priority,
+                   "backend": args.backend, "loop": args.loop, "pin": args.pin,
+                   "client_rt_priority": args.client_rt_priority,
                    "keep_warm_us": args.keep_warm_us, "client_idle": args.client_idle},
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                  "machine": platform.machine()},

@@ -34,16 +34,35 @@ from numba.extending import intrinsic
 from engine.log import log
 from engine.native_zmq import NativeBindError, fn_address, mapped_paths
 
-__all__ = ["AeronC", "bind_aeron_c", "NativeAeronPublisher", "offer_with_retries", "A_SENT", "A_DROPS",
-           "A_UNSENT", "A_BP", "A_NC", "A_ADMIN", "A_ERRORS", "A_LAST_CODE", "N_A_COUNTERS"]
+__all__ = ["AeronC", "AeronCClient", "bind_aeron_c", "NativeAeronPublisher", "offer_with_retries", "A_SENT",
+           "A_DROPS", "A_UNSENT", "A_BP", "A_NC", "A_ADMIN", "A_ERRORS", "A_LAST_CODE", "N_A_COUNTERS"]
 
 REQUIRED_SYMBOLS = (
-    "aeron_context_init", "aeron_context_set_dir", "aeron_context_set_driver_timeout_ms",
+    "aeron_context_init",
+    "aeron_context_set_dir",
+    "aeron_context_set_driver_timeout_ms",
     "aeron_context_close",
-    "aeron_init", "aeron_start", "aeron_close", "aeron_async_add_exclusive_publication",
-    "aeron_async_add_exclusive_publication_poll", "aeron_exclusive_publication_offer",
-    "aeron_exclusive_publication_close", "aeron_exclusive_publication_is_connected", "aeron_errmsg",
-    "aeron_version_major", "aeron_version_minor", "aeron_version_patch", "aeron_context_set_error_handler",
+    "aeron_init",
+    "aeron_start",
+    "aeron_close",
+    "aeron_async_add_exclusive_publication",
+    "aeron_async_add_exclusive_publication_poll",
+    "aeron_exclusive_publication_offer",
+    "aeron_exclusive_publication_close",
+    "aeron_exclusive_publication_is_connected",
+    "aeron_errmsg",
+    "aeron_version_major",
+    "aeron_version_minor",
+    "aeron_version_patch",
+    "aeron_context_set_error_handler",
+    "aeron_async_add_subscription",
+    "aeron_async_add_subscription_poll",
+    "aeron_subscription_controlled_poll",
+    "aeron_subscription_is_connected",
+    "aeron_subscription_close",
+    "aeron_controlled_fragment_assembler_create",
+    "aeron_controlled_fragment_assembler_delete",
+    "aeron_controlled_fragment_assembler_handler",
 )  # fmt: skip
 
 #: ``void (*aeron_error_handler_t)(void *clientd, int errcode, const char *message)``
@@ -108,6 +127,15 @@ def bind_aeron_c() -> AeronC:
     _proto(lib, "aeron_exclusive_publication_is_connected", ctypes.c_bool, vp)
     _proto(lib, "aeron_errmsg", ctypes.c_char_p)
     _proto(lib, "aeron_context_set_error_handler", ctypes.c_int, vp, _ERROR_HANDLER, vp)
+    # int aeron_async_add_subscription(async **, client, uri, stream_id, on_available, clientd,
+    #                                  on_unavailable, clientd)
+    _proto(lib, "aeron_async_add_subscription", ctypes.c_int, pp, vp, cs, i32, vp, vp, vp, vp)
+    _proto(lib, "aeron_async_add_subscription_poll", ctypes.c_int, pp, vp)
+    _proto(lib, "aeron_subscription_is_connected", ctypes.c_bool, vp)
+    _proto(lib, "aeron_subscription_close", ctypes.c_int, vp, vp, vp)
+    # int aeron_controlled_fragment_assembler_create(assembler **, delegate handler, void *delegate_clientd)
+    _proto(lib, "aeron_controlled_fragment_assembler_create", ctypes.c_int, pp, sz, sz)
+    _proto(lib, "aeron_controlled_fragment_assembler_delete", ctypes.c_int, vp)
     return AeronC(path, version, lib)
 
 
@@ -172,22 +200,130 @@ def offer_with_retries(fn, pub, buf, length, c, bp_retries, nc_retries):
 _CODES = {-4: "publication closed", -5: "max position exceeded", -6: "error"}
 
 
+class AeronCClient:
+    """A client of the Aeron C API (pyaeron's library) on a driver directory, owned by tickscore.
+
+    pyaeron exposes no handle of its publications or subscriptions; this client makes the ones
+    compiled code uses (:class:`NativeAeronPublisher`, :class:`engine.native_ingress.NativeAeronTickSource`).
+    Its conductor's errors (driver timeout ...) become log lines and are counted in ``errors``.
+    """
+
+    def __init__(self, dir: str, *, driver_timeout_ms: int = 10_000, timeout_s: float = 10.0) -> None:
+        self._c = bind_aeron_c()
+        self.dir = dir
+        self.timeout_s = timeout_s
+        self.errors = 0
+        lib = self._c.lib
+        self._ctx, self._client = ctypes.c_void_p(), ctypes.c_void_p()
+        try:
+            self._check(lib.aeron_context_init(ctypes.byref(self._ctx)), "context")
+            self._check(lib.aeron_context_set_dir(self._ctx, dir.encode()), "context dir")
+            self._check(lib.aeron_context_set_driver_timeout_ms(self._ctx, int(driver_timeout_ms)), "timeout")
+            self._on_error = _ERROR_HANDLER(self._error)  # kept alive with the client
+            self._check(lib.aeron_context_set_error_handler(self._ctx, self._on_error, None), "error handler")
+            self._check(lib.aeron_init(ctypes.byref(self._client), self._ctx), f"client on {dir!r}")
+            self._check(lib.aeron_start(self._client), f"client on {dir!r}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def lib(self):
+        return self._c.lib
+
+    def fn(self, name: str) -> int:
+        """Address of the bound function ``name`` (for compiled callers)."""
+        return fn_address(getattr(self._c.lib, name))
+
+    def _error(self, clientd, code: int, message: bytes | None) -> None:
+        # called on this client's conductor thread
+        text = message.decode(errors="replace") if message else ""
+        self.errors += 1
+        log("aeron", f"native client error {code}: {text}", event="aeron_error", level=logging.ERROR,
+            code=code)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            msg = self._c.lib.aeron_errmsg()
+            raise OSError(f"Aeron {what}: {msg.decode(errors='replace') if msg else 'failed'}")
+
+    def _await(self, poll, pending, out, what: str) -> int:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            rc = poll(ctypes.byref(out), pending)
+            if rc > 0:
+                return int(out.value)
+            self._check(rc, what)
+            if time.monotonic() > deadline:
+                raise OSError(f"Aeron {what}: no answer from the driver in {self.timeout_s:g} s")
+            time.sleep(0.001)
+
+    def add_exclusive_publication(self, channel: str, stream_id: int) -> int:
+        """Return the ``aeron_exclusive_publication_t *`` of a new exclusive publication."""
+        lib, pending, what = self._c.lib, ctypes.c_void_p(), f"publication {channel} stream {stream_id}"
+        rc = lib.aeron_async_add_exclusive_publication(ctypes.byref(pending), self._client, channel.encode(),
+                                                       int(stream_id))  # fmt: skip
+        self._check(rc, what)
+        return self._await(lib.aeron_async_add_exclusive_publication_poll, pending, ctypes.c_void_p(), what)
+
+    def close_publication(self, pub: int) -> None:
+        if pub:
+            self._c.lib.aeron_exclusive_publication_close(pub, None, None)
+
+    def publication_connected(self, pub: int) -> bool:
+        return bool(pub) and bool(self._c.lib.aeron_exclusive_publication_is_connected(pub))
+
+    def add_subscription(self, channel: str, stream_id: int, handler: int, clientd: int) -> tuple[int, int]:
+        """Return ``(subscription, assembler)``: a subscription and a controlled fragment assembler
+        delivering whole messages to the C function at ``handler`` with ``clientd``."""
+        lib, pending, what = self._c.lib, ctypes.c_void_p(), f"subscription {channel} stream {stream_id}"
+        rc = lib.aeron_async_add_subscription(ctypes.byref(pending), self._client, channel.encode(),
+                                              int(stream_id), None, None, None, None)  # fmt: skip
+        self._check(rc, what)
+        sub = self._await(lib.aeron_async_add_subscription_poll, pending, ctypes.c_void_p(), what)
+        asm = ctypes.c_void_p()
+        self._check(lib.aeron_controlled_fragment_assembler_create(ctypes.byref(asm), handler, clientd),
+                    "fragment assembler")  # fmt: skip
+        return sub, int(asm.value)
+
+    def subscription_connected(self, sub: int) -> bool:
+        return bool(sub) and bool(self._c.lib.aeron_subscription_is_connected(sub))
+
+    def close_subscription(self, sub: int, assembler: int) -> None:
+        if sub:
+            self._c.lib.aeron_subscription_close(sub, None, None)
+        if assembler:
+            self._c.lib.aeron_controlled_fragment_assembler_delete(assembler)
+
+    def close(self) -> None:
+        """Close the client and its context (idempotent); publications and subscriptions go with it."""
+        lib = self._c.lib
+        if self._client.value:
+            lib.aeron_close(self._client)
+            self._client = ctypes.c_void_p()
+        if self._ctx.value:
+            lib.aeron_context_close(self._ctx)
+            self._ctx = ctypes.c_void_p()
+
+
 class NativeAeronPublisher:
     """An Aeron score sink the native loop offers to from compiled code (see the module docstring).
 
-    Same parameters, counters and methods as :class:`engine.aeron_io.AeronPublisher`, plus
-    ``dir`` (the driver directory) and ``driver_timeout_ms``.  ``publish`` (the python loop,
-    after a reload to an ``ort`` model) offers through the same compiled retry function.
+    Same parameters, counters and methods as :class:`engine.aeron_io.AeronPublisher`, with an
+    :class:`AeronCClient` (or a driver directory: the publisher then makes and owns one) in
+    place of pyaeron's client.  ``publish`` (the python loop, after a reload to an ``ort``
+    model) offers through the same compiled retry function.
     """
 
     name = "aeron"
     native = "aeron"
 
-    def __init__(self, dir: str, channel: str, stream_id: int, *, back_pressure_retries: int = 16,
-                 not_connected_retries: int = 1, linger_ms: int = 250, driver_timeout_ms: int = 10_000,
-                 timeout_s: float = 10.0) -> None:  # fmt: skip
-        c = bind_aeron_c()
-        self._c = c
+    def __init__(self, client: AeronCClient | str, channel: str, stream_id: int, *,
+                 back_pressure_retries: int = 16, not_connected_retries: int = 1, linger_ms: int = 250,
+                 driver_timeout_ms: int = 10_000, timeout_s: float = 10.0) -> None:  # fmt: skip
+        self._owns = isinstance(client, str)
+        self.client = AeronCClient(client, driver_timeout_ms=driver_timeout_ms, timeout_s=timeout_s) \
+            if isinstance(client, str) else client  # fmt: skip
         self.channel = channel
         self.stream_id = stream_id
         self.bp_retries = int(back_pressure_retries)
@@ -195,51 +331,14 @@ class NativeAeronPublisher:
         self.linger_ms = linger_ms
         #: the counters the kernel writes (A_*)
         self.c = np.zeros(N_A_COUNTERS, np.int64)
-        #: errors reported by this client's conductor (driver timeout ...)
-        self.client_errors = 0
-        lib = c.lib
-        self._ctx, self._client, self._pub = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
         try:
-            self._check(lib.aeron_context_init(ctypes.byref(self._ctx)), "context")
-            self._check(lib.aeron_context_set_dir(self._ctx, dir.encode()), "context dir")
-            self._check(lib.aeron_context_set_driver_timeout_ms(self._ctx, int(driver_timeout_ms)), "timeout")
-            # the client's errors (driver timeout ...) become log lines, not bare stderr prints
-            self._on_error = _ERROR_HANDLER(self._error)
-            self._check(lib.aeron_context_set_error_handler(self._ctx, self._on_error, None), "error handler")
-            self._check(lib.aeron_init(ctypes.byref(self._client), self._ctx), f"client on {dir!r}")
-            self._check(lib.aeron_start(self._client), f"client on {dir!r}")
-            pending = ctypes.c_void_p()
-            self._check(lib.aeron_async_add_exclusive_publication(ctypes.byref(pending), self._client,
-                                                                  channel.encode(), int(stream_id)),
-                        f"publication {channel} stream {stream_id}")  # fmt: skip
-            deadline = time.monotonic() + timeout_s
-            while True:
-                rc = lib.aeron_async_add_exclusive_publication_poll(ctypes.byref(self._pub), pending)
-                if rc > 0:
-                    break
-                self._check(rc, f"publication {channel} stream {stream_id}")
-                if time.monotonic() > deadline:
-                    raise OSError(f"Aeron publication {channel} stream {stream_id}: no answer from the "
-                                  f"driver in {timeout_s:g} s")  # fmt: skip
-                time.sleep(0.001)
+            #: the ``aeron_exclusive_publication_t *`` the kernel offers to
+            self.handle = self.client.add_exclusive_publication(channel, stream_id)
         except BaseException:
-            self.close()
+            if self._owns:
+                self.client.close()
             raise
-        #: the ``aeron_exclusive_publication_t *`` the kernel offers to
-        self.handle = int(self._pub.value)
-        self.fn_offer = fn_address(lib.aeron_exclusive_publication_offer)
-
-    def _error(self, clientd, code: int, message: bytes | None) -> None:
-        # called on this client's conductor thread
-        text = message.decode(errors="replace") if message else ""
-        self.client_errors += 1
-        log("aeron", f"score publication client error {code}: {text}", event="aeron_error",
-            level=logging.ERROR, code=code)  # fmt: skip
-
-    def _check(self, rc: int, what: str) -> None:
-        if rc < 0:
-            msg = self._c.lib.aeron_errmsg()
-            raise OSError(f"Aeron {what}: {msg.decode(errors='replace') if msg else 'failed'}")
+        self.fn_offer = self.client.fn("aeron_exclusive_publication_offer")
 
     # counters, as AeronPublisher's attributes
     sent = property(lambda self: int(self.c[A_SENT]))
@@ -264,9 +363,7 @@ class NativeAeronPublisher:
     @property
     def connected(self) -> bool:
         """Return whether at least one subscriber is connected."""
-        if not self._pub.value:
-            return False
-        return bool(self._c.lib.aeron_exclusive_publication_is_connected(self._pub))
+        return self.client.publication_connected(self.handle)
 
     def counters(self) -> dict[str, int]:
         """Return the counters as a dict (for status and the final report)."""
@@ -281,15 +378,9 @@ class NativeAeronPublisher:
             time.sleep(self.linger_ms / 1000.0)
 
     def close(self) -> None:
-        """Close the publication and this client (idempotent)."""
-        lib = self._c.lib
-        if self._pub.value:
-            lib.aeron_exclusive_publication_close(self._pub, None, None)
-            self._pub = ctypes.c_void_p()
+        """Close the publication, and the client when it made it (idempotent)."""
+        if self.handle:
+            self.client.close_publication(self.handle)
             self.handle = 0
-        if self._client.value:
-            lib.aeron_close(self._client)
-            self._client = ctypes.c_void_p()
-        if self._ctx.value:
-            lib.aeron_context_close(self._ctx)
-            self._ctx = ctypes.c_void_p()
+        if self._owns:
+            self.client.close()

@@ -1,4 +1,4 @@
-"""Compiled ZeroMQ ingress for the native duty cycle: ``zmq_recv`` + the compiled Tick decoder.
+"""Compiled ingress for the native duty cycle: ZeroMQ and Aeron ticks received and decoded without Python.
 
 :class:`NativeZmqTickSource` is the live ZeroMQ tick source of a service whose
 agent runs the native loop (:mod:`engine.native_loop`).  Its ``window(limit)``
@@ -25,6 +25,13 @@ then the table is rebuilt; so every decision stays the msgspec path's.
 
 ``poll()`` (the python loop, e.g. after a hot reload to an ``ort`` model) takes
 the same compiled route one tick at a time.
+
+:class:`NativeAeronTickSource` does the same for an Aeron subscription (of an
+:class:`engine.native_aeron.AeronCClient`): ``aeron_subscription_controlled_poll``
+with Aeron's controlled fragment assembler, whose delegate
+(:func:`_on_aeron_message`, a numba ``cfunc``) runs steps 2-5 on each whole
+message; a symbol not in the table is copied for Python and ends the poll
+(``BREAK``), a full batch ends it with ``ABORT`` (the message comes again).
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numba import carray, njit
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 
 from engine.native_loop import bind_clock, now_ns
 from engine.native_zmq import (
@@ -44,7 +53,7 @@ from engine.native_zmq import (
     fn_address,
 )
 from engine.schema import REJECT_MALFORMED, TICK_DTYPE
-from engine.sources import MAX_TICK_FRAME_BYTES, ZmqTickSource
+from engine.sources import MAX_TICK_FRAME_BYTES, TickSlot, ZmqTickSource
 from engine.tick_decode import (
     I_KIND,
     I_ORDER_ID,
@@ -59,7 +68,7 @@ from engine.tick_decode import (
 )
 from models.tick_kernels import _ptr
 
-__all__ = ["NativeZmqTickSource", "SymbolIndex", "fnv1a"]
+__all__ = ["NativeZmqTickSource", "NativeAeronTickSource", "SymbolIndex", "fnv1a"]
 
 _ZMQ_RCVMORE = 13
 _EAGAIN = 11
@@ -67,8 +76,9 @@ _EAGAIN = 11
 # ictx slots
 (I_SOCK, I_BUF, I_BUF_CAP, I_TICKS, I_ROWS, I_INGRESS, I_COUNTERS, I_N_COUNTERS, I_HASH, I_HASH_MASK,
  I_SYM, I_SYM_LEN_TOTAL, I_SYM_OFF, I_N_SYM, I_PENDING, I_PENDING_T, I_RECEIVED, I_OUT_I, I_OUT_F,
- I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK) = range(27)
-ICTX_LEN = 27
+ I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK, I_MAX_EVENT,
+ I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD) = range(35)
+ICTX_LEN = 35
 
 
 @njit(cache=True, nogil=True)
@@ -132,29 +142,68 @@ def _more(C):
 
 
 @njit(cache=True, nogil=True)
+def _ingest(C, buf, n, t, k):
+    """Decode the Tick in ``buf[:n]`` (received at ``t``) into row ``k``.
+
+    Returns 1 (row written), 0 (rejected, counted by reason) or -1: the symbol is not in
+    the table, the message must go to Python (``buf`` is the ictx buffer then, or the
+    caller copies it there).
+    """
+    counters = carray(_ptr(C[I_COUNTERS], np.int64), (C[I_N_COUNTERS],))
+    out_i = carray(_ptr(C[I_OUT_I], np.int64), (8,))
+    out_f = carray(_ptr(C[I_OUT_F], np.float64), (6,))
+    r = decode_tick(buf, n, C[I_MAX_EVENT], out_i, out_f)
+    if r != 0:
+        counters[r] += 1
+        return 0
+    table = carray(_ptr(C[I_HASH], np.int64), (C[I_HASH_MASK] + 1,))
+    sym = carray(_ptr(C[I_SYM], np.uint8), (C[I_SYM_LEN_TOTAL],))
+    off = carray(_ptr(C[I_SYM_OFF], np.int64), (3 * max(C[I_N_SYM], 1),))
+    inst = _lookup(buf, out_i[I_SYM_START], out_i[I_SYM_LEN], table, C[I_HASH_MASK], sym, off)
+    if inst < 0:  # Python decides (admission on first sight, or the reject)
+        C[I_PENDING] = n
+        C[I_PENDING_T] = t
+        return -1
+    if out_i[I_RANGE_OK] == 0:
+        counters[REJECT_MALFORMED] += 1
+        return 0
+    rows = C[I_ROWS]
+    if k < 0 or k >= rows:  # never write past the buffer (callers keep k < rows)
+        return 0
+    ticks = carray(_ptr(C[I_TICKS], TICK_DTYPE), (rows,))
+    row = ticks[k : k + 1]
+    row[0].ts_event_ns = out_i[I_TS_EVENT]
+    row[0].ts_recv_ns = out_i[I_TS_RECV]
+    row[0].instrument = np.int32(inst)
+    row[0].kind = np.uint8(out_i[I_KIND])
+    row[0].side = np.int8(out_i[I_SIDE])
+    row[0].bid_px = out_f[0]
+    row[0].bid_sz = out_f[1]
+    row[0].ask_px = out_f[2]
+    row[0].ask_sz = out_f[3]
+    row[0].price = out_f[4]
+    row[0].size = out_f[5]
+    row[0].order_id = np.uint64(out_i[I_ORDER_ID])
+    carray(_ptr(C[I_INGRESS], np.int64), (rows,))[k] = t
+    return 1
+
+
+@njit(cache=True, nogil=True)
 def recv_ticks(ictx_addr, limit, max_event_ns):
-    """Receive, decode and map up to ``limit`` queued ticks into the rows of the ictx; return how many.
+    """Receive, decode and map up to ``limit`` queued ZeroMQ ticks into the rows of the ictx; return how many.
 
     The C functions are called through the addresses in the ictx (filled after
     :func:`engine.native_zmq.bind_libzmq`'s start-up checks), so this kernel is cached on disk.
     """
     C = carray(_ptr(ictx_addr, np.int64), (ICTX_LEN,))
+    C[I_MAX_EVENT] = max_event_ns
     fn_recv, fn_errno, fn_clock = C[I_FN_RECV], C[I_FN_ERRNO], C[I_FN_CLOCK]
     sock = C[I_SOCK]
     cap = C[I_BUF_CAP]
     buf = carray(_ptr(C[I_BUF], np.uint8), (cap,))
-    rows = C[I_ROWS]
-    ticks = carray(_ptr(C[I_TICKS], TICK_DTYPE), (rows,))
-    ingress = carray(_ptr(C[I_INGRESS], np.int64), (rows,))
     counters = carray(_ptr(C[I_COUNTERS], np.int64), (C[I_N_COUNTERS],))
-    table = carray(_ptr(C[I_HASH], np.int64), (C[I_HASH_MASK] + 1,))
-    mask = C[I_HASH_MASK]
-    sym = carray(_ptr(C[I_SYM], np.uint8), (C[I_SYM_LEN_TOTAL],))
-    off = carray(_ptr(C[I_SYM_OFF], np.int64), (3 * max(C[I_N_SYM], 1),))
-    out_i = carray(_ptr(C[I_OUT_I], np.int64), (8,))
-    out_f = carray(_ptr(C[I_OUT_F], np.float64), (6,))
     ts = carray(_ptr(C[I_TIMESPEC], np.int64), (2,))
-    limit = min(limit, rows)
+    limit = min(limit, C[I_ROWS])
     received = C[I_RECEIVED]
     k = 0
     while k < limit:
@@ -180,48 +229,24 @@ def recv_ticks(ictx_addr, limit, max_event_ns):
         if n < 0 or n > cap:  # truncated (cannot happen under ZMQ_MAXMSGSIZE) or failed
             counters[REJECT_MALFORMED] += 1
             continue
-        r = decode_tick(buf, n, max_event_ns, out_i, out_f)
-        if r != 0:
-            counters[r] += 1
-            continue
-        inst = _lookup(buf, out_i[I_SYM_START], out_i[I_SYM_LEN], table, mask, sym, off)
-        if inst < 0:  # Python decides (admission on first sight, or the reject): buf holds it
-            C[I_PENDING] = n
-            C[I_PENDING_T] = t
+        r = _ingest(C, buf, n, t, k)
+        if r > 0:
+            k += 1
+        elif r < 0:  # the message stays in buf for Python
             break
-        if out_i[I_RANGE_OK] == 0:
-            counters[REJECT_MALFORMED] += 1
-            continue
-        row = ticks[k : k + 1]
-        row[0].ts_event_ns = out_i[I_TS_EVENT]
-        row[0].ts_recv_ns = out_i[I_TS_RECV]
-        row[0].instrument = np.int32(inst)
-        row[0].kind = np.uint8(out_i[I_KIND])
-        row[0].side = np.int8(out_i[I_SIDE])
-        row[0].bid_px = out_f[0]
-        row[0].bid_sz = out_f[1]
-        row[0].ask_px = out_f[2]
-        row[0].ask_sz = out_f[3]
-        row[0].price = out_f[4]
-        row[0].size = out_f[5]
-        row[0].order_id = np.uint64(out_i[I_ORDER_ID])
-        ingress[k] = t
-        k += 1
     C[I_RECEIVED] = received
     return k
 
 
-class NativeZmqTickSource(ZmqTickSource):
-    """:class:`engine.sources.ZmqTickSource` received and decoded in compiled code (see the module doc).
+class _NativeRows:
+    """What the compiled sources share: the ictx, the multi-row tick buffer, the window, the python poll.
 
-    ``rows``: ticks per ``window`` at most (the native loop's ``batch``).
+    A subclass calls :meth:`_init_rows` and provides ``_receive(limit) -> rows``.
     """
 
-    def __init__(self, ctx, endpoint: str, instruments: Sequence[str] = (), *, rows: int = 256,
-                 **kw) -> None:  # fmt: skip
-        super().__init__(ctx, endpoint, instruments, **kw)
-        lib = bind_libzmq()  # checked at start-up: the library pyzmq loaded, its symbols and version
-        self._kernel = recv_ticks
+    slot: TickSlot
+
+    def _init_rows(self, rows: int) -> None:
         rows = max(1, int(rows))
         self.rows = rows
         self.ticks = np.zeros(rows, dtype=TICK_DTYPE)
@@ -232,19 +257,14 @@ class NativeZmqTickSource(ZmqTickSource):
         self.addr = int(self.C.ctypes.data)
         self._buf = np.zeros(MAX_TICK_FRAME_BYTES + 1, np.uint8)
         self._out_i, self._out_f = new_outputs()
-        self._more = np.zeros(1, np.int32)
-        self._more_len = np.zeros(1, np.int64)
         self._ts = np.zeros(2, np.int64)
         C = self.C
-        C[I_SOCK] = int(self.sock.underlying)
         C[I_BUF], C[I_BUF_CAP] = self._buf.ctypes.data, self._buf.shape[0]
         C[I_TICKS], C[I_ROWS] = self.ticks.ctypes.data, rows
         C[I_INGRESS] = self.ingress_ns.ctypes.data
         C[I_OUT_I], C[I_OUT_F] = self._out_i.ctypes.data, self._out_f.ctypes.data
-        C[I_MORE], C[I_MORE_LEN] = self._more.ctypes.data, self._more_len.ctypes.data
         C[I_TIMESPEC] = self._ts.ctypes.data
-        C[I_FN_RECV], C[I_FN_GETSOCKOPT] = fn_address(lib.zmq_recv), fn_address(lib.zmq_getsockopt)
-        C[I_FN_ERRNO], C[I_FN_CLOCK] = fn_address(lib.zmq_errno), fn_address(bind_clock())
+        C[I_FN_CLOCK] = fn_address(bind_clock())
         self._bind_counters_ptr()
         self._index_symbols()
         self._pos = self._n = 0
@@ -264,20 +284,14 @@ class NativeZmqTickSource(ZmqTickSource):
 
     def bind_counters(self, counters: np.ndarray) -> None:
         """Count rejects into the agent's ``counters`` (the compiled receive too)."""
-        super().bind_counters(counters)
+        self.slot.bind_counters(counters)
         self._bind_counters_ptr()
 
-    @property
-    def received(self) -> int:  # type: ignore[override]
-        """Messages read from the socket (compiled path and python fallbacks)."""
-        return int(self.C[I_RECEIVED]) + self._received_base
-
-    @received.setter
-    def received(self, value: int) -> None:  # ZmqTickSource.__init__ sets 0
-        self._received_base = int(value)
+    def _receive(self, limit: int) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def _fill(self, limit: int) -> int:
-        k = self._kernel(self.addr, limit, self.slot.max_event_ns)
+        k = self._receive(limit)
         if self.C[I_PENDING]:
             k = self._pending(k)
         self._pos, self._n = 0, k
@@ -289,7 +303,7 @@ class NativeZmqTickSource(ZmqTickSource):
         n, t = int(C[I_PENDING]), int(C[I_PENDING_T])
         C[I_PENDING] = 0
         slot = self.slot
-        if slot.ingest(self._buf[:n].tobytes()):
+        if slot.ingest(self._buf[:n].tobytes()) and k < self.rows:
             self.ticks[k] = slot.ticks[0]
             self.ingress_ns[k] = t
             k += 1
@@ -319,3 +333,174 @@ class NativeZmqTickSource(ZmqTickSource):
         self.inst_list[i] = int(self.ticks[i]["instrument"])
         self.ts_list[i] = int(self.ticks[i]["ts_event_ns"])
         return i
+
+
+class NativeZmqTickSource(_NativeRows, ZmqTickSource):
+    """:class:`engine.sources.ZmqTickSource` received and decoded in compiled code (see the module doc).
+
+    ``rows``: ticks per ``window`` at most (the native loop's ``batch``).
+    """
+
+    def __init__(self, ctx, endpoint: str, instruments: Sequence[str] = (), *, rows: int = 256,
+                 **kw) -> None:  # fmt: skip
+        ZmqTickSource.__init__(self, ctx, endpoint, instruments, **kw)
+        lib = bind_libzmq()  # checked at start-up: the library pyzmq loaded, its symbols and version
+        self._init_rows(rows)
+        self._more = np.zeros(1, np.int32)
+        self._more_len = np.zeros(1, np.int64)
+        C = self.C
+        C[I_SOCK] = int(self.sock.underlying)
+        C[I_MORE], C[I_MORE_LEN] = self._more.ctypes.data, self._more_len.ctypes.data
+        C[I_FN_RECV], C[I_FN_GETSOCKOPT] = fn_address(lib.zmq_recv), fn_address(lib.zmq_getsockopt)
+        C[I_FN_ERRNO] = fn_address(lib.zmq_errno)
+
+    @property
+    def received(self) -> int:  # type: ignore[override]
+        """Messages read from the socket."""
+        return int(self.C[I_RECEIVED]) if hasattr(self, "C") else 0
+
+    @received.setter
+    def received(self, value: int) -> None:  # ZmqTickSource.__init__ sets 0
+        pass
+
+    def _receive(self, limit: int) -> int:
+        return recv_ticks(self.addr, limit, self.slot.max_event_ns)
+
+
+# ----------------------------------------------------------------------------- Aeron
+_ACTION_ABORT, _ACTION_BREAK, _ACTION_CONTINUE = 1, 2, 4  # aeron_controlled_fragment_handler_action_t
+#: ``aeron_controlled_fragment_handler_action_t handler(void *clientd, const uint8_t *buffer, size_t length,
+#: aeron_header_t *header)``; pointers as int64 (same registers on the 64-bit hosts tickscore runs on)
+_FRAGMENT_SIG = types.int32(types.int64, types.int64, types.int64, types.int64)
+
+
+def _on_aeron_message(clientd, buffer, length, header):
+    """Called by the fragment assembler once per whole message: decode it into the next row."""
+    C = carray(_ptr(clientd, np.int64), (ICTX_LEN,))
+    C[I_RECEIVED] += 1
+    if C[I_DISCARD]:
+        return _ACTION_CONTINUE
+    k = C[I_K]
+    if k >= C[I_LIMIT] or k >= C[I_ROWS]:
+        C[I_RECEIVED] -= 1
+        return _ACTION_ABORT  # delivered again at the next poll
+    t = now_ns(C[I_FN_CLOCK], carray(_ptr(C[I_TIMESPEC], np.int64), (2,)))
+    n = length
+    if n > C[I_BUF_CAP]:  # longer than any Tick: malformed (never read past the message)
+        carray(_ptr(C[I_COUNTERS], np.int64), (C[I_N_COUNTERS],))[REJECT_MALFORMED] += 1
+        return _ACTION_CONTINUE
+    msg = carray(_ptr(buffer, np.uint8), (max(n, 1),))
+    r = _ingest(C, msg, n, t, k)
+    if r > 0:
+        C[I_K] = k + 1
+        return _ACTION_CONTINUE
+    if r < 0:  # the symbol is not in the table: copy it for Python and stop this poll
+        buf = carray(_ptr(C[I_BUF], np.uint8), (C[I_BUF_CAP],))
+        for j in range(n):
+            buf[j] = msg[j]
+        return _ACTION_BREAK
+    return _ACTION_CONTINUE
+
+
+_AERON_HANDLER = None
+
+
+def _aeron_handler_address() -> int:
+    """The C address of :func:`_on_aeron_message` compiled as a cfunc (cached on disk)."""
+    global _AERON_HANDLER
+    if _AERON_HANDLER is None:
+        _AERON_HANDLER = cfunc(_FRAGMENT_SIG, cache=True, nogil=True)(_on_aeron_message)
+    return int(_AERON_HANDLER.address)
+
+
+@intrinsic
+def _call_controlled_poll(typingctx, fn, sub, handler, clientd, limit):
+    """``int aeron_subscription_controlled_poll(sub, handler, clientd, size_t fragment_limit)`` at ``fn``."""
+    sig = types.int32(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.IntType(32), [i64, i64, i64, i64])
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(f, [args[1], args[2], args[3], args[4]])
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def poll_aeron_ticks(ictx_addr, limit, max_event_ns):
+    """Poll up to ``limit`` Aeron messages into the ictx rows (through the assembler); return how many."""
+    C = carray(_ptr(ictx_addr, np.int64), (ICTX_LEN,))
+    C[I_MAX_EVENT] = max_event_ns
+    C[I_K] = 0
+    C[I_LIMIT] = min(limit, C[I_ROWS])
+    _call_controlled_poll(C[I_FN_POLL], C[I_SUB], C[I_FN_ASSEMBLE], C[I_ASSEMBLER], C[I_LIMIT])
+    return C[I_K]
+
+
+class NativeAeronTickSource(_NativeRows):
+    """Ticks from an Aeron subscription, polled, reassembled and decoded in compiled code.
+
+    The subscription belongs to an :class:`engine.native_aeron.AeronCClient` (pyaeron exposes
+    no handle of its own); messages in several fragments are reassembled by Aeron's controlled
+    fragment assembler, whose delegate is :func:`_on_aeron_message` compiled as a C function.
+    Same decisions and counters as :class:`engine.sources.AeronTickSource`.
+    """
+
+    name = "aeron"
+
+    def __init__(self, client, channel: str, stream_id: int, *, slot: TickSlot, rows: int = 256) -> None:
+        self.channel = channel
+        self.stream_id = stream_id
+        self.slot = slot
+        self.done = False
+        self._client = client
+        self._init_rows(rows)
+        self._sub, self._assembler = client.add_subscription(channel, stream_id, _aeron_handler_address(),
+                                                             self.addr)  # fmt: skip
+        C = self.C
+        C[I_SUB], C[I_ASSEMBLER] = self._sub, self._assembler
+        C[I_FN_POLL] = client.fn("aeron_subscription_controlled_poll")
+        C[I_FN_ASSEMBLE] = client.fn("aeron_controlled_fragment_assembler_handler")
+
+    @property
+    def counters(self) -> np.ndarray:
+        """Return the reject counters this source writes (shared with its slot)."""
+        return self.slot.counters
+
+    @property
+    def received(self) -> int:
+        """Whole messages read."""
+        return int(self.C[I_RECEIVED])
+
+    def on_reject(self, i: int) -> None:
+        """The agent rejected the tick in row ``i``: counted by reason already; nothing to align."""
+
+    def _receive(self, limit: int) -> int:
+        return poll_aeron_ticks(self.addr, limit, self.slot.max_event_ns)
+
+    @property
+    def connected(self) -> bool:
+        """Return whether at least one publisher's image is connected."""
+        return self._client.subscription_connected(self._sub)
+
+    def discard_pending(self, limit: int = 10_000_000) -> int:
+        """Consume the messages already in the log (at stop); return how many (for the report)."""
+        C = self.C
+        before = int(C[I_RECEIVED])
+        C[I_DISCARD] = 1
+        try:
+            while int(C[I_RECEIVED]) - before < limit:
+                seen = int(C[I_RECEIVED])
+                poll_aeron_ticks(self.addr, self.rows, 0)
+                if int(C[I_RECEIVED]) == seen:  # nothing more in the log
+                    break
+        finally:
+            C[I_DISCARD] = 0
+        return int(C[I_RECEIVED]) - before
+
+    def close(self) -> None:
+        """Close the subscription (the client is closed by its owner)."""
+        if self._sub:
+            self._client.close_subscription(self._sub, self._assembler)
+            self._sub = self._assembler = 0

@@ -56,8 +56,8 @@ from engine.control import DEFER, ControlServer
 from engine.log import configure as configure_log
 from engine.log import log
 from engine.metrics import MetricsServer, MetricsSnapshot
-from engine.native_aeron import NativeAeronPublisher
-from engine.native_ingress import NativeZmqTickSource
+from engine.native_aeron import AeronCClient, NativeAeronPublisher
+from engine.native_ingress import NativeAeronTickSource, NativeZmqTickSource
 from engine.security import CurveServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher, ensure_ipc_free
@@ -177,6 +177,8 @@ class Service:
         self.aeron_sink = None
         self.control = None
         self.aeron = None
+        #: the native loop's Aeron C client (engine.native_aeron), when it publishes or receives over Aeron
+        self.aeron_c = None
         self.ctx = None
         self.hist = LatencyHistogram()  # every tick so far, for status (bounded memory)
         self.folded = 0
@@ -296,9 +298,18 @@ class Service:
                      configure=self._secure("ticks"), **extra)
             )
             self._remember_ipc(z.endpoint, z.bind)
+        # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
+        # subscriptions): a C client of the same library on this driver, for compiled code
+        native = cfg.engine.loop != "python" and self.backend.kind == "fused"
+        if native and (snk_cfg.aeron is not None or (src_cfg.aeron is not None and src_cfg.zmq is None)):
+            self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms)
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
-            self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
+            if self.aeron_c is not None and src_cfg.zmq is None:  # the only source: polled in compiled code
+                self.sources.append(NativeAeronTickSource(self.aeron_c, a.channel, a.stream_id, slot=slot,
+                                                          rows=cfg.engine.batch))  # fmt: skip
+            else:
+                self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
         self.source = self.sources[0] if len(self.sources) == 1 else MultiSource(self.sources)
 
         if snk_cfg.zmq is not None:
@@ -313,11 +324,8 @@ class Service:
             a = snk_cfg.aeron
             retries = {"back_pressure_retries": a.back_pressure_retries, "linger_ms": a.linger_ms,
                        "not_connected_retries": a.not_connected_retries}  # fmt: skip
-            if cfg.engine.loop != "python" and self.backend.kind == "fused":
-                # the native loop offers from compiled code, on a C client of its own on this driver
-                timeout_ms = cfg.aeron.driver_timeout_ms
-                self.aeron_sink = NativeAeronPublisher(cfg.aeron_dir, a.channel, a.stream_id,
-                                                       driver_timeout_ms=timeout_ms, **retries)
+            if self.aeron_c is not None:  # the native loop offers from compiled code
+                self.aeron_sink = NativeAeronPublisher(self.aeron_c, a.channel, a.stream_id, **retries)
             else:
                 # deferred: loads the Aeron C client, only where Aeron is used
                 from engine.aeron_io import AeronPublisher
@@ -536,7 +544,7 @@ class Service:
                 break
             now = clock()
             if worked:
-                n += 1
+                n += worked  # ticks: a native duty cycle scores a batch
                 last = now
             elif now - last >= quiet and now < deadline and not self.hurry:
                 break
@@ -579,6 +587,9 @@ class Service:
             except Exception as exc:  # noqa: BLE001
                 _log(f"closing sink {getattr(s, 'name', s)}: {exc}", event="error", level=logging.ERROR)
         self.sinks = []
+        if self.aeron_c is not None and not self.aeron_fault:
+            self.aeron_c.close()
+        self.aeron_c = None
         if self.aeron is not None:
             if self.aeron_fault:  # its threads fault on the truncated files: closing would hang
                 _log("the Aeron driver's files were truncated (SIGBUS): its client is left unclosed; "

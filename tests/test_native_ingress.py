@@ -145,3 +145,76 @@ def test_symbol_index_finds_every_symbol_and_nothing_else():
     b = np.frombuffer(b"S300", np.uint8)
     assert _lookup(b, 0, 4, idx.table, idx.table.shape[0] - 1, idx.sym, idx.off) == -1
     assert fnv1a(np.frombuffer(b"a", np.uint8), 0, 1) == np.int64(np.uint64(0xAF63DC4C8601EC8C))
+
+
+# ----------------------------------------------------------------------------- Aeron
+@pytest.fixture(scope="module")
+def aeron_pair(tmp_path_factory):
+    pa = pytest.importorskip("pyaeron")
+    from engine.aeron_io import AeronRuntime
+    from engine.native_aeron import AeronCClient
+    from engine.native_ingress import NativeAeronTickSource
+    from engine.sources import AeronTickSource
+
+    rt = AeronRuntime(str(tmp_path_factory.mktemp("aeron") / "driver"), embedded=True)
+    cc = AeronCClient(rt.dir)
+    slots = []
+    for _ in range(2):
+        slot = TickSlot(SYMBOLS, capacity=CAPACITY)
+        slot.max_event_ns = MAX_EVENT_NS
+        slots.append(slot)
+    srcs = [AeronTickSource(rt.client, "aeron:ipc", 1001, slot=slots[0]),
+            NativeAeronTickSource(cc, "aeron:ipc", 1001, slot=slots[1], rows=64)]
+    pub = rt.client.add_exclusive_publication("aeron:ipc", 1001)
+    deadline = time.monotonic() + 10
+    while not (srcs[0].connected and srcs[1].connected) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield pub, srcs, pa
+    for s in srcs:
+        s.close()
+    pub.close()
+    cc.close()
+    rt.close()
+
+
+def _send_aeron_and_compare(aeron_pair, payloads: list[bytes]) -> int:
+    pub, (ref, nat), pa = aeron_pair
+    r0, n0 = ref.received, nat.received
+    c_ref0, c_nat0 = ref.counters.copy(), nat.counters.copy()
+    for p in payloads:
+        while pub.offer(p) is not True:  # back-pressure: the readers drain below
+            time.sleep(0.0001)
+    got_ref: list[bytes] = []
+    got_nat: list[bytes] = []
+    _drain(ref, r0 + len(payloads), got_ref)
+    _drain(nat, n0 + len(payloads), got_nat)
+    assert got_nat == got_ref
+    assert (nat.counters - c_nat0).tolist() == (ref.counters - c_ref0).tolist()
+    assert nat.slot.ids == ref.slot.ids
+    return len(got_ref)
+
+
+def test_native_aeron_ingress_decides_as_the_pyaeron_source(aeron_pair):
+    rng = np.random.default_rng(11)
+    ts = 1_700_000_000_000_000_000
+    payloads = []
+    for j in range(2000):
+        ts += int(rng.integers(0, 10_000))
+        sym = SYMBOLS[j % len(SYMBOLS)] if rng.random() < 0.9 else f"AER{rng.integers(0, 8)}"
+        p = _tick(sym, ts)
+        r = rng.random()
+        if r < 0.05:
+            p = bytes(p[: rng.integers(1, len(p))])
+        elif r < 0.08:
+            p = _tick(sym, ts, bid=1e301)
+        elif r < 0.09:
+            p = bytes(rng.integers(0, 256, 3000, dtype=np.uint8))  # several fragments, reassembled
+        payloads.append(p)
+    assert _send_aeron_and_compare(aeron_pair, payloads) > 1500
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])  # fmt: skip
+@given(st.lists(_tick_bytes().filter(bool), min_size=1, max_size=60))
+def test_native_aeron_ingress_decides_drawn_ticks_as_the_pyaeron_source(aeron_pair, payloads):
+    _send_aeron_and_compare(aeron_pair, payloads)
