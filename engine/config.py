@@ -128,6 +128,11 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     loop: Literal["auto", "native", "python"] = "auto"
     #: Ticks per native duty cycle at most (housekeeping runs between cycles).
     batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
+    #: Poll an Aeron tick source (the only source) in compiled code as well.  Off by default:
+    #: on the 2-vCPU reference VM it raised the wire-to-wire p99 over aeron:ipc from ~45 us
+    #: to ~1 ms (pyaeron's own client conductor then used ~5% of the helper core in ~1 ms
+    #: bursts, starving the SCHED_IDLE subscriber; see the README, native duty cycle).
+    native_aeron_ingress: bool = False
     #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
     freeze_gc: bool = True
     #: Duty cycles between housekeeping calls (control socket, stats); power of two, 0 = by idle.

@@ -301,11 +301,13 @@ class Service:
         # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
         # subscriptions): a C client of the same library on this driver, for compiled code
         native = cfg.engine.loop != "python" and self.backend.kind == "fused"
-        if native and (snk_cfg.aeron is not None or (src_cfg.aeron is not None and src_cfg.zmq is None)):
+        native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None \
+            and src_cfg.zmq is None  # fmt: skip
+        if native and (snk_cfg.aeron is not None or native_aeron_in):
             self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms)
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
-            if self.aeron_c is not None and src_cfg.zmq is None:  # the only source: polled in compiled code
+            if native_aeron_in:  # the only source, polled in compiled code
                 self.sources.append(NativeAeronTickSource(self.aeron_c, a.channel, a.stream_id, slot=slot,
                                                           rows=cfg.engine.batch))  # fmt: skip
             else:
@@ -669,6 +671,8 @@ class Service:
             "ticks_in": int(c.sum()),
             "scores_out": int(agent.seq),
             "loop": agent.loop,
+            #: the tick sources (NativeZmqTickSource / NativeAeronTickSource: received in compiled code)
+            "ingress": [type(s).__name__ for s in srcs],
             "rejected": int(c[1:].sum()),
             "rejected_by_reason": agent.rejected_by_reason(),
             "messages_received": int(sum(getattr(s, "received", 0) for s in srcs)),

@@ -349,6 +349,40 @@ def test_aeron_ipc_and_zmq_both_ways_at_once_every_tick_scored_on_both_sinks(tmp
     assert not os.path.exists(adir)  # the embedded driver removed its directory
 
 
+def test_native_aeron_ingress_and_sink_score_every_tick_and_count_the_garbage(tmp_path):
+    adir = _aeron_dir()
+    n = 2000
+    svc = sub = pub = None
+    try:
+        svc = Svc(tmp_path, (
+            '[engine]\nloop = "native"\nnative_aeron_ingress = true\n'
+            f'[sources.aeron]\nchannel = "aeron:ipc"\n[sinks.aeron]\nchannel = "aeron:ipc"\n'
+            f'[aeron]\ndir = "{adir}"\n'
+        ))
+        aer = {"via": "aeron", "aeron_dir": adir}
+        sub = _client("subscribe", {**aer, "channel": "aeron:ipc", "stream_id": 1002, "expect": n,
+                                    "out": str(tmp_path / "sub.json")}, tmp_path, "sub")  # fmt: skip
+        svc.wait_for(lambda s: s["sinks"]["aeron"]["connected"], 10)
+        pub = _client("publish", {**aer, "channel": "aeron:ipc", "stream_id": 1001, "n": n, "garbage": True,
+                                  "rate": 5000}, tmp_path, "pub")  # fmt: skip
+        _finish(pub)
+        _finish(sub)
+        st = svc.status()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=60) == 0, svc.log.read_text()
+    finally:
+        _kill_all(pub, sub)
+        if svc is not None:
+            svc.stop()
+        shutil.rmtree(adir, ignore_errors=True)
+    got = json.loads((tmp_path / "sub.json").read_text())
+    assert got["count"] == n and got["seqs_sorted_contiguous"] and got["bad"] == [] and got["scores_ok"]
+    assert st["loop"] == "native" and st["scores_out"] == n
+    assert {k: v for k, v in st["rejected_by_reason"].items() if v} == GARBAGE_EXPECTED_AERON
+    assert st["sinks"]["aeron"]["sent"] == n and st["drops"] == 0
+    assert st["ingress"] == ["NativeAeronTickSource"] and st["messages_received"] >= n
+
+
 def test_aeron_udp_loopback_between_separate_media_drivers(tmp_path):
     adir = _aeron_dir()
     t_port, s_port = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_DGRAM)
