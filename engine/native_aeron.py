@@ -32,7 +32,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from engine.log import log
-from engine.native_zmq import NativeBindError, fn_address, mapped_paths
+from engine.native_zmq import NativeBindError, call_address, fn_address, mapped_paths
 
 __all__ = ["AeronC", "AeronCClient", "bind_aeron_c", "NativeAeronPublisher", "offer_with_retries", "A_SENT",
            "A_DROPS", "A_UNSENT", "A_BP", "A_NC", "A_ADMIN", "A_ERRORS", "A_LAST_CODE", "N_A_COUNTERS"]
@@ -146,10 +146,8 @@ def _call_offer(typingctx, fn, pub, buf, length):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        fnty = ir.FunctionType(i64, [i64, i64, i64, i64, i64])
-        f = builder.inttoptr(args[0], fnty.as_pointer())
         zero = ir.Constant(i64, 0)
-        return builder.call(f, [args[1], args[2], args[3], zero, zero])
+        return call_address(builder, args[0], i64, [i64] * 5, [args[1], args[2], args[3], zero, zero])
 
     return sig, codegen
 

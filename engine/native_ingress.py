@@ -47,6 +47,7 @@ from engine.native_loop import bind_clock, now_ns
 from engine.native_zmq import (
     ZMQ_DONTWAIT,
     bind_libzmq,
+    call_address,
     call_errno,
     call_getsockopt,
     call_send_recv,
@@ -419,10 +420,7 @@ def _call_controlled_poll(typingctx, fn, sub, handler, clientd, limit):
     sig = types.int32(types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(ir.IntType(32), [i64, i64, i64, i64])
-        f = builder.inttoptr(args[0], fnty.as_pointer())
-        return builder.call(f, [args[1], args[2], args[3], args[4]])
+        return call_address(builder, args[0], ir.IntType(32), [ir.IntType(64)] * 4, list(args[1:]))
 
     return sig, codegen
 

@@ -48,6 +48,7 @@ from engine.native_zmq import (
     ZMQ_SNDMORE,
     NativeBindError,
     bind_libzmq,
+    call_address,
     call_clock_gettime,
     call_errno,
     call_send_recv,
@@ -227,9 +228,9 @@ def _call_tick(typingctx, fn, i, ctx_addr, flags_out):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        fnty = ir.FunctionType(ir.DoubleType(), [i64, i64, i64.as_pointer()])
-        f = builder.inttoptr(args[0], fnty.as_pointer())
-        return builder.call(f, [args[1], args[2], builder.inttoptr(args[3], i64.as_pointer())])
+        flags = builder.inttoptr(args[3], i64.as_pointer())
+        proto = [i64, i64, i64.as_pointer()]
+        return call_address(builder, args[0], ir.DoubleType(), proto, [args[1], args[2], flags])
 
     return sig, codegen
 

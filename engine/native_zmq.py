@@ -34,7 +34,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender",
-           "fn_address", "mapped_paths", "call_send_recv", "call_errno", "call_getsockopt",
+           "fn_address", "mapped_paths", "call_address", "call_send_recv", "call_errno", "call_getsockopt",
            "call_clock_gettime"]
 
 #: Symbols a native loop needs from libzmq (publishing, and the compiled ingress of engine.native_ingress).
@@ -150,7 +150,8 @@ def fn_address(fn) -> int:
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 
 
-def _call(builder, addr, ret, argtys, args):
+def call_address(builder, addr, ret, argtys, args):
+    """Emit a call of the C function at ``addr`` (an i64) with the prototype ``ret(argtys)`` (llvmlite)."""
     fnty = ir.FunctionType(ret, argtys)
     return builder.call(builder.inttoptr(addr, fnty.as_pointer()), args)
 
@@ -163,7 +164,7 @@ def call_send_recv(typingctx, fn, sock, buf, n, flags):
     def codegen(context, builder, signature, args):
         a = list(args)
         flags = builder.trunc(a[4], _I32)
-        return _call(builder, a[0], _I32, [_I64, _I64, _I64, _I32], [a[1], a[2], a[3], flags])
+        return call_address(builder, a[0], _I32, [_I64, _I64, _I64, _I32], [a[1], a[2], a[3], flags])
 
     return sig, codegen
 
@@ -174,7 +175,7 @@ def call_errno(typingctx, fn):
     sig = types.int32(types.int64)
 
     def codegen(context, builder, signature, args):
-        return _call(builder, args[0], _I32, [], [])
+        return call_address(builder, args[0], _I32, [], [])
 
     return sig, codegen
 
@@ -187,7 +188,7 @@ def call_getsockopt(typingctx, fn, sock, option, value, length):
     def codegen(context, builder, signature, args):
         a = list(args)
         option = builder.trunc(a[2], _I32)
-        return _call(builder, a[0], _I32, [_I64, _I32, _I64, _I64], [a[1], option, a[3], a[4]])
+        return call_address(builder, a[0], _I32, [_I64, _I32, _I64, _I64], [a[1], option, a[3], a[4]])
 
     return sig, codegen
 
@@ -199,7 +200,7 @@ def call_clock_gettime(typingctx, fn, clock_id, timespec):
 
     def codegen(context, builder, signature, args):
         a = list(args)
-        return _call(builder, a[0], _I32, [_I32, _I64], [builder.trunc(a[1], _I32), a[2]])
+        return call_address(builder, a[0], _I32, [_I32, _I64], [builder.trunc(a[1], _I32), a[2]])
 
     return sig, codegen
 

@@ -71,14 +71,18 @@ def _drain(src, expect: int, out: list, timeout_s: float = 20.0) -> None:
 
 def _send_and_compare(pair, messages: list[list[bytes]]) -> int:
     pub, (ref, nat) = pair
+    return _compare(ref, nat, len(messages), lambda: [pub.send_multipart(frames) for frames in messages])
+
+
+def _compare(ref, nat, n_messages: int, send) -> int:
+    """``send()`` the messages; both sources must accept the same ticks, reject alike, admit alike."""
     r0, n0 = ref.received, nat.received
     c_ref0, c_nat0 = ref.counters.copy(), nat.counters.copy()
-    for frames in messages:
-        pub.send_multipart(frames)
+    send()
     got_ref: list[bytes] = []
     got_nat: list[bytes] = []
-    _drain(ref, r0 + len(messages), got_ref)
-    _drain(nat, n0 + len(messages), got_nat)
+    _drain(ref, r0 + n_messages, got_ref)
+    _drain(nat, n0 + n_messages, got_nat)
     assert got_nat == got_ref
     assert (nat.counters - c_nat0).tolist() == (ref.counters - c_ref0).tolist()
     assert nat.slot.ids == ref.slot.ids
@@ -179,19 +183,13 @@ def aeron_pair(tmp_path_factory):
 
 def _send_aeron_and_compare(aeron_pair, payloads: list[bytes]) -> int:
     pub, (ref, nat), pa = aeron_pair
-    r0, n0 = ref.received, nat.received
-    c_ref0, c_nat0 = ref.counters.copy(), nat.counters.copy()
-    for p in payloads:
-        while pub.offer(p) is not True:  # back-pressure: the readers drain below
-            time.sleep(0.0001)
-    got_ref: list[bytes] = []
-    got_nat: list[bytes] = []
-    _drain(ref, r0 + len(payloads), got_ref)
-    _drain(nat, n0 + len(payloads), got_nat)
-    assert got_nat == got_ref
-    assert (nat.counters - c_nat0).tolist() == (ref.counters - c_ref0).tolist()
-    assert nat.slot.ids == ref.slot.ids
-    return len(got_ref)
+
+    def send():
+        for p in payloads:
+            while pub.offer(p) is not True:  # back-pressure: the readers drain below
+                time.sleep(0.0001)
+
+    return _compare(ref, nat, len(payloads), send)
 
 
 def test_native_aeron_ingress_decides_as_the_pyaeron_source(aeron_pair):
