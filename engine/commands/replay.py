@@ -199,7 +199,7 @@ def _run_inprocess(args: argparse.Namespace) -> int:
     print(
         f"tickscore replay: {s['data']['path']}\n"
         f"  model {s['model']['version']} ({s['model']['quantization']}, backend {s['backend']}), "
-        f"{s['pin']}, {s['scheduler']}, publish {s['publish']}\n"
+        f"{s['pin']}, {s['scheduler']}, publish {s['publish']}, loop {s['loop']}\n"
         f"  ticks {s['ticks']:,}  scores {s['scores']:,}  rejected {s['rejected']:,}  "
         f"dropped {s['dropped']:,}  wall {s['wall_s']:.2f}s  "
         f"(first {s['warmup_ticks_excluded']:,} latencies excluded as warm-up)"
