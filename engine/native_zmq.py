@@ -17,8 +17,9 @@ caller as today's drop).  Lengths are checked against the arrays in the kernel.
 Pointers go through ctypes as ``size_t`` (same width and calling convention as
 ``void *`` on the 64-bit hosts tickscore runs on; checked at bind time).
 
-This is the second piece of the native duty cycle (issue 16); the live sinks
-still publish through pyzmq.
+The native loop (:mod:`engine.native_loop`) and ingress (:mod:`engine.native_ingress`)
+call libzmq through the ``call_*`` intrinsics below with these addresses; the python
+loop publishes through pyzmq.
 """
 
 from __future__ import annotations

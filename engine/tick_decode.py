@@ -27,8 +27,8 @@ helper taking the buffer paid two atomic reference-count updates, about 17 ns
 per call on the 2-vCPU VM (``benchmarks/bench_decode.py``: 353 -> 106 ns per
 tick in a compiled loop that is itself ``_nrt=False``).  ``tests/test_tick_decode.py`` feeds both
 decoders the same bytes (hypothesis) and requires identical decisions and
-values.  This is the first piece of the native duty cycle (issue 16); the
-live sources still use msgspec.
+values.  The native ingress (:mod:`engine.native_ingress`) calls it; the python
+loop's sources use msgspec.
 """
 
 from __future__ import annotations
