@@ -15,7 +15,9 @@ which for every tick ``i`` of ``[start, stop)``, in compiled code:
    encoding of the same row: a property test compares them);
 5. publishes ``[topic, payload]`` with libzmq's ``zmq_send`` on the ZeroMQ
    sink's socket handle (:mod:`engine.native_zmq`; ``EAGAIN`` is a counted drop
-   as in :meth:`engine.zmq_io.ZmqPublisher.publish`), and copies it into a tap
+   as in :meth:`engine.zmq_io.ZmqPublisher.publish`), offers the payload to an
+   Aeron publication (:func:`engine.native_aeron.offer_with_retries`, counted as
+   :class:`engine.aeron_io.AeronPublisher` counts), and copies it into a tap
    arena when Python sinks (the score recorder) want every payload;
 6. stores ``t_in`` / ``t_out`` (and 1 in ``stage_every`` the model time) into
    the :class:`engine.recorder.LatencyRecorder` rings.
@@ -26,9 +28,12 @@ early when the tap arena or the reject list is full; the next call goes on.
 
 Everything the kernel touches is addressed through ``lctx``, an int64 array of
 addresses and sizes (as :class:`models.tick_kernels.TickContext` does for the
-tick): a call costs one numba dispatch of four integers.  Every array index is
-bounds-checked in the kernel (an instrument id beyond the symbol table, a
-payload beyond its buffer are counted errors, never a write out of bounds).
+tick): a call costs one numba dispatch of four integers.  Every index that comes
+from data or from a count is checked or masked in the kernel: ring and stage
+indices are masked, ``stop`` is clamped to the tick buffer, the reject list, the
+tap arena and the intended-time array are checked before a write, and an
+instrument id beyond the symbol table or a payload beyond its buffer is a
+counted error, never a write out of bounds.
 """
 
 from __future__ import annotations
