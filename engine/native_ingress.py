@@ -54,7 +54,7 @@ from engine.native_zmq import (
     fn_address,
 )
 from engine.schema import REJECT_MALFORMED, TICK_DTYPE
-from engine.sources import MAX_TICK_FRAME_BYTES, TickSlot, ZmqTickSource
+from engine.sources import MAX_TICK_FRAME_BYTES, TickSlot, ZmqTickSource, _LiveSource
 from engine.tick_decode import (
     I_KIND,
     I_ORDER_ID,
@@ -239,7 +239,7 @@ def recv_ticks(ictx_addr, limit, max_event_ns):
     return k
 
 
-class _NativeRows:
+class _NativeRows(_LiveSource):
     """What the compiled sources share: the ictx, the multi-row tick buffer, the window, the python poll.
 
     A subclass calls :meth:`_init_rows` and provides ``_receive(limit) -> rows``.
@@ -282,6 +282,11 @@ class _NativeRows:
         C[I_HASH], C[I_HASH_MASK] = idx.table.ctypes.data, idx.table.shape[0] - 1
         C[I_SYM], C[I_SYM_LEN_TOTAL] = idx.sym.ctypes.data, idx.sym.shape[0]
         C[I_SYM_OFF], C[I_N_SYM] = idx.off.ctypes.data, idx.n
+
+    @property
+    def counters(self) -> np.ndarray:
+        """Return the reject counters this source writes (shared with its slot)."""
+        return self.slot.counters
 
     def bind_counters(self, counters: np.ndarray) -> None:
         """Count rejects into the agent's ``counters`` (the compiled receive too)."""
@@ -462,17 +467,9 @@ class NativeAeronTickSource(_NativeRows):
         C[I_FN_ASSEMBLE] = client.fn("aeron_controlled_fragment_assembler_handler")
 
     @property
-    def counters(self) -> np.ndarray:
-        """Return the reject counters this source writes (shared with its slot)."""
-        return self.slot.counters
-
-    @property
     def received(self) -> int:
         """Whole messages read."""
         return int(self.C[I_RECEIVED])
-
-    def on_reject(self, i: int) -> None:
-        """The agent rejected the tick in row ``i``: counted by reason already; nothing to align."""
 
     def _receive(self, limit: int) -> int:
         return poll_aeron_ticks(self.addr, limit, self.slot.max_event_ns)

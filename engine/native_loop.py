@@ -398,23 +398,18 @@ class NativeLoop:
     sinks : the agent's sinks; one with ``native == "zmq"`` is published with ``zmq_send``;
         those with ``native == "tap"`` get every payload after the batch
     recorder : the agent's latency rings
-    batch : ticks per call at most
     """
 
     REJ_CAP = 4096
 
-    def __init__(self, tick, symbols: Sequence[str], version: str, sinks, recorder: LatencyRecorder,
-                 batch: int = 256, kernel=None) -> None:  # fmt: skip
-        self.batch = int(batch)
+    def __init__(self, tick, symbols: Sequence[str], version: str, sinks, recorder: LatencyRecorder) -> None:
         self.sinks = list(sinks)
         self.zmq_sink = next((s for s in self.sinks if getattr(s, "native", None) == "zmq"), None)
         self.aeron_sink = next((s for s in self.sinks if getattr(s, "native", None) == "aeron"), None)
         self.taps = [s for s in self.sinks if getattr(s, "native", None) == "tap"]
-        if kernel is None:
-            kernel = loop_kernel
-        self.tick = tick
         self.version = version
-        self.kernel = kernel
+        #: one cached kernel serves every feature set (the tick kernel is called by address)
+        self.kernel = loop_kernel
         self.L = np.zeros(LCTX_LEN, dtype=np.int64)
         #: what the kernel takes (valid while this object lives)
         self.addr = int(self.L.ctypes.data)
@@ -430,9 +425,12 @@ class NativeLoop:
         else:
             self._hold("a_c", np.zeros(N_A_COUNTERS, np.int64), L_A_C)
         self._flags_out = self._hold("flags_out", np.zeros(1, np.int64), L_FLAGS_OUT)
-        if self.zmq_sink is not None:  # checked at start-up: the library, its symbols and version
+        z = self.zmq_sink
+        if z is not None:  # checked at start-up: the library, its symbols and version
             lib = bind_libzmq()
             L[L_FN_SEND], L[L_FN_ERRNO] = fn_address(lib.zmq_send), fn_address(lib.zmq_errno)
+            L[L_SOCK] = int(z.sock.underlying)
+            self._sent0, self._drops0 = z.sent, z.drops
         self._timespec = self._hold("timespec", np.zeros(2, np.int64), L_TIMESPEC)
         self._f64 = self._hold("f64", np.zeros(1, np.float64), L_F64)
         self._inv = self._hold("inv", np.zeros(1, np.float64), L_PACE_INV)
@@ -442,9 +440,6 @@ class NativeLoop:
         L[L_REJ_CAP] = self.REJ_CAP
         self.bind_recorder(recorder)
         self.set_symbols(symbols, version)
-        if self.zmq_sink is not None:
-            L[L_SOCK] = int(self.zmq_sink.sock.underlying)
-            self._sent0, self._drops0 = self.zmq_sink.sent, self.zmq_sink.drops
         if self.taps:
             cap = 1 << 20
             self.tap = self._hold("tap", np.zeros(cap, np.uint8), L_TAP)
@@ -460,7 +455,7 @@ class NativeLoop:
         For warm-up and keep-warm: run it on a throwaway :class:`~models.tick_kernels.TickContext`
         over one-instrument synthetic ticks.
         """
-        return NativeLoop(tick, ["W"], self.version, [], LatencyRecorder(64, 64), kernel=self.kernel)
+        return NativeLoop(tick, ["W"], self.version, [], LatencyRecorder(64, 64))
 
     def _hold(self, name: str, a: np.ndarray, slot: int) -> np.ndarray:
         self._keep[name] = a

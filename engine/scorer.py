@@ -224,8 +224,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
             return
         if self._native is not None:  # a model swap: the sinks' counters carry over
             self._native.sync_sink_counters()
-        nl = NativeLoop(self._tick, self.symbols, self._version, self.sinks, self.recorder,
-                        batch=self.batch)  # fmt: skip
+        nl = NativeLoop(self._tick, self.symbols, self._version, self.sinks, self.recorder)
         nl.seq = self.seq
         src = self.source
         if hasattr(src, "window"):
