@@ -81,7 +81,8 @@ class KeepWarm:
         else:
             flags = self.update(w["ticks"], j, w["fstate"], w["istate"], self.params, w["x"], w["counters"])
             score = self._run()
-        self._encode_row((SCORE_SCHEMA_ID, "W", j, j, j, j, score, self._version, max(flags, 0)), w["buf"])
+        self._encode_row((SCORE_SCHEMA_ID, "W", j, j, j, j, score, self._version, max(flags, 0),
+                          self.shard, self.epoch), w["buf"])
         return True
 
 

@@ -66,9 +66,9 @@ from models.tick_kernels import _ctx_of, _ptr, _ticks_of, tick_cfunc_address
 __all__ = ["NativeLoop", "loop_kernel", "encode_score", "bind_clock", "native_loop_refusal",
            "SymbolTable", "MAX_SCORE_BYTES"]
 
-#: Longest Score payload the kernel writes: 1 + 1 + (5 + 255) + 4 x 9 + 9 + (3 + 255) + 9 bytes
+#: Longest Score payload the kernel writes: 1 + 1 + (5 + 255) + 4 x 9 + 9 + (3 + 255) + 3 x 9 bytes
 #: (symbols and model versions up to 255 bytes are encoded; longer ones are refused at bind).
-MAX_SCORE_BYTES = 1 + 1 + 260 + 4 * 9 + 9 + 258 + 9
+MAX_SCORE_BYTES = 1 + 1 + 260 + 4 * 9 + 9 + 258 + 3 * 9
 _MAX_STR = 255
 
 # lctx slots ----------------------------------------------------------------------------
@@ -79,8 +79,8 @@ _MAX_STR = 255
  L_REJ, L_REJ_CAP, L_REJ_N,
  L_PACED, L_PACE_START, L_PACE_TS0, L_PACE_INV, L_INTENDED, L_INTENDED_N,
  L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_F64, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
- L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES) = range(52)
-LCTX_LEN = 52
+ L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES, L_SHARD, L_EPOCH) = range(54)
+LCTX_LEN = 54
 _EAGAIN = 11
 
 
@@ -153,18 +153,18 @@ def _put_bytes(buf, pos, src, start, length):
 
 @njit(cache=True, nogil=True, _nrt=False)
 def encode_score(buf, strtab, sym_start, sym_len, seq, ts_event, ts_in, ts_out, score, f64,
-                 ver_start, ver_len, flags):  # fmt: skip
-    """Encode ``Score(instrument, seq, ts_event, ts_in, ts_out, score, model_version, flags)`` into ``buf``.
+                 ver_start, ver_len, flags, shard, epoch):  # fmt: skip
+    """Encode ``Score(instrument, seq, ts_event, ts_in, ts_out, score, model_version, flags, shard, epoch)``.
 
     ``strtab[sym_start:sym_start+sym_len]`` and ``strtab[ver_start:ver_start+ver_len]`` are
     the *already MessagePack-encoded* str items (header + UTF-8) of the symbol and model
     version.  ``f64`` is a float64 scratch array of one element whose bytes are read as
     the little-endian double.  Returns the payload length, or -1 when ``buf`` is too small.
     """
-    need = 2 + sym_len + 4 * 9 + 9 + ver_len + 9
+    need = 2 + sym_len + 4 * 9 + 9 + ver_len + 3 * 9
     if need > buf.shape[0] or sym_start + sym_len > strtab.shape[0] or ver_start + ver_len > strtab.shape[0]:
         return -1
-    buf[0] = 0x99  # fixarray of 9: schema id + 8 fields
+    buf[0] = 0x9B  # fixarray of 11: schema id + 10 fields
     buf[1] = SCORE_SCHEMA_ID
     pos = _put_bytes(buf, 2, strtab, sym_start, sym_len)
     pos = _put_int(buf, pos, seq)
@@ -178,7 +178,9 @@ def encode_score(buf, strtab, sym_start, sym_len, seq, ts_event, ts_in, ts_out, 
         buf[pos + 1 + k] = b8[7 - k]
     pos += 9
     pos = _put_bytes(buf, pos, strtab, ver_start, ver_len)
-    return _put_int(buf, pos, flags)
+    pos = _put_int(buf, pos, flags)
+    pos = _put_int(buf, pos, shard)
+    return _put_int(buf, pos, epoch)
 
 
 def msgpack_str(text: str) -> bytes:
@@ -285,6 +287,7 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     pace_start, pace_ts0 = L[L_PACE_START], L[L_PACE_TS0]
     inv_speed = carray(_ptr(L[L_PACE_INV], np.float64), (1,))[0]
     seq = L[L_SEQ]
+    shard, epoch = L[L_SHARD], L[L_EPOCH]
     n_rej = L[L_REJ_N]
     tap_n, tap_used = L[L_TAP_N], L[L_TAP_USED]
     sent, drops, errors = L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS]
@@ -329,7 +332,7 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
         s0, sl = sym_off[2 * inst], sym_off[2 * inst + 1]
         ts_out = now_ns(fn_clock, ts)
         plen = encode_score(payload, strtab, s0, sl, seq, ticks[i].ts_event_ns, t_in, ts_out, score, f64,
-                            ver_off, ver_len, np.int64(flags))  # fmt: skip
+                            ver_off, ver_len, np.int64(flags), shard, epoch)  # fmt: skip
         if plen < 0:
             bad += 1
             i += 1
@@ -501,6 +504,10 @@ class NativeLoop:
             L[L_INGRESS], L[L_INGRESS_N] = 0, 0
         else:
             L[L_INGRESS], L[L_INGRESS_N] = ingress.ctypes.data, ingress.shape[0]
+
+    def set_origin(self, shard: int, epoch: int) -> None:
+        """Write ``shard`` and ``epoch`` into every Score from now on."""
+        self.L[L_SHARD], self.L[L_EPOCH] = int(shard), int(epoch)
 
     @property
     def seq(self) -> int:

@@ -104,6 +104,10 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         After a hot reload to an ``ort`` backend the agent runs the python path.
     batch
         Ticks per native duty cycle at most.
+    shard, epoch
+        Written into every Score: the shard of a cluster this agent is (0 when not
+        sharded) and the run's epoch (default: the wall clock now, ns), which a
+        subscriber sees change when the process restarts.
     """
 
     role_name = "scorer"
@@ -129,6 +133,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         max_model_call_us: float | None = None,
         loop: str = "auto",
         batch: int = 256,
+        shard: int = 0,
+        epoch: int | None = None,
     ) -> None:
         if loop not in LOOPS:
             raise ValueError(f"loop {loop!r}: choose one of {', '.join(LOOPS)}")
@@ -154,6 +160,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         self.encoder = ScoreEncoder()
         self._encode_row, self._buf = self.encoder.encode_row_into, self.encoder.buf
         self.seq = 0
+        self.shard = int(shard)
+        self.epoch = time.time_ns() if epoch is None else int(epoch)
         self.progress = progress
         self.done = False
         self.model_version = backend.version
@@ -226,6 +234,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
             self._native.sync_sink_counters()
         nl = NativeLoop(self._tick, self.symbols, self._version, self.sinks, self.recorder)
         nl.seq = self.seq
+        nl.set_origin(self.shard, self.epoch)
         src = self.source
         if hasattr(src, "window"):
             self._window, self._consumed = src.window, src.consumed
@@ -258,7 +267,8 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
             t0 = clock()
             fl = update(ticks, i, fstate, istate, self.params, self._x, counters)
             s = self._run()
-            self.encoder.encode_row((SCORE_SCHEMA_ID, "W", i, i, t0, clock(), s, self._version, max(fl, 0)))
+            self.encoder.encode_row((SCORE_SCHEMA_ID, "W", i, i, t0, clock(), s, self._version, max(fl, 0),
+                                     self.shard, self.epoch))
         if self._tick is not None:
             warm_tick(self.backend, self.new_state, self.params, n)
         if self._native is not None:
@@ -288,7 +298,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         payload = self._buf  # a Score, encoded as its (schema id, *fields) row
         self._encode_row(
             (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
-             self._version, flags),
+             self._version, flags, self.shard, self.epoch),
             payload,
         )
         self._publish(self.topics[inst], payload)
@@ -320,7 +330,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         payload = self._buf  # a Score, encoded as its (schema id, *fields) row
         self._encode_row(
             (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
-             self._version, flags),
+             self._version, flags, self.shard, self.epoch),
             payload,
         )
         self._publish(self.topics[inst], payload)
@@ -365,7 +375,7 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         payload = self._buf  # a Score, encoded as its (schema id, *fields) row
         self._encode_row(
             (SCORE_SCHEMA_ID, self.symbols[inst], seq, src.ts_list[i], t_in, clock(), score,
-             self._version, flags),
+             self._version, flags, self.shard, self.epoch),
             payload,
         )
         self._publish(self.topics[inst], payload)

@@ -8,11 +8,16 @@ decoder, see the README's wire format) plus ``pyzmq`` or ``pyaeron``.
     tickscore subscribe aeron:ipc --aeron-dir /dev/shm/tickscore-aeron-$USER   # Aeron, stream 1002
     tickscore subscribe aeron:udp?endpoint=127.0.0.1:40124 --out scores.parquet --count 10000
 
-Each printed line is ``instrument seq score flags model_version wire_us`` where
+    tickscore subscribe --cluster cluster.toml                        # every shard of a cluster, merged
+
+Each printed line is ``instrument seq score flags model_version wire_us`` (and the
+``shard`` in a cluster) where
 ``wire_us`` = this process's CLOCK_MONOTONIC at receipt minus the service's
 ``ts_out_ns`` (meaningful on the same host only).  ``--out FILE.parquet``
-records every score with its receive time ``recv_ns``.  Stops on Ctrl-C /
-SIGTERM, after ``--count`` scores or ``--duration`` seconds.
+records every score with its receive time ``recv_ns``.  Gaps (``seq``) and
+restarts (``epoch``) of each shard are reported on stderr as they are seen, and
+summed up at exit.  Stops on Ctrl-C / SIGTERM, after ``--count`` scores or
+``--duration`` seconds.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ import zmq
 
 from engine.security import apply_client
 
-__all__ = ["Score", "subscribe_zmq", "subscribe_aeron"]
+__all__ = ["Score", "ShardTracker", "subscribe_zmq", "subscribe_aeron"]
 
 
-class Score(msgspec.Struct, array_like=True, tag=2, frozen=True):
-    """A score as on the wire: MessagePack array, schema id 2 first (see README)."""
+class Score(msgspec.Struct, array_like=True, tag=3, frozen=True):
+    """A score as on the wire: MessagePack array, schema id 3 first (see README)."""
 
     instrument: str
     seq: int
@@ -39,11 +44,71 @@ class Score(msgspec.Struct, array_like=True, tag=2, frozen=True):
     score: float
     model_version: str
     flags: int
+    shard: int = 0
+    epoch: int = 0
+
+
+class ScoreV1(msgspec.Struct, array_like=True, tag=2, frozen=True):
+    """A score of a service before sharding (schema id 2): no shard, no epoch."""
+
+    instrument: str
+    seq: int
+    ts_event_ns: int
+    ts_in_ns: int
+    ts_out_ns: int
+    score: float
+    model_version: str
+    flags: int
+    shard = 0
+    epoch = 0
 
 
 FLAG_NAMES = {1: "warmup", 2: "stale_quote", 4: "no_book", 8: "clipped", 16: "no_trades"}
 COLUMNS = ("instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score", "model_version",
-           "flags", "recv_ns")
+           "flags", "shard", "epoch", "recv_ns")
+
+
+class ShardTracker:
+    """Gaps and restarts of every shard, from the Scores alone (``shard``, ``epoch``, ``seq``).
+
+    ``seq`` is contiguous per shard process; a new ``epoch`` is a restart (its ``seq``
+    starts again at 0).  Meaningful when subscribed to every instrument: a topic filter
+    makes gaps of the scores filtered out.
+    """
+
+    def __init__(self) -> None:
+        #: shard -> [epoch, next seq, scores, missing, restarts]
+        self.shards: dict[int, list[int]] = {}
+
+    def see(self, s) -> str | None:
+        """Account for Score ``s``; return a line to report (a gap or a restart), else None."""
+        st = self.shards.get(s.shard)
+        if st is None:
+            self.shards[s.shard] = [s.epoch, s.seq + 1, 1, 0, 0]
+            return None
+        st[2] += 1
+        if s.epoch != st[0]:
+            restarted = s.epoch > st[0]
+            st[0], st[1] = s.epoch, s.seq + 1
+            st[4] += 1
+            return (f"shard {s.shard}: {'restarted' if restarted else 'epoch changed'} "
+                    f"(epoch {s.epoch}, first seq {s.seq})")
+        if s.seq != st[1]:
+            if s.seq > st[1]:
+                n = s.seq - st[1]
+                st[3] += n
+                line = f"shard {s.shard}: gap of {n:,} scores (seq {st[1]} .. {s.seq - 1})"
+            else:
+                line = f"shard {s.shard}: seq {s.seq} after {st[1] - 1} (duplicate or reordered)"
+            st[1] = s.seq + 1
+            return line
+        st[1] = s.seq + 1
+        return None
+
+    def summary(self) -> dict:
+        """Return ``{shard: {scores, missing, restarts, epoch}}``."""
+        return {k: {"scores": v[2], "missing": v[3], "restarts": v[4], "epoch": v[0]}
+                for k, v in sorted(self.shards.items())}
 
 
 class StopFlag:
@@ -54,20 +119,22 @@ class StopFlag:
         self.flag = True
 
 
-def subscribe_zmq(endpoint: str, topics=("",), on_score=None, stop=None, timeout_ms: int = 100,
+def subscribe_zmq(endpoint: str | list[str], topics=("",), on_score=None, stop=None, timeout_ms: int = 100,
                   keys=None) -> None:  # fmt: skip
-    """Call ``on_score(score, recv_ns)`` for every score on a ZeroMQ endpoint until ``stop()``.
+    """Call ``on_score(score, recv_ns)`` for every score on ZeroMQ endpoint(s) until ``stop()``.
 
-    ``keys`` (:class:`engine.security.ClientKeys`): connect as a CURVE client.
+    Several endpoints (the shards of a cluster) are merged by one SUB socket connected
+    to all of them.  ``keys`` (:class:`engine.security.ClientKeys`): connect as a CURVE client.
     """
-    decode = msgspec.msgpack.Decoder(Score).decode
+    decode = msgspec.msgpack.Decoder(Score | ScoreV1).decode
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, 0)
     apply_client(sock, keys)
     for t in topics:
         sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-    sock.connect(endpoint)
+    for e in [endpoint] if isinstance(endpoint, str) else endpoint:
+        sock.connect(e)
     try:
         while not (stop and stop()):
             if not sock.poll(timeout_ms):
@@ -93,7 +160,7 @@ def subscribe_aeron(channel: str, stream_id: int, aeron_dir: str, topics=("",), 
     """Call ``on_score(score, recv_ns)`` for every score on an Aeron stream until ``stop()``."""
     import pyaeron  # deferred: loads the Aeron C client, only where Aeron is used
 
-    decode = msgspec.msgpack.Decoder(Score).decode
+    decode = msgspec.msgpack.Decoder(Score | ScoreV1).decode
     # An error handler keeps the client alive when the service's driver goes away
     # (without one the Aeron C client exits the process).
     errors = []

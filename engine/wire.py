@@ -12,14 +12,22 @@ id     message                  elements after the id, in order
                                 side, order_id
 2      Score v1  (9 elements)   instrument, seq, ts_event_ns, ts_in_ns,
                                 ts_out_ns, score, model_version, flags
+3      Score v2  (11 elements)  Score v1's 8 fields, then shard, epoch
 ====== ======================== ===========================================
 
+tickscore writes Score v2 (id 3); :func:`decode_score` also reads v1 (id 2, from
+older services: ``shard`` and ``epoch`` then read as 0).  ``seq`` counts the
+scores of one shard process (contiguous from 0 per process run); ``shard`` is the
+publishing shard (0 when not sharded); ``epoch`` is the process's start time (ns
+since the Unix epoch), different after every restart.  A subscriber detects a gap
+from ``seq`` and a restart from ``epoch``, per ``shard``, from the messages alone.
+
 Types: ``instrument`` and ``model_version`` are MessagePack str (UTF-8);
-``kind``, ``side``, ``flags``, ``seq`` and all ``ts_*`` are MessagePack
+``kind``, ``side``, ``flags``, ``seq``, ``shard``, ``epoch`` and all ``ts_*`` are MessagePack
 integers (any int encoding: msgspec writes the smallest one that fits);
 prices, sizes and ``score`` are float 64 (``0xcb``) when written by tickscore;
 decoders of Ticks also accept integers there.  Any incompatible change gets a
-new schema id; ids 1 and 2 will always mean the layouts above.
+new schema id; ids 1, 2 and 3 will always mean the layouts above.
 
 ZeroMQ framing: two frames ``[topic, payload]``; topic is the instrument symbol
 (UTF-8, no terminator) so SUB sockets can filter by prefix.  Aeron: payload
@@ -40,8 +48,10 @@ import msgspec
 __all__ = [
     "TICK_SCHEMA_ID",
     "SCORE_SCHEMA_ID",
+    "SCORE_V1_SCHEMA_ID",
     "Tick",
     "Score",
+    "ScoreV1",
     "encode_tick",
     "decode_tick",
     "decode_score",
@@ -51,7 +61,10 @@ __all__ = [
 ]
 
 TICK_SCHEMA_ID = 1
-SCORE_SCHEMA_ID = 2
+#: the Score tickscore writes (v2: with shard and epoch)
+SCORE_SCHEMA_ID = 3
+#: the Score of tickscore before sharding (still decoded)
+SCORE_V1_SCHEMA_ID = 2
 
 
 class Tick(msgspec.Struct, array_like=True, tag=TICK_SCHEMA_ID, frozen=True):
@@ -72,7 +85,22 @@ class Tick(msgspec.Struct, array_like=True, tag=TICK_SCHEMA_ID, frozen=True):
 
 
 class Score(msgspec.Struct, array_like=True, tag=SCORE_SCHEMA_ID, frozen=True):
-    """Risk score on the wire (schema id 2). See module docstring for the layout."""
+    """Risk score on the wire (schema id 3). See module docstring for the layout."""
+
+    instrument: str
+    seq: int
+    ts_event_ns: int
+    ts_in_ns: int
+    ts_out_ns: int
+    score: float
+    model_version: str
+    flags: int
+    shard: int = 0
+    epoch: int = 0
+
+
+class ScoreV1(msgspec.Struct, array_like=True, tag=SCORE_V1_SCHEMA_ID, frozen=True):
+    """Risk score of tickscore before sharding (schema id 2): Score without shard and epoch."""
 
     instrument: str
     seq: int
@@ -90,7 +118,7 @@ SCORE_FIELDS = Score.__struct_fields__
 
 _tick_encoder = msgspec.msgpack.Encoder()
 _tick_decoder = msgspec.msgpack.Decoder(Tick)
-_score_decoder = msgspec.msgpack.Decoder(Score)
+_score_decoder = msgspec.msgpack.Decoder(Score | ScoreV1)
 
 
 def encode_tick(tick: Tick) -> bytes:
@@ -104,8 +132,14 @@ def decode_tick(payload: bytes | memoryview) -> Tick:
 
 
 def decode_score(payload: bytes | memoryview) -> Score:
-    """Return the ``Score`` in ``payload``; raise ``msgspec.ValidationError``/``DecodeError``."""
-    return _score_decoder.decode(payload)
+    """Return the ``Score`` in ``payload`` (v2, or v1 read as shard 0, epoch 0).
+
+    Raises ``msgspec.ValidationError``/``DecodeError``.
+    """
+    s = _score_decoder.decode(payload)
+    if type(s) is ScoreV1:
+        return Score(*msgspec.structs.astuple(s))
+    return s
 
 
 class ScoreEncoder:
@@ -123,7 +157,7 @@ class ScoreEncoder:
         #: ``encode_row_into((SCORE_SCHEMA_ID, *fields), buf)``: the per-tick form.  A
         #: tuple encodes to the same bytes as the array_like, tagged Score (a msgpack
         #: array, schema id first) and skips building a Struct: ~0.14 µs a tick less.
-        #: The caller guarantees the field types (str, int x4, float, str, int).
+        #: The caller guarantees the field types (str, int x4, float, str, int x3).
         self.encode_row_into = self._encode_into
 
     def encode_row(self, row: tuple) -> bytearray:

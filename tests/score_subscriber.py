@@ -15,7 +15,7 @@ import zmq
 
 SCORE_FIELDS = [
     "schema_id", "instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns",
-    "score", "model_version", "flags",
+    "score", "model_version", "flags", "shard", "epoch",
 ]
 
 
@@ -43,7 +43,7 @@ def main() -> None:
         if first_rx is None:
             first_rx = time.monotonic()
         msg = msgpack.unpackb(payload, raw=False)
-        if not isinstance(msg, list) or len(msg) != len(SCORE_FIELDS) or msg[0] != 2:
+        if not isinstance(msg, list) or len(msg) != len(SCORE_FIELDS) or msg[0] != 3:
             bad += 1
             continue
         rec = dict(zip(SCORE_FIELDS, msg, strict=True))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from engine.native_loop import MAX_SCORE_BYTES, NativeLoop, SymbolTable, encode_score, native_loop_refusal
 from engine.recorder import LatencyRecorder
 from engine.scorer import NativeLoopUnavailable
-from engine.wire import Score, decode_score
+from engine.wire import SCORE_SCHEMA_ID, Score, decode_score
 from replay.run import ReplayOptions, run_inprocess
 from replay.scores import ScoreRecorder
 
@@ -38,22 +39,24 @@ _SYMS = st.text(min_size=0, max_size=40).filter(lambda s: len(s.encode()) <= 255
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sym=_SYMS, ver=_SYMS, ints=st.tuples(_INTS, _INTS, _INTS, _INTS, _INTS),
+@given(sym=_SYMS, ver=_SYMS, ints=st.tuples(_INTS, _INTS, _INTS, _INTS, _INTS, _INTS, _INTS),
        score=st.floats(allow_nan=True, allow_infinity=True))  # fmt: skip
 def test_compiled_score_encoder_writes_msgspecs_bytes(sym, ver, ints, score):
     st_ = SymbolTable(["other", sym], ver)
     buf = np.zeros(MAX_SCORE_BYTES, np.uint8)
     n = encode_score(buf, st_.table, st_.off[2], st_.off[3], ints[0], ints[1], ints[2], ints[3], score,
-                     np.zeros(1), st_.ver_off, st_.ver_len, ints[4])  # fmt: skip
-    ref = _enc.encode((2, sym, ints[0], ints[1], ints[2], ints[3], score, ver, ints[4]))
+                     np.zeros(1), st_.ver_off, st_.ver_len, ints[4], ints[5], ints[6])  # fmt: skip
+    ref = _enc.encode((SCORE_SCHEMA_ID, sym, *ints[:4], score, ver, *ints[4:]))
     assert buf[:n].tobytes() == ref
+    if ints[5] >= 0 and ints[6] >= 0:  # what a subscriber decodes
+        assert decode_score(ref) == Score(sym, *ints[:4], score, ver, *ints[4:]) or math.isnan(score)
 
 
 def test_encoder_refuses_a_buffer_too_small_instead_of_writing_past_it():
     st_ = SymbolTable(["ES"], "v1")
     buf = np.zeros(10, np.uint8)
     assert encode_score(buf, st_.table, st_.off[0], st_.off[1], 1, 2, 3, 4, 0.5, np.zeros(1),
-                        st_.ver_off, st_.ver_len, 0) == -1  # fmt: skip
+                        st_.ver_off, st_.ver_len, 0, 0, 0) == -1  # fmt: skip
 
 
 def test_symbols_over_255_bytes_are_refused_at_bind_not_truncated():

@@ -217,7 +217,7 @@ def test_tickscore_subscribe_records_scores_to_parquet(zmq_service, tmp_path):
     assert sub.returncode == 0, stderr
     df = pl.read_parquet(out)
     assert df.columns == ["instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score",
-                          "model_version", "flags", "recv_ns"]
+                          "model_version", "flags", "shard", "epoch", "recv_ns"]
     assert df.height == n and df["seq"].diff().drop_nulls().to_list() == [1] * (n - 1)
     assert (df["recv_ns"] >= df["ts_out_ns"]).all() and (df["ts_out_ns"] >= df["ts_in_ns"]).all()
     assert stdout.count("seq=") == n  # one printed line per score

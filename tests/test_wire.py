@@ -24,7 +24,8 @@ from engine.wire import (
 def _score(**kw):
     base = dict(
         instrument="ESZ6", seq=7, ts_event_ns=1_790_000_000_123_456_789, ts_in_ns=11,
-        ts_out_ns=22, score=0.125, model_version="risk-int8-abc", flags=3,
+        ts_out_ns=22, score=0.125, model_version="risk-int8-abc", flags=3, shard=1,
+        epoch=1_790_000_000_000_000_000,
     )
     base.update(kw)
     return Score(**base)
@@ -41,9 +42,12 @@ def test_score_round_trips_through_reused_buffer():
 def test_score_payload_is_a_plain_msgpack_array_in_documented_order():
     payload = bytes(ScoreEncoder().encode(_score()))
     arr = msgpack.unpackb(payload, raw=False)
-    assert arr == [SCORE_SCHEMA_ID, "ESZ6", 7, 1_790_000_000_123_456_789, 11, 22, 0.125, "risk-int8-abc", 3]
+    assert arr == [SCORE_SCHEMA_ID, "ESZ6", 7, 1_790_000_000_123_456_789, 11, 22, 0.125, "risk-int8-abc", 3,
+                   1, 1_790_000_000_000_000_000]
+    assert SCORE_SCHEMA_ID == 3
     assert list(SCORE_FIELDS) == [
         "instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns", "score", "model_version", "flags",
+        "shard", "epoch",
     ]
     # score is a float64 (0xcb) so non-Python decoders get a fixed type
     assert b"\xcb" + struct.pack(">d", 0.125) in payload
@@ -95,3 +99,8 @@ def test_tick_with_integer_prices_is_accepted_as_float():
 def test_malformed_tick_payload_raises_msgspec_error(payload):
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
         decode_tick(payload)
+
+
+def test_a_score_v1_of_an_older_service_still_decodes_as_shard_0_epoch_0():
+    raw = msgpack.packb([2, "ESZ6", 7, 1, 2, 3, 0.5, "v", 1])
+    assert decode_score(raw) == Score("ESZ6", 7, 1, 2, 3, 0.5, "v", 1, 0, 0)

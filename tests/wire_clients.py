@@ -26,9 +26,9 @@ import msgpack
 
 SCORE_FIELDS = [
     "schema_id", "instrument", "seq", "ts_event_ns", "ts_in_ns", "ts_out_ns",
-    "score", "model_version", "flags",
+    "score", "model_version", "flags", "shard", "epoch",
 ]
-SCORE_TYPES = [int, str, int, int, int, int, float, str, int]
+SCORE_TYPES = [int, str, int, int, int, int, float, str, int, int, int]
 BASE_NS = 1_750_000_000_000_000_000  # mid 2025: in the past (the service bounds future times)
 
 
@@ -142,7 +142,7 @@ def subscribe(spec: dict) -> None:
     def on_payload(payload: bytes, topic: bytes | None):
         nonlocal topics_ok, scores_ok
         msg = msgpack.unpackb(payload, raw=False)
-        if (not isinstance(msg, list) or len(msg) != 9 or msg[0] != 2
+        if (not isinstance(msg, list) or len(msg) != 11 or msg[0] != 3
                 or not all(type(v) is t for v, t in zip(msg, SCORE_TYPES, strict=True))):
             bad.append(repr(msg)[:200])
             return
