@@ -34,6 +34,7 @@ transports listed in it are used.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import re
@@ -46,6 +47,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from engine.agent import allowed_cpus
+from engine.partition import Partition
 
 __all__ = [
     "TICK_STREAM_ID",
@@ -69,7 +71,9 @@ __all__ = [
     "SecurityConfig",
     "MetricsConfig",
     "LogConfig",
+    "ClusterConfig",
     "ServiceConfig",
+    "shard_text",
     "load_config",
     "parse_config",
     "default_aeron_dir",
@@ -79,7 +83,7 @@ __all__ = [
 
 #: Aeron stream id of Tick messages (schema id 1) sent to the service.
 TICK_STREAM_ID = 1001
-#: Aeron stream id of Score messages (schema id 2) published by the service.
+#: Aeron stream id of Score messages (schema id 3) published by the service.
 SCORE_STREAM_ID = 1002
 
 #: Default ZeroMQ endpoint the service binds a SUB socket to for ticks.
@@ -331,7 +335,7 @@ class MetricsConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
 
     def __post_init__(self) -> None:
         if self.endpoint:
-            host, _, port = self.endpoint.rpartition(":")
+            host, _, port = shard_text(self.endpoint, 0).rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"endpoint = {self.endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
 
@@ -359,6 +363,47 @@ class OutputConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     dir: str = ""
 
 
+_SHARD_RE = re.compile(r"\{(?:(\d+)\+)?shard\}")
+
+
+def shard_text(text: str, shard: int) -> str:
+    """Return ``text`` with ``{shard}`` replaced by ``shard`` and ``{N+shard}`` by N + shard."""
+    return _SHARD_RE.sub(lambda m: str(int(m.group(1) or 0) + shard), text)
+
+
+class ClusterConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Sharding: instruments partitioned across ``shards`` service processes (README, "Scale-out").
+
+    In a cluster's config, the endpoints and paths each shard must own alone carry a
+    ``{shard}`` placeholder (``{N+shard}`` for ports): ``tcp://127.0.0.1:{5560+shard}``.
+    """
+
+    #: Number of shards (1 = not sharded).
+    shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    #: This process's shard (``serve --shard K`` overrides; ``serve --shards N`` starts them all).
+    shard: NonNegative = 0
+    #: Explicit symbol lists, one per shard; [] = by hash (FNV-1a 64 of the symbol mod shards).
+    #: A symbol listed nowhere is hashed.
+    partitions: list[list[str]] = []
+    #: ``serve --shards``: the hot core of each shard, in shard order ([] = the allowed cores
+    #: except the lowest, round robin; one core: all on it).
+    cores: list[NonNegative] = []
+    #: ``serve --shards``: the first restart of a dead shard waits this long (ms); doubled after
+    #: each death within a minute of its start, up to ``restart_backoff_max_ms``.
+    restart_backoff_ms: Positive = 500
+    restart_backoff_max_ms: Positive = 30_000
+
+    def __post_init__(self) -> None:
+        if self.shard >= self.shards:
+            raise ValueError(f"shard = {self.shard}: shards are numbered 0 .. {self.shards - 1}")
+        Partition(self.shards, self.partitions)  # raises on a bad list
+
+    @property
+    def partition(self) -> Partition:
+        """Return the cluster's partition function."""
+        return Partition(self.shards, self.partitions)
+
+
 class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The whole ``tickscore serve`` configuration."""
 
@@ -380,6 +425,7 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
     security: SecurityConfig = SecurityConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def __post_init__(self) -> None:
         if not self.instruments:
@@ -411,10 +457,75 @@ class ServiceConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
             raise ValueError(f"max_instruments = {self.max_instruments} is fewer than the "
                              f"{len(self.instruments)} instruments listed")  # fmt: skip
 
+    def for_shard(self, shard: int) -> ServiceConfig:
+        """Return the config of shard ``shard`` of this cluster config (placeholders filled in).
+
+        Raises :class:`ConfigError` when an endpoint or path every shard would bind alone
+        has no ``{shard}`` placeholder (two shards on one host would collide).
+        """
+        c = self.cluster
+        if not 0 <= shard < c.shards:
+            raise ConfigError(f"shard {shard}: [cluster] shards = {c.shards} numbers them "
+                              f"0 .. {c.shards - 1}")
+        src, snk = self.effective_sources, self.effective_sinks
+        if c.shards > 1:
+            own = [("sinks.zmq.endpoint", snk.zmq.endpoint if snk.zmq and snk.zmq.bind else ""),
+                   ("sources.zmq.endpoint", src.zmq.endpoint if src.zmq and src.zmq.bind else ""),
+                   ("control.endpoint", self.control.endpoint), ("metrics.endpoint", self.metrics.endpoint),
+                   ("output.dir", self.output.dir),
+                   ("aeron.dir", self.aeron.dir if self.aeron.embedded else "")]  # fmt: skip
+            for key, text in own:
+                if text and not _SHARD_RE.search(text):
+                    raise ConfigError(f"{key} = {text!r}: every shard would use it; put {{shard}} in it "
+                                      f"(ports: {{N+shard}}, e.g. tcp://127.0.0.1:{{5560+shard}})")
+        f = functools.partial(shard_text, shard=shard)
+        rep = msgspec.structs.replace
+        if src.zmq is not None:
+            src = rep(src, zmq=rep(src.zmq, endpoint=f(src.zmq.endpoint)))
+        if src.aeron is not None:
+            src = rep(src, aeron=rep(src.aeron, channel=f(src.aeron.channel)))
+        if snk.zmq is not None:
+            snk = rep(snk, zmq=rep(snk.zmq, endpoint=f(snk.zmq.endpoint)))
+        if snk.aeron is not None:
+            snk = rep(snk, aeron=rep(snk.aeron, channel=f(snk.aeron.channel)))
+        aeron_dir = f(self.aeron.dir)
+        if c.shards > 1 and self.aeron.embedded and not aeron_dir:  # one embedded driver per shard
+            aeron_dir = f"{default_aeron_dir()}-shard{shard}"
+        engine = self.engine
+        if c.cores:
+            engine = rep(engine, pin=c.cores[shard % len(c.cores)])
+        return rep(self, sources=src, sinks=snk, engine=engine,
+                   control=rep(self.control, endpoint=f(self.control.endpoint)),
+                   metrics=rep(self.metrics, endpoint=f(self.metrics.endpoint)),
+                   output=rep(self.output, dir=f(self.output.dir)),
+                   aeron=rep(self.aeron, dir=aeron_dir), cluster=rep(c, shard=shard))
+
+    @property
+    def owned_instruments(self) -> list[str]:
+        """Return the listed instruments this shard owns (all of them when not sharded)."""
+        c = self.cluster
+        if c.shards == 1:
+            return list(self.instruments)
+        return c.partition.owned(self.instruments, c.shard)
+
+    @property
+    def tick_topics(self) -> list[str]:
+        """Return the topic prefixes of the ZeroMQ tick source.
+
+        A shard with a fixed table (``max_instruments = 0``) and the default ``[""]``
+        subscribes to the symbols it owns: the publisher's topic filter then sends it
+        only those (a longer symbol sharing a prefix still arrives, and is skipped).
+        """
+        z = self.effective_sources.zmq
+        topics = list(z.subscribe) if z is not None else [""]
+        if self.cluster.shards > 1 and topics == [""] and not self.max_instruments:
+            return self.owned_instruments
+        return topics
+
     @property
     def instrument_slots(self) -> int:
         """Return the number of instrument slots (state rows) the service allocates."""
-        return max(self.max_instruments, len(self.instruments))
+        return max(self.max_instruments, len(self.owned_instruments), 1)
 
     @property
     def effective_sources(self) -> SourcesConfig:

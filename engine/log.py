@@ -23,11 +23,18 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["configure", "log", "FORMATS"]
+__all__ = ["configure", "log", "set_context", "FORMATS"]
 
 FORMATS = ("text", "json")
 _LOGGER = logging.getLogger("tickscore")
 _LOGGER.propagate = False
+#: fields written on every line (e.g. ``shard`` of a cluster's process), see :func:`set_context`
+_CONTEXT: dict = {}
+
+
+def set_context(**fields) -> None:
+    """Write ``fields`` on every later line of this process (a shard's number, say)."""
+    _CONTEXT.update(fields)
 
 
 def _ts(record: logging.LogRecord) -> str:
@@ -47,7 +54,7 @@ class TextFormatter(logging.Formatter):
     """``TS LEVEL tickscore COMPONENT: message key=value ...``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None) or {}
+        fields = {**_CONTEXT, **(getattr(record, "fields", None) or {})}
         msg = record.getMessage()
         if "\n" in msg:  # a report block: its fields are in its text already (JSON keeps them)
             return f"{_ts(record)} {record.levelname} {_name(record)}: {msg}"
@@ -61,7 +68,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj = {"ts": _ts(record), "level": record.levelname, "logger": _name(record),
                "event": getattr(record, "event", "") or "log", "msg": record.getMessage()}
-        for k, v in (getattr(record, "fields", None) or {}).items():
+        for k, v in {**_CONTEXT, **(getattr(record, "fields", None) or {})}.items():
             obj.setdefault(k, v)
         return json.dumps(obj, default=str)
 

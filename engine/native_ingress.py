@@ -78,8 +78,10 @@ _EAGAIN = 11
 (I_SOCK, I_BUF, I_BUF_CAP, I_TICKS, I_ROWS, I_INGRESS, I_COUNTERS, I_N_COUNTERS, I_HASH, I_HASH_MASK,
  I_SYM, I_SYM_LEN_TOTAL, I_SYM_OFF, I_N_SYM, I_PENDING, I_PENDING_T, I_RECEIVED, I_OUT_I, I_OUT_F,
  I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK, I_MAX_EVENT,
- I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD) = range(35)
-ICTX_LEN = 35
+ I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD, I_SKIPPED) = range(36)
+ICTX_LEN = 36
+#: the symbol index's id of another shard's instrument (skipped and counted, not rejected)
+FOREIGN = -2
 
 
 @njit(cache=True, nogil=True)
@@ -92,10 +94,13 @@ def fnv1a(buf, start, length):
 
 
 class SymbolIndex:
-    """Open-addressing hash table of an instrument table, for the compiled symbol lookup."""
+    """Open-addressing hash table of an instrument table, for the compiled symbol lookup.
 
-    def __init__(self, ids: dict[str, int]) -> None:
-        raw = [(s.encode(), i) for s, i in ids.items()]
+    ``foreign`` symbols (other shards' instruments) map to :data:`FOREIGN`.
+    """
+
+    def __init__(self, ids: dict[str, int], foreign: Sequence[str] = ()) -> None:
+        raw = [(s.encode(), i) for s, i in ids.items()] + [(s.encode(), FOREIGN) for s in foreign]
         blob = b"".join(r for r, _ in raw)
         self.sym = np.frombuffer(blob or b"\0", np.uint8).copy()
         self.n = len(raw)
@@ -161,6 +166,9 @@ def _ingest(C, buf, n, t, k):
     sym = carray(_ptr(C[I_SYM], np.uint8), (C[I_SYM_LEN_TOTAL],))
     off = carray(_ptr(C[I_SYM_OFF], np.int64), (3 * max(C[I_N_SYM], 1),))
     inst = _lookup(buf, out_i[I_SYM_START], out_i[I_SYM_LEN], table, C[I_HASH_MASK], sym, off)
+    if inst == FOREIGN:  # another shard's instrument
+        C[I_SKIPPED] += 1
+        return 0
     if inst < 0:  # Python decides (admission on first sight, or the reject)
         C[I_PENDING] = n
         C[I_PENDING_T] = t
@@ -276,12 +284,17 @@ class _NativeRows(_LiveSource):
         self.C[I_COUNTERS], self.C[I_N_COUNTERS] = c.ctypes.data, c.shape[0]
 
     def _index_symbols(self) -> None:
-        idx = SymbolIndex(self.slot.ids)
+        idx = SymbolIndex(self.slot.ids, list(self.slot.foreign))
         self._index = idx
         C = self.C
         C[I_HASH], C[I_HASH_MASK] = idx.table.ctypes.data, idx.table.shape[0] - 1
         C[I_SYM], C[I_SYM_LEN_TOTAL] = idx.sym.ctypes.data, idx.sym.shape[0]
         C[I_SYM_OFF], C[I_N_SYM] = idx.off.ctypes.data, idx.n
+
+    @property
+    def native_skipped(self) -> int:
+        """Ticks of other shards' instruments skipped in compiled code (the slot counts the rest)."""
+        return int(self.C[I_SKIPPED])
 
     @property
     def counters(self) -> np.ndarray:
@@ -313,7 +326,7 @@ class _NativeRows(_LiveSource):
             self.ticks[k] = slot.ticks[0]
             self.ingress_ns[k] = t
             k += 1
-        if len(slot.ids) != self._index.n:  # a new instrument was admitted
+        if len(slot.ids) + len(slot.foreign) != self._index.n:  # a new instrument (or another shard's)
             self._index_symbols()
         return k
 

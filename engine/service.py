@@ -55,6 +55,7 @@ from engine.config import ServiceConfig, check_output_dir
 from engine.control import DEFER, ControlServer
 from engine.log import configure as configure_log
 from engine.log import log
+from engine.log import set_context as set_log_context
 from engine.metrics import MetricsServer, MetricsSnapshot
 from engine.native_aeron import AeronCClient, NativeAeronPublisher
 from engine.native_ingress import NativeAeronTickSource, NativeZmqTickSource
@@ -83,6 +84,13 @@ __all__ = [
 _HK_BY_IDLE = {"busy-spin": 1024, "yield": 1024, "backoff": 64, "sleep": 16}
 _CONTROL_PERIOD_NS = 1_000_000
 _SLOW_PERIOD_NS = 100_000_000
+
+
+def _env_int(name: str) -> int:
+    try:
+        return max(0, int(os.environ.get(name, "0")))
+    except ValueError:
+        return 0
 
 
 def _log(msg: str, event: str = "", level: int = logging.INFO, **fields) -> None:
@@ -183,6 +191,10 @@ class Service:
         self.hist = LatencyHistogram()  # every tick so far, for status (bounded memory)
         self.folded = 0
         self.t_start_ns = time.perf_counter_ns()
+        #: this run's epoch (wall clock at start, ns): in every Score, new after a restart
+        self.epoch = time.time_ns()
+        #: restarts of this shard before this run (set by ``serve --shards``' supervisor)
+        self.restarts = _env_int("TICKSCORE_RESTARTS")
         self.t_ready_ns = 0
         self.t_stop_ns = 0
         self.drained = 0
@@ -281,11 +293,20 @@ class Service:
         src_cfg, snk_cfg = cfg.effective_sources, cfg.effective_sinks
         # every instrument slot's state is allocated now; a symbol seen first on the wire
         # takes a free slot (max_instruments) and its name is set here, off the per-tick path
+        # a shard of a cluster holds the instruments it owns; other shards' ticks are skipped
+        cl = cfg.cluster
+        owned = cfg.owned_instruments
+        owns = None
+        if cl.shards > 1:
+            part, me = cl.partition, cl.shard
+            owns = lambda sym: part.shard_of(sym) == me  # noqa: E731 - first sight of a symbol only
+            _log(f"shard {me} of {cl.shards}: owns {len(owned)} of the {len(cfg.instruments)} listed "
+                 f"instruments ({', '.join(owned[:8])}{' ...' if len(owned) > 8 else ''})", event="shard")
         n_slots = cfg.instrument_slots
-        symbols = list(cfg.instruments) + [""] * (n_slots - len(cfg.instruments))
-        slot = TickSlot(cfg.instruments, capacity=n_slots if cfg.max_instruments else None,
+        symbols = owned + [""] * (n_slots - len(owned))
+        slot = TickSlot(owned, capacity=n_slots if cfg.max_instruments else None,
                         on_new=self._on_new_instrument,
-                        max_ahead_ns=cfg.engine.max_event_ahead_s * 1_000_000_000)  # fmt: skip
+                        max_ahead_ns=cfg.engine.max_event_ahead_s * 1_000_000_000, owns=owns)  # fmt: skip
         self.slot = slot
         if src_cfg.zmq is not None:
             z = src_cfg.zmq
@@ -294,7 +315,7 @@ class Service:
             zsrc = NativeZmqTickSource if native_in else ZmqTickSource
             extra = {"rows": cfg.engine.batch} if native_in else {}
             self.sources.append(
-                zsrc(self.ctx, z.endpoint, bind=z.bind, subscribe=z.subscribe, rcvhwm=z.rcvhwm, slot=slot,
+                zsrc(self.ctx, z.endpoint, bind=z.bind, subscribe=cfg.tick_topics, rcvhwm=z.rcvhwm, slot=slot,
                      configure=self._secure("ticks"), **extra)
             )
             self._remember_ipc(z.endpoint, z.bind)
@@ -344,7 +365,7 @@ class Service:
                                  recorder_capacity=cfg.engine.recorder_capacity,
                                  progress=self._housekeeping,
                                  max_model_call_us=cfg.model.max_call_us, loop=cfg.engine.loop,
-                                 batch=cfg.engine.batch)  # fmt: skip
+                                 batch=cfg.engine.batch, shard=cl.shard, epoch=self.epoch)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
         self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now
@@ -697,11 +718,20 @@ class Service:
             "security": self._security_state(),
             "control": dict(self.control_results),
             "metrics": self.metrics.endpoint if self.metrics is not None else "",
+            "cluster": self._cluster_state(),
             **self._input_state(),
         }
         if agent.reloads:
             rec["reloads"] = [t.as_dict() for t in list(agent.reloads)[-8:]]
         return rec
+
+    def _cluster_state(self) -> dict:
+        """Return this process's place in its cluster: shard, epoch, restarts, skipped ticks."""
+        cl = self.cfg.cluster
+        skipped = self.slot.skipped if self.slot is not None else 0
+        skipped += sum(s.native_skipped for s in self.sources if hasattr(s, "native_skipped"))
+        return {"shard": cl.shard, "shards": cl.shards, "epoch": self.epoch, "restarts": self.restarts,
+                "partition": "explicit+hash" if cl.partitions else "hash", "skipped": int(skipped)}
 
     def _security_state(self) -> dict:
         """Return whether CURVE is on and the refused handshakes per socket."""
@@ -825,6 +855,7 @@ class Service:
                 "reloads": [t.as_dict() for t in agent.reloads],
                 "unscored_at_stop": dict(self.unscored_at_stop),
                 "security": self._security_state(),
+                "cluster": self._cluster_state(),
                 "control": dict(self.control_results),
                 **self._input_state(),
             },
@@ -893,6 +924,8 @@ def run_service(cfg: ServiceConfig, config_path: str | None = None, log_format: 
     ``log_format`` ("text" / "json") overrides ``[log] format``.
     """
     configure_log(log_format or cfg.log.format)
+    if cfg.cluster.shards > 1:
+        set_log_context(shard=cfg.cluster.shard)
     service = Service(cfg, config_path)
     old = _install_signals(service)
     try:

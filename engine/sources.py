@@ -141,8 +141,12 @@ class TickSlot:
     #: longest symbol a slot takes on first sight (longer ones are malformed)
     MAX_SYMBOL_BYTES = 64
 
+    #: foreign symbols remembered (for the compiled sources' cheap skip); beyond, they are hashed each time
+    MAX_FOREIGN = 65_536
+
     def __init__(self, instruments: Sequence[str], capacity: int | None = None,
-                 on_new: Callable[[int, str], None] | None = None, max_ahead_ns: int = 0) -> None:
+                 on_new: Callable[[int, str], None] | None = None, max_ahead_ns: int = 0,
+                 owns: Callable[[str], bool] | None = None) -> None:
         #: a tick whose ts_event_ns is above this is ``implausible_time`` (0 = no bound); the
         #: service moves it with the wall clock in housekeeping (:meth:`advance_clock`)
         self.max_ahead_ns = int(max_ahead_ns)
@@ -155,6 +159,11 @@ class TickSlot:
         self.capacity = len(self.ids) if capacity is None else max(int(capacity), len(self.ids))
         self.dynamic = capacity is not None
         self.on_new = on_new
+        #: a shard of a cluster: ``owns(symbol)`` says whether this shard scores it; the
+        #: ticks of the others are skipped and counted here, not rejected
+        self.owns = owns
+        self.skipped = 0
+        self.foreign: dict[str, None] = {}
         self.counters = np.zeros(N_REJECT_REASONS, dtype=np.int64)
         self._decode = msgspec.msgpack.Decoder(StrictTick).decode
         self._pack_into = _tick_struct().pack_into
@@ -212,7 +221,12 @@ class TickSlot:
         return True
 
     def _admit(self, symbol: str) -> int:
-        """Give ``symbol`` the next free slot (first sight) or count the reject; return id or -1."""
+        """Give ``symbol`` the next free slot (first sight) or count the reject or skip; return id or -1."""
+        if self.owns is not None and not self.owns(symbol):  # another shard's instrument
+            self.skipped += 1
+            if len(self.foreign) < self.MAX_FOREIGN:
+                self.foreign[symbol] = None
+            return -1
         if not self.dynamic:
             self.counters[REJECT_UNKNOWN_INSTRUMENT] += 1
             return -1
