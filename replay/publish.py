@@ -27,6 +27,7 @@ import time
 import numpy as np
 import zmq
 
+from engine.partition import Partition
 from engine.security import ClientKeys, apply_client
 from engine.wire import Tick, encode_tick
 from engine.zmq_io import ensure_ipc_free, raw_send
@@ -179,12 +180,53 @@ def _encode_chunk(ticks: np.ndarray, symbols: list[str], topics: list[bytes], sh
     return payloads, tp, ts_event
 
 
+def _open_xpub(ctx, target: dict, spec: dict):
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 5000)
+    if target.get("expect"):
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscriptions, duplicates too
+    apply_client(sock, ClientKeys.from_text(spec.get("curve")))  # a CURVE service
+    if target["bind"]:
+        ensure_ipc_free(target["endpoint"])
+        sock.bind(target["endpoint"])
+    else:
+        sock.connect(target["endpoint"])
+    return sock
+
+
+def _await_subscribers(sock, target: dict, spec: dict) -> None:
+    """Wait for the service's SUB subscription (else the first ticks are lost).
+
+    ``target["expect"]``: the topics every shard subscribes to (a list with repeats); all
+    of them must have arrived, so no shard misses the first ticks of a publish-once.
+    """
+    timeout_s = spec.get("connect_timeout_s", 30)
+    want = list(target.get("expect") or [])
+    deadline = time.monotonic() + timeout_s
+    first = True
+    while first or want:
+        left = int((deadline - time.monotonic()) * 1000)
+        if left <= 0 or not sock.poll(left):
+            what = f"{len(want)} shard subscriptions still missing ({', '.join(want[:6])})" if not first \
+                else "no service subscribed to the ticks"
+            raise TimeoutError(f"{what} on {target['endpoint']} within {timeout_s} s "
+                               f"(is it running, and bound there?)")
+        msg = sock.recv()
+        first = False
+        if msg[:1] == b"\x01" and msg[1:].decode(errors="replace") in want:
+            want.remove(msg[1:].decode())
+
+
 def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     """Send a file's ticks as ``spec`` says; return what was sent and when.
 
     ``spec`` keys: ``data`` and the reading options of :func:`open_for_wire`
     (``map``, ``map_file``, ``shape``, ``sort_by_exchange_time``), ``limit``; ``via``
-    (``zmq``: ``endpoint``, ``bind``; ``aeron``: ``aeron_dir``, ``channel``, ``stream_id``),
+    (``zmq``: ``endpoint``, ``bind``; ``aeron``: ``aeron_dir``, ``channel``, ``stream_id``;
+    a cluster: ``zmq_targets`` (``endpoint``, ``bind``, ``expect``) or ``aeron_channels``, one
+    per shard, and ``route`` (``[shards, partitions]``: each tick goes to the target of its
+    instrument's shard), see :func:`cluster_targets`),
     ``connect_timeout_s``; pace ``speed`` (x recorded) or ``rate`` (ticks/s), neither =
     back to back; ``sleep_margin_us``, ``rt_priority``, ``cpus``; event times rebased
     to now (after ``min_event_ns``) unless ``keep_times``.
@@ -209,30 +251,29 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     shift = base - ts0
 
     via = spec["via"]
+    # a cluster: ``route`` maps each symbol to the target (shard) that gets its ticks
+    route = Partition(*spec["route"]) if spec.get("route") else None
+    dest_of = np.asarray([route.shard_of(s) if route else 0 for s in symbols], dtype=np.int64)
     if via == "zmq":
         ctx = zmq.Context(io_threads=1)
-        sock = ctx.socket(zmq.XPUB)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.LINGER, 5000)
-        apply_client(sock, ClientKeys.from_text(spec.get("curve")))  # a CURVE service
-        if spec["bind"]:
-            ensure_ipc_free(spec["endpoint"])
-            sock.bind(spec["endpoint"])
-        else:
-            sock.connect(spec["endpoint"])
-        # wait for the service's SUB subscription, else the first ticks are lost
-        if not sock.poll(int(spec.get("connect_timeout_s", 30) * 1000)):
-            sock.close(0)
+        targets = spec.get("zmq_targets") or [{"endpoint": spec["endpoint"], "bind": spec["bind"]}]
+        socks = []
+        try:
+            for tg in targets:
+                socks.append(_open_xpub(ctx, tg, spec))
+            for tg, sock in zip(targets, socks, strict=True):
+                _await_subscribers(sock, tg, spec)
+        except BaseException:
+            for sock in socks:
+                sock.close(0)
             ctx.term()
-            raise TimeoutError(f"no service subscribed to the ticks on {spec['endpoint']} within "
-                               f"{spec.get('connect_timeout_s', 30)} s (is it running, and bound there?)")
-        sock.recv()
+            raise
         time.sleep(0.05)
         more, flags_last = zmq.SNDMORE, 0
+        sends = [raw_send(sock) for sock in socks]
 
-        sendz = raw_send(sock)
-
-        def send(topic: bytes, payload: bytes) -> int:
+        def send(topic: bytes, payload: bytes, d: int = 0) -> int:
+            sendz = sends[d]
             sendz(topic, more)
             sendz(payload, flags_last)
             return 0
@@ -242,16 +283,19 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
 
         aeron = connect_client(spec["aeron_dir"], on_error=lambda c, m: print(f"publisher: aeron {m}",
                                                                               file=sys.stderr))
-        pub = aeron.add_exclusive_publication(spec["channel"], spec["stream_id"])
-        try:
-            pub.await_connected(timeout=spec.get("connect_timeout_s", 30))
-        except Exception as exc:  # noqa: BLE001 - pyaeron raises its own error types
-            aeron.close()
-            raise TimeoutError(f"no service subscribed to {spec['channel']} stream {spec['stream_id']} "
-                               f"within {spec.get('connect_timeout_s', 30)} s: {exc}") from None
-        offer = pub.offer
+        offers = []
+        for channel in spec.get("aeron_channels") or [spec["channel"]]:
+            pub = aeron.add_exclusive_publication(channel, spec["stream_id"])
+            try:
+                pub.await_connected(timeout=spec.get("connect_timeout_s", 30))
+            except Exception as exc:  # noqa: BLE001 - pyaeron raises its own error types
+                aeron.close()
+                raise TimeoutError(f"no service subscribed to {channel} stream {spec['stream_id']} "
+                                   f"within {spec.get('connect_timeout_s', 30)} s: {exc}") from None
+            offers.append(pub.offer)
 
-        def send(topic: bytes, p: bytes) -> int:
+        def send(topic: bytes, p: bytes, d: int = 0) -> int:
+            offer = offers[d]
             retries = 0
             while offer(p) is not True:  # back-pressured / not connected: retry, time keeps running
                 retries += 1
@@ -294,6 +338,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         if limit is not None:
             ticks = ticks[: limit - n]
         payloads, tp, ts_event = _encode_chunk(ticks, symbols, topics, shift)
+        dest = dest_of[ticks["instrument"]].tolist()
         m = len(payloads)
         due = intended_times(ticks["ts_event_ns"], start, speed=speed, rate=rate, ts0=ts0, first_index=n)
         due_l = due.tolist()
@@ -317,7 +362,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             else:
                 now = clock()
             sent[i] = now
-            retries_total += send(tp[i], payloads[i])
+            retries_total += send(tp[i], payloads[i], dest[i])
         gc.enable()
         rec["intended"].append(due if paced else sent)
         rec["sent_ns"].append(sent)
@@ -330,7 +375,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     wall_s = (clock() - t_start) / 1e9
     time.sleep(0.2)
     if via == "zmq":
-        sock.close()  # linger: queued ticks are still delivered
+        for sock in socks:
+            sock.close()  # linger: queued ticks are still delivered
         ctx.term()
     else:
         aeron.close()
@@ -338,3 +384,39 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
             "symbols": symbols, "reader_rejected": {k: v for k, v in chunks.rejected.items() if v},
             **{k: np.concatenate(v) for k, v in rec.items()}}
+
+
+def cluster_targets(cfg, via: str) -> dict:
+    """Return the ``publish_ticks`` spec entries that send ``symbols`` to the shards of ``cfg``.
+
+    * **once**: every shard's ZeroMQ source connects to one endpoint (``bind = false``):
+      the publisher binds it and waits until every shard has subscribed; ZeroMQ's topic
+      filter gives each shard its instruments (a shard skips any other that reaches it).
+      Over Aeron, one channel for all shards: each receives every tick and skips others'.
+    * **routed**: each shard binds its own ZeroMQ endpoint, or listens on its own Aeron
+      channel: one connection per shard, and each tick goes to its instrument's shard
+      only (the partition function of :mod:`engine.partition`).
+    """
+    c = cfg.cluster
+    shards = [cfg.for_shard(k) for k in range(c.shards)]
+    route = [c.shards, [list(p) for p in c.partitions]]  # Partition(*route), in publish_ticks
+    if via == "zmq":
+        zs = [sc.effective_sources.zmq for sc in shards]
+        if any(z is None for z in zs):
+            raise ValueError("the cluster's shards have no ZeroMQ tick source ([sources.zmq])")
+        eps = [z.endpoint for z in zs]
+        if len(set(eps)) == 1 and not zs[0].bind:
+            expect = [t for sc in shards for t in sc.tick_topics]
+            return {"mode": "once", "endpoint": eps[0], "route": None,
+                    "zmq_targets": [{"endpoint": eps[0], "bind": True, "expect": expect}]}
+        if len(set(eps)) == len(eps) and all(z.bind for z in zs):
+            return {"mode": "routed", "endpoint": ", ".join(eps), "route": route,
+                    "zmq_targets": [{"endpoint": e, "bind": False} for e in eps]}
+        raise ValueError("[sources.zmq] of a cluster: either bind = false on one endpoint (the publisher "
+                         "binds it, publish once) or bind = true on an endpoint per shard ({shard})")
+    chans = [sc.effective_sources.aeron.channel if sc.effective_sources.aeron else None for sc in shards]
+    if any(ch is None for ch in chans):
+        raise ValueError("the cluster's shards have no Aeron tick source ([sources.aeron])")
+    if len(set(chans)) == 1:
+        return {"mode": "once", "channel": chans[0], "route": None, "aeron_channels": chans[:1]}
+    return {"mode": "routed", "channel": ", ".join(chans), "route": route, "aeron_channels": chans}

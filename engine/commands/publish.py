@@ -7,11 +7,17 @@ from pathlib import Path
 
 from engine.argtypes import add_client_key_arguments, add_input_arguments, client_keys_of
 from engine.argtypes import speed as _speed
-from engine.config import DEFAULT_CONTROL_ENDPOINT, DEFAULT_TICK_ENDPOINT, TICK_STREAM_ID, default_aeron_dir
+from engine.config import (
+    DEFAULT_CONTROL_ENDPOINT,
+    DEFAULT_TICK_ENDPOINT,
+    TICK_STREAM_ID,
+    default_aeron_dir,
+    load_config,
+)
 from engine.control import status_or_none
 from replay.generator import default_data_path
 from replay.mapping import mapping_from_cli
-from replay.publish import check_service_shape, first_event_after, parse_rate, publish_ticks
+from replay.publish import check_service_shape, cluster_targets, first_event_after, parse_rate, publish_ticks
 from replay.reader import resolve_shape
 
 
@@ -46,6 +52,10 @@ def register(sub) -> None:
                    help="the service's control endpoint, asked for the last event time it saw so "
                         "rebased times start after it (default tcp://127.0.0.1:5590; '' = do not ask)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--cluster", metavar="FILE",
+                   help="send to every shard of this cluster config: once for all (the shards connect "
+                        "to one endpoint) or routed by instrument (an endpoint or Aeron channel per shard); "
+                        "README, Scale-out")
     add_input_arguments(p)
     add_client_key_arguments(p, config=True)
     p.set_defaults(handler=cmd_publish)
@@ -69,8 +79,15 @@ def cmd_publish(args) -> int:
             "connect_timeout_s": args.connect_timeout, "keep_times": args.keep_times,
             "speed": speed, "rate": None if speed is not None else args.rate,
             "sleep_margin_us": 150.0, "rt_priority": 0}
-    control = DEFAULT_CONTROL_ENDPOINT if args.control is None else args.control
-    if not args.keep_times and control:
+    ccfg = load_config(args.cluster) if args.cluster else None
+    if ccfg is not None and args.endpoint:
+        raise ValueError("--cluster takes the endpoints from the cluster config: give no ENDPOINT")
+    controls = [DEFAULT_CONTROL_ENDPOINT if args.control is None else args.control]
+    if ccfg is not None:
+        controls = [ccfg.for_shard(k).control.endpoint for k in range(ccfg.cluster.shards)]
+    for control in controls if not args.keep_times else []:
+        if not control:
+            continue
         # the service rejects an instrument's tick older than its last one (time_backwards):
         # start the rebased times after whatever it has seen, as replay --via does
         st = status_or_none(control, 2.0, keys)
@@ -80,8 +97,18 @@ def cmd_publish(args) -> int:
                   f"--control ENDPOINT names the service's control socket)", file=sys.stderr)
         else:
             check_service_shape(st, shape, "tickscore publish")
-            spec["min_event_ns"] = first_event_after(st)
-    if endpoint.startswith("aeron:"):
+            spec["min_event_ns"] = max(spec.get("min_event_ns", 0), first_event_after(st))
+    if ccfg is not None:
+        via = "aeron" if ccfg.effective_sources.zmq is None else "zmq"
+        tg = cluster_targets(ccfg, via)
+        spec.update(tg, via=via)
+        if via == "aeron":
+            spec.update(stream_id=ccfg.effective_sources.aeron.stream_id,
+                        aeron_dir=args.aeron_dir or ccfg.for_shard(0).aeron_dir)
+        elif keys is not None:
+            spec["curve"] = keys.as_text()
+        where = f"{ccfg.cluster.shards} shards ({tg['mode']}: {tg.get('endpoint') or tg.get('channel')})"
+    elif endpoint.startswith("aeron:"):
         spec.update(via="aeron", channel=endpoint, stream_id=args.stream_id or TICK_STREAM_ID,
                     aeron_dir=args.aeron_dir or default_aeron_dir())
         where = f"{endpoint} stream {spec['stream_id']} (driver {spec['aeron_dir']})"
