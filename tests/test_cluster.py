@@ -338,3 +338,25 @@ endpoint = "tcp://127.0.0.1:{{{port}+shard}}"
     # every tick scored exactly once, except shard 1's instruments while it was down
     want = Counter(syms[:3000]) + Counter(s for s in syms[:3000] if owner[s] == 0) + Counter(syms[:3000])
     assert Counter(m[1] for _, m in msgs) == want
+
+
+def test_a_restarted_l3_shard_flags_its_scores_until_its_books_are_rebuilt(tmp_path):
+    """A restarted shard has empty books and joins the order flow mid-stream (README, Scale-out):
+    deletes of orders it never saw are counted ``unknown_order``, and its first scores of each
+    instrument carry ``warmup`` and, until both sides have orders, ``no_book``."""
+    from replay.generator_l3 import generate_l3
+
+    df = generate_l3(30_000, seed=3)
+    mid = tmp_path / "mid.parquet"
+    df.slice(15_000).write_parquet(mid)  # what a shard restarted in the middle of the session receives
+    out = tmp_path / "out"
+    _cli("replay", "--data", mid, "--out", out, "--record-scores", "--no-progress", "--pin", "none")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected_by_reason"].get("unknown_order", 0) > 0
+    import polars as pl
+
+    sc = pl.read_parquet(out / "scores.parquet")
+    for inst in sc["instrument"].unique().to_list():
+        fl = sc.filter(pl.col("instrument") == inst)["flags"].to_list()
+        assert fl[0] & 1 and fl[0] & 4, (inst, fl[:5])  # warm-up, no book yet
+        assert not fl[-1] & 5, (inst, fl[-5:])  # rebuilt by the end of the file
