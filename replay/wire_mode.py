@@ -324,7 +324,7 @@ def _spawn_config(args, symbols: list[str], tmp: Path, *, model: str, crossing_a
              f"idle = {json.dumps(args.idle)}", f"warmup_ticks = {int(args.warmup_ticks)}",
              f"keep_warm_us = {int(args.keep_warm_us)}",
              f"loop = {json.dumps(getattr(args, 'loop', 'auto'))}",
-             f"batch = {int(getattr(args, 'batch', 256))}",
+             *([f"batch = {int(args.batch)}"] if getattr(args, "batch", None) else []),
              "",
              "[model]", f"path = {json.dumps(str(Path(model).resolve()))}",
              f"backend = {json.dumps(args.backend)}", "",

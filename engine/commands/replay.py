@@ -77,8 +77,9 @@ def register(sub) -> None:
         "Score encode, zmq_send, clock readings; fused backend), python = per-tick Python, auto "
         "(default) = native where the backend is fused and the sinks allow; --via: the spawned service's",
     )
-    r.add_argument("--batch", type=_positive_int, default=256, metavar="N",
-                   help="ticks per native duty cycle at most (default 256)")
+    r.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="ticks per native duty cycle at most (default 256 in-process; --via: the "
+                        "service's [engine] batch, 16)")
     r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
     r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
     r.add_argument(
@@ -187,7 +188,7 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         record_scores=args.record_scores,
         loop=args.loop,
-        batch=args.batch,
+        batch=args.batch or 256,
     )
     if args.record_scores and not args.out:
         raise ValueError("--record-scores writes OUT/scores.parquet: give --out DIR")
