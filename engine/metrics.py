@@ -25,7 +25,8 @@ Metric names (all prefixed ``tickscore_``): ``ticks_total``, ``scores_total``,
 ``not_connected_total{sink}``, ``tick_to_decision_seconds`` (histogram),
 ``model_info{version,feature_set,backend}``, ``reloads_total{result}``,
 ``auth_refused_total{socket}``, ``control_requests_total{result}``,
-``errors_total``, ``up``, ``ready``.
+``errors_total``, ``up``, ``ready``, ``shard_info{shard,shards,epoch}``, ``restarts``,
+``skipped_total`` (other shards' ticks).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class MetricsSnapshot:
     refused: dict[str, int] = field(default_factory=dict)
     control: dict[str, int] = field(default_factory=dict)
     model: dict[str, str] = field(default_factory=dict)
+    #: the process's place in its cluster: shard, shards, epoch, restarts, skipped
+    cluster: dict[str, int] = field(default_factory=dict)
     #: time.monotonic() of the housekeeping that made it
     t_mono: float = 0.0
 
@@ -120,6 +123,17 @@ class _Collector:
             info.add_metric([s.model.get("version", ""), s.model.get("feature_set", ""),
                              s.model.get("backend", "")], 1)
         yield info
+        cl = s.cluster
+        shard = GaugeMetricFamily("tickscore_shard_info", "This process's shard of its cluster (0 of 1: "
+                                  "not sharded) and its epoch (start time, ns)",
+                                  labels=["shard", "shards", "epoch"])
+        if cl:
+            shard.add_metric([str(cl["shard"]), str(cl["shards"]), str(cl["epoch"])], 1)
+        yield shard
+        yield GaugeMetricFamily("tickscore_restarts", "Restarts of this shard before this run "
+                                "(serve --shards)", value=cl.get("restarts", 0))
+        yield CounterMetricFamily("tickscore_skipped", "Ticks of other shards' instruments skipped",
+                                  value=cl.get("skipped", 0))
         buckets, total = self._buckets()
         yield HistogramMetricFamily("tickscore_tick_to_decision_seconds",
                                     "Tick-to-decision latency (source read to score published)",

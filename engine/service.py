@@ -485,6 +485,7 @@ class Service:
             control=dict(self.control_results),
             model={"version": agent.model_version, "feature_set": self.feature_set.id,
                    "backend": agent.backend.kind},
+            cluster=self._cluster_state(),
             t_mono=time.monotonic(),
         )
 
