@@ -3,7 +3,7 @@
 One run, this 2-core machine: the hot loop pinned to core 1, ZeroMQ PUB over ipc to
 an independent subscriber process on core 0 that drains every Score, checks that
 ``seq`` is contiguous from 0 and that every payload is exactly msgspec's encoding of
-its decoded row, and digests the Scores without their two clock fields (so the
+its decoded row, and digests the Scores without their two clock fields and the run's epoch (so the
 loops' outputs can be compared score by score).  Configurations, alternated
 ``--repeats`` times (medians of the per-run figures are reported):
 
@@ -66,6 +66,8 @@ while True:
     if topic != m[1].encode():
         topic_bad += 1
     m[4] = m[5] = 0  # ts_in_ns / ts_out_ns: clock readings, differ between runs
+    if len(m) > 10:
+        m[10] = 0  # epoch (Score v2): the run's start time
     h.update(enc.encode(m))
     n += 1
 open(out, "w").write(__import__("json").dumps({"count": n, "seq_gaps": gaps, "noncanonical": noncanonical,
