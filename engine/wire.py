@@ -84,21 +84,6 @@ class Tick(msgspec.Struct, array_like=True, tag=TICK_SCHEMA_ID, frozen=True):
     order_id: int = 0
 
 
-class Score(msgspec.Struct, array_like=True, tag=SCORE_SCHEMA_ID, frozen=True):
-    """Risk score on the wire (schema id 3). See module docstring for the layout."""
-
-    instrument: str
-    seq: int
-    ts_event_ns: int
-    ts_in_ns: int
-    ts_out_ns: int
-    score: float
-    model_version: str
-    flags: int
-    shard: int = 0
-    epoch: int = 0
-
-
 class ScoreV1(msgspec.Struct, array_like=True, tag=SCORE_V1_SCHEMA_ID, frozen=True):
     """Risk score of tickscore before sharding (schema id 2): Score without shard and epoch."""
 
@@ -110,6 +95,13 @@ class ScoreV1(msgspec.Struct, array_like=True, tag=SCORE_V1_SCHEMA_ID, frozen=Tr
     score: float
     model_version: str
     flags: int
+
+
+class Score(ScoreV1, tag=SCORE_SCHEMA_ID, frozen=True):
+    """Risk score on the wire (schema id 3): Score v1's fields, then shard and epoch (module docstring)."""
+
+    shard: int = 0
+    epoch: int = 0
 
 
 #: Field names in wire order (after the schema id), for documentation and tests.
