@@ -67,6 +67,7 @@ from replay.latency import format_table, latency_stats, plot_percentiles, summar
 from replay.mapping import mapping_from_cli
 from replay.publish import (
     check_service_shape,
+    cluster_targets,
     first_event_after,
     first_ticks_for_wire,
     pin_self,
@@ -151,7 +152,8 @@ def _subscriber(spec: dict) -> int:
         if spec["bind"]:
             sock.bind(spec["endpoint"])
         else:
-            sock.connect(spec["endpoint"])
+            for e in spec.get("endpoints") or [spec["endpoint"]]:  # a cluster: every shard's
+                sock.connect(e)
         print("ready", flush=True)
         if mode == "spin":  # this thread only: the I/O thread keeps its normal priority
             prio = _lowest_priority()
@@ -283,12 +285,14 @@ def _subscriber(spec: dict) -> int:
 
 
 def match_scores(pub_inst: np.ndarray, pub_ts: np.ndarray, sub_inst: np.ndarray,
-                 sub_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 sub_ts: np.ndarray, *, merged: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Return (tick index, score index) pairs matching scores to sent ticks in send order.
 
     Scores arrive in the order the ticks were sent (one publisher, one service
     loop); a tick without a score (rejected, dropped) is skipped.  Scores that
-    match no remaining tick (another publisher's) are ignored.
+    match no remaining tick (another publisher's) are ignored.  ``merged``: the
+    scores of several shards, each in send order but interleaved among them: each
+    (instrument, event time) takes its first unmatched tick, pairs sorted by tick.
     """
     n, m = len(pub_ts), len(sub_ts)
     if n == m and np.array_equal(pub_inst, sub_inst) and np.array_equal(pub_ts, sub_ts):
@@ -297,6 +301,17 @@ def match_scores(pub_inst: np.ndarray, pub_ts: np.ndarray, sub_inst: np.ndarray,
     keys = {}
     for i, key in enumerate(zip(pub_inst.tolist(), pub_ts.tolist(), strict=True)):
         keys.setdefault(key, []).append(i)
+    if merged:
+        pairs = []
+        taken = {k: 0 for k in keys}
+        for j, key in enumerate(zip(sub_inst.tolist(), sub_ts.tolist(), strict=True)):
+            cands = keys.get(key)
+            if cands and taken[key] < len(cands):
+                pairs.append((cands[taken[key]], j))
+                taken[key] += 1
+        pairs.sort()
+        return (np.asarray([p[0] for p in pairs], dtype=np.int64),
+                np.asarray([p[1] for p in pairs], dtype=np.int64))
     ti, si = [], []
     last = -1
     for j, key in enumerate(zip(sub_inst.tolist(), sub_ts.tolist(), strict=True)):
@@ -351,6 +366,39 @@ def _spawn_config(args, symbols: list[str], tmp: Path, *, model: str, crossing_a
     path = tmp / "service.toml"
     path.write_text("\n".join(lines))
     return path, ep
+
+
+def _endpoints_from_cluster(cfg, via: str) -> dict:
+    """The endpoints of a running cluster's shards: ticks as ``publish --cluster`` sends them."""
+    if via != "zmq":
+        raise ValueError("--via aeron with a cluster config: not supported (each shard's embedded driver "
+                         "is its own; use --via zmq, or tickscore publish/subscribe --cluster)")
+    shards = [cfg.for_shard(k) for k in range(cfg.cluster.shards)]
+    if any(sc.effective_sinks.zmq is None or sc.effective_sinks.zmq.bind is False for sc in shards):
+        raise ValueError("--via zmq with a cluster config: every shard needs a bound [sinks.zmq]")
+    return {"ticks": cluster_targets(cfg, "zmq"),
+            "scores": {"endpoints": [sc.effective_sinks.zmq.endpoint for sc in shards], "bind": False},
+            "controls": [sc.control.endpoint for sc in shards]}
+
+
+def _cluster_status(controls: list[str], keys) -> dict | None:
+    """Every shard's status folded into one (counts summed), or None when a shard does not answer."""
+    sts = [status_or_none(c, 5.0, keys) for c in controls]
+    if any(st is None for st in sts):
+        return None
+    out = dict(sts[0])
+    for k in ("rejected", "drops", "ticks_in", "scores_out"):
+        out[k] = sum(int(st.get(k, 0)) for st in sts)
+    reasons: dict[str, int] = {}
+    for st in sts:
+        for r, v in st.get("rejected_by_reason", {}).items():
+            reasons[r] = reasons.get(r, 0) + v
+    out["rejected_by_reason"] = reasons
+    out["last_event_ns"] = max(int(st.get("last_event_ns") or 0) for st in sts)
+    out["sinks"] = {"zmq": {"subscribers": min(st.get("sinks", {}).get("zmq", {}).get("subscribers", 0)
+                                               for st in sts)}}  # fmt: skip
+    out["shards"] = len(sts)
+    return out
 
 
 def _endpoints_from_config(cfg, via: str) -> dict:
@@ -483,9 +531,18 @@ def run_wire(args) -> WireRun:
             before = _wait_service(service, ep["control"], args.service_timeout, log_path)
         else:
             cfg = load_config(args.service_config)
-            ep = _endpoints_from_config(cfg, args.via)
+            cluster = cfg.cluster.shards > 1
             keys = client_keys_of(args, cfg)
-            before = status_or_none(ep["control"], 5.0, keys)
+            if cluster:  # every shard: ticks sent as publish --cluster does, scores merged
+                ep = _endpoints_from_cluster(cfg, args.via)
+                ep["control"] = None
+                before = _cluster_status(ep["controls"], keys)
+                if before is None:
+                    raise RuntimeError(f"a shard of {args.service_config} does not answer on its control "
+                                       f"socket ({', '.join(ep['controls'])}): is the cluster running?")
+            else:
+                ep = _endpoints_from_config(cfg, args.via)
+                before = status_or_none(ep["control"], 5.0, keys)
             if before is None and ep["control"]:
                 raise RuntimeError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
@@ -520,14 +577,21 @@ def run_wire(args) -> WireRun:
                         sleep_margin_us=args.sleep_margin_us, rt_priority=args.client_rt_priority,
                         min_event_ns=first_event_after(before))
 
+        controls = ep.get("controls")
+
+        def status_now(timeout_s: float = 5.0):
+            if controls:
+                return _cluster_status(controls, keys)
+            return status_or_none(ep["control"], timeout_s, keys)
+
         subs0 = (before or {}).get("sinks", {}).get("zmq", {}).get("subscribers", 0)
         sub = _client("subscribe", sub_spec, tmp / "sub.json")
         procs.append(sub)
         _expect_ready(sub, "subscriber", 60)
-        if args.via == "zmq" and ep["control"]:  # wait until the service's XPUB saw the subscription
+        if args.via == "zmq" and (ep["control"] or controls):  # the service's XPUB saw the subscription
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                st = status_or_none(ep["control"], 1.0, keys) or {}
+                st = status_now(1.0) or {}
                 if st.get("sinks", {}).get("zmq", {}).get("subscribers", 0) > subs0:
                     break
                 time.sleep(0.05)
@@ -543,7 +607,7 @@ def run_wire(args) -> WireRun:
         sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
         if sub.returncode != 0:
             raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
-        after = status_or_none(ep["control"], 5.0, keys)
+        after = status_now()
         final = None
         if spawned:
             final = _stop_service(service, ep["control"])
@@ -564,7 +628,8 @@ def run_wire(args) -> WireRun:
         raise RuntimeError(f"no results (service log: {keep_log[-2000:]})")
 
     pubd, subd = tmp_files["pub"], tmp_files["sub"]
-    ti, si = match_scores(pubd["inst"], pubd["ts_event"], subd["inst"], subd["ts_event"])
+    ti, si = match_scores(pubd["inst"], pubd["ts_event"], subd["inst"], subd["ts_event"],
+                          merged=bool(ep.get("controls")))
     intended, sent = pubd["intended"][ti], pubd["sent"][ti]
     recv = subd["recv_ns"][si]
     svc_in, svc_out = subd["ts_in"][si], subd["ts_out"][si]

@@ -306,6 +306,13 @@ endpoint = "tcp://127.0.0.1:{{{port}+shard}}"
         # C: once again, both shards
         _cli("publish", "--cluster", cfg, "--data", data, "--rate", 20000, "--limit", 3000, "--no-progress")
         sub.wait_count(6000 + b0)
+        # D: a wire-mode replay against the running cluster (scores of both shards matched to its ticks)
+        out = tmp_path / "wire"
+        _cli("replay", "--via", "zmq", "--service-config", cfg, "--data", data, "--limit", 1000,
+             "--rate", 5000, "--out", out, "--no-progress")  # fmt: skip
+        wire = json.loads((out / "summary.json").read_text())
+        assert (wire["ticks"], wire["scores"], wire["dropped"], wire["rejected"]) == (1000, 1000, 0, 0), wire
+        sub.wait_count(7000 + b0)
         time.sleep(0.5)
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=60) == 0, (tmp_path / "cluster.log").read_text()
@@ -336,7 +343,8 @@ endpoint = "tcp://127.0.0.1:{{{port}+shard}}"
     for v in seqs.values():
         assert v == list(range(len(v)))
     # every tick scored exactly once, except shard 1's instruments while it was down
-    want = Counter(syms[:3000]) + Counter(s for s in syms[:3000] if owner[s] == 0) + Counter(syms[:3000])
+    want = Counter(syms[:3000]) + Counter(s for s in syms[:3000] if owner[s] == 0) + Counter(syms[:3000]) \
+        + Counter(syms[:1000])
     assert Counter(m[1] for _, m in msgs) == want
 
 
