@@ -15,6 +15,7 @@ the cluster up; a shard that does not answer is reported ``down``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -70,6 +71,15 @@ class _Shard:
     quick_deaths: int = 0
     next_start: float = 0.0
     exits: list[str] = field(default_factory=list)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (even by SIGKILL): no orphan shard."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the shards then outlive a killed supervisor
+        pass
 
 
 def _describe_exit(code: int) -> str:
@@ -129,7 +139,7 @@ class Supervisor:
         if s.core is not None:
             argv += ["--pin", str(s.core)]
         env = dict(os.environ, TICKSCORE_RESTARTS=str(s.restarts))
-        s.proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        s.proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         s.started = time.monotonic()
         _log(f"shard {s.k} started (pid {s.proc.pid}, core {s.core if s.core is not None else 'any'}, "
              f"restarts {s.restarts})", event="shard_started", shard=s.k, pid=s.proc.pid,
