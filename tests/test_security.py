@@ -226,7 +226,7 @@ def test_metrics_and_health_move_with_the_traffic(curve_service, tmp_path):
     assert m1["tickscore_ready"] == 1 and m1["tickscore_up"] == 1
     assert any(k.startswith("tickscore_model_info{") for k in m1)
     st = svc.status()["cluster"]
-    assert m1[f'tickscore_shard_info{{shard="0",shards="1",epoch="{st["epoch"]}"}}'] == 1  # not sharded
+    assert m1[f'tickscore_shard_info{{epoch="{st["epoch"]}",shard="0",shards="1"}}'] == 1  # not sharded
     assert m1["tickscore_restarts"] == 0 and m1["tickscore_skipped_total"] == 0
     assert "process_resident_memory_bytes" in m1
 
