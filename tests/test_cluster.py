@@ -427,3 +427,68 @@ endpoint = ""
     sent = Counter(pl.read_parquet(data)["symbol"].to_list())
     for k in (0, 1):
         assert got[k] == Counter({s: n for s, n in sent.items() if _fnv(s.encode()) % 2 == k})
+
+
+def test_a_routed_publish_over_aeron_offers_each_tick_on_its_shards_channel(tmp_path):
+    """Shards on their own ``aeron:udp`` channels: ``publish --cluster`` offers each tick on its shard's."""
+    pytest.importorskip("pyaeron")
+    import socket
+
+    from engine.aeron_io import AeronRuntime
+
+    data = tmp_path / "six.parquet"
+    _cli("generate", "--out", data, "--events", 2000, "--symbols", ",".join(SIX))
+    for _ in range(50):
+        port = _free_port(socket.SOCK_DGRAM)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            continue
+    rt = AeronRuntime(str(tmp_path / "aeron"), embedded=True)
+    cfg = tmp_path / "routed-aeron.toml"
+    cfg.write_text(f"""
+instruments = {json.dumps(SIX)}
+[cluster]
+shards = 2
+[aeron]
+embedded = false
+dir = "{rt.dir}"
+[sources.aeron]
+channel = "aeron:udp?endpoint=127.0.0.1:{{{port}+shard}}"
+[sinks.zmq]
+endpoint = "ipc://{tmp_path}/s-{{shard}}.ipc"
+[control]
+endpoint = ""
+""")
+    got = [Counter(), Counter()]
+    try:
+        subs = [rt.client.add_subscription(f"aeron:udp?endpoint=127.0.0.1:{port + k}", 1001) for k in (0, 1)]
+
+        def on(k):
+            def handler(buf, header):
+                m = msgpack.unpackb(bytes(buf))
+                got[k][m[2]] += 1
+            return handler
+
+        handlers = [on(0), on(1)]
+        pub = subprocess.Popen([sys.executable, "-m", "engine.cli", "publish", "--cluster", str(cfg),
+                                "--data", str(data), "--rate", "50000", "--aeron-dir", rt.dir,
+                                "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            n = sum(sub.poll(handlers[k], 100) for k, sub in enumerate(subs))
+            if n == 0 and pub.poll() is not None and sum(map(sum, (c.values() for c in got))) >= 2000:
+                break
+            if n == 0:
+                time.sleep(0.001)
+        err = pub.stderr.read()
+        assert pub.wait(timeout=30) == 0 and "2 shards (routed" in err, err
+    finally:
+        rt.close()
+    import polars as pl
+
+    sent = Counter(pl.read_parquet(data)["symbol"].to_list())
+    for k in (0, 1):
+        assert got[k] == Counter({s: n for s, n in sent.items() if _fnv(s.encode()) % 2 == k})
