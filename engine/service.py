@@ -191,8 +191,6 @@ class Service:
         self.hist = LatencyHistogram()  # every tick so far, for status (bounded memory)
         self.folded = 0
         self.t_start_ns = time.perf_counter_ns()
-        #: this run's epoch (wall clock at start, ns): in every Score, new after a restart
-        self.epoch = time.time_ns()
         #: restarts of this shard before this run (set by ``serve --shards``' supervisor)
         self.restarts = _env_int("TICKSCORE_RESTARTS")
         self.t_ready_ns = 0
@@ -365,7 +363,7 @@ class Service:
                                  recorder_capacity=cfg.engine.recorder_capacity,
                                  progress=self._housekeeping,
                                  max_model_call_us=cfg.model.max_call_us, loop=cfg.engine.loop,
-                                 batch=cfg.engine.batch, shard=cl.shard, epoch=self.epoch)  # fmt: skip
+                                 batch=cfg.engine.batch, shard=cl.shard)  # fmt: skip
         self.source.bind_counters(self.agent.counters)
         self._fold_threshold = max(1, self.agent.recorder.capacity // 2)
         self.hist.compile()  # the fold runs in housekeeping on the hot thread: compile it now
@@ -727,11 +725,12 @@ class Service:
         return rec
 
     def _cluster_state(self) -> dict:
-        """Return this process's place in its cluster: shard, epoch, restarts, skipped ticks."""
+        """Return this process's place in its cluster: shard, epoch (the agent's: in every Score,
+        new after a restart), restarts, skipped ticks."""
         cl = self.cfg.cluster
         skipped = self.slot.skipped if self.slot is not None else 0
         skipped += sum(s.native_skipped for s in self.sources if hasattr(s, "native_skipped"))
-        return {"shard": cl.shard, "shards": cl.shards, "epoch": self.epoch, "restarts": self.restarts,
+        return {"shard": cl.shard, "shards": cl.shards, "epoch": self.agent.epoch, "restarts": self.restarts,
                 "partition": "explicit+hash" if cl.partitions else "hash", "skipped": int(skipped)}
 
     def _security_state(self) -> dict:

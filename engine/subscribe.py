@@ -33,23 +33,8 @@ from engine.security import apply_client
 __all__ = ["Score", "ShardTracker", "subscribe_zmq", "subscribe_aeron"]
 
 
-class Score(msgspec.Struct, array_like=True, tag=3, frozen=True):
-    """A score as on the wire: MessagePack array, schema id 3 first (see README)."""
-
-    instrument: str
-    seq: int
-    ts_event_ns: int
-    ts_in_ns: int
-    ts_out_ns: int
-    score: float
-    model_version: str
-    flags: int
-    shard: int = 0
-    epoch: int = 0
-
-
 class ScoreV1(msgspec.Struct, array_like=True, tag=2, frozen=True):
-    """A score of a service before sharding (schema id 2): no shard, no epoch."""
+    """A score of a service before sharding (schema id 2): no shard, no epoch (read as 0)."""
 
     instrument: str
     seq: int
@@ -61,6 +46,13 @@ class ScoreV1(msgspec.Struct, array_like=True, tag=2, frozen=True):
     flags: int
     shard = 0
     epoch = 0
+
+
+class Score(ScoreV1, tag=3, frozen=True):
+    """A score as on the wire: MessagePack array, schema id 3 first, v1's fields + shard, epoch (README)."""
+
+    shard: int = 0
+    epoch: int = 0
 
 
 FLAG_NAMES = {1: "warmup", 2: "stale_quote", 4: "no_book", 8: "clipped", 16: "no_trades"}
