@@ -30,11 +30,12 @@ OP_QUANT, OP_DEQUANT = 5, 6
 OP_GEMM_F, OP_GEMM_I2F, OP_GEMM_I2Q = 7, 8, 9
 OP_RELU, OP_TANH, OP_SIGMOID = 10, 11, 12
 OP_COPY = 13
+OP_AFFINE_QUANT = 14
 _OP_NAMES = {
     OP_SUB: "sub", OP_MUL: "mul", OP_ADD: "add", OP_CLIP: "clip", OP_QUANT: "quantize",
     OP_DEQUANT: "dequantize", OP_GEMM_F: "gemm_f32", OP_GEMM_I2F: "gemm_int_to_f32",
     OP_GEMM_I2Q: "gemm_int_requant", OP_RELU: "relu", OP_TANH: "tanh", OP_SIGMOID: "sigmoid",
-    OP_COPY: "copy",
+    OP_COPY: "copy", OP_AFFINE_QUANT: "affine_quantize",
 }
 
 
@@ -74,7 +75,35 @@ def _run_program(mi, mf):
         p2 = mi[r + 7]
         p3 = mi[r + 8]
         p4 = mi[r + 9]
-        if op == OP_GEMM_I2Q:
+        if op == OP_AFFINE_QUANT:
+            # the input chain fused: ((x - c) * m), clip to [lo, hi], quantize; each step is
+            # optional (offset -1) and the same float32 operations as the separate ops
+            csub = _u(p0)
+            cmul = _u(p1)
+            clo = mf[p2] if p2 >= 0 else np.float32(0.0)
+            chi = mf[p2 + 1] if p2 >= 0 else np.float32(0.0)
+            s = mf[p3]
+            zp = mi[p4]
+            lo = np.float32(mi[p4 + 1] - zp)
+            hi = np.float32(mi[p4 + 2] - zp)
+            for k in range(n_in):
+                a = mf[src + k]
+                if p0 >= 0:
+                    a = a - mf[csub + k]
+                if p1 >= 0:
+                    a = a * mf[cmul + k]
+                if p2 >= 0:
+                    if a < clo:
+                        a = clo
+                    if a > chi:
+                        a = chi
+                v = a / s
+                if v < lo or v != v:
+                    v = lo
+                if v > hi:
+                    v = hi
+                mi[dst + k] = np.int32(np.rint(v)) + zp
+        elif op == OP_GEMM_I2Q:
             # int GEMM + int32 bias, requantised: q = sat(rne(f32(acc) * M) + zp)
             m = mf[p2]
             zpa = mi[p1]

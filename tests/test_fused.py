@@ -263,6 +263,41 @@ def test_lowering_is_one_program_for_the_ort_optimized_int8_graph():
     assert prog.out_step is not None and 0 < prog.out_step < 0.1
 
 
+@pytest.mark.parametrize("name", ["risk_int8", "risk_trades_int8", "risk_l3_int8"])
+@pytest.mark.parametrize("ort_ops", [False, True])
+def test_fused_input_chain_scores_bit_for_bit_as_the_separate_ops(name, ort_ops, vectors):
+    from models.lowering import _ort_optimized_model
+
+    model = onnx.load(str(ROOT / "models" / "default" / f"{name}.onnx"))
+    if ort_ops:
+        model = _ort_optimized_model(model)
+    fused = lower_graph(model, name, ort_ops=ort_ops)
+    apart = lower_graph(model, name, ort_ops=ort_ops, fuse=False)
+    assert fused.ops[0] == "sub+mul+clip+quantize" and apart.ops[:4] == ["sub", "mul", "clip", "quantize"]
+    assert len(fused.ops) == len(apart.ops) - 3 and fused.out_step == apart.out_step
+    rng = np.random.default_rng(3)
+    n = fused.n_features
+    X = (rng.normal(size=(20000, n)) * rng.choice([1e-3, 1.0, 1e2, 1e7], size=(20000, 1))).astype(np.float32)
+    X[::97, 0], X[::89, 1], X[::83, 2], X[::7, 3] = np.nan, np.inf, -np.inf, -0.0
+    X = np.concatenate([X, vectors[:20000, :n]]) if n == F else X
+    a, b = fused.score_rows(X), apart.score_rows(X)
+    np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+def test_an_input_chain_whose_intermediate_is_read_later_is_not_fused():
+    from models.lowering import _dead_after, _Val
+    from models.program import OP_GEMM_F, OP_MUL, OP_SUB
+
+    run = [[OP_SUB, 4, 4, 0, 10, 0, 1, -1, -1, -1], [OP_MUL, 4, 4, 10, 20, 4, 1, -1, -1, -1]]
+    out = _Val("f", 1, 30)
+    reads_sub = [[OP_GEMM_F, 4, 1, 10, 30, 8, -1, -1, -1, -1]]
+    rewrites_first = [[OP_SUB, 4, 4, 0, 10, 0, 1, -1, -1, -1], [OP_MUL, 4, 4, 0, 20, 4, 1, -1, -1, -1],
+                      [OP_GEMM_F, 4, 1, 10, 30, 8, -1, -1, -1, -1]]  # fmt: skip
+    assert not _dead_after(run, reads_sub, out)
+    assert _dead_after(run, rewrites_first, out)
+    assert not _dead_after(run, [], _Val("f", 4, 20))  # the graph output is an intermediate
+
+
 def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
     from numba import njit
 
