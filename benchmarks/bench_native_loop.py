@@ -19,10 +19,15 @@ Latency is each tick's own ingress-to-publish-returned time (t_out - t_in), firs
     python benchmarks/bench_native_loop.py --events 5000000 --repeats 1 \
         --json benchmarks/results/native_loop_5m.json
 
+* ``native_nopub``: ``--loop native --publish none``: the same loop without a socket
+  (validate, features, model, Score encode, clock readings): what the loop costs
+  apart from the transport.
 * ``bare_send``: the transport floor in the same run: a numba loop that only reads
   the clock, ``zmq_send``s a fixed Score-sized payload on the same kind of socket to
   the same draining subscriber, and reads the clock again (no features, no model,
   no encode).  What the native loop adds is its latency minus this one.
+* ``bare_send_paced``: the same, with the sends spaced by the loop's own time per tick
+  (``native_nopub``'s of the same repeat): the transport at the rate the loop sends.
 """
 
 from __future__ import annotations
@@ -76,14 +81,21 @@ open(out, "w").write(__import__("json").dumps({"count": n, "seq_gaps": gaps, "no
 
 CONFIGS = {
     "bare_send": {"loop": "-", "backend": "-"},
+    "bare_send_paced": {"loop": "-", "backend": "-"},
     "native": {"loop": "native", "backend": "fused"},
+    "native_nopub": {"loop": "native", "backend": "fused"},
     "python": {"loop": "python", "backend": "fused"},
     "python_ort": {"loop": "python", "backend": "ort"},
 }
 
 
-def _bare_send(ep: str, n: int, warmup: int) -> dict:
-    """The transport alone: clock, zmq_send of a fixed 60-byte Score, clock; pinned like the replay."""
+def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
+    """The transport alone: clock, zmq_send of a fixed 60-byte Score, clock; pinned like the replay.
+
+    ``gap_ns`` > 0 spins that long after each send (outside the measured window), so the sends
+    come at the native loop's rate: libzmq's I/O thread then drains its pipe and sleeps between
+    them more often, and a send that finds it asleep wakes it (an eventfd write).
+    """
     from numba import njit
 
     from engine.native_loop import bind_clock
@@ -101,43 +113,56 @@ def _bare_send(ep: str, n: int, warmup: int) -> dict:
     topic = np.frombuffer(b"ESZ6", np.uint8).copy()
 
     @njit(nogil=True)
-    def run(sock, topic, payload, t_in, t_out, ts):
+    def run(sock, topic, payload, t_in, t_out, ts, gap_ns):
         for i in range(t_in.shape[0]):
             clock(1, ts.ctypes.data)
             t_in[i] = ts[0] * 1_000_000_000 + ts[1]
             send(sock, topic, topic.shape[0], payload, payload.shape[0])
             clock(1, ts.ctypes.data)
             t_out[i] = ts[0] * 1_000_000_000 + ts[1]
+            if gap_ns > 0:
+                until = t_out[i] + gap_ns
+                while ts[0] * 1_000_000_000 + ts[1] < until:
+                    clock(1, ts.ctypes.data)
 
     t_in, t_out, ts = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(2, np.int64)
-    run(pub.sock.underlying, topic, payload, t_in[:10], t_out[:10], ts)  # compile; the subscriber skips these
+    run(pub.sock.underlying, topic, payload, t_in[:10], t_out[:10], ts, 0)  # compiles; the subscriber skips
     os.sched_setaffinity(0, {1})
     try:
-        run(pub.sock.underlying, topic, payload, t_in, t_out, ts)
+        run(pub.sock.underlying, topic, payload, t_in, t_out, ts, gap_ns)
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         pub.close()
     lat = (t_out - t_in)[warmup:]
-    return {"loop": "bare zmq_send", "backend": "-", "scores": n, "dropped": 0,
+    return {"loop": "bare zmq_send", "backend": "-", "scores": n, "dropped": 0, "gap_ns": gap_ns,
             "p50_ns": int(np.percentile(lat, 50)), "p99_ns": int(np.percentile(lat, 99)),
             "p999_ns": int(np.percentile(lat, 99.9)),
             "ticks_per_s": n / ((t_out[-1] - t_in[0]) / 1e9)}  # fmt: skip
 
 
-def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int) -> dict:
+def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int, gap_ns: int = 0) -> dict:
     from replay.run import ReplayOptions, run_inprocess
 
+    cfg = CONFIGS[name]
+    if name == "native_nopub":  # no socket, no subscriber
+        opts = ReplayOptions(data=data, publish=None, progress=False, pin=1, warmup_ticks=warmup,
+                             loop=cfg["loop"], backend=cfg["backend"], limit=events or None)  # fmt: skip
+        s = run_inprocess(opts).summary
+        return {"loop": s["loop"], "backend": s["backend"], "scores": s["scores"], "dropped": s["dropped"],
+                "p50_ns": s["latency_ns"]["p50"], "p99_ns": s["latency_ns"]["p99"],
+                "p999_ns": s["latency_ns"]["p999"],
+                "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
+                "subscriber": None}  # fmt: skip
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
     sub = subprocess.Popen([sys.executable, "-c", _SUB, ep, str(out)], stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready"
-    if name == "bare_send":
-        r = _bare_send(ep, 250_000, warmup)
+    if name in ("bare_send", "bare_send_paced"):
+        r = _bare_send(ep, 250_000, warmup, gap_ns if name == "bare_send_paced" else 0)
         sub.wait(timeout=600)
         r["subscriber"] = json.loads(out.read_text())
         r["scores"] = r["subscriber"]["count"]  # the 10 compile-time sends too
         return r
-    cfg = CONFIGS[name]
     opts = ReplayOptions(data=data, publish=ep, progress=False, pin=1, wait_subscribers=1, sndhwm=0,
                          warmup_ticks=warmup, loop=cfg["loop"], backend=cfg["backend"],
                          limit=events or None)  # fmt: skip
@@ -163,7 +188,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--events", type=int, default=0, help="generate N events (0 = the default data)")
     ap.add_argument("--warmup", type=int, default=1000)
-    ap.add_argument("--configs", default="bare_send,native,python,python_ort")
+    ap.add_argument("--configs", default="bare_send,native_nopub,bare_send_paced,native,python,python_ort")
+    ap.add_argument("--gap-ns", type=int, default=600,
+                    help="bare_send_paced's spacing when native_nopub has not run before it")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     names = args.configs.split(",")
@@ -180,7 +207,10 @@ def main() -> None:
             print(f"generated {args.events:,} events in {time.time() - t:.0f} s", file=sys.stderr)
         for k in range(args.repeats):
             for n in names:
-                r = _one(n, data, 0, args.warmup, tmp, k)
+                # the paced bare send spaces its sends by this run's loop time per tick without a socket
+                nopub = [1e9 / x["ticks_per_s"] for x in runs.get("native_nopub", []) if x["ticks_per_s"]]
+                gap = int(np.median(nopub)) if nopub else args.gap_ns
+                r = _one(n, data, 0, args.warmup, tmp, k, gap)
                 runs[n].append(r)
                 print(f"{n:11s} run {k}: p50 {r['p50_ns']} p99 {r['p99_ns']} p99.9 {r['p999_ns']} ns, "
                       f"{r['ticks_per_s'] / 1e6:.2f} M/s, {r['subscriber']}", file=sys.stderr)  # fmt: skip
@@ -189,12 +219,14 @@ def main() -> None:
         return float(np.median([r[key] for r in runs[n]]))
 
     summary = {n: {k: med(n, k) for k in ("p50_ns", "p99_ns", "p999_ns", "ticks_per_s")} for n in names}
-    digests = {n: sorted({r["subscriber"]["digest"] for r in runs[n]}) for n in names}
-    scored = [n for n in names if n != "bare_send"]  # the bare send repeats one seq
+    subscribed = [n for n in names if n != "native_nopub"]
+    digests = {n: sorted({r["subscriber"]["digest"] for r in runs[n]}) for n in subscribed}
+    scored = [n for n in subscribed if not n.startswith("bare_send")]  # the bare send repeats one seq
     checks = {
-        "every_score_received": all(r["subscriber"]["count"] == r["scores"] for n in names for r in runs[n]),
+        "every_score_received": all(r["subscriber"]["count"] == r["scores"]
+                                    for n in subscribed for r in runs[n]),  # fmt: skip
         "no_seq_gap": all(r["subscriber"]["seq_gaps"] == 0 for n in scored for r in runs[n]),
-        "payloads_canonical": all(r["subscriber"]["noncanonical"] == 0 for n in names for r in runs[n]),
+        "payloads_canonical": all(r["subscriber"]["noncanonical"] == 0 for n in subscribed for r in runs[n]),
         "same_scores_native_python": digests.get("native") == digests.get("python")
         if "native" in names and "python" in names else None,
     }  # fmt: skip
@@ -207,6 +239,12 @@ def main() -> None:
     if "native" in names and "bare_send" in names:
         for q in ("p50_ns", "p99_ns", "p999_ns"):
             ratios[f"native_above_bare_send_{q}"] = summary["native"][q] - summary["bare_send"][q]
+    if "native" in names and "bare_send_paced" in names:
+        for q in ("p50_ns", "p99_ns", "p999_ns"):
+            ratios[f"native_above_bare_send_paced_{q}"] = summary["native"][q] - summary["bare_send_paced"][q]
+    if "native" in names and "native_nopub" in names:
+        for q in ("p50_ns", "p99_ns", "p999_ns"):
+            ratios[f"native_publish_cost_{q}"] = summary["native"][q] - summary["native_nopub"][q]
     if "native" in names and "python_ort" in names:
         ratios["python_ort_p99_over_native"] = summary["python_ort"]["p99_ns"] / summary["native"]["p99_ns"]
     report = {

@@ -9,7 +9,9 @@ which for every tick ``i`` of ``[start, stop)``, in compiled code:
    due (its intended time is written, as the Python path does);
 2. reads ``CLOCK_MONOTONIC`` (libc ``clock_gettime``, the clock of
    ``time.perf_counter_ns``) as ``t_in``, or takes the ingress time a native
-   source recorded at receive;
+   source recorded at receive; in an unpaced replay from memory the next tick
+   of a batch is taken when the previous one is published, so its ``t_in`` is
+   that tick's ``t_out`` reading (the latencies of a batch tile its time);
 3. runs the fused tick kernel (validate, features, model);
 4. encodes the ``Score`` (:func:`encode_score`, byte-identical to msgspec's
    encoding of the same row: a property test compares them);
@@ -293,6 +295,10 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     sent, drops, errors = L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS]
     bad = L[L_ERRORS]
     stop = min(stop, ticks.shape[0])
+    # an unpaced replay from memory: tick i+1 is taken the moment tick i is published, so the
+    # clock reading that ends tick i (t_out) is also tick i+1's t_in (one reading fewer per tick)
+    chain = not paced and n_ing == 0
+    t_next = np.int64(-1)
     i = start
     while i < stop:
         if n_rej >= rej_cap:
@@ -310,8 +316,11 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
             intended[i] = due
         if n_ing > 0 and i < n_ing:
             t_in = ingress[i]
+        elif t_next >= 0:
+            t_in = t_next
         else:
             t_in = now_ns(fn_clock, ts)
+        t_next = -1
         score = _call_tick(fn_tick, i, ctx_addr, flags_out)
         flags = flags_arr[0]
         if flags < 0:
@@ -360,6 +369,8 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
             tap_n += 1
             tap_off[tap_n] = tap_used
         t_out = now_ns(fn_clock, ts)
+        if chain:
+            t_next = t_out
         r = seq & mask
         t_in_ring[r] = t_in
         t_out_ring[r] = t_out
