@@ -40,7 +40,7 @@ from engine.schema import (
     KIND_QUOTE,
     REJECT_OK,
 )
-from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features
+from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features, log1p
 from features.validate import validate_tick
 
 __all__ = [
@@ -349,7 +349,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         x_out[X_VWAP_DEV] = 0.0
         v, c = clip(age_first_s, 0.0, age_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_AGE] = math.log1p(v)
+        x_out[X_QUOTE_AGE] = log1p(v)
     else:
         # x_out[X_SPREAD], x_out[X_MICRO], x_out[X_IMB]
         smax = params[P_SPREAD_MAX_BPS]
@@ -365,7 +365,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
             v, c = clip(vol, 0.0, vmax, 0.0)
             clipped |= c
-            x_out[X_VOL_FAST + k] = math.log1p(v)
+            x_out[X_VOL_FAST + k] = log1p(v)
         floor = params[P_SPREAD_FLOOR_BPS]
         srmax = params[P_SPREAD_REL_MAX]
         v, c = clip(math.log((spread + floor) / (fs[F_SPREAD_EMA] + floor)), -srmax, srmax, 0.0)
@@ -374,7 +374,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         rate = fs[F_QUOTE_N] * (_LN2 * NS_PER_S) / params[P_HL_QUOTE]
         v, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_RATE] = math.log1p(v)
+        x_out[X_QUOTE_RATE] = log1p(v)
         if fs[F_VWAP_V] > 0.0:
             vwap = fs[F_VWAP_PV] / fs[F_VWAP_V]
             dmax = params[P_VWAP_DEV_MAX_BPS]
@@ -386,7 +386,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         age_q = np.float64(ts - st[I_LAST_QUOTE_TS]) / NS_PER_S
         v, c = clip(age_q, 0.0, age_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_AGE] = math.log1p(v)
+        x_out[X_QUOTE_AGE] = log1p(v)
 
     if st[I_LAST_TRADE_TS] == INT64_MIN:
         flags |= FLAG_NO_TRADES
@@ -404,11 +404,11 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         rate = fs[F_TRADE_N] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
         v, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
-        x_out[X_TRADE_RATE] = math.log1p(v)
+        x_out[X_TRADE_RATE] = log1p(v)
         age_t = np.float64(ts - st[I_LAST_TRADE_TS]) / NS_PER_S
     v, c = clip(age_t, 0.0, age_max, 0.0)
     clipped |= c
-    x_out[X_TRADE_AGE] = math.log1p(v)
+    x_out[X_TRADE_AGE] = log1p(v)
 
     if clipped:
         flags |= FLAG_CLIPPED

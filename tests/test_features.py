@@ -465,6 +465,25 @@ def test_scaling_all_gaps_and_half_lives_by_two_rescales_features_as_expected():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_the_kernels_log1p_matches_libm_to_a_few_ulps_and_every_float32():
+    from numba import njit
+
+    from features.common import log1p
+
+    @njit
+    def all_log1p(x, out):
+        for i in range(x.shape[0]):
+            out[i] = log1p(x[i])
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([10 ** rng.uniform(-15, 7, 500_000), [0.0, 5e-324, 1e-300, 2.0**-53, 2.0**-52, 1.0, 1e300]])
+    got = np.empty_like(x)
+    all_log1p(x, got)
+    ref = np.log1p(x)
+    np.testing.assert_allclose(got, ref, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(got.astype(np.float32), ref.astype(np.float32))
+
+
 def test_timestamps_keep_nanosecond_precision_near_2e18():
     # 1 ns apart at ~1.8e18: float64 timestamps would see the same instant
     assert float(T0) == float(T0 + 1)
