@@ -80,9 +80,9 @@ _MAX_STR = 255
  L_TAP, L_TAP_CAP, L_TAP_USED, L_TAP_OFF, L_TAP_MAX, L_TAP_N,
  L_REJ, L_REJ_CAP, L_REJ_N,
  L_PACED, L_PACE_START, L_PACE_TS0, L_PACE_INV, L_INTENDED, L_INTENDED_N,
- L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_F64, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
- L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES, L_SHARD, L_EPOCH) = range(54)
-LCTX_LEN = 54
+ L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
+ L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES, L_SHARD, L_EPOCH) = range(53)
+LCTX_LEN = 53
 _EAGAIN = 11
 
 
@@ -102,15 +102,58 @@ def bind_clock():
 
 
 # --------------------------------------------------------------------------- Score encoder
-@njit(cache=True, nogil=True, _nrt=False)
+def _store_be(nbits: int):
+    """An intrinsic ``store(addr, v)``: the low ``nbits`` of uint64 ``v`` big-endian at byte address ``addr``.
+
+    One byte-swapped unaligned store (``bswap`` + ``mov``) instead of a loop of byte
+    writes.  The callers check the buffer's room first (:func:`encode_score`).
+    """
+
+    @intrinsic
+    def store(typingctx, addr, v):
+        sig = types.void(types.int64, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            ity = ir.IntType(nbits)
+            val = builder.trunc(args[1], ity) if nbits < 64 else args[1]
+            builder.store(builder.bswap(val), builder.inttoptr(args[0], ity.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return store
+
+
+_st_be16, _st_be32, _st_be64 = _store_be(16), _store_be(32), _store_be(64)
+
+
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The IEEE 754 bits of float64 ``x`` as uint64 (NaN payloads kept)."""
+    sig = types.uint64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, _nrt=False, inline="always")
 def _put_be(buf, pos, v, size):
-    """Write the low ``size`` bytes of uint64 ``v`` big-endian at ``pos``; return the next position."""
-    for k in range(size):
-        buf[pos + k] = np.uint8((v >> np.uint64(8 * (size - 1 - k))) & np.uint64(0xFF))
+    """Write the low ``size`` bytes (1, 2, 4, 8) of uint64 ``v`` big-endian at ``pos``; return pos + size."""
+    a = buf.ctypes.data + pos
+    if size == 8:
+        _st_be64(a, v)
+    elif size == 4:
+        _st_be32(a, v)
+    elif size == 2:
+        _st_be16(a, v)
+    else:
+        buf[pos] = np.uint8(v & np.uint64(0xFF))
     return pos + size
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False, inline="always")
 def _put_int(buf, pos, x):
     """MessagePack integer ``x`` (int64) in msgspec's choice of the smallest encoding."""
     if x >= 0:
@@ -146,25 +189,47 @@ def _put_int(buf, pos, x):
     return _put_be(buf, pos + 1, u, 8)
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@intrinsic
+def _copy8(typingctx, dst, src):
+    """Copy 8 bytes from byte address ``src`` to ``dst`` (unaligned load and store)."""
+    sig = types.void(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p64 = ir.IntType(64).as_pointer()
+        v = builder.load(builder.inttoptr(args[1], p64), align=1)
+        builder.store(v, builder.inttoptr(args[0], p64), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, _nrt=False, inline="always")
 def _put_bytes(buf, pos, src, start, length):
-    for k in range(length):
+    """Copy ``src[start:start+length]`` to ``buf[pos:]`` (8 bytes at a time; callers check the room)."""
+    k = 0
+    d, s = buf.ctypes.data + pos, src.ctypes.data + start
+    while k + 8 <= length:
+        _copy8(d + k, s + k)
+        k += 8
+    while k < length:
         buf[pos + k] = src[start + k]
+        k += 1
     return pos + length
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def encode_score(buf, strtab, sym_start, sym_len, seq, ts_event, ts_in, ts_out, score, f64,
+def encode_score(buf, strtab, sym_start, sym_len, seq, ts_event, ts_in, ts_out, score,
                  ver_start, ver_len, flags, shard, epoch):  # fmt: skip
     """Encode ``Score(instrument, seq, ts_event, ts_in, ts_out, score, model_version, flags, shard, epoch)``.
 
     ``strtab[sym_start:sym_start+sym_len]`` and ``strtab[ver_start:ver_start+ver_len]`` are
     the *already MessagePack-encoded* str items (header + UTF-8) of the symbol and model
-    version.  ``f64`` is a float64 scratch array of one element whose bytes are read as
-    the little-endian double.  Returns the payload length, or -1 when ``buf`` is too small.
+    version.  Returns the payload length, or -1 when ``buf`` cannot hold the longest
+    encoding of these fields (checked before any write: the wide stores are unchecked).
     """
     need = 2 + sym_len + 4 * 9 + 9 + ver_len + 3 * 9
-    if need > buf.shape[0] or sym_start + sym_len > strtab.shape[0] or ver_start + ver_len > strtab.shape[0]:
+    if (need > buf.shape[0] or sym_start < 0 or ver_start < 0 or sym_len < 0 or ver_len < 0
+            or sym_start + sym_len > strtab.shape[0] or ver_start + ver_len > strtab.shape[0]):  # fmt: skip
         return -1
     buf[0] = 0x9B  # fixarray of 11: schema id + 10 fields
     buf[1] = SCORE_SCHEMA_ID
@@ -173,12 +238,8 @@ def encode_score(buf, strtab, sym_start, sym_len, seq, ts_event, ts_in, ts_out, 
     pos = _put_int(buf, pos, ts_event)
     pos = _put_int(buf, pos, ts_in)
     pos = _put_int(buf, pos, ts_out)
-    f64[0] = score
-    b8 = f64.view(np.uint8)
-    buf[pos] = 0xCB
-    for k in range(8):  # big-endian double from the little-endian host bytes
-        buf[pos + 1 + k] = b8[7 - k]
-    pos += 9
+    buf[pos] = 0xCB  # float 64, big-endian
+    pos = _put_be(buf, pos + 1, _f64_bits(score), 8)
     pos = _put_bytes(buf, pos, strtab, ver_start, ver_len)
     pos = _put_int(buf, pos, flags)
     pos = _put_int(buf, pos, shard)
@@ -261,7 +322,6 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     apub = L[L_APUB]
     a_c = carray(_ptr(L[L_A_C], np.int64), (N_A_COUNTERS,))
     flags_arr = carray(_ptr(flags_out, np.int64), (1,))
-    f64 = carray(_ptr(L[L_F64], np.float64), (1,))
     mask = L[L_RING_MASK]
     t_in_ring = carray(_ptr(L[L_T_IN], np.int64), (mask + 1,))
     t_out_ring = carray(_ptr(L[L_T_OUT], np.int64), (mask + 1,))
@@ -340,7 +400,7 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
             st_m[k] = t_model
         s0, sl = sym_off[2 * inst], sym_off[2 * inst + 1]
         ts_out = now_ns(fn_clock, ts)
-        plen = encode_score(payload, strtab, s0, sl, seq, ticks[i].ts_event_ns, t_in, ts_out, score, f64,
+        plen = encode_score(payload, strtab, s0, sl, seq, ticks[i].ts_event_ns, t_in, ts_out, score,
                             ver_off, ver_len, np.int64(flags), shard, epoch)  # fmt: skip
         if plen < 0:
             bad += 1
@@ -446,7 +506,6 @@ class NativeLoop:
             L[L_SOCK] = int(z.sock.underlying)
             self._sent0, self._drops0 = z.sent, z.drops
         self._timespec = self._hold("timespec", np.zeros(2, np.int64), L_TIMESPEC)
-        self._f64 = self._hold("f64", np.zeros(1, np.float64), L_F64)
         self._inv = self._hold("inv", np.zeros(1, np.float64), L_PACE_INV)
         self.payload = self._hold("payload", np.zeros(MAX_SCORE_BYTES, np.uint8), L_PAYLOAD)
         L[L_PAYLOAD_CAP] = MAX_SCORE_BYTES

@@ -45,7 +45,7 @@ def test_compiled_score_encoder_writes_msgspecs_bytes(sym, ver, ints, score):
     st_ = SymbolTable(["other", sym], ver)
     buf = np.zeros(MAX_SCORE_BYTES, np.uint8)
     n = encode_score(buf, st_.table, st_.off[2], st_.off[3], ints[0], ints[1], ints[2], ints[3], score,
-                     np.zeros(1), st_.ver_off, st_.ver_len, ints[4], ints[5], ints[6])  # fmt: skip
+                     st_.ver_off, st_.ver_len, ints[4], ints[5], ints[6])  # fmt: skip
     ref = _enc.encode((SCORE_SCHEMA_ID, sym, *ints[:4], score, ver, *ints[4:]))
     assert buf[:n].tobytes() == ref
     if ints[5] >= 0 and ints[6] >= 0:  # what a subscriber decodes
@@ -55,8 +55,13 @@ def test_compiled_score_encoder_writes_msgspecs_bytes(sym, ver, ints, score):
 def test_encoder_refuses_a_buffer_too_small_instead_of_writing_past_it():
     st_ = SymbolTable(["ES"], "v1")
     buf = np.zeros(10, np.uint8)
-    assert encode_score(buf, st_.table, st_.off[0], st_.off[1], 1, 2, 3, 4, 0.5, np.zeros(1),
+    assert encode_score(buf, st_.table, st_.off[0], st_.off[1], 1, 2, 3, 4, 0.5,
                         st_.ver_off, st_.ver_len, 0, 0, 0) == -1  # fmt: skip
+    big = np.zeros(MAX_SCORE_BYTES, np.uint8)  # a symbol or version beyond the table is refused too
+    v0, vl = st_.ver_off, st_.ver_len
+    assert encode_score(big, st_.table, st_.off[0], 999, 1, 2, 3, 4, 0.5, v0, vl, 0, 0, 0) == -1
+    assert encode_score(big, st_.table, -1, st_.off[1], 1, 2, 3, 4, 0.5, v0, vl, 0, 0, 0) == -1
+    assert encode_score(big, st_.table, st_.off[0], st_.off[1], 1, 2, 3, 4, 0.5, v0, 999, 0, 0, 0) == -1
 
 
 def test_symbols_over_255_bytes_are_refused_at_bind_not_truncated():
