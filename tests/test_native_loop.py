@@ -186,6 +186,32 @@ def test_an_instrument_beyond_the_symbol_table_is_a_counted_error_not_a_write_ou
     assert nl.seq == 50 and nl.errors == 50
 
 
+def test_an_unpaced_batch_takes_each_ticks_t_in_from_the_previous_ticks_t_out():
+    from engine.builder import load_scoring
+    from engine.keep_warm import synthetic_ticks, throwaway_tick
+    from engine.schema import N_REJECT_REASONS
+    from models.loader import default_model_path
+
+    sc = load_scoring(default_model_path(), "fused")
+    ticks = synthetic_ticks(200)
+    bad = {60, 61, 130}
+    for i in bad:  # rejected (non-finite): the tick after one reads the clock afresh
+        ticks["bid_px"][i] = ticks["price"][i] = np.nan
+    fstate, istate = sc.kernels.new_state(1)
+    counters = np.zeros(N_REJECT_REASONS, np.int64)
+    tick, tctx = throwaway_tick(sc.backend, fstate, istate, sc.feature_set.params_array(), counters, ticks)
+    rec = LatencyRecorder(256)
+    nl = NativeLoop(tick, ["A"], "v", [], rec)
+    assert nl.run(tctx.addr, 0, 120) == 120 and nl.run(tctx.addr, 120, 200) == 80
+    scored = [i for i in range(200) if i not in bad]
+    assert nl.seq == len(scored) == 197
+    t_in, t_out = rec.t_in[:197], rec.t_out[:197]
+    assert (t_out > t_in).all()
+    for k in range(196):
+        adjacent = scored[k + 1] == scored[k] + 1 and scored[k + 1] != 120  # 120: a new batch
+        assert (t_in[k + 1] == t_out[k]) == adjacent, k
+
+
 def test_an_independent_subscriber_gets_every_native_score_with_the_recorded_bytes(tmp_path):
     ep = f"ipc://{tmp_path}/scores.ipc"
     ctx = zmq.Context()
