@@ -19,6 +19,10 @@ Latency is each tick's own ingress-to-publish-returned time (t_out - t_in), firs
     python benchmarks/bench_native_loop.py --events 5000000 --repeats 1 \
         --json benchmarks/results/native_loop_5m.json
 
+* ``native_aeron``: ``--loop native --publish aeron:ipc`` to a subscriber on core 0
+  that embeds the media driver and busy-polls at ``SCHED_IDLE`` (checks as above, but
+  Aeron carries the payload only): the same loop on a transport whose send is a
+  write into shared memory, no system call and no thread to wake.
 * ``native_nopub``: ``--loop native --publish none``: the same loop without a socket
   (validate, features, model, Score encode, clock readings): what the loop costs
   apart from the transport.
@@ -79,11 +83,43 @@ open(out, "w").write(__import__("json").dumps({"count": n, "seq_gaps": gaps, "no
                                              "topic_mismatch": topic_bad, "digest": h.hexdigest()}))
 """
 
+_AERON_SUB = r"""
+import hashlib, os, sys, time, msgspec, pyaeron
+os.sched_setaffinity(0, {0})
+adir, out = sys.argv[1], sys.argv[2]
+driver = pyaeron.MediaDriver(dir=adir, threading="shared", dir_delete_on_start=True,
+                             dir_delete_on_shutdown=True)
+client = pyaeron.Aeron(context=pyaeron.Context(dir=adir, error_handler=lambda code, msg: None))
+sub = client.add_subscription("aeron:ipc", 1002)
+print("ready", flush=True)
+sub.await_connected(timeout=120)
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # busy-polls, never delays core 0's others
+dec = msgspec.msgpack.Decoder(); enc = msgspec.msgpack.Encoder()
+h = hashlib.blake2b(digest_size=16); st = {"n": 0, "gaps": 0, "noncanonical": 0, "expect": 0}
+def handler(buf, header):
+    p = buf.tobytes(); m = dec.decode(p)
+    if m[2] != st["expect"]:
+        st["gaps"] += 1
+    st["expect"] = m[2] + 1
+    if enc.encode(m) != p:
+        st["noncanonical"] += 1
+    m[4] = m[5] = m[10] = 0  # the two clock readings and the run's epoch
+    h.update(enc.encode(m)); st["n"] += 1
+last = time.monotonic()
+while time.monotonic() - last < 3.0:
+    if sub.poll(handler, 256):
+        last = time.monotonic()
+open(out, "w").write(__import__("json").dumps({"count": st["n"], "seq_gaps": st["gaps"],
+    "noncanonical": st["noncanonical"], "topic_mismatch": 0, "digest": h.hexdigest()}))
+client.close(); driver.close()
+"""
+
 CONFIGS = {
     "bare_send": {"loop": "-", "backend": "-"},
     "bare_send_paced": {"loop": "-", "backend": "-"},
     "native": {"loop": "native", "backend": "fused"},
     "native_nopub": {"loop": "native", "backend": "fused"},
+    "native_aeron": {"loop": "native", "backend": "fused"},
     "python": {"loop": "python", "backend": "fused"},
     "python_ort": {"loop": "python", "backend": "ort"},
 }
@@ -153,6 +189,22 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
                 "p999_ns": s["latency_ns"]["p999"],
                 "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
                 "subscriber": None}  # fmt: skip
+    if name == "native_aeron":  # aeron:ipc to a subscriber on core 0 that embeds the driver
+        adir = f"/dev/shm/tickscore-bench-aeron-{os.getpid()}-{k}"
+        out = tmp / f"sub-{name}-{k}.json"
+        sub = subprocess.Popen([sys.executable, "-c", _AERON_SUB, adir, str(out)], stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+        assert sub.stdout.readline().strip() == "ready"
+        opts = ReplayOptions(data=data, publish="aeron:ipc", aeron_dir=adir, progress=False, pin=1,
+                             wait_subscribers=1, warmup_ticks=warmup, loop=cfg["loop"],
+                             backend=cfg["backend"], limit=events or None)  # fmt: skip
+        s = run_inprocess(opts).summary
+        sub.wait(timeout=600)
+        return {"loop": s["loop"], "backend": s["backend"], "scores": s["scores"], "dropped": s["dropped"],
+                "p50_ns": s["latency_ns"]["p50"], "p99_ns": s["latency_ns"]["p99"],
+                "p999_ns": s["latency_ns"]["p999"],
+                "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
+                "aeron": s["aeron"], "subscriber": json.loads(out.read_text())}  # fmt: skip
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
     sub = subprocess.Popen([sys.executable, "-c", _SUB, ep, str(out)], stdout=subprocess.PIPE, text=True)
@@ -188,7 +240,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--events", type=int, default=0, help="generate N events (0 = the default data)")
     ap.add_argument("--warmup", type=int, default=1000)
-    ap.add_argument("--configs", default="bare_send,native_nopub,bare_send_paced,native,python,python_ort")
+    ap.add_argument("--configs",
+                    default="bare_send,native_nopub,bare_send_paced,native,native_aeron,python,python_ort")
     ap.add_argument("--gap-ns", type=int, default=600,
                     help="bare_send_paced's spacing when native_nopub has not run before it")  # fmt: skip
     ap.add_argument("--json", type=Path)
@@ -245,6 +298,9 @@ def main() -> None:
     if "native" in names and "native_nopub" in names:
         for q in ("p50_ns", "p99_ns", "p999_ns"):
             ratios[f"native_publish_cost_{q}"] = summary["native"][q] - summary["native_nopub"][q]
+    if "native_aeron" in names and "python" in names:
+        digests_ok = digests.get("native_aeron") == digests.get("python")
+        checks["same_scores_native_aeron_python"] = digests_ok
     if "native" in names and "python_ort" in names:
         ratios["python_ort_p99_over_native"] = summary["python_ort"]["p99_ns"] / summary["native"]["p99_ns"]
     report = {

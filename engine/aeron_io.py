@@ -69,6 +69,11 @@ def connect_client(dir: str, *, timeout_ms: int = 10_000, name: str = "tickscore
         ) from None
 
 
+def driver_active(dir: str, timeout_ms: int = 1_000) -> bool:
+    """Return whether a media driver is running in ``dir`` (its heartbeat is recent)."""
+    return bool(_pyaeron().is_driver_active(dir, timeout_ms))
+
+
 class AeronRuntime:
     """The service's Aeron driver (embedded or external) and its one client.
 

@@ -285,6 +285,9 @@ class AeronConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     threading: Literal["shared", "dedicated", "shared_network"] = "shared"
     #: How long the client waits for the driver before giving up.
     driver_timeout_ms: Positive = 10_000
+    #: The native loop's client touches every page of the score publication's log at start
+    #: (3 x term length in memory), so no offer takes a page fault (README: the native duty cycle).
+    pre_touch: bool = True
 
 
 class ControlConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):

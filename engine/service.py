@@ -323,7 +323,8 @@ class Service:
         native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None \
             and src_cfg.zmq is None  # fmt: skip
         if native and (snk_cfg.aeron is not None or native_aeron_in):
-            self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms)
+            self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
+                                        pre_touch=cfg.aeron.pre_touch)  # fmt: skip
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
             if native_aeron_in:  # the only source, polled in compiled code

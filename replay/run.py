@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
+from engine.config import SCORE_STREAM_ID, default_aeron_dir
 from engine.reload import ReloadAt, WatchModel
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.generator import default_data_path
@@ -66,6 +68,10 @@ class ReplayOptions:
     loop: str = "auto"
     #: ticks per native duty cycle at most
     batch: int = 256
+    #: ``publish`` on an Aeron channel (``aeron:ipc``, ``aeron:udp?endpoint=...``): the driver
+    #: directory (a running driver there is used, else one is embedded) and the stream id
+    aeron_dir: str | None = None
+    stream_id: int = SCORE_STREAM_ID
 
 
 class _Progress:
@@ -148,23 +154,39 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
 
     # Create every helper thread (ZeroMQ I/O) before the hot thread is pinned,
     # and put it on another core than the hot one.
-    io_cpu = None
+    io_cpu, others = None, []
     if opts.pin is not None:
         # (the runner restores this thread's affinity after a run, so a second run in the
         # same process still sees every core here)
         others = sorted(os.sched_getaffinity(0) - {opts.pin})
         io_cpu = others[0] if others else None
-    sink = (
-        ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu)
-        if opts.publish and opts.publish.lower() != "none"
-        else _NullSink()
-    )
+    aeron = None
+    if opts.publish and opts.publish.startswith("aeron:"):
+        # the embedded driver's and the C client's threads inherit this thread's cores: not the hot one
+        before = os.sched_getaffinity(0)
+        if io_cpu is not None:
+            os.sched_setaffinity(0, set(others))
+        try:
+            sink, aeron = _aeron_sink(opts)
+        finally:
+            os.sched_setaffinity(0, before)
+    elif opts.publish and opts.publish.lower() != "none":
+        sink = ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu)
+    else:
+        sink = _NullSink()
     sinks = [sink]
     recorder = None
     if opts.record_scores:
         recorder = ScoreRecorder()
         sinks.append(recorder)
     try:
+        if opts.wait_subscribers and aeron is not None:  # Aeron tells connected, not how many
+            deadline = time.monotonic() + opts.wait_timeout_s
+            while not sink.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not sink.connected:
+                print(f"tickscore: no Aeron subscriber on {opts.publish} stream {opts.stream_id} after "
+                      f"{opts.wait_timeout_s:g}s; replaying anyway", file=sys.stderr)  # fmt: skip
         if opts.wait_subscribers and isinstance(sink, ZmqPublisher):
             got = sink.wait_for_subscribers(opts.wait_subscribers, opts.wait_timeout_s)
             if got < opts.wait_subscribers:
@@ -187,7 +209,12 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         runner.run()
         progress.finish()
     finally:
+        if aeron is not None:
+            sink.flush()  # linger: a subscriber reads what is still in the log
+            aeron_counters = sink.counters()
         sink.close()
+        if aeron is not None:
+            aeron.close()
         data.finish()
 
     t_in, t_out = agent.recorder.snapshot(agent.seq)
@@ -229,6 +256,8 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "warmup_ticks_excluded": warm,
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
+            **({"aeron": {"dir": aeron.dir, "stream_id": opts.stream_id, "embedded": aeron.embedded,
+                          **aeron_counters}} if aeron is not None else {}),  # fmt: skip
             "idle": opts.idle,
             "loop": agent.loop,
             "loop_reason": agent.loop_reason,
@@ -267,6 +296,42 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         if data.chunked:  # the .hgrm of every tick, not only of the raw window
             source.latency.write_hgrm(Path(opts.out) / "latency.hgrm")
     return result
+
+
+def default_replay_aeron_dir() -> str:
+    """Where a replay publishing on Aeron embeds its driver: /dev/shm/tickscore-replay-aeron-USER.
+
+    Apart from the service's, so a replay and a service on one host do not share a driver
+    unless ``--aeron-dir`` says so.
+    """
+    return default_aeron_dir().replace("tickscore-aeron-", "tickscore-replay-aeron-")
+
+
+class _AeronDriver:
+    """The driver a replay publishes through: embedded in this process, or the one running in ``dir``."""
+
+    def __init__(self, dir: str) -> None:
+        from engine.aeron_io import AeronRuntime, driver_active  # deferred: the Aeron C client
+
+        self.dir = dir
+        self.embedded = not driver_active(dir)
+        self.runtime = AeronRuntime(dir, embedded=True) if self.embedded else None
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+
+def _aeron_sink(opts: ReplayOptions):
+    """Return ``(sink, driver)``: a publication on ``opts.publish`` the native loop offers to."""
+    from engine.native_aeron import NativeAeronPublisher  # deferred: the Aeron C client
+
+    drv = _AeronDriver(opts.aeron_dir or default_replay_aeron_dir())
+    try:
+        return NativeAeronPublisher(drv.dir, opts.publish, opts.stream_id), drv
+    except BaseException:
+        drv.close()
+        raise
 
 
 def _warmup_excluded(warmup_ticks: int, n: int) -> int:

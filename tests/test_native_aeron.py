@@ -66,3 +66,50 @@ def test_nobody_subscribed_is_counted_apart_from_drops_after_the_retries(runtime
 def test_a_driver_directory_without_a_driver_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="Aeron"):
         NativeAeronPublisher(str(tmp_path / "nothing"), "aeron:ipc", 1002, driver_timeout_ms=500, timeout_s=2)
+
+
+def test_a_replay_publishing_on_aeron_delivers_every_score_as_recorded(runtime, tmp_path):
+    """``replay --publish aeron:ipc --aeron-dir DIR``: a running driver there is used; an independent
+    subscription gets every Score, contiguous seq, the very bytes the loop recorded; the counters and
+    where it published are in the summary."""
+    import threading
+
+    from engine.wire import decode_score
+    from replay.run import ReplayOptions
+    from tests.test_native_loop import _run_recording
+
+    sub = runtime.client.add_subscription("aeron:ipc", 1077)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            if not sub.poll(lambda buf, header: got.append(bytes(buf)), 256):
+                time.sleep(0.0005)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    try:
+        s, recorded = _run_recording(ReplayOptions(publish="aeron:ipc", aeron_dir=runtime.dir, stream_id=1077,
+                                                   wait_subscribers=1, progress=False, pin=None, limit=20_000,
+                                                   record_scores=True))  # fmt: skip
+        deadline = time.monotonic() + 20
+        while len(got) < s["scores"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(5)
+        sub.close()
+    assert s["loop"] == "native" and s["scores"] > 19_000
+    assert got == recorded
+    assert [decode_score(p).seq for p in got] == list(range(s["scores"]))
+    a = s["aeron"]
+    assert (a["dir"], a["stream_id"], a["embedded"]) == (runtime.dir, 1077, False)
+    assert (a["sent"], a["drops"], a["errors"]) == (s["scores"], 0, 0) and s["dropped"] == 0
+
+
+def test_replay_aeron_options_without_an_aeron_channel_are_refused(capsys):
+    from engine.cli import main
+
+    assert main(["replay", "--aeron-dir", "/tmp/x", "--publish", "none", "--no-progress"]) != 0
+    assert "--aeron-dir / --stream-id need --publish aeron:ipc" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from engine.argtypes import non_negative_int as _non_negative_int
 from engine.argtypes import pin as _pin
 from engine.argtypes import positive_int as _positive_int
 from engine.argtypes import speed as _speed
+from engine.config import SCORE_STREAM_ID
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT
 from replay.mapping import mapping_from_cli
 from replay.publish import parse_rate
@@ -64,8 +65,18 @@ def register(sub) -> None:
     r.add_argument(
         "--publish", default=None, metavar="ENDPOINT",
         help="ZeroMQ PUB endpoint to bind, e.g. ipc:///tmp/x.ipc or tcp://127.0.0.1:5556 "
-        "(default ipc:///tmp/tickscore-replay-scores.ipc, apart from the service's; 'none' to "
-        "measure without a socket)",
+        "(default ipc:///tmp/tickscore-replay-scores.ipc, apart from the service's), or an Aeron "
+        "channel (aeron:ipc, aeron:udp?endpoint=HOST:PORT; see --aeron-dir, --stream-id); 'none' "
+        "to measure without a socket",
+    )
+    r.add_argument(
+        "--aeron-dir", default=None, metavar="DIR",
+        help="with --publish aeron:...: the Aeron driver directory; a driver running there is used, "
+        "else one is embedded (default /dev/shm/tickscore-replay-aeron-USER)",
+    )
+    r.add_argument(
+        "--stream-id", type=int, default=None, metavar="ID",
+        help="with --publish aeron:...: the stream id of the scores (default 1002, the service's)",
     )
     r.add_argument(
         "--rt-priority", type=int, default=None, metavar="1-99",
@@ -158,7 +169,12 @@ def _mapping(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Run ``tickscore replay`` (wire mode with ``--via``)."""
     if getattr(args, "via", None):  # wire mode: publisher + service + subscriber processes
+        if args.aeron_dir or args.stream_id is not None:
+            raise ValueError("--aeron-dir / --stream-id are for an in-process replay publishing on Aeron "
+                             "(--publish aeron:...); with --via the service's config says where")  # fmt: skip
         return cmd_replay_wire(args)
+    if (args.aeron_dir or args.stream_id is not None) and not (args.publish or "").startswith("aeron:"):
+        raise ValueError("--aeron-dir / --stream-id need --publish aeron:ipc or aeron:udp?endpoint=HOST:PORT")
     return _run_inprocess(args)
 
 
@@ -189,6 +205,8 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         record_scores=args.record_scores,
         loop=args.loop,
         batch=args.batch or 256,
+        aeron_dir=args.aeron_dir,
+        stream_id=args.stream_id if args.stream_id is not None else SCORE_STREAM_ID,
     )
     if args.record_scores and not args.out:
         raise ValueError("--record-scores writes OUT/scores.parquet: give --out DIR")
