@@ -45,6 +45,17 @@ def _u(i):
     return np.uint64(i)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _quantize(x, s, lo, hi, zp):
+    """QuantizeLinear of float32 ``x``: ``sat(rne(x / s)) + zp``, bounds relative to ``zp``, NaN to ``lo``."""
+    v = x / s
+    if v < lo or v != v:
+        v = lo
+    if v > hi:
+        v = hi
+    return np.int32(np.rint(v)) + zp
+
+
 @njit(cache=True, nogil=True)
 def _run_program(mi, mf):
     """Run the lowered model on ``x = mf[xo:xo + F]``; return the score (float64 of a float32).
@@ -97,12 +108,7 @@ def _run_program(mi, mf):
                         a = clo
                     if a > chi:
                         a = chi
-                v = a / s
-                if v < lo or v != v:
-                    v = lo
-                if v > hi:
-                    v = hi
-                mi[dst + k] = np.int32(np.rint(v)) + zp
+                mi[dst + k] = _quantize(a, s, lo, hi, zp)
         elif op == OP_GEMM_I2Q:
             # int GEMM + int32 bias, requantised: q = sat(rne(f32(acc) * M) + zp)
             m = mf[p2]
@@ -157,12 +163,7 @@ def _run_program(mi, mf):
             lo = np.float32(mi[p1 + 1] - zp)
             hi = np.float32(mi[p1 + 2] - zp)
             for k in range(n_in):
-                v = mf[src + k] / s
-                if v < lo or v != v:
-                    v = lo
-                if v > hi:
-                    v = hi
-                mi[dst + k] = np.int32(np.rint(v)) + zp
+                mi[dst + k] = _quantize(mf[src + k], s, lo, hi, zp)
         elif op == OP_DEQUANT:
             s = mf[p0]
             zp = mi[p1]
