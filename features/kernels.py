@@ -217,7 +217,7 @@ def reset_state(fstate: np.ndarray, istate: np.ndarray) -> None:
     istate[:, I_LAST_TRADE_TS] = INT64_MIN
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)  # allocates nothing: no reference counting of its views
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
 
