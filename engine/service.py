@@ -669,7 +669,8 @@ class Service:
             z = self.zmq_sink
             out["zmq"] = {"endpoint": z.endpoint, "sent": z.sent, "drops": z.drops,
                           "send_errors": z.send_errors, "drop_policy": z.drop_policy,
-                          "subscribers": z.subscriptions}
+                          "subscribers": z.subscriptions, "ring_sent": z.ring_sent,
+                          "ring_copied": z.ring_copied}
         if self.aeron_sink is not None:
             a = self.aeron_sink
             out["aeron"] = {"channel": a.channel, "stream_id": a.stream_id, **a.counters()}
