@@ -338,7 +338,7 @@ class Service:
             z = snk_cfg.zmq
             self.zmq_sink = ZmqPublisher(
                 z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms,
-                drop_policy=z.drop_policy, configure=self._secure("scores"),
+                drop_policy=z.drop_policy, configure=self._secure("scores"), send_ring=z.send_ring,
             )
             self.sinks.append(self.zmq_sink)
             self._remember_ipc(z.endpoint, z.bind)
