@@ -32,11 +32,6 @@ Latency is each tick's own ingress-to-publish-returned time (t_out - t_in), firs
   no encode).  What the native loop adds is its latency minus this one.
 * ``bare_send_paced``: the same, with the sends spaced by the loop's own time per tick
   (``native_nopub``'s of the same repeat): the transport at the rate the loop sends.
-* ``bare_send_ring`` / ``bare_send_ring_paced``: the two above with the payload sent as
-  the native loop sends it by default, from :class:`engine.native_zmq.SendRing`
-  (``zmq_msg_init_data`` with a release callback: no per-message allocation of the payload).
-* ``native_copy``: ``native`` with the send ring off (``ReplayOptions.zmq_send_ring=False``):
-  every payload through ``zmq_send``, which allocates it (the I/O thread frees it).
 """
 
 from __future__ import annotations
@@ -122,10 +117,7 @@ client.close(); driver.close()
 CONFIGS = {
     "bare_send": {"loop": "-", "backend": "-"},
     "bare_send_paced": {"loop": "-", "backend": "-"},
-    "bare_send_ring": {"loop": "-", "backend": "-"},
-    "bare_send_ring_paced": {"loop": "-", "backend": "-"},
     "native": {"loop": "native", "backend": "fused"},
-    "native_copy": {"loop": "native", "backend": "fused"},
     "native_nopub": {"loop": "native", "backend": "fused"},
     "native_aeron": {"loop": "native", "backend": "fused"},
     "python": {"loop": "python", "backend": "fused"},
@@ -133,66 +125,35 @@ CONFIGS = {
 }
 
 
-def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0, ring: bool = False) -> dict:
+def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
     """The transport alone: clock, zmq_send of a fixed 60-byte Score, clock; pinned like the replay.
 
     ``gap_ns`` > 0 spins that long after each send (outside the measured window), so the sends
     come at the native loop's rate: libzmq's I/O thread then drains its pipe and sleeps between
     them more often, and a send that finds it asleep wakes it (an eventfd write).
-    ``ring``: the payload goes from a :class:`~engine.native_zmq.SendRing` slot, as the native
-    loop sends it (``zmq_msg_init_data`` + ``zmq_msg_send``; skipped slots are sent by copy).
     """
-    from numba import carray, njit
+    from numba import njit
 
-    from engine.native_loop import _put_bytes, bind_clock
-    from engine.native_zmq import (
-        SendRing,
-        bind_libzmq,
-        call_msg_init_data,
-        call_msg_send,
-        call_send_recv,
-        fn_address,
-        load_acquire,
-        make_sender,
-    )
+    from engine.native_loop import bind_clock
+    from engine.native_zmq import bind_libzmq, make_sender
     from engine.wire import Score, ScoreEncoder
     from engine.zmq_io import ZmqPublisher
-    from models.tick_kernels import _ptr
 
     pub = ZmqPublisher(ep, sndhwm=0, io_cpu=0)
     pub.wait_for_subscribers(1, 30)
-    lib = bind_libzmq()
-    send = make_sender(lib)
+    send = make_sender(bind_libzmq())
     clock = bind_clock()
-    sr = SendRing()
-    fns = np.array([fn_address(lib.zmq_msg_init_data), fn_address(lib.zmq_msg_send), sr.data, sr.flags,
-                    sr.msg, sr.slots - 1, sr.slot_bytes, sr.release, 1 if ring else 0,
-                    fn_address(lib.zmq_send)], np.int64)  # fmt: skip
     body = bytes(ScoreEncoder().encode(Score("ESZ6", 123456, 1_750_000_000_000_000_000, 1 << 40, 1 << 40,
                                              0.25, "risk-int8-3f724ad019", 17)))  # fmt: skip
     payload = np.frombuffer(body, np.uint8).copy()
     topic = np.frombuffer(b"ESZ6", np.uint8).copy()
 
     @njit(nogil=True)
-    def run(sock, topic, payload, t_in, t_out, ts, gap_ns, fns):
-        fn_init, fn_msend, data, flags, msg, mask, slot_bytes, release, ring, fn_send = fns
-        head = 0
-        plen = payload.shape[0]
+    def run(sock, topic, payload, t_in, t_out, ts, gap_ns):
         for i in range(t_in.shape[0]):
             clock(1, ts.ctypes.data)
             t_in[i] = ts[0] * 1_000_000_000 + ts[1]
-            k = head & mask
-            if ring and load_acquire(flags + 8 * k) == 0:  # as engine.native_loop.loop_kernel sends
-                head += 1
-                call_send_recv(fn_send, sock, topic.ctypes.data, topic.shape[0], 3)  # topic, SNDMORE
-                slot = carray(_ptr(data + k * slot_bytes, np.uint8), (slot_bytes,))
-                _put_bytes(slot, 0, payload, 0, plen)
-                carray(_ptr(flags + 8 * k, np.int64), (1,))[0] = 1
-                call_msg_init_data(fn_init, msg, slot.ctypes.data, plen, release, flags + 8 * k)
-                call_msg_send(fn_msend, msg, sock, 1)
-            else:
-                head += ring
-                send(sock, topic, topic.shape[0], payload, payload.shape[0])
+            send(sock, topic, topic.shape[0], payload, payload.shape[0])
             clock(1, ts.ctypes.data)
             t_out[i] = ts[0] * 1_000_000_000 + ts[1]
             if gap_ns > 0:
@@ -201,17 +162,15 @@ def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0, ring: bool = False
                     clock(1, ts.ctypes.data)
 
     t_in, t_out, ts = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(2, np.int64)
-    run(pub.sock.underlying, topic, payload, t_in[:10], t_out[:10], ts, 0, fns)  # compiles
+    run(pub.sock.underlying, topic, payload, t_in[:10], t_out[:10], ts, 0)  # compiles; the subscriber skips
     os.sched_setaffinity(0, {1})
     try:
-        run(pub.sock.underlying, topic, payload, t_in, t_out, ts, gap_ns, fns)
+        run(pub.sock.underlying, topic, payload, t_in, t_out, ts, gap_ns)
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         pub.close()
-        sr.free()  # after the context terminated
     lat = (t_out - t_in)[warmup:]
-    return {"loop": "bare zmq_send" + (" (send ring)" if ring else ""), "backend": "-", "scores": n,
-            "dropped": 0, "gap_ns": gap_ns,
+    return {"loop": "bare zmq_send", "backend": "-", "scores": n, "dropped": 0, "gap_ns": gap_ns,
             "p50_ns": int(np.percentile(lat, 50)), "p99_ns": int(np.percentile(lat, 99)),
             "p999_ns": int(np.percentile(lat, 99.9)),
             "ticks_per_s": n / ((t_out[-1] - t_in[0]) / 1e9)}  # fmt: skip
@@ -250,15 +209,15 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
     out = tmp / f"sub-{name}-{k}.json"
     sub = subprocess.Popen([sys.executable, "-c", _SUB, ep, str(out)], stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready"
-    if name.startswith("bare_send"):
-        r = _bare_send(ep, 250_000, warmup, gap_ns if name.endswith("_paced") else 0, ring="_ring" in name)
+    if name in ("bare_send", "bare_send_paced"):
+        r = _bare_send(ep, 250_000, warmup, gap_ns if name == "bare_send_paced" else 0)
         sub.wait(timeout=600)
         r["subscriber"] = json.loads(out.read_text())
         r["scores"] = r["subscriber"]["count"]  # the 10 compile-time sends too
         return r
     opts = ReplayOptions(data=data, publish=ep, progress=False, pin=1, wait_subscribers=1, sndhwm=0,
                          warmup_ticks=warmup, loop=cfg["loop"], backend=cfg["backend"],
-                         limit=events or None, zmq_send_ring=name != "native_copy")  # fmt: skip
+                         limit=events or None)  # fmt: skip
     res = run_inprocess(opts)
     sub.wait(timeout=600)
     got = json.loads(out.read_text())
@@ -272,7 +231,6 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
         "p99_ns": s["latency_ns"]["p99"],
         "p999_ns": s["latency_ns"]["p999"],
         "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
-        "zmq_send_ring": s.get("zmq_send_ring"),
         "subscriber": got,
     }
 
@@ -283,8 +241,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=0, help="generate N events (0 = the default data)")
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--configs",
-                    default="bare_send,bare_send_ring,native_nopub,bare_send_paced,bare_send_ring_paced,native,"
-                            "native_copy,native_aeron,python,python_ort")
+                    default="bare_send,native_nopub,bare_send_paced,native,native_aeron,python,python_ort")
     ap.add_argument("--gap-ns", type=int, default=600,
                     help="bare_send_paced's spacing when native_nopub has not run before it")  # fmt: skip
     ap.add_argument("--json", type=Path)
@@ -308,7 +265,7 @@ def main() -> None:
                 gap = int(np.median(nopub)) if nopub else args.gap_ns
                 r = _one(n, data, 0, args.warmup, tmp, k, gap)
                 runs[n].append(r)
-                print(f"{n:20s} run {k}: p50 {r['p50_ns']} p99 {r['p99_ns']} p99.9 {r['p999_ns']} ns, "
+                print(f"{n:11s} run {k}: p50 {r['p50_ns']} p99 {r['p99_ns']} p99.9 {r['p999_ns']} ns, "
                       f"{r['ticks_per_s'] / 1e6:.2f} M/s, {r['subscriber']}", file=sys.stderr)  # fmt: skip
 
     def med(n: str, key: str) -> float:
@@ -325,8 +282,6 @@ def main() -> None:
         "payloads_canonical": all(r["subscriber"]["noncanonical"] == 0 for n in subscribed for r in runs[n]),
         "same_scores_native_python": digests.get("native") == digests.get("python")
         if "native" in names and "python" in names else None,
-        "same_scores_native_copy_python": digests.get("native_copy") == digests.get("python")
-        if "native_copy" in names and "python" in names else None,
     }  # fmt: skip
     ratios = {}
     if "native" in names and "python" in names:
@@ -340,13 +295,6 @@ def main() -> None:
     if "native" in names and "bare_send_paced" in names:
         for q in ("p50_ns", "p99_ns", "p999_ns"):
             ratios[f"native_above_bare_send_paced_{q}"] = summary["native"][q] - summary["bare_send_paced"][q]
-    if "native" in names and "bare_send_ring_paced" in names:
-        for q in ("p50_ns", "p99_ns", "p999_ns"):
-            above = summary["native"][q] - summary["bare_send_ring_paced"][q]
-            ratios[f"native_above_bare_send_ring_paced_{q}"] = above
-    if "native" in names and "native_copy" in names:
-        for q in ("p50_ns", "p99_ns", "p999_ns"):
-            ratios[f"native_ring_over_copy_{q}"] = summary["native"][q] / summary["native_copy"][q]
     if "native" in names and "native_nopub" in names:
         for q in ("p50_ns", "p99_ns", "p999_ns"):
             ratios[f"native_publish_cost_{q}"] = summary["native"][q] - summary["native_nopub"][q]

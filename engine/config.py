@@ -16,7 +16,7 @@ Layout (every table and key is optional; see ``engine/examples/service.toml``)::
     [model]     path, backend
     [sources.zmq]    endpoint, bind, subscribe, rcvhwm     (ticks in over ZeroMQ SUB)
     [sources.aeron]  channel, stream_id                    (ticks in over an Aeron subscription)
-    [sinks.zmq]      endpoint, bind, sndhwm, linger_ms, drop_policy, send_ring  (scores out, ZeroMQ PUB)
+    [sinks.zmq]      endpoint, bind, sndhwm                (scores out over ZeroMQ PUB)
     [sinks.aeron]    channel, stream_id, back_pressure_retries, not_connected_retries, linger_ms
     [aeron]     embedded, dir, threading, driver_timeout_ms     (media driver, if Aeron is used)
     [control]   endpoint                                   (ZeroMQ REP: status / reload / stop)
@@ -246,9 +246,6 @@ class ZmqSinkConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True
     drop_policy: Literal["per-subscriber", "count"] = "per-subscriber"
     #: At stop, wait up to this long for queued scores to be sent.
     linger_ms: NonNegative = 2000
-    #: The native loop sends payloads from a ring libzmq frees by callback (no allocation per
-    #: score; engine.native_zmq.SendRing); false: each through zmq_send (an allocation each).
-    send_ring: bool = True
 
     def __post_init__(self) -> None:
         _check_zmq_endpoint("endpoint", self.endpoint)

@@ -54,17 +54,12 @@ from engine.native_zmq import (
     ZMQ_DONTWAIT,
     ZMQ_SNDMORE,
     NativeBindError,
-    SendRing,
     bind_libzmq,
     call_address,
     call_clock_gettime,
     call_errno,
-    call_msg_close,
-    call_msg_init_data,
-    call_msg_send,
     call_send_recv,
     fn_address,
-    load_acquire,
 )
 from engine.recorder import LatencyRecorder
 from engine.wire import SCORE_SCHEMA_ID
@@ -86,10 +81,8 @@ _MAX_STR = 255
  L_REJ, L_REJ_CAP, L_REJ_N,
  L_PACED, L_PACE_START, L_PACE_TS0, L_PACE_INV, L_INTENDED, L_INTENDED_N,
  L_INGRESS, L_INGRESS_N, L_TIMESPEC, L_ERRORS, L_FN_CLOCK, L_FN_SEND, L_FN_ERRNO, L_FN_TICK,
- L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES, L_SHARD, L_EPOCH,
- L_FN_MSG_INIT, L_FN_MSG_SEND, L_FN_MSG_CLOSE, L_SR_DATA, L_SR_FLAGS, L_SR_MSG, L_SR_MASK, L_SR_SLOT,
- L_SR_HEAD, L_SR_RELEASE, L_SR_SENT, L_SR_COPIED) = range(65)
-LCTX_LEN = 65
+ L_FLAGS_OUT, L_APUB, L_FN_OFFER, L_A_C, L_A_BP_RETRIES, L_A_NC_RETRIES, L_SHARD, L_EPOCH) = range(53)
+LCTX_LEN = 53
 _EAGAIN = 11
 
 
@@ -360,11 +353,6 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     n_rej = L[L_REJ_N]
     tap_n, tap_used = L[L_TAP_N], L[L_TAP_USED]
     sent, drops, errors = L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS]
-    # the send ring (engine.native_zmq.SendRing): payloads handed to libzmq without an allocation
-    sr_data, sr_flags, sr_msg = L[L_SR_DATA], L[L_SR_FLAGS], L[L_SR_MSG]
-    sr_mask, sr_slot, sr_head, sr_release = L[L_SR_MASK], L[L_SR_SLOT], L[L_SR_HEAD], L[L_SR_RELEASE]
-    sr_sent, sr_copied = L[L_SR_SENT], L[L_SR_COPIED]
-    fn_init, fn_msend, fn_close = L[L_FN_MSG_INIT], L[L_FN_MSG_SEND], L[L_FN_MSG_CLOSE]
     bad = L[L_ERRORS]
     stop = min(stop, ticks.shape[0])
     # an unpaced replay from memory: tick i+1 is taken the moment tick i is published, so the
@@ -429,30 +417,7 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
                     L[L_LAST_ERRNO] = e
             else:
                 # the second frame of a message is never refused once the first is queued
-                k = sr_head & sr_mask
-                flag = sr_flags + 8 * k
-                if sr_data != 0 and plen <= sr_slot and load_acquire(flag) == 0:
-                    # a free slot (libzmq closed its last message): no allocation, no copy by libzmq
-                    sr_head += 1
-                    slot = carray(_ptr(sr_data + k * sr_slot, np.uint8), (sr_slot,))
-                    _put_bytes(slot, 0, payload, 0, plen)
-                    flag_arr = carray(_ptr(flag, np.int64), (1,))
-                    flag_arr[0] = 1
-                    if call_msg_init_data(fn_init, sr_msg, slot.ctypes.data, plen, sr_release, flag) == 0:
-                        if call_msg_send(fn_msend, sr_msg, sock, _LAST) < 0:
-                            errors += 1
-                            L[L_LAST_ERRNO] = call_errno(fn_errno)
-                            call_msg_close(fn_close, sr_msg)  # calls the release: the slot is free again
-                        sr_sent += 1
-                    else:  # no memory for libzmq's reference count: the slot stays unused
-                        flag_arr[0] = 0
-                        call_send_recv(fn_send, sock, payload.ctypes.data, plen, _LAST)
-                        sr_copied += 1
-                else:
-                    if sr_data != 0:
-                        sr_head += 1  # a slot still queued for a slow subscriber: skip it
-                    call_send_recv(fn_send, sock, payload.ctypes.data, plen, _LAST)
-                    sr_copied += 1
+                call_send_recv(fn_send, sock, payload.ctypes.data, plen, _LAST)
                 sent += 1
         if apub != 0:  # Aeron: the payload only, one message per Score
             offer_with_retries(L[L_FN_OFFER], apub, payload.ctypes.data, plen, a_c, L[L_A_BP_RETRIES],
@@ -476,7 +441,6 @@ def loop_kernel(ctx_addr, lctx_addr, start, stop):
     L[L_TAP_N] = tap_n
     L[L_TAP_USED] = tap_used
     L[L_SENT], L[L_DROPS], L[L_SEND_ERRORS] = sent, drops, errors
-    L[L_SR_HEAD], L[L_SR_SENT], L[L_SR_COPIED] = sr_head, sr_sent, sr_copied
     L[L_ERRORS] = bad
     return i - start
 
@@ -535,24 +499,12 @@ class NativeLoop:
         else:
             self._hold("a_c", np.zeros(N_A_COUNTERS, np.int64), L_A_C)
         self._flags_out = self._hold("flags_out", np.zeros(1, np.int64), L_FLAGS_OUT)
-        self.send_ring: SendRing | None = None
         z = self.zmq_sink
         if z is not None:  # checked at start-up: the library, its symbols and version
             lib = bind_libzmq()
             L[L_FN_SEND], L[L_FN_ERRNO] = fn_address(lib.zmq_send), fn_address(lib.zmq_errno)
             L[L_SOCK] = int(z.sock.underlying)
             self._sent0, self._drops0 = z.sent, z.drops
-            ring = getattr(z, "send_ring", False)
-            if ring is True and lib.zmq_msg_init_data is not None:
-                ring = z.send_ring = SendRing()  # the publisher frees it after its context terminated
-            if isinstance(ring, SendRing):
-                L[L_FN_MSG_INIT] = fn_address(lib.zmq_msg_init_data)
-                L[L_FN_MSG_SEND] = fn_address(lib.zmq_msg_send)
-                L[L_FN_MSG_CLOSE] = fn_address(lib.zmq_msg_close)
-                L[L_SR_DATA], L[L_SR_FLAGS], L[L_SR_MSG] = ring.data, ring.flags, ring.msg
-                L[L_SR_MASK], L[L_SR_SLOT], L[L_SR_RELEASE] = ring.slots - 1, ring.slot_bytes, ring.release
-            self.send_ring = ring if isinstance(ring, SendRing) else None
-            self._ring0 = (getattr(z, "ring_sent", 0), getattr(z, "ring_copied", 0))
         self._timespec = self._hold("timespec", np.zeros(2, np.int64), L_TIMESPEC)
         self._inv = self._hold("inv", np.zeros(1, np.float64), L_PACE_INV)
         self.payload = self._hold("payload", np.zeros(MAX_SCORE_BYTES, np.uint8), L_PAYLOAD)
@@ -647,14 +599,6 @@ class NativeLoop:
             z.sent = self._sent0 + int(self.L[L_SENT])
             z.drops = self._drops0 + int(self.L[L_DROPS])
             z.send_errors = int(self.L[L_SEND_ERRORS])
-            if self.send_ring is not None:  # payloads from the send ring / copied by zmq_send
-                z.ring_sent = self._ring0[0] + int(self.L[L_SR_SENT])
-                z.ring_copied = self._ring0[1] + int(self.L[L_SR_COPIED])
-
-    @property
-    def ring_sends(self) -> tuple[int, int]:
-        """(payloads sent from the send ring, payloads sent by copy with ``zmq_send``) by this loop."""
-        return int(self.L[L_SR_SENT]), int(self.L[L_SR_COPIED])
 
     def take_rejects(self) -> np.ndarray | None:
         """Return the indices rejected in the last batches (and forget them), or None."""

@@ -29,20 +29,17 @@ import glob
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import zmq
 from llvmlite import ir
-from numba import cfunc, njit, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender",
            "fn_address", "mapped_paths", "call_address", "call_send_recv", "call_errno", "call_getsockopt",
-           "call_clock_gettime", "call_msg_init_data", "call_msg_send", "call_msg_close", "load_acquire",
-           "store_release", "SendRing", "release_address"]
+           "call_clock_gettime"]
 
 #: Symbols a native loop needs from libzmq (publishing, and the compiled ingress of engine.native_ingress).
-REQUIRED_SYMBOLS = ("zmq_send", "zmq_recv", "zmq_getsockopt", "zmq_errno", "zmq_version", "zmq_msg_init_data",
-                    "zmq_msg_send", "zmq_msg_close")
+REQUIRED_SYMBOLS = ("zmq_send", "zmq_recv", "zmq_getsockopt", "zmq_errno", "zmq_version")
 ZMQ_DONTWAIT = 1
 ZMQ_SNDMORE = 2
 
@@ -61,10 +58,6 @@ class LibZmq:
     zmq_errno: object
     zmq_recv: object
     zmq_getsockopt: object
-    #: the send ring's path (:class:`SendRing`); None where a caller bound fewer symbols
-    zmq_msg_init_data: object = None
-    zmq_msg_send: object = None
-    zmq_msg_close: object = None
 
 
 def libzmq_path() -> str:
@@ -140,20 +133,7 @@ def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYM
     # zmq_getsockopt(void *socket, int option, void *value, size_t *len) -> int
     getsockopt.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t]
     getsockopt.restype = ctypes.c_int
-    msg = {}
-    for name, argtypes in (
-        # zmq_msg_init_data(zmq_msg_t *msg, void *data, size_t size, zmq_free_fn *ffn, void *hint) -> int
-        ("zmq_msg_init_data", [ctypes.c_size_t] * 5),
-        # zmq_msg_send(zmq_msg_t *msg, void *socket, int flags) -> int
-        ("zmq_msg_send", [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]),
-        # zmq_msg_close(zmq_msg_t *msg) -> int
-        ("zmq_msg_close", [ctypes.c_size_t]),
-    ):
-        if hasattr(lib, name):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
-            msg[name] = fn
-    return LibZmq(path, version, send, errno_, recv, getsockopt, **msg)
+    return LibZmq(path, version, send, errno_, recv, getsockopt)
 
 
 def fn_address(fn) -> int:
@@ -224,129 +204,6 @@ def call_clock_gettime(typingctx, fn, clock_id, timespec):
         return call_address(builder, a[0], _I32, [_I32, _I64], [builder.trunc(a[1], _I32), a[2]])
 
     return sig, codegen
-
-
-@intrinsic
-def call_msg_init_data(typingctx, fn, msg, data, size, ffn, hint):
-    """``int zmq_msg_init_data(zmq_msg_t *msg, void *data, size_t size, zmq_free_fn *ffn, void *hint)``."""
-    sig = types.int32(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        return call_address(builder, args[0], _I32, [_I64] * 5, list(args[1:]))
-
-    return sig, codegen
-
-
-@intrinsic
-def call_msg_send(typingctx, fn, msg, sock, flags):
-    """``int zmq_msg_send(zmq_msg_t *msg, void *socket, int flags)`` at address ``fn``."""
-    sig = types.int32(types.int64, types.int64, types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        a = list(args)
-        return call_address(builder, a[0], _I32, [_I64, _I64, _I32], [a[1], a[2], builder.trunc(a[3], _I32)])
-
-    return sig, codegen
-
-
-@intrinsic
-def call_msg_close(typingctx, fn, msg):
-    """``int zmq_msg_close(zmq_msg_t *msg)`` at address ``fn``."""
-    sig = types.int32(types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        return call_address(builder, args[0], _I32, [_I64], [args[1]])
-
-    return sig, codegen
-
-
-@intrinsic
-def load_acquire(typingctx, addr):
-    """The int64 at byte address ``addr``, read with acquire ordering (another thread stores it)."""
-    sig = types.int64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.load_atomic(builder.inttoptr(args[0], _I64.as_pointer()), "acquire", 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def store_release(typingctx, addr, v):
-    """Store int64 ``v`` at byte address ``addr`` with release ordering (another thread reads it)."""
-    sig = types.void(types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        builder.store_atomic(args[1], builder.inttoptr(args[0], _I64.as_pointer()), "release", 8)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@cfunc(types.void(types.int64, types.int64), nopython=True, cache=True)
-def _release(data, hint):
-    # libzmq calls this (zmq_free_fn) when the last reference to a message of the ring is closed:
-    # in its I/O thread once the message is copied into a batch, or in the sending thread when a
-    # queued message is dropped.  ``hint`` is the slot's flag.
-    store_release(hint, 0)
-
-
-def release_address() -> int:
-    """Address of the ``zmq_free_fn`` that frees a :class:`SendRing` slot (its flag back to 0)."""
-    return int(_release.address)
-
-
-class SendRing:
-    """Payload slots for ``zmq_msg_init_data`` sends: libzmq frees nothing the sender allocated.
-
-    ``zmq_send`` of a payload longer than 33 bytes allocates the message in the sending
-    thread and libzmq's I/O thread frees it, on the other core; that cross-thread
-    allocation is most of a send's tail at the native loop's rate on this VM
-    (``benchmarks/bench_native_loop.py``, ``bare_send_ring``).  Here the payload is
-    copied into a slot and handed to libzmq with a free function (:func:`release_address`)
-    that sets the slot's flag back to 0 when libzmq closes the last reference to it
-    (libzmq still allocates its small reference-count block).  A slot whose flag is
-    set (its message still queued for a slow subscriber, possibly for long) is never
-    written; the sender then sends a copy (``zmq_send``) as before.  Correct whatever
-    the subscribers, their filters and the drop policy: libzmq counts the references.
-
-    The memory comes from libc and is freed by :meth:`free`, which the owner calls only
-    after the ZeroMQ context terminated (no message can refer to it any more); an
-    owner that never terminates leaks it rather than risk a write into freed memory.
-    """
-
-    def __init__(self, slots: int = 8192, slot_bytes: int = 128) -> None:
-        if slots < 1 or slots & (slots - 1) or slot_bytes < 8 or slot_bytes % 8:
-            raise ValueError("slots must be a power of two, slot_bytes a multiple of 8")
-        self.slots, self.slot_bytes = slots, slot_bytes
-        size = slots * slot_bytes + slots * 8 + 64  # payloads, flags, one zmq_msg_t (64 bytes)
-        libc = ctypes.CDLL(None)
-        libc.aligned_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-        libc.aligned_alloc.restype = ctypes.c_void_p
-        libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
-        self._free = libc.free
-        base = libc.aligned_alloc(64, size)
-        if not base:
-            raise MemoryError(f"cannot allocate a {size}-byte ZeroMQ send ring")
-        ctypes.memset(base, 0, size)
-        self.base = int(base)
-        self.data = self.base
-        self.flags = self.base + slots * slot_bytes
-        self.msg = self.flags + slots * 8
-        self.release = release_address()
-
-    def in_use(self) -> int:
-        """Slots whose message libzmq still holds (a snapshot)."""
-        if not self.base:
-            return 0
-        flags = np.ctypeslib.as_array((ctypes.c_int64 * self.slots).from_address(self.flags))
-        return int(np.count_nonzero(flags))
-
-    def free(self) -> None:
-        """Return the memory to libc: only once the ZeroMQ context that used it has terminated."""
-        if self.base:
-            self._free(self.base)
-            self.base = self.data = self.flags = self.msg = 0
 
 
 def make_sender(lib: LibZmq):

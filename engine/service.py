@@ -338,7 +338,7 @@ class Service:
             z = snk_cfg.zmq
             self.zmq_sink = ZmqPublisher(
                 z.endpoint, sndhwm=z.sndhwm, io_cpu=io_cpu, connect=not z.bind, linger_ms=z.linger_ms,
-                drop_policy=z.drop_policy, configure=self._secure("scores"), send_ring=z.send_ring,
+                drop_policy=z.drop_policy, configure=self._secure("scores"),
             )
             self.sinks.append(self.zmq_sink)
             self._remember_ipc(z.endpoint, z.bind)
@@ -669,8 +669,7 @@ class Service:
             z = self.zmq_sink
             out["zmq"] = {"endpoint": z.endpoint, "sent": z.sent, "drops": z.drops,
                           "send_errors": z.send_errors, "drop_policy": z.drop_policy,
-                          "subscribers": z.subscriptions, "ring_sent": z.ring_sent,
-                          "ring_copied": z.ring_copied}
+                          "subscribers": z.subscriptions}
         if self.aeron_sink is not None:
             a = self.aeron_sink
             out["aeron"] = {"channel": a.channel, "stream_id": a.stream_id, **a.counters()}

@@ -90,10 +90,6 @@ class ZmqPublisher:
         ``seq`` gap; ``drops`` stays 0; the service's default).
     configure : callable, optional
         ``configure(sock)`` before bind/connect (CURVE server keys).
-    send_ring : bool
-        Let a native loop publish payloads from a ring of slots that libzmq frees by callback
-        (:class:`engine.native_zmq.SendRing`) instead of ``zmq_send``'s per-message allocation;
-        the ring is created by the native loop, kept here and freed after the context terminated.
     """
 
     name = "zmq"
@@ -110,11 +106,8 @@ class ZmqPublisher:
         linger_ms: int = 2_000,
         drop_policy: str = "count",
         configure=None,
-        send_ring: bool = True,
     ) -> None:
         self.endpoint = endpoint
-        #: False: no ring; True: a native loop may create one (then it is held here until close)
-        self.send_ring = send_ring
         self.ctx = zmq.Context(io_threads=1)
         if io_cpu is not None:
             try:
@@ -147,9 +140,6 @@ class ZmqPublisher:
         self.drops = 0
         #: sends refused for another reason than a full queue (native loop; the python path raises)
         self.send_errors = 0
-        #: payloads a native loop sent from the send ring, and by copy (zmq_send) while it had one
-        self.ring_sent = 0
-        self.ring_copied = 0
         self.subscriptions = 0
         self._send = raw_send(self.sock)  # per tick: skip pyzmq's Python wrapper
         self._flags_more = zmq.SNDMORE | zmq.NOBLOCK
@@ -196,6 +186,3 @@ class ZmqPublisher:
         """Close the socket (pending messages are flushed for up to ``linger_ms``)."""
         self.sock.close()
         self.ctx.term()
-        ring, self.send_ring = self.send_ring, False
-        if hasattr(ring, "free"):  # no message can refer to it once the context terminated
-            ring.free()

@@ -52,9 +52,6 @@ class ReplayOptions:
     wait_subscribers: int = 0
     wait_timeout_s: float = 10.0
     sndhwm: int = 100_000
-    #: the native loop publishes ZeroMQ payloads from a ring libzmq frees by callback (no allocation
-    #: per send); False: zmq_send's copy, as the python loop (benchmarks compare the two)
-    zmq_send_ring: bool = True
     progress: bool = True
     limit: int | None = None
     rt_priority: int | None = None
@@ -174,7 +171,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         finally:
             os.sched_setaffinity(0, before)
     elif opts.publish and opts.publish.lower() != "none":
-        sink = ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu, send_ring=opts.zmq_send_ring)
+        sink = ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu)
     else:
         sink = _NullSink()
     sinks = [sink]
@@ -259,8 +256,6 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "warmup_ticks_excluded": warm,
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
-            **({"zmq_send_ring": {"sent": sink.ring_sent, "copied": sink.ring_copied}}
-               if getattr(sink, "ring_sent", 0) or getattr(sink, "ring_copied", 0) else {}),  # fmt: skip
             **({"aeron": {"dir": aeron.dir, "stream_id": opts.stream_id, "embedded": aeron.embedded,
                           **aeron_counters}} if aeron is not None else {}),  # fmt: skip
             "idle": opts.idle,

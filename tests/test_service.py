@@ -341,8 +341,6 @@ def test_aeron_ipc_and_zmq_both_ways_at_once_every_tick_scored_on_both_sinks(tmp
     assert st["scores_out"] == n
     assert {k: v for k, v in st["rejected_by_reason"].items() if v} == GARBAGE_EXPECTED_AERON
     assert st["sinks"]["aeron"]["sent"] == n and st["sinks"]["zmq"]["sent"] == n and st["drops"] == 0
-    z = st["sinks"]["zmq"]  # the native loop sent the payloads from its send ring (or copied them)
-    assert z["ring_sent"] > 0 and z["ring_sent"] + z["ring_copied"] == n
     assert st["aeron"]["dir"] == adir and st["aeron"]["embedded"]
     s = svc.summary()
     assert s["mode"] == "zmq+aeron" and s["scores"] == n
