@@ -187,6 +187,8 @@ class Service:
         self.aeron = None
         #: the native loop's Aeron C client (engine.native_aeron), when it publishes or receives over Aeron
         self.aeron_c = None
+        #: the native Aeron ingress's own C client: without pre-touch (see below)
+        self.aeron_c_in = None
         self.ctx = None
         self.hist = LatencyHistogram()  # every tick so far, for status (bounded memory)
         self.folded = 0
@@ -322,13 +324,19 @@ class Service:
         native = cfg.engine.loop != "python" and self.backend.kind == "fused"
         native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None \
             and src_cfg.zmq is None  # fmt: skip
-        if native and (snk_cfg.aeron is not None or native_aeron_in):
+        if native and snk_cfg.aeron is not None:
             self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
                                         pre_touch=cfg.aeron.pre_touch)  # fmt: skip
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
             if native_aeron_in:  # the only source, polled in compiled code
-                self.sources.append(NativeAeronTickSource(self.aeron_c, a.channel, a.stream_id, slot=slot,
+                # Its own client, without pre-touch: a client that pre-touches maps *every* log it
+                # uses page by page, a subscription's images too (Aeron's conductor, on an image
+                # becoming available): 192 MiB per ipc publisher joining, ~0.7 s here during
+                # which that publisher's ticks wait unread in the log.
+                self.aeron_c_in = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
+                                               pre_touch=False)  # fmt: skip
+                self.sources.append(NativeAeronTickSource(self.aeron_c_in, a.channel, a.stream_id, slot=slot,
                                                           rows=cfg.engine.batch))  # fmt: skip
             else:
                 self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
@@ -610,9 +618,10 @@ class Service:
             except Exception as exc:  # noqa: BLE001
                 _log(f"closing sink {getattr(s, 'name', s)}: {exc}", event="error", level=logging.ERROR)
         self.sinks = []
-        if self.aeron_c is not None and not self.aeron_fault:
-            self.aeron_c.close()
-        self.aeron_c = None
+        for c in (self.aeron_c, self.aeron_c_in):
+            if c is not None and not self.aeron_fault:
+                c.close()
+        self.aeron_c = self.aeron_c_in = None
         if self.aeron is not None:
             if self.aeron_fault:  # its threads fault on the truncated files: closing would hang
                 _log("the Aeron driver's files were truncated (SIGBUS): its client is left unclosed; "
@@ -768,10 +777,13 @@ class Service:
         cfg = self.cfg
         src, snk = cfg.effective_sources, cfg.effective_sinks
         ins, outs = [], []
+        kinds = {type(s).__name__ for s in self.sources}  # the native sources receive in compiled code
         if src.zmq is not None:
-            ins.append(f"zmq {src.zmq.endpoint} ({'bind' if src.zmq.bind else 'connect'})")
+            how = ", compiled receive" if "NativeZmqTickSource" in kinds else ""
+            ins.append(f"zmq {src.zmq.endpoint} ({'bind' if src.zmq.bind else 'connect'}{how})")
         if src.aeron is not None:
-            ins.append(f"aeron {src.aeron.channel} stream {src.aeron.stream_id}")
+            how = " (compiled receive)" if "NativeAeronTickSource" in kinds else ""
+            ins.append(f"aeron {src.aeron.channel} stream {src.aeron.stream_id}{how}")
         if snk.zmq is not None:
             outs.append(f"zmq {snk.zmq.endpoint} ({'bind' if snk.zmq.bind else 'connect'})")
         if snk.aeron is not None:
