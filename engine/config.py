@@ -136,9 +136,9 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     #: 256 let it reach 165 µs (README, native duty cycle); replays from memory use 256.
     batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
     #: Poll an Aeron tick source (the only source) in compiled code as well.  Off by default:
-    #: on the 2-vCPU reference VM it raised the wire-to-wire p99 over aeron:ipc from ~45 us
-    #: to ~1 ms (pyaeron's own client conductor then used ~5% of the helper core in ~1 ms
-    #: bursts, starving the SCHED_IDLE subscriber; see the README, native duty cycle).
+    #: wire to wire it is no faster than the Python poll on the 2-vCPU reference VM, and each
+    #: first read of a page of the tick log faults in the hot loop (service-time p99 ~20-30 us
+    #: against ~2 us); see the README, native duty cycle, and benchmarks/bench_aeron_ingress.py.
     native_aeron_ingress: bool = False
     #: ``gc.collect(); gc.freeze(); gc.disable()`` before the loop.
     freeze_gc: bool = True
