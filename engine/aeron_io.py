@@ -42,7 +42,6 @@ _DRIVER_LOST_CODES = (-1000, -1001, -1002, 1000, 1001, 1002)
 ANCHOR_STREAM_ID = 0x7469636B
 
 
-
 def _pyaeron():
     try:
         import pyaeron  # deferred: loads the Aeron C client, only where Aeron is used

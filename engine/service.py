@@ -185,7 +185,7 @@ class Service:
         self.aeron_sink = None
         self.control = None
         self.aeron = None
-        #: the native loop's Aeron C client (engine.native_aeron), when it publishes or receives over Aeron
+        #: the native loop's Aeron C client (engine.native_aeron), when it publishes over Aeron
         self.aeron_c = None
         #: the native Aeron ingress's own C client: without pre-touch (see below)
         self.aeron_c_in = None
@@ -777,12 +777,14 @@ class Service:
         cfg = self.cfg
         src, snk = cfg.effective_sources, cfg.effective_sinks
         ins, outs = [], []
-        kinds = {type(s).__name__ for s in self.sources}  # the native sources receive in compiled code
+        def compiled(kind) -> bool:  # the native sources receive and decode in compiled code
+            return any(isinstance(s, kind) for s in self.sources)
+
         if src.zmq is not None:
-            how = ", compiled receive" if "NativeZmqTickSource" in kinds else ""
+            how = ", compiled receive" if compiled(NativeZmqTickSource) else ""
             ins.append(f"zmq {src.zmq.endpoint} ({'bind' if src.zmq.bind else 'connect'}{how})")
         if src.aeron is not None:
-            how = " (compiled receive)" if "NativeAeronTickSource" in kinds else ""
+            how = " (compiled receive)" if compiled(NativeAeronTickSource) else ""
             ins.append(f"aeron {src.aeron.channel} stream {src.aeron.stream_id}{how}")
         if snk.zmq is not None:
             outs.append(f"zmq {snk.zmq.endpoint} ({'bind' if snk.zmq.bind else 'connect'})")
