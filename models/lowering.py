@@ -60,6 +60,7 @@ from models.program import (
     _HDR,
     _OP_NAMES,
     _ROW,
+    LANES,
     OP_ADD,
     OP_AFFINE_QUANT,
     OP_CLIP,
@@ -146,6 +147,26 @@ class _Lowerer:
         self.ci_len += a.size
         return off
 
+    def addi_blocks(self, wt: np.ndarray) -> int:
+        """Add integer GEMM weights ``wt`` (n_out, n_in) in the interpreter's blocked layout.
+
+        Block q holds, for each input k, the weights of outputs ``16q .. 16q+15`` (zero past
+        ``n_out``): what :func:`models.program._gemm_block` loads as one vector.
+        """
+        n_out, n_in = wt.shape
+        nb = -(-n_out // LANES)
+        packed = np.zeros((nb * LANES, n_in), dtype=np.int64)
+        packed[:n_out] = wt
+        return self.addi(packed.reshape(nb, LANES, n_in).transpose(0, 2, 1))
+
+    @staticmethod
+    def pad_blocks(a, n_out: int) -> np.ndarray:
+        """``a`` (a per-output bias of ``n_out``) zero-padded to whole blocks of outputs."""
+        a = np.asarray(a).reshape(-1)
+        out = np.zeros(-(-n_out // LANES) * LANES, dtype=a.dtype)
+        out[:n_out] = a
+        return out
+
     def emit(self, op: int, n_in: int, n_out: int, src: int, dst: int, *p: int) -> int:
         params = list(p) + [-1] * (5 - len(p))
         self.rows.append([op, n_in, n_out, src, dst, *params])
@@ -215,8 +236,8 @@ class _Lowerer:
             m = np.float32(np.float32(a.scale) * np.float32(b.scale))
             dst = self.F
             row = self.emit(
-                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi(wt), self.addi([a.zp]),
-                self.addf([m]), self.addf(bias) if bias is not None else -1, -1,
+                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([a.zp]),
+                self.addf([m]), self.addf(self.pad_blocks(bias, n_out)) if bias is not None else -1, -1,
             )
             out = _Val("f", n_out, dst)
             self.last_gemm = (row, a, b)
@@ -258,7 +279,8 @@ class _Lowerer:
         widths = [F]
         for t in g.initializer:
             widths.extend(int(d) for d in t.dims)
-        self.R = max(widths) if widths else F
+        # registers are whole blocks of the integer GEMMs' 16 lanes (they write a block whole)
+        self.R = -(-(max(widths) if widths else F) // LANES) * LANES
         self.vals[inputs[0].name] = _Val("f", F, 0)
         for node in g.node:
             if node.op_type == "Constant":
@@ -462,7 +484,7 @@ class _Lowerer:
                 if self.rows[-1][0] == OP_GEMM_F:
                     self.rows[-1][6] = self.addf(bias)
                 else:
-                    self.rows[-1][8] = self.addf(bias)
+                    self.rows[-1][8] = self.addf(self.pad_blocks(bias, x.width))
                 self.vals[out_name] = x
                 return
             x = self.to_float(x)
@@ -576,9 +598,9 @@ class _Lowerer:
                 bb = c(bias)
                 if bb.dtype != np.int32:
                     raise self.fail(node, "bias must be int32")
-                ibias = self.addi(np.broadcast_to(bb.reshape(-1), (n_out,)))
+                ibias = self.addi(self.pad_blocks(np.broadcast_to(bb.reshape(-1), (n_out,)), n_out))
             dst = self.qreg(a.reg)
-            row = self.emit(OP_GEMM_I2Q, n_in, n_out, a.reg, dst, self.addi(wt),
+            row = self.emit(OP_GEMM_I2Q, n_in, n_out, a.reg, dst, self.addi_blocks(wt),
                             self.addi([za_v, int(zy_arr), qmin, qmax]), self.addf([m]), ibias)
             self.last_gemm = (row, a, bv)
             return _Val("q", n_out, dst, scale=float(sy_v), zp=int(zy_arr), qmin=qmin, qmax=qmax)
@@ -587,11 +609,12 @@ class _Lowerer:
         if bias:
             bb = c(bias)
             if bb.dtype == np.int32:
-                ibias = self.addi(np.broadcast_to(bb.reshape(-1), (n_out,)))
+                ibias = self.addi(self.pad_blocks(np.broadcast_to(bb.reshape(-1), (n_out,)), n_out))
             else:
-                fbias = self.addf(np.broadcast_to(bb.astype(np.float32).reshape(-1), (n_out,)))
+                fb = np.broadcast_to(bb.astype(np.float32).reshape(-1), (n_out,))
+                fbias = self.addf(self.pad_blocks(fb, n_out))
         dst = self.F
-        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi(wt), self.addi([za_v]),
+        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([za_v]),
                         self.addf([m]), fbias, ibias)
         self.last_gemm = (row, a, bv)
         return _Val("f", n_out, dst)

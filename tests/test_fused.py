@@ -312,3 +312,62 @@ def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
     monkeypatch.setattr(bc, "tick_kernel_for", lambda *a, **k: stale)
     choice = select_backend("fused", default_model_path("int8"), FS, parity_X=parity_vectors(FS)[:2000])
     assert choice.kind == "ort" and "per-tick kernel differs" in choice.reason
+
+
+@pytest.mark.parametrize("hidden", [(13, 9), (40, 24, 3), (1,), (8, 17)])
+def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden):
+    """The vector GEMMs (blocks of LANES outputs, padded) give exactly numpy's int32 arithmetic.
+
+    Layer by layer from the interpreter's own quantized input (row offsets are absolute):
+    int32 accumulation of ``(x - zpa) * W`` (+ int32 bias), then float32 ``acc * M``,
+    clamped and rounded half to even (requantised rows) or ``+ float bias`` (the float
+    row), compared bit for bit.
+    """
+    from models.lowering import _ort_optimized_model
+    from models.program import _ROW, LANES, OP_AFFINE_QUANT, OP_GEMM_I2F, OP_GEMM_I2Q, _run_program
+
+    w = _random_weights(len(hidden) + 5, hidden)
+    X = parity_vectors(FS)[:3000]
+    q = quantize_int8(build_graph(w), tmp_path / "q.onnx", X[:2000], activation_type="uint8")
+    prog = lower_graph(_ort_optimized_model(q), "t", ort_ops=True)
+    mi, mf = prog.new_arrays()
+    rows = [mi[mi[2] + o * _ROW: mi[2] + (o + 1) * _ROW].astype(np.int64) for o in range(mi[0])]
+    assert [r[0] for r in rows[:-1]] == [OP_AFFINE_QUANT] + [OP_GEMM_I2Q] * len(hidden) + [OP_GEMM_I2F]
+    n_ops, xo = int(mi[0]), int(mi[4])
+    for x in X[::7]:
+        mf[xo:xo + F] = x
+        mi[0] = 1  # the quantized input, as the interpreter makes it
+        _run_program(mi, mf)
+        a = mi[rows[0][4]: rows[0][4] + F].astype(np.int64)
+        for t, (op, n_in, n_out, _src, dst, p0, p1, p2, p3, p4) in enumerate(rows[1:-1], start=1):
+            mi[0] = t + 1  # up to this row (registers are reused by later rows)
+            _run_program(mi, mf)
+            nb = -(-n_out // LANES)
+            W = mi[p0: p0 + nb * LANES * n_in].astype(np.int64).reshape(nb, n_in, LANES)
+            W = W.transpose(0, 2, 1).reshape(nb * LANES, n_in)[:n_out]
+            ib = p4 if op == OP_GEMM_I2F else p3
+            acc = W @ (a - mi[p1]) + (mi[ib: ib + n_out] if ib >= 0 else 0)
+            v = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32).astype(np.float32) * mf[p2]
+            if op == OP_GEMM_I2Q:
+                zpo = mi[p1 + 1]
+                v = np.clip(v, np.float32(mi[p1 + 2] - zpo), np.float32(mi[p1 + 3] - zpo))
+                a = np.rint(v).astype(np.int64) + zpo
+                np.testing.assert_array_equal(mi[dst: dst + n_out], a)
+            else:
+                if p3 >= 0:
+                    v = v + mf[p3: p3 + n_out]
+                np.testing.assert_array_equal(mf[dst: dst + n_out].view(np.uint32), v.view(np.uint32))
+        mi[0] = n_ops
+
+
+def test_a_program_whose_block_would_leave_its_arrays_is_refused():
+    from models.program import check_program
+
+    prog = lower_model(onnx.load(str(default_model_path("int8"))))
+    check_program(prog.mi, prog.mf)
+    with pytest.raises(UnsupportedGraph, match="outside its arrays"):
+        check_program(prog.mi[:-3], prog.mf)  # the last register no longer holds a whole block
+    mi = prog.mi.copy()
+    mi[mi[2] + 10 + 5] = mi.shape[0] - 10  # the first GEMM's weights (row 1) start too near the end
+    with pytest.raises(UnsupportedGraph, match="outside its arrays"):
+        check_program(mi, prog.mf)
