@@ -205,15 +205,23 @@ def _copy8(typingctx, dst, src):
 
 @njit(cache=True, nogil=True, _nrt=False, inline="always")
 def _put_bytes(buf, pos, src, start, length):
-    """Copy ``src[start:start+length]`` to ``buf[pos:]`` (8 bytes at a time; callers check the room)."""
-    k = 0
+    """Copy ``src[start:start+length]`` to ``buf[pos:]`` (8 bytes at a time; callers check the room).
+
+    A tail shorter than 8 bytes is one more 8-byte copy that ends where the item ends
+    (it rewrites a few bytes already copied, with the same values) when the item is at
+    least 8 bytes long; shorter items go byte by byte.
+    """
     d, s = buf.ctypes.data + pos, src.ctypes.data + start
-    while k + 8 <= length:
-        _copy8(d + k, s + k)
-        k += 8
-    while k < length:
-        buf[pos + k] = src[start + k]
-        k += 1
+    if length >= 8:
+        k = 0
+        while k + 8 <= length:
+            _copy8(d + k, s + k)
+            k += 8
+        if k < length:
+            _copy8(d + length - 8, s + length - 8)
+    else:
+        for k in range(length):
+            buf[pos + k] = src[start + k]
     return pos + length
 
 
