@@ -617,6 +617,10 @@ class Service:
                 s.close()
             except Exception as exc:  # noqa: BLE001
                 _log(f"closing sink {getattr(s, 'name', s)}: {exc}", event="error", level=logging.ERROR)
+            if getattr(s, "drained", None) is False:  # a ZeroMQ sink's linger ran out
+                _log(f"a subscriber had not taken every Score when the {s.linger_ms:,} ms linger of "
+                     f"{s.endpoint} ran out; libzmq discarded the rest (sinks.zmq linger_ms)",
+                     event="undelivered", level=logging.WARNING, endpoint=s.endpoint)  # fmt: skip
         self.sinks = []
         for c in (self.aeron_c, self.aeron_c_in):
             if c is not None and not self.aeron_fault:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import zmq
@@ -123,6 +124,12 @@ class ZmqPublisher:
         # "per-subscriber": libzmq drops for the full subscriber only, which sees a seq gap
         self.sock.setsockopt(zmq.XPUB_NODROP, 1 if drop_policy == "count" else 0)
         self.sock.setsockopt(zmq.LINGER, linger_ms)
+        self.linger_ms = linger_ms
+        #: after :meth:`close`: True if libzmq delivered everything queued before the linger ran
+        #: out, False if it ran out (what a subscriber had not taken was discarded), None if unknown
+        self.drained: bool | None = None
+        #: seconds :meth:`close` took (libzmq sending what was still queued)
+        self.close_s = 0.0
         if configure is not None:  # e.g. CURVE server keys (engine.security)
             configure(self.sock)
         try:
@@ -182,7 +189,27 @@ class ZmqPublisher:
         time.sleep(0.05)
         return self.poll_subscriptions()
 
-    def close(self) -> None:
-        """Close the socket (pending messages are flushed for up to ``linger_ms``)."""
+    def close(self, notice=None) -> bool | None:
+        """Close the socket; libzmq goes on sending what is still queued for up to ``linger_ms``.
+
+        Returns (and sets) :attr:`drained`: True when the queue emptied in time, False when
+        the linger ran out first (libzmq then discards what a subscriber had not taken, and
+        does not say how much), None with ``linger_ms`` 0 (discarded at once, if anything
+        was queued).  ``notice(text)`` is told once when closing takes more than a second
+        (a subscriber slower than the run).
+        """
         self.sock.close()
-        self.ctx.term()
+        t0 = time.monotonic()
+        term = threading.Thread(target=self.ctx.term, name="tickscore-zmq-close", daemon=True)
+        term.start()
+        term.join(1.0)
+        if term.is_alive() and notice is not None:
+            limit = "as long as it takes" if self.linger_ms < 0 else f"up to {self.linger_ms / 1000:g} s"
+            notice(f"delivering the Scores still queued for subscribers on {self.endpoint} ({limit})")
+        term.join()
+        self.close_s = time.monotonic() - t0
+        if self.linger_ms == 0:
+            self.drained = None
+        else:
+            self.drained = self.linger_ms < 0 or self.close_s < 0.95 * self.linger_ms / 1000
+        return self.drained

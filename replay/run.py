@@ -52,6 +52,9 @@ class ReplayOptions:
     wait_subscribers: int = 0
     wait_timeout_s: float = 10.0
     sndhwm: int = 100_000
+    #: how long closing the ZeroMQ publisher may go on delivering Scores a subscriber has not
+    #: taken yet (a replay is finite and every Score should arrive; -1 = as long as it takes)
+    linger_ms: int = 30_000
     progress: bool = True
     limit: int | None = None
     rt_priority: int | None = None
@@ -171,10 +174,11 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         finally:
             os.sched_setaffinity(0, before)
     elif opts.publish and opts.publish.lower() != "none":
-        sink = ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu)
+        sink = ZmqPublisher(opts.publish, sndhwm=opts.sndhwm, io_cpu=io_cpu, linger_ms=opts.linger_ms)
     else:
         sink = _NullSink()
     sinks = [sink]
+    zmq_close = None  # what closing the ZeroMQ publisher delivered (the summary's "zmq")
     recorder = None
     if opts.record_scores:
         recorder = ScoreRecorder()
@@ -212,7 +216,10 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         if aeron is not None:
             sink.flush()  # linger: a subscriber reads what is still in the log
             aeron_counters = sink.counters()
-        sink.close()
+        if isinstance(sink, ZmqPublisher):
+            zmq_close = _close_zmq(sink)
+        else:
+            sink.close()
         if aeron is not None:
             aeron.close()
         data.finish()
@@ -256,6 +263,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             "warmup_ticks_excluded": warm,
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
+            **({"zmq": zmq_close} if zmq_close is not None else {}),
             **({"aeron": {"dir": aeron.dir, "stream_id": opts.stream_id, "embedded": aeron.embedded,
                           **aeron_counters}} if aeron is not None else {}),  # fmt: skip
             "idle": opts.idle,
@@ -296,6 +304,21 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         if data.chunked:  # the .hgrm of every tick, not only of the raw window
             source.latency.write_hgrm(Path(opts.out) / "latency.hgrm")
     return result
+
+
+def _close_zmq(sink: ZmqPublisher) -> dict:
+    """Close the replay's ZeroMQ publisher, saying so when it waits for or loses queued Scores."""
+
+    def say(text: str) -> None:
+        print(f"tickscore: {text}", file=sys.stderr, flush=True)
+
+    sink.close(notice=say)
+    if sink.drained is False:
+        say(f"WARNING: a subscriber had not taken every Score when the {sink.linger_ms:,} ms linger ran out; "
+            "libzmq discarded the rest (it does not say how many). Raise --linger-ms, or give the "
+            "subscriber more CPU")  # fmt: skip
+    return {"sent": int(sink.sent), "drops": int(sink.drops), "linger_ms": int(sink.linger_ms),
+            "close_s": round(sink.close_s, 3), "drained": sink.drained}  # fmt: skip
 
 
 def default_replay_aeron_dir() -> str:

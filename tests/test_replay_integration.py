@@ -49,6 +49,7 @@ def test_subscriber_in_another_process_receives_every_score_with_contiguous_seq(
     got = json.loads(sub_out.read_text())
     assert summary["dropped"] == 0
     assert summary["scores"] == summary["ticks"] - summary["rejected"]
+    assert summary["zmq"]["drained"] is True and summary["zmq"]["sent"] == summary["scores"]
     assert got["bad"] == 0
     assert got["count"] == summary["scores"] > 0
     assert got["first_seq"] == 0 and got["last_seq"] == summary["scores"] - 1
@@ -156,6 +157,28 @@ def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_pa
     assert s["scores"] == 40000 - s["rejected"]  # every tick scored, none waited for the subscriber
     assert s["dropped"] > 0
     assert s["dropped"] < s["scores"]  # the first messages did fit in the queues
+    assert s["zmq"]["drained"] is True  # the few queued went to the OS's socket buffer at close
+
+
+def test_scores_still_queued_for_a_subscriber_when_the_linger_runs_out_are_reported_lost(tmp_path):
+    """Unbounded queue (--hwm 0), a subscriber that stopped reading: the run cannot end with every
+    Score delivered; it waits the linger (saying so), then says libzmq discarded the rest."""
+    endpoint = f"ipc://{tmp_path}/stalled.ipc"
+    sub = subprocess.Popen([sys.executable, "-c", _STALLED_SUB, endpoint, "120"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert sub.stdout.readline().strip() == "ready"
+        run = _tickscore("replay", "--limit", "40000", "--publish", endpoint, "--hwm", "0",
+                         "--wait-subscribers", "1", "--no-progress", "--pin", "none", "--json",
+                         "--linger-ms", "1500", timeout=120)  # fmt: skip
+    finally:
+        sub.kill()
+    assert run.returncode == 0, run.stderr
+    s = json.loads(run.stdout)
+    assert s["dropped"] == 0 and s["zmq"]["sent"] == s["scores"] > 30000  # all queued: none refused
+    assert s["zmq"]["drained"] is False and s["zmq"]["linger_ms"] == 1500 and s["zmq"]["close_s"] >= 1.4
+    assert "delivering the Scores still queued" in run.stderr and "(up to 1.5 s)" in run.stderr
+    assert "libzmq discarded the rest" in run.stderr
 
 
 def test_raw_send_skips_pyzmqs_python_wrapper_and_still_delivers_and_raises_again(tmp_path):

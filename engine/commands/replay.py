@@ -110,6 +110,10 @@ def register(sub) -> None:
         "--wait-timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)"
     )
     r.add_argument("--hwm", type=int, default=100_000, help="per-subscriber queue bound in messages")
+    r.add_argument("--linger-ms", type=int, default=30_000, metavar="MS",
+                   help="at the end, how long the ZeroMQ publisher may go on delivering Scores a subscriber "
+                        "has not taken yet (default 30000; -1: as long as it takes); the summary's "
+                        "zmq.drained says whether everything went")  # fmt: skip
     r.add_argument("--limit", type=int, default=None, metavar="N",
                    help="replay only the file's first N rows (ticks, rejects and scores count those rows)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -193,6 +197,7 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         wait_subscribers=args.wait_subscribers,
         wait_timeout_s=args.wait_timeout,
         sndhwm=args.hwm,
+        linger_ms=args.linger_ms,
         progress=not args.no_progress,
         limit=args.limit,
         rt_priority=args.rt_priority,
