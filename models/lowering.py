@@ -150,8 +150,9 @@ class _Lowerer:
     def addi_blocks(self, wt: np.ndarray) -> int:
         """Add integer GEMM weights ``wt`` (n_out, n_in) in the interpreter's blocked layout.
 
-        Block q holds, for each input k, the weights of outputs ``16q .. 16q+15`` (zero past
-        ``n_out``): what :func:`models.program._gemm_block` loads as one vector.
+        Block q holds, for each input k, the weights of outputs ``L q .. L q + L - 1``
+        (``L`` = :data:`~models.program.LANES`, zero past ``n_out``): what the interpreter's
+        vector GEMM (:func:`models.program._make_gemm_blocks`) loads as one vector.
         """
         n_out, n_in = wt.shape
         nb = -(-n_out // LANES)
@@ -279,7 +280,7 @@ class _Lowerer:
         widths = [F]
         for t in g.initializer:
             widths.extend(int(d) for d in t.dims)
-        # registers are whole blocks of the integer GEMMs' 16 lanes (they write a block whole)
+        # registers are whole blocks of the integer GEMMs' LANES outputs (they write a block whole)
         self.R = -(-(max(widths) if widths else F) // LANES) * LANES
         self.vals[inputs[0].name] = _Val("f", F, 0)
         for node in g.node:

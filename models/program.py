@@ -164,12 +164,11 @@ def _run_program(mi, mf):
     The score is also left in ``mf[mi[3]]``.  Allocates: no.
 
     Offsets are used as uint64 so numba emits no negative-index wraparound
-    branches and LLVM can vectorise the dot products (5x faster than int64
-    offsets for a 16x16 layer).  Integer GEMMs accumulate in int32, as
-    onnxruntime's kernels do (the same wraparound): numba widens int32
-    arithmetic to int64, so each step is truncated back explicitly, which lets
-    LLVM use 32-bit vector multiplies (the interpreter takes ~25% less time on
-    the default int8 model than with int64 accumulators).
+    branches and LLVM can vectorise the float loops (5x faster than int64
+    offsets for a 16x16 float layer).  Integer GEMMs accumulate in int32, as
+    onnxruntime's kernels do (the same wraparound), as vector code written
+    directly in LLVM IR (:func:`_make_gemm_blocks`): LLVM's own vectorisation
+    of the per-output dot products spent most of their time in horizontal sums.
     """
     n_ops = mi[0]
     base = mi[2]

@@ -141,19 +141,23 @@ time.sleep(float(sys.argv[2]))   # never reads: a subscriber that has stalled
 """
 
 
-def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_path):
-    endpoint = f"ipc://{tmp_path}/slow.ipc"
+def _replay_to_a_stalled_subscriber(tmp_path, *args):
+    """Replay 40k rows to a subscriber that never reads; return the replay's summary and stderr."""
+    endpoint = f"ipc://{tmp_path}/stalled.ipc"
     sub = subprocess.Popen([sys.executable, "-c", _STALLED_SUB, endpoint, "120"],
                            stdout=subprocess.PIPE, text=True)
     try:
         assert sub.stdout.readline().strip() == "ready"
-        run = _tickscore("replay", "--limit", "40000", "--publish", endpoint, "--hwm", "10",
-                         "--wait-subscribers", "1", "--no-progress", "--pin", "none", "--json",
-                         timeout=120)
+        run = _tickscore("replay", "--limit", "40000", "--publish", endpoint, "--wait-subscribers", "1",
+                         "--no-progress", "--pin", "none", "--json", *args, timeout=120)  # fmt: skip
     finally:
         sub.kill()
     assert run.returncode == 0, run.stderr
-    s = json.loads(run.stdout)
+    return json.loads(run.stdout), run.stderr
+
+
+def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_path):
+    s, _ = _replay_to_a_stalled_subscriber(tmp_path, "--hwm", "10")
     assert s["scores"] == 40000 - s["rejected"]  # every tick scored, none waited for the subscriber
     assert s["dropped"] > 0
     assert s["dropped"] < s["scores"]  # the first messages did fit in the queues
@@ -163,22 +167,11 @@ def test_stalled_subscriber_costs_counted_drops_and_never_blocks_the_loop(tmp_pa
 def test_scores_still_queued_for_a_subscriber_when_the_linger_runs_out_are_reported_lost(tmp_path):
     """Unbounded queue (--hwm 0), a subscriber that stopped reading: the run cannot end with every
     Score delivered; it waits the linger (saying so), then says libzmq discarded the rest."""
-    endpoint = f"ipc://{tmp_path}/stalled.ipc"
-    sub = subprocess.Popen([sys.executable, "-c", _STALLED_SUB, endpoint, "120"],
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        assert sub.stdout.readline().strip() == "ready"
-        run = _tickscore("replay", "--limit", "40000", "--publish", endpoint, "--hwm", "0",
-                         "--wait-subscribers", "1", "--no-progress", "--pin", "none", "--json",
-                         "--linger-ms", "1500", timeout=120)  # fmt: skip
-    finally:
-        sub.kill()
-    assert run.returncode == 0, run.stderr
-    s = json.loads(run.stdout)
+    s, err = _replay_to_a_stalled_subscriber(tmp_path, "--hwm", "0", "--linger-ms", "1500")
     assert s["dropped"] == 0 and s["zmq"]["sent"] == s["scores"] > 30000  # all queued: none refused
     assert s["zmq"]["drained"] is False and s["zmq"]["linger_ms"] == 1500 and s["zmq"]["close_s"] >= 1.4
-    assert "delivering the Scores still queued" in run.stderr and "(up to 1.5 s)" in run.stderr
-    assert "libzmq discarded the rest" in run.stderr
+    assert "delivering the Scores still queued" in err and "(up to 1.5 s)" in err
+    assert "libzmq discarded the rest" in err
 
 
 def test_raw_send_skips_pyzmqs_python_wrapper_and_still_delivers_and_raises_again(tmp_path):
