@@ -105,3 +105,27 @@ def test_service_takes_new_symbols_on_first_sight_up_to_max_instruments(tmp_path
         assert full > 0 and st["scores_out"] + full == 400
     finally:
         svc.stop()
+
+
+def test_service_stop_says_when_its_linger_ran_out_on_scores_a_subscriber_never_took(tmp_path):
+    from engine.control import request
+    from tests.test_replay_integration import _STALLED_SUB  # a subscriber that never reads
+
+    ticks, scores = f"ipc://{tmp_path}/ticks.ipc", f"ipc://{tmp_path}/scores.ipc"
+    svc = Svc(tmp_path, f'[engine]\npin = "none"\nidle = "backoff"\n[sources.zmq]\nendpoint = "{ticks}"\n'
+                        f'[sinks.zmq]\nendpoint = "{scores}"\nsndhwm = 0\nlinger_ms = 300\n')  # fmt: skip
+    sub = subprocess.Popen([sys.executable, "-c", _STALLED_SUB, scores, "120"], stdout=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    try:
+        assert sub.stdout.readline().strip() == "ready"
+        r = _publish(ticks, "--limit", "40000", "--rate", "max", "--control", svc.control)
+        assert r.returncode == 0, r.stderr[-2000:]
+        st = svc.wait_for(lambda s: s["scores_out"] + s["rejected"] >= 40000)
+        assert st["scores_out"] > 30000 and st["drops"] == 0  # all queued for the stalled subscriber
+        assert request(svc.control, "stop", timeout_s=30)["ok"]
+        assert svc.proc.wait(timeout=30) == 0
+    finally:
+        sub.kill()
+        svc.stop()
+    log = svc.log.read_text()
+    assert "a subscriber had not taken every Score when the 300 ms linger" in log, log[-3000:]
