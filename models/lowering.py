@@ -58,6 +58,8 @@ from onnx import numpy_helper
 from models.ort_backend import make_session_options
 from models.program import (
     _HDR,
+    _INT_DST,
+    _INT_SRC,
     _OP_NAMES,
     _ROW,
     LANES,
@@ -619,10 +621,6 @@ class _Lowerer:
                         self.addf([m]), fbias, ibias)
         self.last_gemm = (row, a, bv)
         return _Val("f", n_out, dst)
-
-
-_INT_SRC = (OP_DEQUANT, OP_GEMM_I2F, OP_GEMM_I2Q)  # ops whose src is an integer register
-_INT_DST = (OP_QUANT, OP_GEMM_I2Q, OP_AFFINE_QUANT)  # ops whose dst is an integer register
 
 
 def _chained(a: list[int], b: list[int]) -> bool:

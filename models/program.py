@@ -370,8 +370,8 @@ class FusedProgram:
 
 
 
-_INT_SRC_OPS = (OP_DEQUANT, OP_GEMM_I2F, OP_GEMM_I2Q)
-_INT_DST_OPS = (OP_QUANT, OP_GEMM_I2Q, OP_AFFINE_QUANT)
+_INT_SRC = (OP_DEQUANT, OP_GEMM_I2F, OP_GEMM_I2Q)  # ops whose src is an integer register
+_INT_DST = (OP_QUANT, OP_GEMM_I2Q, OP_AFFINE_QUANT)  # ops whose dst is an integer register
 
 
 def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
@@ -396,8 +396,8 @@ def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
         need(op in _OP_NAMES and n_in >= 0 and n_out >= 0, f"row {o} ({name})")
         gemm_i = op in (OP_GEMM_I2Q, OP_GEMM_I2F)
         width = -(-n_out // LANES) * LANES if gemm_i else n_out
-        need(0 <= src and src + n_in <= (ni if op in _INT_SRC_OPS else nf), f"row {o} ({name}) input")
-        need(0 <= dst and dst + width <= (ni if op in _INT_DST_OPS else nf), f"row {o} ({name}) output")
+        need(0 <= src and src + n_in <= (ni if op in _INT_SRC else nf), f"row {o} ({name}) input")
+        need(0 <= dst and dst + width <= (ni if op in _INT_DST else nf), f"row {o} ({name}) output")
         need(all(-1 <= v < max(ni, nf) for v in p), f"row {o} ({name}) constants")
         if gemm_i:
             need(p[0] >= 0 and p[0] + width * n_in <= ni, f"row {o} ({name}) weights")
