@@ -4,8 +4,19 @@ One run, this 2-core machine: the hot loop pinned to core 1, ZeroMQ PUB over ipc
 an independent subscriber process on core 0 that drains every Score, checks that
 ``seq`` is contiguous from 0 and that every payload is exactly msgspec's encoding of
 its decoded row, and digests the Scores without their two clock fields and the run's epoch (so the
-loops' outputs can be compared score by score).  Configurations, alternated
-``--repeats`` times (medians of the per-run figures are reported):
+loops' outputs can be compared score by score).  The subscriber (``--subscriber``):
+
+* ``compiled`` (default, ``benchmarks/drain_sub.py``): a numba loop of ``zmq_recv`` calls that
+  copies each message and its CLOCK_MONOTONIC arrival time into preallocated memory, and
+  runs the checks once the stream has ended.  It costs core 0 a few hundred nanoseconds per
+  Score, so what it measures is the transport's delivery rather than Python's.  It also
+  reports what the subscriber saw: the wire-to-wire time of each Score (arrival minus the
+  Score's ``ts_out_ns``, the publisher's clock just before its send; for the bare sends,
+  arrival minus the send's own clock reading) and the rate the stream arrived at.
+* ``python``: ``recv_multipart`` + decode + checks per message in Python (several
+  microseconds each: at 2M Scores/s it falls seconds behind and keeps core 0 busy).
+
+Configurations, alternated ``--repeats`` times (medians of the per-run figures are reported):
 
 * ``native``: ``--loop native`` (fused backend, one compiled call per batch);
 * ``python``: ``--loop python`` with the same fused backend (per-tick Python);
@@ -13,7 +24,11 @@ loops' outputs can be compared score by score).  Configurations, alternated
   onnxruntime (the numba feature kernel, then ``session.run``): the peer baseline.
 
 Latency is each tick's own ingress-to-publish-returned time (t_out - t_in), first
-``--warmup`` ticks excluded; throughput is scores / (last t_out - first t_in).
+``--warmup`` ticks excluded; throughput is scores / (last t_out - first t_in).  The
+subscriber's figures (``wire_*_ns``, ``recv_per_s``) are beside them: a send returns once
+libzmq has queued the message, and ZeroMQ queues without bound here (no high-water mark),
+so a loop that sends faster than the transport delivers builds a backlog the subscriber
+sees as wire-to-wire time.
 
     python benchmarks/bench_native_loop.py --json benchmarks/results/native_loop.json
     python benchmarks/bench_native_loop.py --events 5000000 --repeats 1 \
@@ -170,13 +185,24 @@ def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         pub.close()
     lat = (t_out - t_in)[warmup:]
-    return {"loop": "bare zmq_send", "backend": "-", "scores": n, "dropped": 0, "gap_ns": gap_ns,
-            "p50_ns": int(np.percentile(lat, 50)), "p99_ns": int(np.percentile(lat, 99)),
+    return {"t_out": t_out, "loop": "bare zmq_send", "backend": "-", "scores": n, "dropped": 0,
+            "gap_ns": gap_ns, "p50_ns": int(np.percentile(lat, 50)), "p99_ns": int(np.percentile(lat, 99)),
             "p999_ns": int(np.percentile(lat, 99.9)),
             "ticks_per_s": n / ((t_out[-1] - t_in[0]) / 1e9)}  # fmt: skip
 
 
-def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int, gap_ns: int = 0) -> dict:
+def _pair_wire(recv_ns: np.ndarray, t_out: np.ndarray, warmup: int) -> dict:
+    """Wire-to-wire percentiles of the bare send: receive time minus send time, message by message.
+
+    The subscriber received the 10 compile-time sends first, then the run's in order (one
+    publisher, one pipe).
+    """
+    wire = (recv_ns[10 : 10 + t_out.shape[0]] - t_out)[warmup:]
+    return {q: int(np.percentile(wire, p)) for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9))}
+
+
+def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int, gap_ns: int = 0,
+         subscriber: str = "compiled") -> dict:  # fmt: skip
     from replay.run import ReplayOptions, run_inprocess
 
     cfg = CONFIGS[name]
@@ -207,12 +233,18 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
                 "aeron": s["aeron"], "subscriber": json.loads(out.read_text())}  # fmt: skip
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
-    sub = subprocess.Popen([sys.executable, "-c", _SUB, ep, str(out)], stdout=subprocess.PIPE, text=True)
+    recv = tmp / f"recv-{name}-{k}.npy"  # the compiled subscriber's receive times
+    drain = str(ROOT / "benchmarks" / "drain_sub.py")
+    cmd = ["-c", _SUB, ep, str(out)] if subscriber == "python" else [drain, ep, str(out), str(recv)]
+    sub = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready"
     if name in ("bare_send", "bare_send_paced"):
         r = _bare_send(ep, 250_000, warmup, gap_ns if name == "bare_send_paced" else 0)
         sub.wait(timeout=600)
         r["subscriber"] = json.loads(out.read_text())
+        if subscriber == "compiled":  # one fixed payload: pair the receive times with the send times
+            r["subscriber"]["wire_ns"] = _pair_wire(np.load(recv), r["t_out"], warmup)
+        del r["t_out"]
         r["scores"] = r["subscriber"]["count"]  # the 10 compile-time sends too
         return r
     opts = ReplayOptions(data=data, publish=ep, progress=False, pin=1, wait_subscribers=1, sndhwm=0,
@@ -244,6 +276,9 @@ def main() -> None:
                     default="bare_send,native_nopub,bare_send_paced,native,native_aeron,python,python_ort")
     ap.add_argument("--gap-ns", type=int, default=600,
                     help="bare_send_paced's spacing when native_nopub has not run before it")  # fmt: skip
+    ap.add_argument("--subscriber", choices=("compiled", "python"), default="compiled",
+                    help="the ZeroMQ subscriber: drain_sub.py (compiled receive, checks after) or a Python "
+                         "recv/decode/check per message")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     names = args.configs.split(",")
@@ -263,15 +298,25 @@ def main() -> None:
                 # the paced bare send spaces its sends by this run's loop time per tick without a socket
                 nopub = [1e9 / x["ticks_per_s"] for x in runs.get("native_nopub", []) if x["ticks_per_s"]]
                 gap = int(np.median(nopub)) if nopub else args.gap_ns
-                r = _one(n, data, 0, args.warmup, tmp, k, gap)
+                r = _one(n, data, 0, args.warmup, tmp, k, gap, args.subscriber)
                 runs[n].append(r)
+                sub = dict(r["subscriber"] or {})
+                wire, rate = sub.pop("wire_ns", None), sub.pop("recv_per_s", None)
+                seen = (f"; subscriber: wire p50 {wire['p50'] / 1e3:.1f} p99 {wire['p99'] / 1e3:.1f} µs, "
+                        f"received at {rate / 1e6:.2f} M/s") if wire and rate else ""  # fmt: skip
                 print(f"{n:11s} run {k}: p50 {r['p50_ns']} p99 {r['p99_ns']} p99.9 {r['p999_ns']} ns, "
-                      f"{r['ticks_per_s'] / 1e6:.2f} M/s, {r['subscriber']}", file=sys.stderr)  # fmt: skip
+                      f"{r['ticks_per_s'] / 1e6:.2f} M/s{seen}; {sub}", file=sys.stderr)  # fmt: skip
 
     def med(n: str, key: str) -> float:
         return float(np.median([r[key] for r in runs[n]]))
 
     summary = {n: {k: med(n, k) for k in ("p50_ns", "p99_ns", "p999_ns", "ticks_per_s")} for n in names}
+    for n in names:  # what the subscriber saw: publish-to-receive time and the rate the stream arrived at
+        subs = [r["subscriber"] for r in runs[n] if r["subscriber"] and "wire_ns" in r["subscriber"]]
+        if subs and len(subs) == len(runs[n]):
+            for q in ("p50", "p99", "p999"):
+                summary[n][f"wire_{q}_ns"] = float(np.median([x["wire_ns"][q] for x in subs]))
+            summary[n]["recv_per_s"] = float(np.median([x["recv_per_s"] for x in subs]))
     subscribed = [n for n in names if n != "native_nopub"]
     digests = {n: sorted({r["subscriber"]["digest"] for r in runs[n]}) for n in subscribed}
     scored = [n for n in subscribed if not n.startswith("bare_send")]  # the bare send repeats one seq
