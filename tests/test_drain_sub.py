@@ -34,17 +34,24 @@ def _digest(payloads: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
-    ep, out, recv = f"ipc://{tmp_path}/s.ipc", tmp_path / "sub.json", tmp_path / "recv.npy"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "drain_sub.py"), ep, str(out), str(recv)]
+def _connected(tmp_path, *outputs):
+    """Start drain_sub.py on an ipc endpoint and return (process, context, a PUB socket it subscribes to)."""
+    ep = f"ipc://{tmp_path}/s.ipc"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "drain_sub.py"), ep, *map(str, outputs)]
     sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 0)
+    assert sub.stdout.readline().strip() == "ready"
+    pub.bind(ep)
+    time.sleep(0.5)  # the subscription reaches the publisher
+    return sub, ctx, pub
+
+
+def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
+    out, recv = tmp_path / "sub.json", tmp_path / "recv.npy"
+    sub, ctx, pub = _connected(tmp_path, out, recv)
     try:
-        assert sub.stdout.readline().strip() == "ready"
-        pub.bind(ep)
-        time.sleep(0.5)  # the subscription reaches the publisher
         enc = ScoreEncoder()
         payloads, t_sent = [], []
         for seq in [*range(0, 1500), *range(1501, 3000)]:  # seq 1500 is missing: one gap
@@ -81,16 +88,9 @@ def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
 
 
 def test_the_compiled_subscriber_digest_is_the_python_subscribers(tmp_path):
-    ep, out = f"ipc://{tmp_path}/s.ipc", tmp_path / "sub.json"
-    sub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "drain_sub.py"), ep, str(out)],
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
+    out = tmp_path / "sub.json"
+    sub, ctx, pub = _connected(tmp_path, out)
     try:
-        assert sub.stdout.readline().strip() == "ready"
-        pub.bind(ep)
-        time.sleep(0.5)
         enc, payloads = ScoreEncoder(), []
         for seq in range(2000):
             t = time.perf_counter_ns()
