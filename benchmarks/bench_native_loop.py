@@ -64,42 +64,32 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DRAIN_SUB = str(ROOT / "benchmarks" / "drain_sub.py")  # the compiled subscriber; its checks serve all three
 sys.path.insert(0, str(ROOT))
 
 _SUB = r"""
-import hashlib, os, sys, time, msgspec, zmq
+import os, sys, time, zmq
+sys.path.insert(0, os.path.dirname(sys.argv[3]))
+from drain_sub import ScoreChecker
 os.sched_setaffinity(0, {0})
 ep, out = sys.argv[1], sys.argv[2]
 ctx = zmq.Context(); s = ctx.socket(zmq.SUB); s.setsockopt(zmq.RCVHWM, 0); s.setsockopt(zmq.SUBSCRIBE, b"")
 s.connect(ep)
 print("ready", flush=True)
-dec = msgspec.msgpack.Decoder(); enc = msgspec.msgpack.Encoder()
-h = hashlib.blake2b(digest_size=16); n = 0; gaps = 0; noncanonical = 0; topic_bad = 0; expect = 0
-first = None
+check = ScoreChecker(); first = None
 while True:
     if not s.poll(3000 if first else 120000):
         break
     topic, p = s.recv_multipart()
     first = first or time.monotonic()
-    m = dec.decode(p)
-    if m[2] != expect:
-        gaps += 1
-    expect = m[2] + 1
-    if enc.encode(m) != p:
-        noncanonical += 1
-    if topic != m[1].encode():
-        topic_bad += 1
-    m[4] = m[5] = 0  # ts_in_ns / ts_out_ns: clock readings, differ between runs
-    if len(m) > 10:
-        m[10] = 0  # epoch (Score v2): the run's start time
-    h.update(enc.encode(m))
-    n += 1
-open(out, "w").write(__import__("json").dumps({"count": n, "seq_gaps": gaps, "noncanonical": noncanonical,
-                                             "topic_mismatch": topic_bad, "digest": h.hexdigest()}))
+    check.add(p, topic)
+open(out, "w").write(__import__("json").dumps(check.result()))
 """
 
 _AERON_SUB = r"""
-import hashlib, os, sys, time, msgspec, pyaeron
+import os, sys, time, pyaeron
+sys.path.insert(0, os.path.dirname(sys.argv[3]))
+from drain_sub import ScoreChecker
 os.sched_setaffinity(0, {0})
 adir, out = sys.argv[1], sys.argv[2]
 driver = pyaeron.MediaDriver(dir=adir, threading="shared", dir_delete_on_start=True,
@@ -109,23 +99,14 @@ sub = client.add_subscription("aeron:ipc", 1002)
 print("ready", flush=True)
 sub.await_connected(timeout=120)
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # busy-polls, never delays core 0's others
-dec = msgspec.msgpack.Decoder(); enc = msgspec.msgpack.Encoder()
-h = hashlib.blake2b(digest_size=16); st = {"n": 0, "gaps": 0, "noncanonical": 0, "expect": 0}
+check = ScoreChecker()
 def handler(buf, header):
-    p = buf.tobytes(); m = dec.decode(p)
-    if m[2] != st["expect"]:
-        st["gaps"] += 1
-    st["expect"] = m[2] + 1
-    if enc.encode(m) != p:
-        st["noncanonical"] += 1
-    m[4] = m[5] = m[10] = 0  # the two clock readings and the run's epoch
-    h.update(enc.encode(m)); st["n"] += 1
+    check.add(buf.tobytes())  # Aeron carries the payload only: no topic
 last = time.monotonic()
 while time.monotonic() - last < 3.0:
     if sub.poll(handler, 256):
         last = time.monotonic()
-open(out, "w").write(__import__("json").dumps({"count": st["n"], "seq_gaps": st["gaps"],
-    "noncanonical": st["noncanonical"], "topic_mismatch": 0, "digest": h.hexdigest()}))
+open(out, "w").write(__import__("json").dumps(check.result()))
 client.close(); driver.close()
 """
 
@@ -218,8 +199,8 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
     if name == "native_aeron":  # aeron:ipc to a subscriber on core 0 that embeds the driver
         adir = f"/dev/shm/tickscore-bench-aeron-{os.getpid()}-{k}"
         out = tmp / f"sub-{name}-{k}.json"
-        sub = subprocess.Popen([sys.executable, "-c", _AERON_SUB, adir, str(out)], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
+        cmd = [sys.executable, "-c", _AERON_SUB, adir, str(out), DRAIN_SUB]
+        sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert sub.stdout.readline().strip() == "ready"
         opts = ReplayOptions(data=data, publish="aeron:ipc", aeron_dir=adir, progress=False, pin=1,
                              wait_subscribers=1, warmup_ticks=warmup, loop=cfg["loop"],
@@ -234,8 +215,8 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
     recv = tmp / f"recv-{name}-{k}.npy"  # the compiled subscriber's receive times
-    drain = str(ROOT / "benchmarks" / "drain_sub.py")
-    cmd = ["-c", _SUB, ep, str(out)] if subscriber == "python" else [drain, ep, str(out), str(recv)]
+    cmd = ["-c", _SUB, ep, str(out), DRAIN_SUB] if subscriber == "python" else [DRAIN_SUB, ep, str(out),
+                                                                                str(recv)]  # fmt: skip
     sub = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready"
     if name in ("bare_send", "bare_send_paced"):

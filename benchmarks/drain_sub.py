@@ -7,8 +7,9 @@ Pinned to core 0, it connects a SUB socket (no high-water mark) to ``ENDPOINT``,
 numba loop (blocking receives with a 3 s timeout once the first message came, so it sleeps
 when the publisher is ahead and batches nothing by hand).  Each frame is copied into a
 preallocated buffer; that costs a few hundred nanoseconds of core 0 per message, against
-several microseconds for a Python ``recv_multipart`` + decode + hash.  The checks are the
-same as the Python subscriber's, run once the stream ended: ``seq`` contiguous from 0, every
+several microseconds for a Python ``recv_multipart`` + decode + hash.  The checks
+(:class:`ScoreChecker`, which the benchmark's Python and Aeron subscribers use too) run
+once the stream ended: ``seq`` contiguous from 0, every
 payload exactly msgspec's encoding of its decoded row, the topic equal to the row's
 instrument, and a digest of the Scores without their clock fields and epoch.  Writes
 ``{"count", "seq_gaps", "noncanonical", "topic_mismatch", "truncated", "digest"}`` to OUT.json.
@@ -35,6 +36,54 @@ from engine.native_zmq import bind_libzmq  # noqa: E402
 CHUNK = 1 << 20  # messages per buffer
 FRAME = 256  # the longest frame kept whole (a Score is ~60 bytes, a topic an instrument name)
 ZMQ_RCVMORE = 13
+
+
+class ScoreChecker:
+    """The benchmark subscribers' checks of a Score stream, one message at a time.
+
+    ``seq`` contiguous from 0, every payload exactly msgspec's encoding of its decoded row,
+    the topic equal to the instrument (where the transport has topics), and a digest of the
+    Scores without their two clock fields and the run's epoch (so runs compare score by
+    score).  Given arrival times, also each Score's wire-to-wire time (arrival - ts_out_ns).
+    """
+
+    def __init__(self) -> None:
+        self.dec, self.enc = msgspec.msgpack.Decoder(), msgspec.msgpack.Encoder()
+        self.h = hashlib.blake2b(digest_size=16)
+        self.n = self.gaps = self.noncanonical = self.topic_bad = self.truncated = self.expect = 0
+        self.wire: list[int] = []
+
+    def add(self, payload: bytes, topic: bytes | None = None, t_recv: int | None = None) -> None:
+        m = self.dec.decode(payload)
+        self.n += 1
+        if m[2] != self.expect:
+            self.gaps += 1
+        self.expect = m[2] + 1
+        if self.enc.encode(m) != payload:
+            self.noncanonical += 1
+        if topic is not None and topic != m[1].encode():
+            self.topic_bad += 1
+        if t_recv is not None:
+            self.wire.append(t_recv - m[5])  # ts_out_ns: the publisher's CLOCK_MONOTONIC just before its send
+        m[4] = m[5] = 0  # ts_in_ns / ts_out_ns: clock readings, differ between runs
+        if len(m) > 10:
+            m[10] = 0  # epoch (Score v2): the run's start time
+        self.h.update(self.enc.encode(m))
+
+    def add_truncated(self) -> None:
+        """Count a message that was not one whole ``[topic, payload]`` (kept out of the checks)."""
+        self.n += 1
+        self.truncated += 1
+
+    def result(self) -> dict:
+        r = {"count": self.n, "seq_gaps": self.gaps, "noncanonical": self.noncanonical,
+             "topic_mismatch": self.topic_bad, "truncated": self.truncated,
+             "digest": self.h.hexdigest()}  # fmt: skip
+        if self.wire:
+            w = np.asarray(self.wire[1000:] or self.wire, np.int64)  # the first 1000: the publisher's warm-up
+            pcts = (("p50", 50), ("p99", 99), ("p999", 99.9))
+            r["wire_ns"] = {q: int(np.percentile(w, p)) for q, p in pcts}
+        return r
 
 
 def make_drain(lib):
@@ -113,41 +162,19 @@ def main() -> None:
     chunks.append((buf, rows, k))
     s.close(linger=0)
     ctx.term()
-    dec, enc = msgspec.msgpack.Decoder(), msgspec.msgpack.Encoder()
-    h = hashlib.blake2b(digest_size=16)
-    recv_ns, wire = [], []
-    n = gaps = noncanonical = topic_bad = truncated = expect = 0
+    check = ScoreChecker()
+    recv_ns = []
     for buf, rows, used in chunks:
         for i in range(used):
             off, tl, pl, t_recv = (int(x) for x in rows[i])
             recv_ns.append(t_recv)
-            n += 1
             if pl < 0 or tl > FRAME or pl > FRAME:
-                truncated += 1
+                check.add_truncated()
                 continue
-            topic, payload = buf[off : off + tl].tobytes(), buf[off + tl : off + tl + pl].tobytes()
-            m = dec.decode(payload)
-            if m[2] != expect:
-                gaps += 1
-            expect = m[2] + 1
-            if enc.encode(m) != payload:
-                noncanonical += 1
-            if topic != m[1].encode():
-                topic_bad += 1
-            wire.append(t_recv - m[5])  # ts_out_ns: the publisher's CLOCK_MONOTONIC just before its send
-            m[4] = m[5] = 0  # ts_in_ns / ts_out_ns: clock readings, differ between runs
-            if len(m) > 10:
-                m[10] = 0  # epoch (Score v2): the run's start time
-            h.update(enc.encode(m))
-    result = {"count": n, "seq_gaps": gaps, "noncanonical": noncanonical, "topic_mismatch": topic_bad,
-              "truncated": truncated, "digest": h.hexdigest()}  # fmt: skip
-    if n > 1:  # the rate the stream reached this process, first to last message
-        result["recv_per_s"] = (n - 1) / max((recv_ns[-1] - recv_ns[0]) / 1e9, 1e-9)
-    if wire:
-        w = np.asarray(wire[1000:] or wire, np.int64)  # the first 1000: the publisher's warm-up
-        result["wire_ns"] = {
-            q: int(np.percentile(w, p)) for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9))
-        }
+            check.add(buf[off + tl : off + tl + pl].tobytes(), buf[off : off + tl].tobytes(), t_recv)
+    result = check.result()
+    if len(recv_ns) > 1:  # the rate the stream reached this process, first to last message
+        result["recv_per_s"] = (len(recv_ns) - 1) / max((recv_ns[-1] - recv_ns[0]) / 1e9, 1e-9)
     if len(sys.argv) > 3:  # every receive time, for the caller to pair with its own send times
         np.save(sys.argv[3], np.asarray(recv_ns, np.int64))
     Path(out).write_text(json.dumps(result))
