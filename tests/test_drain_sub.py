@@ -8,6 +8,7 @@ Python subscriber computes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -34,24 +35,29 @@ def _digest(payloads: list[bytes]) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
 def _connected(tmp_path, *outputs):
-    """Start drain_sub.py on an ipc endpoint and return (process, context, a PUB socket it subscribes to)."""
+    """Run drain_sub.py on an ipc endpoint; yield (its process, a PUB socket it subscribes to)."""
     ep = f"ipc://{tmp_path}/s.ipc"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "drain_sub.py"), ep, *map(str, outputs)]
     sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 0)
-    assert sub.stdout.readline().strip() == "ready"
-    pub.bind(ep)
-    time.sleep(0.5)  # the subscription reaches the publisher
-    return sub, ctx, pub
+    try:
+        assert sub.stdout.readline().strip() == "ready"
+        pub.bind(ep)
+        time.sleep(0.5)  # the subscription reaches the publisher
+        yield sub, pub
+    finally:
+        sub.kill()
+        pub.close(linger=0)
+        ctx.term()
 
 
 def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
     out, recv = tmp_path / "sub.json", tmp_path / "recv.npy"
-    sub, ctx, pub = _connected(tmp_path, out, recv)
-    try:
+    with _connected(tmp_path, out, recv) as (sub, pub):
         enc = ScoreEncoder()
         payloads, t_sent = [], []
         for seq in [*range(0, 1500), *range(1501, 3000)]:  # seq 1500 is missing: one gap
@@ -70,10 +76,6 @@ def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
         pub.send_multipart([b"XXXX", msgspec.msgpack.encode(m)])  # topic is not the instrument
         pub.send(b"one frame")
         assert sub.wait(timeout=60) == 0
-    finally:
-        sub.kill()
-        pub.close(linger=0)
-        ctx.term()
     got = json.loads(out.read_text())
     assert got["count"] == 3002
     assert got["seq_gaps"] == 1
@@ -89,8 +91,7 @@ def test_the_compiled_subscriber_counts_every_message_and_each_fault(tmp_path):
 
 def test_the_compiled_subscriber_digest_is_the_python_subscribers(tmp_path):
     out = tmp_path / "sub.json"
-    sub, ctx, pub = _connected(tmp_path, out)
-    try:
+    with _connected(tmp_path, out) as (sub, pub):
         enc, payloads = ScoreEncoder(), []
         for seq in range(2000):
             t = time.perf_counter_ns()
@@ -98,10 +99,6 @@ def test_the_compiled_subscriber_digest_is_the_python_subscribers(tmp_path):
             payloads.append(bytes(enc.buf))
             pub.send_multipart([b"ESZ6", payloads[-1]])
         assert sub.wait(timeout=60) == 0
-    finally:
-        sub.kill()
-        pub.close(linger=0)
-        ctx.term()
     got = json.loads(out.read_text())
     assert (got["count"], got["seq_gaps"], got["noncanonical"], got["topic_mismatch"], got["truncated"]) == (
         2000, 0, 0, 0, 0)  # fmt: skip
