@@ -64,6 +64,13 @@ REQUIRED_SYMBOLS = (
     "aeron_controlled_fragment_assembler_create",
     "aeron_controlled_fragment_assembler_delete",
     "aeron_controlled_fragment_assembler_handler",
+    # the native ingress's touch-ahead of the tick log (engine.native_ingress)
+    "aeron_header_values",
+    "aeron_header_context",
+    "aeron_image_constants",
+    "aeron_image_position",
+    "aeron_subscription_image_by_session_id",
+    "aeron_subscription_image_release",
 )  # fmt: skip
 
 #: ``void (*aeron_error_handler_t)(void *clientd, int errcode, const char *message)``
@@ -138,6 +145,17 @@ def bind_aeron_c() -> AeronC:
     # int aeron_controlled_fragment_assembler_create(assembler **, delegate handler, void *delegate_clientd)
     _proto(lib, "aeron_controlled_fragment_assembler_create", ctypes.c_int, pp, sz, sz)
     _proto(lib, "aeron_controlled_fragment_assembler_delete", ctypes.c_int, vp)
+    # int aeron_header_values(aeron_header_t *, aeron_header_values_t *); void *aeron_header_context(header)
+    _proto(lib, "aeron_header_values", ctypes.c_int, vp, vp)
+    _proto(lib, "aeron_header_context", vp, vp)
+    # int aeron_image_constants(aeron_image_t *, aeron_image_constants_t *);
+    # int64_t aeron_image_position(aeron_image_t *)
+    _proto(lib, "aeron_image_constants", ctypes.c_int, vp, vp)
+    _proto(lib, "aeron_image_position", i64, vp)
+    # aeron_image_t *aeron_subscription_image_by_session_id(sub, int32_t session_id) (retains the image);
+    # int aeron_subscription_image_release(sub, image)
+    _proto(lib, "aeron_subscription_image_by_session_id", vp, vp, i32)
+    _proto(lib, "aeron_subscription_image_release", ctypes.c_int, vp, vp)
     return AeronC(path, version, lib)
 
 

@@ -36,6 +36,7 @@ message; a symbol not in the table is copied for Python and ends the poll
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
+from engine.log import log
 from engine.native_loop import bind_clock, now_ns
 from engine.native_zmq import (
     ZMQ_DONTWAIT,
@@ -78,8 +80,12 @@ _EAGAIN = 11
 (I_SOCK, I_BUF, I_BUF_CAP, I_TICKS, I_ROWS, I_INGRESS, I_COUNTERS, I_N_COUNTERS, I_HASH, I_HASH_MASK,
  I_SYM, I_SYM_LEN_TOTAL, I_SYM_OFF, I_N_SYM, I_PENDING, I_PENDING_T, I_RECEIVED, I_OUT_I, I_OUT_F,
  I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK, I_MAX_EVENT,
- I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD, I_SKIPPED) = range(36)
-ICTX_LEN = 36
+ I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD, I_SKIPPED,
+ # the Aeron ingress's touch-ahead of the tick log (see NativeAeronTickSource)
+ I_T_STATE, I_T_SESSION, I_T_CORR, I_T_BASE, I_T_TERM_LEN, I_T_SHIFT, I_T_MAPPED, I_T_END, I_T_SINK,
+ I_T_TOUCHED, I_T_VALS, I_T_IDLE, I_FN_HDR_VALUES, I_FN_HDR_CONTEXT, I_FN_IMG_CONSTANTS, I_FN_IMG_BY_SESSION,
+ I_FN_IMG_RELEASE, I_FN_IMG_POSITION) = range(54)
+ICTX_LEN = 54
 #: the symbol index's id of another shard's instrument (skipped and counted, not rejected)
 FOREIGN = -2
 
@@ -387,6 +393,21 @@ class NativeZmqTickSource(_NativeRows, ZmqTickSource):
 
 
 # ----------------------------------------------------------------------------- Aeron
+def mapping_of(addr: int, size: int) -> str | None:
+    """The path of the one mapping of this process holding ``[addr, addr+size)`` (``""``: anonymous),
+    or None (none does, or ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr and addr + size <= hi:
+                    return parts[5].strip() if len(parts) > 5 else ""
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 _ACTION_ABORT, _ACTION_BREAK, _ACTION_CONTINUE = 1, 2, 4  # aeron_controlled_fragment_handler_action_t
 #: ``aeron_controlled_fragment_handler_action_t handler(void *clientd, const uint8_t *buffer, size_t length,
 #: aeron_header_t *header)``; pointers as int64 (same registers on the 64-bit hosts tickscore runs on)
@@ -399,6 +420,8 @@ def _on_aeron_message(clientd, buffer, length, header):
     C[I_RECEIVED] += 1
     if C[I_DISCARD]:
         return _ACTION_CONTINUE
+    if C[I_T_STATE] == T_LOOKING:
+        _find_log(C, buffer, length, header)
     k = C[I_K]
     if k >= C[I_LIMIT] or k >= C[I_ROWS]:
         C[I_RECEIVED] -= 1
@@ -419,6 +442,136 @@ def _on_aeron_message(clientd, buffer, length, header):
             buf[j] = msg[j]
         return _ACTION_BREAK
     return _ACTION_CONTINUE
+
+
+# ---- touch-ahead of the tick log: its pages are faulted into this process while the loop is idle
+#: states of the touch-ahead (``C[I_T_STATE]``)
+T_OFF, T_LOOKING, T_PENDING, T_ARMED, T_DONE, T_REFUSED = range(6)
+T_STATE_NAMES = ("off", "looking", "pending", "touching", "done", "refused")
+_PAGE = 4096
+#: bytes of the scratch buffer for ``aeron_header_values_t`` (44 bytes, at 0) and
+#: ``aeron_image_constants_t`` (72 bytes in Aeron 1.4x-1.5x, at :data:`_K_OFF`; room to grow)
+_T_VALS_BYTES, _K_OFF = 1024, 256
+_FRAME_HEADER = 32  # AERON_DATA_HEADER_LENGTH
+_UNFRAGMENTED = 0xC0  # BEGIN | END
+
+
+@intrinsic
+def _call_p_p(typingctx, fn, a):
+    """``int64 f(void *)`` at ``fn`` (``aeron_header_context``, ``aeron_image_position``)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        return call_address(builder, args[0], i64, [i64], [args[1]])
+
+    return sig, codegen
+
+
+@intrinsic
+def _call_i32_pp(typingctx, fn, a, b):
+    """``int f(void *, void *)`` at ``fn`` (``aeron_header_values``, ``aeron_image_constants``,
+    ``aeron_subscription_image_release``)."""
+    sig = types.int32(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        return call_address(builder, args[0], ir.IntType(32), [i64, i64], [args[1], args[2]])
+
+    return sig, codegen
+
+
+@intrinsic
+def _call_image_by_session(typingctx, fn, sub, session_id):
+    """``aeron_image_t *aeron_subscription_image_by_session_id(sub, int32_t session_id)`` at ``fn``."""
+    sig = types.int64(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        return call_address(builder, args[0], i64, [i64, i32], [args[1], builder.trunc(args[2], i32)])
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _find_log(C, buffer, length, header):
+    """Locate the log of the image that delivered this (unfragmented) message; Python checks it.
+
+    Aeron hands an unfragmented message's payload at its place in the term buffer: the frame
+    starts ``_FRAME_HEADER`` bytes before it, ``term_offset`` bytes into its term, and the three
+    terms of the log are contiguous.  Values that do not agree with each other (another
+    layout of Aeron's structs) refuse the touch-ahead for good; it never guesses.
+    """
+    vals = C[I_T_VALS]
+    if _call_i32_pp(C[I_FN_HDR_VALUES], header, vals) != 0:
+        return
+    v32 = carray(_ptr(vals, np.int32), (11,))
+    flags = carray(_ptr(vals, np.uint8), (8,))[5]
+    frame_length, term_offset, session, term_id, initial = v32[0], v32[2], v32[3], v32[5], v32[8]
+    if (flags & _UNFRAGMENTED) != _UNFRAGMENTED:
+        return  # reassembled in the assembler's buffer: wait for a whole one
+    image = _call_p_p(C[I_FN_HDR_CONTEXT], header)
+    if image == 0 or _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, vals + _K_OFF) != 0:
+        return
+    k64 = carray(_ptr(vals + _K_OFF, np.int64), (9,))
+    k32 = carray(_ptr(vals + _K_OFF, np.int32), (18,))
+    corr, shift, term_len = k64[2], k64[4], k64[5]
+    if (frame_length != length + _FRAME_HEADER or k32[14] != session or k32[15] != initial
+            or shift < 16 or shift > 30 or term_len != (1 << shift) or term_offset < 0
+            or term_offset + frame_length > term_len):  # fmt: skip
+        C[I_T_STATE] = T_REFUSED
+        return
+    d = (np.int64(term_id) - np.int64(initial)) & 0xFFFFFFFF  # terms since the start (int32 wrap)
+    if d >= 0x80000000:
+        return
+    C[I_T_SESSION] = session
+    C[I_T_CORR] = corr
+    C[I_T_TERM_LEN] = term_len
+    C[I_T_SHIFT] = shift
+    C[I_T_BASE] = buffer - _FRAME_HEADER - term_offset - (d % 3) * term_len
+    pos = (d << shift) + term_offset + ((frame_length + 31) & ~31)
+    C[I_T_MAPPED] = pos
+    C[I_T_END] = pos + 3 * term_len  # every page of the three terms once
+    C[I_T_STATE] = T_PENDING
+
+
+@njit(cache=True, nogil=True)
+def _touch_ahead(C):
+    """Idle: touch the next page of the tick log not yet mapped (one per call) until all are.
+
+    The image is retained (``aeron_subscription_image_by_session_id``) while its log is read,
+    so its mapping cannot go away meanwhile; another image (a publisher restarted) restarts the
+    search for the log.  Once every page has been touched, the image is only checked every
+    1,024 idle polls.
+    """
+    st = C[I_T_STATE]
+    if st != T_ARMED and st != T_DONE:
+        return
+    if st == T_DONE:
+        C[I_T_IDLE] += 1
+        if C[I_T_IDLE] & 1023:
+            return
+    sub = C[I_SUB]
+    image = _call_image_by_session(C[I_FN_IMG_BY_SESSION], sub, C[I_T_SESSION])
+    if image == 0:
+        C[I_T_STATE] = T_LOOKING
+        return
+    kaddr = C[I_T_VALS] + _K_OFF
+    if _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, kaddr) != 0 \
+            or carray(_ptr(kaddr, np.int64), (3,))[2] != C[I_T_CORR]:  # fmt: skip
+        C[I_T_STATE] = T_LOOKING  # another image of this session
+    elif st == T_ARMED:
+        m = max(C[I_T_MAPPED], _call_p_p(C[I_FN_IMG_POSITION], image))
+        if m >= C[I_T_END]:
+            C[I_T_STATE] = T_DONE
+        else:
+            tl = C[I_T_TERM_LEN]
+            off = ((m >> C[I_T_SHIFT]) % 3) * tl + ((m & (tl - 1)) & ~(_PAGE - 1))
+            if 0 <= off < 3 * tl:  # never outside the log (Python checked it is one mapping)
+                C[I_T_SINK] += carray(_ptr(C[I_T_BASE] + off, np.uint8), (1,))[0]
+                C[I_T_TOUCHED] += 1
+            C[I_T_MAPPED] = (m & ~(_PAGE - 1)) + _PAGE
+    _call_i32_pp(C[I_FN_IMG_RELEASE], sub, image)
 
 
 _AERON_HANDLER = None
@@ -450,7 +603,10 @@ def poll_aeron_ticks(ictx_addr, limit, max_event_ns):
     C[I_MAX_EVENT] = max_event_ns
     C[I_K] = 0
     C[I_LIMIT] = min(limit, C[I_ROWS])
+    seen = C[I_RECEIVED]
     _call_controlled_poll(C[I_FN_POLL], C[I_SUB], C[I_FN_ASSEMBLE], C[I_ASSEMBLER], C[I_LIMIT])
+    if C[I_RECEIVED] == seen and (C[I_T_STATE] == T_ARMED or C[I_T_STATE] == T_DONE) and not C[I_DISCARD]:
+        _touch_ahead(C)
     return C[I_K]
 
 
@@ -461,20 +617,41 @@ class NativeAeronTickSource(_NativeRows):
     no handle of its own); messages in several fragments are reassembled by Aeron's controlled
     fragment assembler, whose delegate is :func:`_on_aeron_message` compiled as a C function.
     Same decisions and counters as :class:`engine.sources.AeronTickSource`.
+
+    ``touch_ahead`` (default): each first read of a 4 KiB page of the tick log is a page fault
+    in this process, on the hot thread (~10-30 µs on the 2-vCPU reference VM, one tick-sized
+    message in ~30).  So while the loop is idle (a poll that read nothing), it touches the next
+    page of the log not yet mapped, one per poll, ahead of the reader and around all three
+    terms once; after that no read faults.  The log's address comes from the first whole
+    message of an image (Aeron hands it in place in the term buffer) and is checked against
+    ``/proc/self/maps`` (one mapping of a ``.logbuffer`` file) before any page is touched;
+    while touching, the image is retained so its log stays mapped.  One image at a time is
+    touched (a second publisher's ticks fault as before).
     """
 
     name = "aeron"
 
-    def __init__(self, client, channel: str, stream_id: int, *, slot: TickSlot, rows: int = 256) -> None:
+    def __init__(self, client, channel: str, stream_id: int, *, slot: TickSlot, rows: int = 256,
+                 touch_ahead: bool = True) -> None:  # fmt: skip
         self.channel = channel
         self.stream_id = stream_id
         self.slot = slot
         self.done = False
         self._client = client
         self._init_rows(rows)
+        self._t_vals = np.zeros(_T_VALS_BYTES // 8, np.int64)  # scratch for Aeron's header/image structs
+        self._t_misses = 0
+        C = self.C
+        C[I_T_VALS] = self._t_vals.ctypes.data
+        C[I_FN_HDR_VALUES] = client.fn("aeron_header_values")
+        C[I_FN_HDR_CONTEXT] = client.fn("aeron_header_context")
+        C[I_FN_IMG_CONSTANTS] = client.fn("aeron_image_constants")
+        C[I_FN_IMG_POSITION] = client.fn("aeron_image_position")
+        C[I_FN_IMG_BY_SESSION] = client.fn("aeron_subscription_image_by_session_id")
+        C[I_FN_IMG_RELEASE] = client.fn("aeron_subscription_image_release")
+        C[I_T_STATE] = T_LOOKING if touch_ahead else T_OFF
         self._sub, self._assembler = client.add_subscription(channel, stream_id, _aeron_handler_address(),
                                                              self.addr)  # fmt: skip
-        C = self.C
         C[I_SUB], C[I_ASSEMBLER] = self._sub, self._assembler
         C[I_FN_POLL] = client.fn("aeron_subscription_controlled_poll")
         C[I_FN_ASSEMBLE] = client.fn("aeron_controlled_fragment_assembler_handler")
@@ -485,7 +662,32 @@ class NativeAeronTickSource(_NativeRows):
         return int(self.C[I_RECEIVED])
 
     def _receive(self, limit: int) -> int:
-        return poll_aeron_ticks(self.addr, limit, self.slot.max_event_ns)
+        k = poll_aeron_ticks(self.addr, limit, self.slot.max_event_ns)
+        if k == 0 and self.C[I_T_STATE] == T_PENDING:  # idle, and a log found: check it before touching
+            self._check_log()
+        return k
+
+    def _check_log(self) -> None:
+        """Arm the touch-ahead when the log found lies in one mapping of an Aeron ``.logbuffer`` file."""
+        C = self.C
+        base, size = int(C[I_T_BASE]), 3 * int(C[I_T_TERM_LEN])
+        path = mapping_of(base, size)
+        if path is not None and path.endswith(".logbuffer"):
+            C[I_T_STATE] = T_ARMED
+            log("aeron", f"touching the tick log {path} ({size >> 20} MiB) ahead of the reader while idle",
+                event="touch_ahead", path=path)  # fmt: skip
+            return
+        self._t_misses += 1  # the image may have gone between the message and this check: look again
+        C[I_T_STATE] = T_LOOKING if self._t_misses < 3 else T_REFUSED
+        if C[I_T_STATE] == T_REFUSED:
+            log("aeron", f"no touch-ahead of the tick log: {base:#x}+{size} is not one mapping of a "
+                f".logbuffer file ({path or 'not mapped'}); its first reads of each page fault as before",
+                event="touch_ahead", level=logging.WARNING)  # fmt: skip
+
+    @property
+    def touch_ahead(self) -> dict:
+        """The touch-ahead's state and pages touched (for ``status``)."""
+        return {"state": T_STATE_NAMES[int(self.C[I_T_STATE])], "pages": int(self.C[I_T_TOUCHED])}
 
     @property
     def connected(self) -> bool:

@@ -337,7 +337,8 @@ class Service:
                 self.aeron_c_in = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
                                                pre_touch=False)  # fmt: skip
                 self.sources.append(NativeAeronTickSource(self.aeron_c_in, a.channel, a.stream_id, slot=slot,
-                                                          rows=cfg.engine.batch))  # fmt: skip
+                                                          rows=cfg.engine.batch,
+                                                          touch_ahead=cfg.aeron.pre_touch))  # fmt: skip
             else:
                 self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
         self.source = self.sources[0] if len(self.sources) == 1 else MultiSource(self.sources)
@@ -696,6 +697,7 @@ class Service:
         sinks = self._sink_counters()
         now = time.perf_counter_ns()
         srcs = self.sources or []
+        touch = next((s.touch_ahead for s in srcs if isinstance(s, NativeAeronTickSource)), None)
         rec = {
             "ok": True,
             "command": "status",
@@ -726,6 +728,7 @@ class Service:
             "errors": self.runner.errors if self.runner else 0,
             "aeron": None if self.aeron is None else {
                 "dir": self.aeron.dir, "embedded": self.aeron.embedded, "errors": self.aeron.errors,
+                **({"touch_ahead": touch} if touch is not None else {}),
             },
             "pin": self.runner.pin.message if self.runner and self.runner.pin else "",
             "security": self._security_state(),
@@ -869,6 +872,7 @@ class Service:
                 "idle": cfg.engine.idle,
                 "loop": agent.loop,
                 "loop_reason": agent.loop_reason,
+                "ingress": [type(s).__name__ for s in self.sources],
                 "native_errors": agent.native_errors,
                 "out_of_range": stats.out_of_range,
                 "reloads": [t.as_dict() for t in agent.reloads],

@@ -12,6 +12,7 @@ beyond the capacity, implausible times and absurd values.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import msgpack
@@ -21,7 +22,19 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.native_ingress import NativeZmqTickSource, SymbolIndex, fnv1a
+from engine.native_ingress import (
+    I_T_BASE,
+    I_T_STATE,
+    I_T_TERM_LEN,
+    T_LOOKING,
+    T_PENDING,
+    T_REFUSED,
+    NativeAeronTickSource,
+    NativeZmqTickSource,
+    SymbolIndex,
+    fnv1a,
+    mapping_of,
+)
 from engine.sources import TickSlot, ZmqTickSource
 from tests.test_tick_decode import MAX_EVENT_NS, SYMBOLS, _tick_bytes
 
@@ -216,3 +229,108 @@ def test_native_aeron_ingress_decides_as_the_pyaeron_source(aeron_pair):
 @given(st.lists(_tick_bytes().filter(bool), min_size=1, max_size=60))
 def test_native_aeron_ingress_decides_drawn_ticks_as_the_pyaeron_source(aeron_pair, payloads):
     _send_aeron_and_compare(aeron_pair, payloads)
+
+
+# ----------------------------------------------------------------------------- touch-ahead of the tick log
+def _thread_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tmp_path):
+    """While idle, the native Aeron ingress touches every page of the image's log once; reads
+    then fault no more (a source without it faults), the ticks are the same, and a new image
+    (the publisher restarted) is found and touched in turn."""
+    pytest.importorskip("pyaeron")
+    from engine.aeron_io import AeronRuntime
+    from engine.native_aeron import AeronCClient
+
+    chan = "aeron:ipc?term-length=64k"  # a 192 KiB log: 48 pages
+    rt = AeronRuntime(str(tmp_path / "driver"), embedded=True)
+    clients = [AeronCClient(rt.dir, pre_touch=False) for _ in range(2)]  # each maps the log itself
+    srcs = []
+    for cc, touch in zip(clients, (True, False), strict=True):
+        slot = TickSlot(SYMBOLS, capacity=CAPACITY)
+        slot.max_event_ns = MAX_EVENT_NS
+        srcs.append(NativeAeronTickSource(cc, chan, 1002, slot=slot, rows=64, touch_ahead=touch))
+    touched, plain = srcs
+    pubs = []
+    try:
+        assert touched.touch_ahead == {"state": "looking", "pages": 0}
+        assert plain.touch_ahead["state"] == "off"
+        ts = [1_700_000_000_000_000_000]
+
+        def publish_and_read(pub, n: int) -> tuple[list[bytes], list[int]]:
+            """Offer n ticks (reading whenever the log is full); return each source's ticks and faults."""
+            got: list[list[bytes]] = [[], []]
+            faults = [0, 0]
+
+            def read() -> None:
+                for j, s in enumerate(srcs):
+                    while True:
+                        f0 = _thread_faults()
+                        start, stop = s.window(64)
+                        faults[j] += _thread_faults() - f0
+                        if start >= stop:
+                            break
+                        got[j].append(s.ticks[start:stop].tobytes())
+                        s.consumed(stop - start)
+
+            for i in range(n):
+                ts[0] += 1000
+                p = _tick(SYMBOLS[i % len(SYMBOLS)], ts[0])
+                while pub.offer(p) is not True:  # back-pressure: the 64 KiB terms are full
+                    read()
+            read()
+            return [b"".join(g) for g in got], faults
+
+        def idle_until(state: str, timeout_s: float = 20.0) -> None:
+            deadline = time.monotonic() + timeout_s
+            while touched.touch_ahead["state"] != state and time.monotonic() < deadline:
+                touched.window(64)
+            assert touched.touch_ahead["state"] == state, touched.touch_ahead
+
+        for restart in range(2):
+            pub = rt.client.add_exclusive_publication(chan, 1002)
+            pubs.append(pub)
+            deadline = time.monotonic() + 10
+            while not all(s.connected for s in srcs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            before = touched.touch_ahead["pages"]
+            publish_and_read(pub, 1)  # the first whole message locates the log
+            idle_until("done")
+            assert touched.touch_ahead["pages"] - before >= 40  # most of the 48 pages (the rest were read)
+            got, faults = publish_and_read(pub, 4000)  # ~2.6 laps of the log
+            assert got[0] == got[1] and len(got[0]) > 0
+            assert faults[0] == 0, faults  # every page was mapped before the reader came
+            if restart == 0:
+                assert faults[1] > 0, faults  # the one without touch-ahead faulted on the first lap
+            pub.close()
+            # the image goes; the next publisher's image is found and touched in turn
+            deadline = time.monotonic() + 30
+            while touched.touch_ahead["state"] == "done" and time.monotonic() < deadline:
+                touched.window(64)
+                time.sleep(0.001)
+            assert touched.touch_ahead["state"] == "looking"
+    finally:
+        for s in srcs:
+            s.close()
+        for c in clients:
+            c.close()
+        rt.close()
+
+
+def test_touch_ahead_refuses_an_address_that_is_not_one_aeron_log_mapping():
+    """The compiled code touches nothing Python has not found in /proc/self/maps as one mapping
+    of a .logbuffer file: an anonymous buffer (or an unmapped range) is refused after three tries."""
+    buf = np.zeros(3 << 16, np.uint8)
+    assert mapping_of(buf.ctypes.data, buf.nbytes) is not None  # it is mapped ...
+    assert not mapping_of(buf.ctypes.data, buf.nbytes).endswith(".logbuffer")  # ... but not a log
+    assert mapping_of(8, 4096) is None  # page zero is never mapped
+    src = NativeAeronTickSource.__new__(NativeAeronTickSource)  # only the ictx: no client needed
+    src.C = np.zeros(64, np.int64)
+    src._t_misses = 0
+    src.C[I_T_BASE], src.C[I_T_TERM_LEN] = buf.ctypes.data, 1 << 16
+    for attempt in range(3):
+        src.C[I_T_STATE] = T_PENDING
+        src._check_log()
+        assert src.C[I_T_STATE] == (T_LOOKING if attempt < 2 else T_REFUSED)
