@@ -82,6 +82,9 @@ def test_live_service_scores_equal_in_process_replay_tick_by_tick(shape, via, fi
     b = read_scores(out)
     diff = compare_scores(a, b)
     assert diff is None, f"{shape} via {via}: live differs from replay, first differing tick: {diff}"
+    # the service received and decoded every tick in compiled code (its default for a fused model)
+    final = json.loads((out / "summary.json").read_text())["service_final"]
+    assert final["ingress"] == [{"zmq": "NativeZmqTickSource", "aeron": "NativeAeronTickSource"}[via]], final
     assert a["model_version"].unique().to_list() == b["model_version"].unique().to_list()
 
 

@@ -355,7 +355,7 @@ def test_native_aeron_ingress_and_sink_score_every_tick_and_count_the_garbage(tm
     svc = sub = pub = None
     try:
         svc = Svc(tmp_path, (
-            '[engine]\nloop = "native"\nnative_aeron_ingress = true\n'
+            '[engine]\nloop = "native"\n'  # native_aeron_ingress: the default
             f'[sources.aeron]\nchannel = "aeron:ipc"\n[sinks.aeron]\nchannel = "aeron:ipc"\n'
             f'[aeron]\ndir = "{adir}"\n'
         ))
@@ -381,6 +381,9 @@ def test_native_aeron_ingress_and_sink_score_every_tick_and_count_the_garbage(tm
     assert {k: v for k, v in st["rejected_by_reason"].items() if v} == GARBAGE_EXPECTED_AERON
     assert st["sinks"]["aeron"]["sent"] == n and st["drops"] == 0
     assert st["ingress"] == ["NativeAeronTickSource"] and st["messages_received"] >= n
+    # the tick log was found, checked and touched ahead of the reader while idle
+    touch = st["aeron"]["touch_ahead"]
+    assert touch["state"] in ("touching", "done", "looking") and touch["pages"] > 0, touch
 
 
 def test_aeron_udp_loopback_between_separate_media_drivers(tmp_path):
