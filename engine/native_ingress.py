@@ -71,7 +71,7 @@ from engine.tick_decode import (
 )
 from models.tick_kernels import _ptr
 
-__all__ = ["NativeZmqTickSource", "NativeAeronTickSource", "SymbolIndex", "fnv1a"]
+__all__ = ["NativeZmqTickSource", "NativeAeronTickSource", "NativeMultiSource", "SymbolIndex", "fnv1a"]
 
 _ZMQ_RCVMORE = 13
 _EAGAIN = 11
@@ -318,23 +318,29 @@ class _NativeRows(_LiveSource):
     def _fill(self, limit: int) -> int:
         k = self._receive(limit)
         if self.C[I_PENDING]:
-            k = self._pending(k)
+            k = self._pending(k, self)
         self._pos, self._n = 0, k
         return k
 
-    def _pending(self, k: int) -> int:
-        """The message in the buffer names a symbol not in the table: the msgspec path decides."""
-        C = self.C
+    def _pending(self, k: int, src: _NativeRows) -> int:
+        """The message in ``src``'s buffer names a symbol not in the table: the msgspec path decides
+        (the tick goes to row ``k`` of this source's rows)."""
+        C = src.C
         n, t = int(C[I_PENDING]), int(C[I_PENDING_T])
         C[I_PENDING] = 0
         slot = self.slot
-        if slot.ingest(self._buf[:n].tobytes()) and k < self.rows:
+        if slot.ingest(src._buf[:n].tobytes()) and k < self.rows:
             self.ticks[k] = slot.ticks[0]
             self.ingress_ns[k] = t
             k += 1
-        if len(slot.ids) + len(slot.foreign) != self._index.n:  # a new instrument (or another shard's)
-            self._index_symbols()
+        if len(slot.ids) + len(slot.foreign) != src._index.n:  # a new instrument (or another shard's)
+            for s in self._receivers():
+                s._index_symbols()
         return k
+
+    def _receivers(self) -> list[_NativeRows]:
+        """The sources whose compiled receive looks symbols up (each has its own index)."""
+        return [self]
 
     # -- the native loop's window ------------------------------------------------------
     def window(self, limit: int) -> tuple[int, int]:
@@ -545,7 +551,7 @@ def _touch_ahead(C):
     1,024 idle polls.
     """
     st = C[I_T_STATE]
-    if st != T_ARMED and st != T_DONE:
+    if (st != T_ARMED and st != T_DONE) or C[I_DISCARD]:
         return
     if st == T_DONE:
         C[I_T_IDLE] += 1
@@ -600,13 +606,19 @@ def _call_controlled_poll(typingctx, fn, sub, handler, clientd, limit):
 def poll_aeron_ticks(ictx_addr, limit, max_event_ns):
     """Poll up to ``limit`` Aeron messages into the ictx rows (through the assembler); return how many."""
     C = carray(_ptr(ictx_addr, np.int64), (ICTX_LEN,))
+    seen = C[I_RECEIVED]
+    k = _poll_aeron(C, limit, max_event_ns)
+    if C[I_RECEIVED] == seen:  # idle
+        _touch_ahead(C)
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _poll_aeron(C, limit, max_event_ns):
     C[I_MAX_EVENT] = max_event_ns
     C[I_K] = 0
     C[I_LIMIT] = min(limit, C[I_ROWS])
-    seen = C[I_RECEIVED]
     _call_controlled_poll(C[I_FN_POLL], C[I_SUB], C[I_FN_ASSEMBLE], C[I_ASSEMBLER], C[I_LIMIT])
-    if C[I_RECEIVED] == seen and (C[I_T_STATE] == T_ARMED or C[I_T_STATE] == T_DONE) and not C[I_DISCARD]:
-        _touch_ahead(C)
     return C[I_K]
 
 
@@ -714,3 +726,114 @@ class NativeAeronTickSource(_NativeRows):
         if self._sub:
             self._client.close_subscription(self._sub, self._assembler)
             self._sub = self._assembler = 0
+
+
+# ----------------------------------------------------------------------------- both
+_TICK_BYTES = TICK_DTYPE.itemsize
+
+@njit(cache=True, nogil=True)
+def _point_rows(C, ticks_addr, ingress_addr, rows, k):
+    """Aim a source's ictx at the shared rows from row ``k`` on."""
+    C[I_TICKS] = ticks_addr + k * _TICK_BYTES
+    C[I_INGRESS] = ingress_addr + k * 8
+    C[I_ROWS] = rows - k
+
+
+@njit(cache=True, nogil=True)
+def recv_zmq_and_aeron(zaddr, aaddr, limit, max_event_ns, aeron_first, ticks_addr, ingress_addr, rows):
+    """Receive up to ``limit`` ticks from a ZeroMQ and an Aeron source into one set of rows.
+
+    One source, then the other (``aeron_first`` alternates it between calls, so neither starves
+    the other); a message naming a symbol not in the table stops the call (the source that holds
+    it has ``I_PENDING`` set).  Returns how many rows were written.
+    """
+    Z = carray(_ptr(zaddr, np.int64), (ICTX_LEN,))
+    A = carray(_ptr(aaddr, np.int64), (ICTX_LEN,))
+    limit = min(limit, rows)
+    seen = Z[I_RECEIVED] + A[I_RECEIVED]
+    k = 0
+    for turn in range(2):
+        zmq_turn = (turn == 0) != (aeron_first != 0)
+        C = Z if zmq_turn else A
+        _point_rows(C, ticks_addr, ingress_addr, rows, k)
+        if zmq_turn:
+            k += recv_ticks(zaddr, limit - k, max_event_ns)
+        else:
+            k += _poll_aeron(A, limit - k, max_event_ns)
+        if C[I_PENDING] or k >= limit:
+            break
+    if Z[I_RECEIVED] + A[I_RECEIVED] == seen:  # idle on both: touch the tick log ahead
+        _touch_ahead(A)
+    return k
+
+
+class NativeMultiSource(_NativeRows):
+    """A ZeroMQ and an Aeron tick source, both received and decoded in compiled code, as one.
+
+    The native loop's window over both: one compiled call per duty cycle receives from one
+    source then the other (the first alternates) into shared rows, up to the batch; the two
+    sources share one :class:`engine.sources.TickSlot` (one instrument table, one set of reject
+    counters), so decisions are the single-source ones.  What ``MultiSource`` is to the Python
+    sources.
+    """
+
+    name = "multi"
+
+    def __init__(self, sources: Sequence[_NativeRows]) -> None:
+        kinds = sorted(type(s).__name__ for s in sources)
+        if kinds != ["NativeAeronTickSource", "NativeZmqTickSource"]:
+            raise ValueError(f"NativeMultiSource takes one NativeZmqTickSource and one "
+                             f"NativeAeronTickSource, not {kinds}")  # fmt: skip
+        slot = sources[0].slot
+        if any(s.slot is not slot for s in sources):
+            raise ValueError("the sources of a NativeMultiSource must share one TickSlot")
+        self.zmq = next(s for s in sources if isinstance(s, NativeZmqTickSource))
+        self.aeron = next(s for s in sources if isinstance(s, NativeAeronTickSource))
+        self.sources = [self.zmq, self.aeron]
+        self.slot = slot
+        self.done = False
+        self._init_rows(max(s.rows for s in sources))
+        self._aeron_first = 0
+
+    def _receivers(self) -> list[_NativeRows]:
+        return [self, *self.sources]
+
+    def _receive(self, limit: int) -> int:
+        self._aeron_first ^= 1
+        return recv_zmq_and_aeron(self.zmq.addr, self.aeron.addr, limit, self.slot.max_event_ns,
+                                  self._aeron_first, self.ticks.ctypes.data, self.ingress_ns.ctypes.data,
+                                  self.rows)  # fmt: skip
+
+    def _fill(self, limit: int) -> int:
+        k = self._receive(limit)
+        for s in self.sources:
+            if s.C[I_PENDING]:
+                k = self._pending(k, s)
+        if k == 0 and self.aeron.C[I_T_STATE] == T_PENDING:  # idle: check the tick log found
+            self.aeron._check_log()
+        self._pos, self._n = 0, k
+        return k
+
+    def bind_counters(self, counters: np.ndarray) -> None:
+        """Count rejects into the agent's ``counters`` (both compiled receives too)."""
+        self.slot.bind_counters(counters)
+        for s in self._receivers():
+            s._bind_counters_ptr()
+
+    @property
+    def received(self) -> int:
+        """Messages read by both sources."""
+        return self.zmq.received + self.aeron.received
+
+    @property
+    def native_skipped(self) -> int:
+        return self.zmq.native_skipped + self.aeron.native_skipped
+
+    def discard_pending(self, limit: int = 10_000_000) -> int:
+        """Drop what both sources have queued (at stop); return how many messages."""
+        return sum(s.discard_pending(limit) for s in self.sources)
+
+    def close(self) -> None:
+        """Close both sources."""
+        for s in self.sources:
+            s.close()

@@ -58,7 +58,7 @@ from engine.log import log
 from engine.log import set_context as set_log_context
 from engine.metrics import MetricsServer, MetricsSnapshot
 from engine.native_aeron import AeronCClient, NativeAeronPublisher
-from engine.native_ingress import NativeAeronTickSource, NativeZmqTickSource
+from engine.native_ingress import NativeAeronTickSource, NativeMultiSource, NativeZmqTickSource
 from engine.security import CurveServer
 from engine.sources import AeronTickSource, MultiSource, TickSlot, ZmqTickSource
 from engine.zmq_io import ZmqPublisher, ensure_ipc_free
@@ -308,28 +308,28 @@ class Service:
                         on_new=self._on_new_instrument,
                         max_ahead_ns=cfg.engine.max_event_ahead_s * 1_000_000_000, owns=owns)  # fmt: skip
         self.slot = slot
+        # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
+        # subscriptions): a C client of the same library on this driver, for compiled code
+        native = cfg.engine.loop != "python" and self.backend.kind == "fused"
+        native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None
+        # ZeroMQ ticks received and decoded in compiled code: the only source (a python loop polls
+        # it one tick at a time), or beside an Aeron source received in compiled code too
+        native_zmq_in = cfg.engine.loop != "python" and (src_cfg.aeron is None or native_aeron_in)
         if src_cfg.zmq is not None:
             z = src_cfg.zmq
-            # the only source, and a loop that may be native: receive and decode in compiled code
-            native_in = cfg.engine.loop != "python" and src_cfg.aeron is None
-            zsrc = NativeZmqTickSource if native_in else ZmqTickSource
-            extra = {"rows": cfg.engine.batch} if native_in else {}
+            zsrc = NativeZmqTickSource if native_zmq_in else ZmqTickSource
+            extra = {"rows": cfg.engine.batch} if native_zmq_in else {}
             self.sources.append(
                 zsrc(self.ctx, z.endpoint, bind=z.bind, subscribe=cfg.tick_topics, rcvhwm=z.rcvhwm, slot=slot,
                      configure=self._secure("ticks"), **extra)
             )
             self._remember_ipc(z.endpoint, z.bind)
-        # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
-        # subscriptions): a C client of the same library on this driver, for compiled code
-        native = cfg.engine.loop != "python" and self.backend.kind == "fused"
-        native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None \
-            and src_cfg.zmq is None  # fmt: skip
         if native and snk_cfg.aeron is not None:
             self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
                                         pre_touch=cfg.aeron.pre_touch)  # fmt: skip
         if src_cfg.aeron is not None:
             a = src_cfg.aeron
-            if native_aeron_in:  # the only source, polled in compiled code
+            if native_aeron_in:  # polled in compiled code
                 # Its own client, without pre-touch: a client that pre-touches maps *every* log it
                 # uses page by page, a subscription's images too (Aeron's conductor, on an image
                 # becoming available): 192 MiB per ipc publisher joining, ~0.7 s here during
@@ -341,7 +341,12 @@ class Service:
                                                           touch_ahead=cfg.aeron.pre_touch))  # fmt: skip
             else:
                 self.sources.append(AeronTickSource(self.aeron.client, a.channel, a.stream_id, slot=slot))
-        self.source = self.sources[0] if len(self.sources) == 1 else MultiSource(self.sources)
+        if len(self.sources) == 1:
+            self.source = self.sources[0]
+        elif all(isinstance(s, (NativeZmqTickSource, NativeAeronTickSource)) for s in self.sources):
+            self.source = NativeMultiSource(self.sources)  # both in one compiled call per duty cycle
+        else:
+            self.source = MultiSource(self.sources)
 
         if snk_cfg.zmq is not None:
             z = snk_cfg.zmq

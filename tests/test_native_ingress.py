@@ -334,3 +334,76 @@ def test_touch_ahead_refuses_an_address_that_is_not_one_aeron_log_mapping():
         src.C[I_T_STATE] = T_PENDING
         src._check_log()
         assert src.C[I_T_STATE] == (T_LOOKING if attempt < 2 else T_REFUSED)
+
+
+# ----------------------------------------------------------------------------- both sources
+def test_native_multi_source_receives_zmq_and_aeron_as_the_python_multi_source(tmp_path):
+    """A ZeroMQ and an Aeron source received in one compiled call (NativeMultiSource) accept the
+    same ticks per instrument, in order, and reject alike, as the Python MultiSource of the two."""
+    pytest.importorskip("pyaeron")
+    from engine.aeron_io import AeronRuntime
+    from engine.native_aeron import AeronCClient
+    from engine.native_ingress import NativeMultiSource
+    from engine.schema import TICK_DTYPE
+    from engine.sources import AeronTickSource, MultiSource
+
+    ep = f"ipc://{tmp_path}/ticks.ipc"
+    ctx = zmq.Context()
+    zpub = ctx.socket(zmq.PUB)
+    zpub.setsockopt(zmq.SNDHWM, 0)
+    zpub.bind(ep)
+    rt = AeronRuntime(str(tmp_path / "driver"), embedded=True)
+    cc = AeronCClient(rt.dir, pre_touch=False)
+    slots = []
+    for _ in range(2):
+        slot = TickSlot(SYMBOLS, capacity=len(SYMBOLS) + 1)  # room for one new symbol, then full
+        slot.max_event_ns = MAX_EVENT_NS
+        slots.append(slot)
+    ref = MultiSource([ZmqTickSource(ctx, ep, bind=False, slot=slots[0], rcvhwm=0),
+                       AeronTickSource(rt.client, "aeron:ipc", 1003, slot=slots[0])])  # fmt: skip
+    nat = NativeMultiSource([NativeZmqTickSource(ctx, ep, bind=False, slot=slots[1], rcvhwm=0, rows=16),
+                             NativeAeronTickSource(cc, "aeron:ipc", 1003, slot=slots[1],
+                                                   rows=16)])  # fmt: skip
+    apub = rt.client.add_exclusive_publication("aeron:ipc", 1003)
+    try:
+        deadline = time.monotonic() + 10
+        while not (ref.sources[1].connected and nat.aeron.connected) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the ZeroMQ subscriptions reach the PUB
+        rng = np.random.default_rng(5)
+        ts = 1_700_000_000_000_000_000
+        n = 0
+        for j in range(3000):
+            ts += int(rng.integers(0, 10_000))
+            on_zmq = j % 2 == 0  # each instrument comes from one source, so its order is defined
+            sym = SYMBOLS[j % 4]
+            if on_zmq and rng.random() < 0.03:  # new symbols from one source only: one admitted, then full
+                sym = f"ZNEW{rng.integers(0, 2)}"
+            p = _tick(sym, ts)
+            if rng.random() < 0.05:
+                p = bytes(p[: rng.integers(1, len(p))])
+            if on_zmq:
+                zpub.send_multipart([sym.encode(), p])
+            else:
+                while apub.offer(p) is not True:
+                    time.sleep(0.0001)
+            n += 1
+        got: list[list[bytes]] = [[], []]
+        _drain(ref, n, got[0])
+        _drain(nat, n, got[1])
+        rows = [np.frombuffer(b"".join(g), TICK_DTYPE) for g in got]
+        assert len(rows[0]) == len(rows[1]) > 2500
+        for inst in range(len(SYMBOLS) + 1):
+            a, b = (r[r["instrument"] == inst] for r in rows)
+            assert a.tobytes() == b.tobytes(), f"instrument {inst}"
+        assert nat.counters.tolist() == ref.counters.tolist()
+        assert nat.slot.ids == ref.slot.ids and len(ref.slot.ids) == len(SYMBOLS) + 1
+        assert nat.received == ref.received == n
+    finally:
+        for s in (ref, nat):
+            s.close()
+        apub.close()
+        zpub.close(0)
+        cc.close()
+        rt.close()
+        ctx.term()

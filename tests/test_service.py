@@ -342,6 +342,8 @@ def test_aeron_ipc_and_zmq_both_ways_at_once_every_tick_scored_on_both_sinks(tmp
     assert {k: v for k, v in st["rejected_by_reason"].items() if v} == GARBAGE_EXPECTED_AERON
     assert st["sinks"]["aeron"]["sent"] == n and st["sinks"]["zmq"]["sent"] == n and st["drops"] == 0
     assert st["aeron"]["dir"] == adir and st["aeron"]["embedded"]
+    # both received in compiled code, one call per duty cycle for the two (NativeMultiSource)
+    assert st["loop"] == "native" and st["ingress"] == ["NativeZmqTickSource", "NativeAeronTickSource"]
     s = svc.summary()
     assert s["mode"] == "zmq+aeron" and s["scores"] == n
     assert s["ticks"] == s["scores"] + s["rejected"]
