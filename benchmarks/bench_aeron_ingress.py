@@ -7,7 +7,9 @@ message decoded in one compiled call per duty cycle, engine.native_ingress, whic
 the tick log's pages ahead of the reader while idle) or false (``python``: pyaeron's poll,
 msgspec decode, one tick per duty cycle); ``native_untouched`` is ``native`` with
 ``[aeron] pre_touch = false`` (no touch-ahead of the tick log, nor pre-touch of the score
-log).  Then ``tickscore replay --via aeron --service-config`` sends ``--limit`` ticks at
+log); ``native_both`` / ``python_both`` add a ZeroMQ tick source beside (idle: the ticks come
+over Aeron), so both are received in one compiled call (NativeMultiSource) or both polled
+from Python.  Then ``tickscore replay --via aeron --service-config`` sends ``--limit`` ticks at
 ``--rate`` (or ``max``: back to back) from a publisher process and a subscriber process
 receives every Score (both on core 0).  Variants alternate ``--repeats`` times; medians of
 the per-run figures are reported.
@@ -51,12 +53,15 @@ from engine.control import request  # noqa: E402
 SYMBOLS = ["CLF7", "ESZ6", "NQZ6"]
 
 
-#: variant -> ([engine] native_aeron_ingress, [aeron] pre_touch)
-VARIANTS = {"native": (True, True), "python": (False, True), "native_untouched": (True, False)}
+#: variant -> ([engine] native_aeron_ingress, [aeron] pre_touch, a ZeroMQ tick source beside)
+VARIANTS = {"native": (True, True, False), "python": (False, True, False),
+            "native_untouched": (True, False, False),
+            "native_both": (True, True, True), "python_both": (False, True, True)}  # fmt: skip
+DEFAULT_VARIANTS = "native,python,native_untouched"
 
 
 def run_variant(name: str, args, tmp: Path, k: int) -> dict:
-    native, touch = VARIANTS[name]
+    native, touch, zmq_too = VARIANTS[name]
     control = free_port()
     adir = f"/dev/shm/tickscore-bench-ingress-{os.getpid()}-{k}-{name}"
     cfg = tmp / f"{name}-{k}.toml"
@@ -65,7 +70,9 @@ def run_variant(name: str, args, tmp: Path, k: int) -> dict:
         f"native_aeron_ingress = {'true' if native else 'false'}\n"
         f'[model]\nbackend = "fused"\n'
         f'[sources.aeron]\nchannel = "aeron:ipc"\n[sinks.aeron]\nchannel = "aeron:ipc"\n'
-        f'[aeron]\ndir = "{adir}"\npre_touch = {"true" if touch else "false"}\n[control]\nendpoint = "tcp://127.0.0.1:{control}"\n'
+        + (f'[sources.zmq]\nendpoint = "ipc://{tmp}/{name}-{k}-ticks.ipc"\n' if zmq_too else "")
+        + f'[aeron]\ndir = "{adir}"\npre_touch = {"true" if touch else "false"}\n'
+        f'[control]\nendpoint = "tcp://127.0.0.1:{control}"\n'
         f'[output]\ndir = "{tmp / (name + "-out-" + str(k))}"\n'
     )
     svc = start_service(cfg, tmp / f"{name}-{k}.log")
@@ -85,8 +92,9 @@ def run_variant(name: str, args, tmp: Path, k: int) -> dict:
             svc.kill()
     log = (tmp / f"{name}-{k}.log").read_text()
     compiled = "(compiled receive)" in log.split("ready:", 1)[-1].split("\n", 1)[0]
-    if compiled != native:
-        raise RuntimeError(f"the service's ingress is not the {name} one: {log[-2000:]}")
+    expect = ["NativeZmqTickSource"] * zmq_too + ["NativeAeronTickSource"] if native else None
+    if compiled != native or (expect is not None and st["ingress"] != expect):
+        raise RuntimeError(f"the service's ingress is not the {name} one: {st['ingress']} {log[-2000:]}")
     return {"variant": name, "scores": s["scores"], "dropped": s["dropped"], "compiled_receive": compiled,
             "wire_p50_ns": s["latency_ns"]["p50"], "wire_p99_ns": s["latency_ns"]["p99"],
             "wire_max_ns": s["latency_ns"]["max"],
@@ -100,7 +108,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30_000)
     ap.add_argument("--rate", default="2000", help="ticks per second, or max (a burst: how fast it drains)")
     ap.add_argument("--warmup", type=int, default=1000)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
