@@ -67,6 +67,7 @@ REQUIRED_SYMBOLS = (
     # the native ingress's touch-ahead of the tick log (engine.native_ingress)
     "aeron_header_values",
     "aeron_header_context",
+    "aeron_header_position",
     "aeron_image_constants",
     "aeron_image_position",
     "aeron_subscription_image_by_session_id",
@@ -148,6 +149,7 @@ def bind_aeron_c() -> AeronC:
     # int aeron_header_values(aeron_header_t *, aeron_header_values_t *); void *aeron_header_context(header)
     _proto(lib, "aeron_header_values", ctypes.c_int, vp, vp)
     _proto(lib, "aeron_header_context", vp, vp)
+    _proto(lib, "aeron_header_position", i64, vp)  # int64_t aeron_header_position(aeron_header_t *)
     # int aeron_image_constants(aeron_image_t *, aeron_image_constants_t *);
     # int64_t aeron_image_position(aeron_image_t *)
     _proto(lib, "aeron_image_constants", ctypes.c_int, vp, vp)

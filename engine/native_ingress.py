@@ -84,8 +84,8 @@ _EAGAIN = 11
  # the Aeron ingress's touch-ahead of the tick log (see NativeAeronTickSource)
  I_T_STATE, I_T_SESSION, I_T_CORR, I_T_BASE, I_T_TERM_LEN, I_T_SHIFT, I_T_MAPPED, I_T_END, I_T_SINK,
  I_T_TOUCHED, I_T_VALS, I_T_IDLE, I_FN_HDR_VALUES, I_FN_HDR_CONTEXT, I_FN_IMG_CONSTANTS, I_FN_IMG_BY_SESSION,
- I_FN_IMG_RELEASE, I_FN_IMG_POSITION) = range(54)
-ICTX_LEN = 54
+ I_FN_IMG_RELEASE, I_FN_IMG_POSITION, I_FN_HDR_POSITION) = range(55)
+ICTX_LEN = 55
 #: the symbol index's id of another shard's instrument (skipped and counted, not rejected)
 FOREIGN = -2
 
@@ -399,16 +399,17 @@ class NativeZmqTickSource(_NativeRows, ZmqTickSource):
 
 
 # ----------------------------------------------------------------------------- Aeron
-def mapping_of(addr: int, size: int) -> str | None:
-    """The path of the one mapping of this process holding ``[addr, addr+size)`` (``""``: anonymous),
-    or None (none does, or ``/proc/self/maps`` cannot be read)."""
+def mapping_of(addr: int, size: int) -> tuple[int, int, str] | None:
+    """``(start, file offset, path)`` of the one mapping of this process holding
+    ``[addr, addr+size)`` (path ``""``: anonymous), or None (none does, or ``/proc/self/maps``
+    cannot be read)."""
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 if lo <= addr and addr + size <= hi:
-                    return parts[5].strip() if len(parts) > 5 else ""
+                    return lo, int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""
     except (OSError, ValueError, IndexError):
         return None
     return None
@@ -505,8 +506,10 @@ def _find_log(C, buffer, length, header):
 
     Aeron hands an unfragmented message's payload at its place in the term buffer: the frame
     starts ``_FRAME_HEADER`` bytes before it, ``term_offset`` bytes into its term, and the three
-    terms of the log are contiguous.  Values that do not agree with each other (another
-    layout of Aeron's structs) refuse the touch-ahead for good; it never guesses.
+    terms of the log are contiguous.  A reassembled message (in the assembler's own buffer)
+    also comes with the flags of a whole one, so the message must fit one MTU and end where
+    ``aeron_header_position`` says the frame ends.  Values that do not agree with each other
+    (another layout of Aeron's structs) refuse the touch-ahead for good; it never guesses.
     """
     vals = C[I_T_VALS]
     if _call_i32_pp(C[I_FN_HDR_VALUES], header, vals) != 0:
@@ -521,7 +524,9 @@ def _find_log(C, buffer, length, header):
         return
     k64 = carray(_ptr(vals + _K_OFF, np.int64), (9,))
     k32 = carray(_ptr(vals + _K_OFF, np.int32), (18,))
-    corr, shift, term_len = k64[2], k64[4], k64[5]
+    corr, shift, term_len, mtu = k64[2], k64[4], k64[5], k64[6]
+    if length + _FRAME_HEADER > mtu:
+        return  # it may have come in fragments: wait for one that cannot have
     if (frame_length != length + _FRAME_HEADER or k32[14] != session or k32[15] != initial
             or shift < 16 or shift > 30 or term_len != (1 << shift) or term_offset < 0
             or term_offset + frame_length > term_len):  # fmt: skip
@@ -530,12 +535,14 @@ def _find_log(C, buffer, length, header):
     d = (np.int64(term_id) - np.int64(initial)) & 0xFFFFFFFF  # terms since the start (int32 wrap)
     if d >= 0x80000000:
         return
+    pos = (d << shift) + term_offset + ((frame_length + 31) & ~31)
+    if _call_p_p(C[I_FN_HDR_POSITION], header) != pos:
+        return  # not a frame of its own in the term
     C[I_T_SESSION] = session
     C[I_T_CORR] = corr
     C[I_T_TERM_LEN] = term_len
     C[I_T_SHIFT] = shift
     C[I_T_BASE] = buffer - _FRAME_HEADER - term_offset - (d % 3) * term_len
-    pos = (d << shift) + term_offset + ((frame_length + 31) & ~31)
     C[I_T_MAPPED] = pos
     C[I_T_END] = pos + 3 * term_len  # every page of the three terms once
     C[I_T_STATE] = T_PENDING
@@ -657,6 +664,7 @@ class NativeAeronTickSource(_NativeRows):
         C[I_T_VALS] = self._t_vals.ctypes.data
         C[I_FN_HDR_VALUES] = client.fn("aeron_header_values")
         C[I_FN_HDR_CONTEXT] = client.fn("aeron_header_context")
+        C[I_FN_HDR_POSITION] = client.fn("aeron_header_position")
         C[I_FN_IMG_CONSTANTS] = client.fn("aeron_image_constants")
         C[I_FN_IMG_POSITION] = client.fn("aeron_image_position")
         C[I_FN_IMG_BY_SESSION] = client.fn("aeron_subscription_image_by_session_id")
@@ -680,11 +688,13 @@ class NativeAeronTickSource(_NativeRows):
         return k
 
     def _check_log(self) -> None:
-        """Arm the touch-ahead when the log found lies in one mapping of an Aeron ``.logbuffer`` file."""
+        """Arm the touch-ahead when the log found is a mapping of an Aeron ``.logbuffer`` file from
+        its start (the C client maps each log whole, its three terms first)."""
         C = self.C
         base, size = int(C[I_T_BASE]), 3 * int(C[I_T_TERM_LEN])
-        path = mapping_of(base, size)
-        if path is not None and path.endswith(".logbuffer"):
+        m = mapping_of(base, size)
+        path = m[2] if m is not None else None
+        if m is not None and m[0] == base and m[1] == 0 and path.endswith(".logbuffer"):
             C[I_T_STATE] = T_ARMED
             log("aeron", f"touching the tick log {path} ({size >> 20} MiB) ahead of the reader while idle",
                 event="touch_ahead", path=path)  # fmt: skip

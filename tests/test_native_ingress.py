@@ -12,6 +12,7 @@ beyond the capacity, implausible times and absurd values.
 
 from __future__ import annotations
 
+import mmap
 import resource
 import time
 
@@ -26,6 +27,7 @@ from engine.native_ingress import (
     I_T_BASE,
     I_T_STATE,
     I_T_TERM_LEN,
+    T_ARMED,
     T_LOOKING,
     T_PENDING,
     T_REFUSED,
@@ -296,6 +298,13 @@ def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tm
             while not all(s.connected for s in srcs) and time.monotonic() < deadline:
                 time.sleep(0.01)
             before = touched.touch_ahead["pages"]
+            for _ in range(3):  # reassembled messages come with whole-message flags, but not in place
+                while pub.offer(bytes(range(256)) * 12) is not True:
+                    time.sleep(0.001)
+                for _ in range(200):
+                    for s in srcs:
+                        s.window(64)
+                assert touched.touch_ahead["state"] == "looking", touched.touch_ahead
             publish_and_read(pub, 1)  # the first whole message locates the log
             idle_until("done")
             assert touched.touch_ahead["pages"] - before >= 40  # most of the 48 pages (the rest were read)
@@ -319,21 +328,42 @@ def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tm
         rt.close()
 
 
-def test_touch_ahead_refuses_an_address_that_is_not_one_aeron_log_mapping():
-    """The compiled code touches nothing Python has not found in /proc/self/maps as one mapping
-    of a .logbuffer file: an anonymous buffer (or an unmapped range) is refused after three tries."""
+def test_touch_ahead_refuses_an_address_that_is_not_the_start_of_an_aeron_log_mapping(tmp_path):
+    """The compiled code touches nothing Python has not found in /proc/self/maps as a mapping of
+    a .logbuffer file from its start: an anonymous buffer, or an address inside a log, is refused
+    after three tries; the start of a mapped .logbuffer file is armed."""
     buf = np.zeros(3 << 16, np.uint8)
     assert mapping_of(buf.ctypes.data, buf.nbytes) is not None  # it is mapped ...
-    assert not mapping_of(buf.ctypes.data, buf.nbytes).endswith(".logbuffer")  # ... but not a log
+    assert not mapping_of(buf.ctypes.data, buf.nbytes)[2].endswith(".logbuffer")  # ... but not a log
     assert mapping_of(8, 4096) is None  # page zero is never mapped
-    src = NativeAeronTickSource.__new__(NativeAeronTickSource)  # only the ictx: no client needed
-    src.C = np.zeros(64, np.int64)
-    src._t_misses = 0
-    src.C[I_T_BASE], src.C[I_T_TERM_LEN] = buf.ctypes.data, 1 << 16
-    for attempt in range(3):
-        src.C[I_T_STATE] = T_PENDING
-        src._check_log()
-        assert src.C[I_T_STATE] == (T_LOOKING if attempt < 2 else T_REFUSED)
+    log_file = tmp_path / "42.logbuffer"
+    log_file.write_bytes(bytes((3 << 16) + 4096))  # three 64 KiB terms and a metadata page
+    with open(log_file, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+    view = np.frombuffer(mm, np.uint8)
+    start = view.ctypes.data
+
+    def check(base: int) -> list[int]:
+        src = NativeAeronTickSource.__new__(NativeAeronTickSource)  # only the ictx: no client needed
+        src.C = np.zeros(64, np.int64)
+        src._t_misses = 0
+        src.C[I_T_BASE], src.C[I_T_TERM_LEN] = base, 1 << 16
+        states = []
+        for _ in range(3):
+            if src.C[I_T_STATE] == T_ARMED:
+                break
+            src.C[I_T_STATE] = T_PENDING
+            src._check_log()
+            states.append(int(src.C[I_T_STATE]))
+        return states
+
+    try:
+        assert check(buf.ctypes.data) == [T_LOOKING, T_LOOKING, T_REFUSED]
+        assert check(start + 4096) == [T_LOOKING, T_LOOKING, T_REFUSED]  # inside the log, not its start
+        assert check(start) == [T_ARMED]
+    finally:
+        del view
+        mm.close()
 
 
 # ----------------------------------------------------------------------------- both sources
