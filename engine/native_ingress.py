@@ -643,7 +643,7 @@ class NativeAeronTickSource(_NativeRows):
     page of the log not yet mapped, one per poll, ahead of the reader and around all three
     terms once; after that no read faults.  The log's address comes from the first whole
     message of an image (Aeron hands it in place in the term buffer) and is checked against
-    ``/proc/self/maps`` (one mapping of a ``.logbuffer`` file) before any page is touched;
+    ``/proc/self/maps`` (the start of a mapping of a ``.logbuffer`` file) before any page is touched;
     while touching, the image is retained so its log stays mapped.  One image at a time is
     touched (a second publisher's ticks fault as before).
     """
@@ -660,6 +660,7 @@ class NativeAeronTickSource(_NativeRows):
         self._init_rows(rows)
         self._t_vals = np.zeros(_T_VALS_BYTES // 8, np.int64)  # scratch for Aeron's header/image structs
         self._t_misses = 0
+        self._t_said = False
         C = self.C
         C[I_T_VALS] = self._t_vals.ctypes.data
         C[I_FN_HDR_VALUES] = client.fn("aeron_header_values")
@@ -683,9 +684,21 @@ class NativeAeronTickSource(_NativeRows):
 
     def _receive(self, limit: int) -> int:
         k = poll_aeron_ticks(self.addr, limit, self.slot.max_event_ns)
-        if k == 0 and self.C[I_T_STATE] == T_PENDING:  # idle, and a log found: check it before touching
-            self._check_log()
+        if k == 0:
+            self._idle_check()
         return k
+
+    def _idle_check(self) -> None:
+        """Idle: check a log just found before any page of it is touched; say once when the
+        compiled code refused one (values of Aeron's structs that do not agree)."""
+        st = self.C[I_T_STATE]
+        if st == T_PENDING:
+            self._check_log()
+        elif st == T_REFUSED and not self._t_said:
+            self._t_said = True
+            log("aeron", "no touch-ahead of the tick log: Aeron's header and image values do not agree "
+                "(another struct layout?); its first reads of each page fault as before",
+                event="touch_ahead", level=logging.WARNING)  # fmt: skip
 
     def _check_log(self) -> None:
         """Arm the touch-ahead when the log found is a mapping of an Aeron ``.logbuffer`` file from
@@ -702,6 +715,7 @@ class NativeAeronTickSource(_NativeRows):
         self._t_misses += 1  # the image may have gone between the message and this check: look again
         C[I_T_STATE] = T_LOOKING if self._t_misses < 3 else T_REFUSED
         if C[I_T_STATE] == T_REFUSED:
+            self._t_said = True
             log("aeron", f"no touch-ahead of the tick log: {base:#x}+{size} is not one mapping of a "
                 f".logbuffer file ({path or 'not mapped'}); its first reads of each page fault as before",
                 event="touch_ahead", level=logging.WARNING)  # fmt: skip
@@ -740,6 +754,7 @@ class NativeAeronTickSource(_NativeRows):
 
 # ----------------------------------------------------------------------------- both
 _TICK_BYTES = TICK_DTYPE.itemsize
+
 
 @njit(cache=True, nogil=True)
 def _point_rows(C, ticks_addr, ingress_addr, rows, k):
@@ -819,8 +834,8 @@ class NativeMultiSource(_NativeRows):
         for s in self.sources:
             if s.C[I_PENDING]:
                 k = self._pending(k, s)
-        if k == 0 and self.aeron.C[I_T_STATE] == T_PENDING:  # idle: check the tick log found
-            self.aeron._check_log()
+        if k == 0:
+            self.aeron._idle_check()
         self._pos, self._n = 0, k
         return k
 

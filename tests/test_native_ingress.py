@@ -346,7 +346,7 @@ def test_touch_ahead_refuses_an_address_that_is_not_the_start_of_an_aeron_log_ma
     def check(base: int) -> list[int]:
         src = NativeAeronTickSource.__new__(NativeAeronTickSource)  # only the ictx: no client needed
         src.C = np.zeros(64, np.int64)
-        src._t_misses = 0
+        src._t_misses, src._t_said = 0, False
         src.C[I_T_BASE], src.C[I_T_TERM_LEN] = base, 1 << 16
         states = []
         for _ in range(3):
