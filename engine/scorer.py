@@ -274,6 +274,9 @@ class ScoringAgent(HotReload, KeepWarm, Agent):
         if self._native is not None:
             self._warm_native(n)
         self.backend.warmup()
+        compile_receive = getattr(self.source, "compile_receive", None)  # the compiled live sources
+        if compile_receive is not None:
+            compile_receive()
 
     # -- hot path -----------------------------------------------------------------
     def do_work(self) -> int:
