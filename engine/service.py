@@ -308,8 +308,6 @@ class Service:
                         on_new=self._on_new_instrument,
                         max_ahead_ns=cfg.engine.max_event_ahead_s * 1_000_000_000, owns=owns)  # fmt: skip
         self.slot = slot
-        # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
-        # subscriptions): a C client of the same library on this driver, for compiled code
         native = cfg.engine.loop != "python" and self.backend.kind == "fused"
         native_aeron_in = native and cfg.engine.native_aeron_ingress and src_cfg.aeron is not None
         # ZeroMQ ticks received and decoded in compiled code: the only source (a python loop polls
@@ -324,6 +322,8 @@ class Service:
                      configure=self._secure("ticks"), **extra)
             )
             self._remember_ipc(z.endpoint, z.bind)
+        # the native loop's Aeron client (pyaeron exposes no handle of its own publications and
+        # subscriptions): a C client of the same library on this driver, for compiled code
         if native and snk_cfg.aeron is not None:
             self.aeron_c = AeronCClient(cfg.aeron_dir, driver_timeout_ms=cfg.aeron.driver_timeout_ms,
                                         pre_touch=cfg.aeron.pre_touch)  # fmt: skip
