@@ -432,6 +432,22 @@ def test_native_multi_source_receives_zmq_and_aeron_as_the_python_multi_source(t
         assert nat.counters.tolist() == ref.counters.tolist()
         assert nat.slot.ids == ref.slot.ids and len(ref.slot.ids) == len(SYMBOLS) + 1
         assert nat.received == ref.received == n
+        # the python loop (after a hot reload to an ort model) polls it one tick at a time
+        for j in range(20):
+            ts += 1000
+            if j % 2 == 0:
+                zpub.send_multipart([SYMBOLS[0].encode(), _tick(SYMBOLS[0], ts)])
+            else:
+                while apub.offer(_tick(SYMBOLS[1], ts)) is not True:
+                    time.sleep(0.0001)
+        polled: list[list[bytes]] = [[], []]
+        _drain(ref, n + 20, polled[0])
+        deadline = time.monotonic() + 20
+        while len(polled[1]) < 20 and time.monotonic() < deadline:
+            i = nat.poll()
+            if i >= 0:
+                polled[1].append(nat.ticks[i : i + 1].tobytes())
+        assert sorted(polled[1]) == sorted(polled[0]) and len(polled[1]) == 20
     finally:
         for s in (ref, nat):
             s.close()
