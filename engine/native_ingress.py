@@ -84,8 +84,8 @@ _EAGAIN = 11
  # the Aeron ingress's touch-ahead of the tick log (see NativeAeronTickSource)
  I_T_STATE, I_T_SESSION, I_T_CORR, I_T_BASE, I_T_TERM_LEN, I_T_SHIFT, I_T_MAPPED, I_T_END, I_T_SINK,
  I_T_TOUCHED, I_T_VALS, I_T_IDLE, I_FN_HDR_VALUES, I_FN_HDR_CONTEXT, I_FN_IMG_CONSTANTS, I_FN_IMG_BY_SESSION,
- I_FN_IMG_RELEASE, I_FN_IMG_POSITION, I_FN_HDR_POSITION) = range(55)
-ICTX_LEN = 55
+ I_FN_IMG_RELEASE, I_FN_IMG_POSITION, I_FN_HDR_POSITION, I_T_WINDOW) = range(56)
+ICTX_LEN = 56
 #: the symbol index's id of another shard's instrument (skipped and counted, not rejected)
 FOREIGN = -2
 
@@ -461,6 +461,8 @@ def _on_aeron_message(clientd, buffer, length, header):
 T_OFF, T_LOOKING, T_PENDING, T_ARMED, T_DONE, T_REFUSED = range(6)
 T_STATE_NAMES = ("off", "looking", "pending", "touching", "done", "refused")
 _PAGE = 4096
+#: how far ahead of the reader the touch-ahead goes at most (bytes): ~64k tick-sized messages
+TOUCH_WINDOW = 8 << 20
 #: bytes of the scratch buffer for ``aeron_header_values_t`` (44 bytes, at 0) and
 #: ``aeron_image_constants_t`` (72 bytes in Aeron 1.4x-1.5x, at :data:`_K_OFF`; room to grow)
 _T_VALS_BYTES, _K_OFF = 1024, 256
@@ -555,7 +557,8 @@ def _find_log(C, buffer, length, header):
 
 @njit(cache=True, nogil=True)
 def _touch_ahead(C):
-    """Idle: touch the next page of the tick log not yet mapped (one per call) until all are.
+    """Idle: touch the next page of the tick log not yet mapped (one per call), at most
+    ``C[I_T_WINDOW]`` bytes ahead of the reader, until every page of the log has been.
 
     The image is retained (``aeron_subscription_image_by_session_id``) while its log is read,
     so its mapping cannot go away meanwhile; another image (a publisher restarted) restarts the
@@ -579,10 +582,11 @@ def _touch_ahead(C):
             or carray(_ptr(kaddr, np.int64), (3,))[2] != C[I_T_CORR]:  # fmt: skip
         C[I_T_STATE] = T_LOOKING  # another image of this session
     elif st == T_ARMED:
-        m = max(C[I_T_MAPPED], _call_p_p(C[I_FN_IMG_POSITION], image))
+        reader = _call_p_p(C[I_FN_IMG_POSITION], image)
+        m = max(C[I_T_MAPPED], reader)
         if m >= C[I_T_END]:
             C[I_T_STATE] = T_DONE
-        else:
+        elif m < reader + C[I_T_WINDOW]:  # never further ahead of the reader than the window
             tl = C[I_T_TERM_LEN]
             off = ((m >> C[I_T_SHIFT]) % 3) * tl + ((m & (tl - 1)) & ~(_PAGE - 1))
             if 0 <= off < 3 * tl:  # never outside the log (Python checked it is one mapping)
@@ -645,18 +649,20 @@ class NativeAeronTickSource(_NativeRows):
     ``touch_ahead`` (default): each first read of a 4 KiB page of the tick log is a page fault
     in this process, on the hot thread (~10-30 µs on the 2-vCPU reference VM, one tick-sized
     message in ~30).  So while the loop is idle (a poll that read nothing), it touches the next
-    page of the log not yet mapped, one per poll, ahead of the reader and around all three
-    terms once; after that no read faults.  The log's address comes from the first whole
-    message of an image (Aeron hands it in place in the term buffer) and is checked against
-    ``/proc/self/maps`` (the start of a mapping of a ``.logbuffer`` file) before any page is touched;
-    while touching, the image is retained so its log stays mapped.  One image at a time is
-    touched (a second publisher's ticks fault as before).
+    page of the log not yet mapped, one per poll, at most ``touch_window`` bytes ahead of the
+    reader (what a publisher has not written yet is allocated at most that far ahead of it),
+    until all three terms have been touched once; after that no read faults.  The log's
+    address comes from the first whole message of an image (Aeron hands it in place in the
+    term buffer) and is checked against ``/proc/self/maps`` (the start of a mapping of a
+    ``.logbuffer`` file) before any page is touched; while touching, the image is retained
+    so its log stays mapped.  One image at a time is touched (a second publisher's ticks
+    fault as before).
     """
 
     name = "aeron"
 
     def __init__(self, client, channel: str, stream_id: int, *, slot: TickSlot, rows: int = 256,
-                 touch_ahead: bool = True) -> None:  # fmt: skip
+                 touch_ahead: bool = True, touch_window: int = TOUCH_WINDOW) -> None:  # fmt: skip
         self.channel = channel
         self.stream_id = stream_id
         self.slot = slot
@@ -676,6 +682,7 @@ class NativeAeronTickSource(_NativeRows):
         C[I_FN_IMG_BY_SESSION] = client.fn("aeron_subscription_image_by_session_id")
         C[I_FN_IMG_RELEASE] = client.fn("aeron_subscription_image_release")
         C[I_T_STATE] = T_LOOKING if touch_ahead else T_OFF
+        C[I_T_WINDOW] = max(_PAGE, int(touch_window))
         self._sub, self._assembler = client.add_subscription(channel, stream_id, _aeron_handler_address(),
                                                              self.addr)  # fmt: skip
         C[I_SUB], C[I_ASSEMBLER] = self._sub, self._assembler

@@ -456,3 +456,53 @@ def test_native_multi_source_receives_zmq_and_aeron_as_the_python_multi_source(t
         cc.close()
         rt.close()
         ctx.term()
+
+
+def test_touch_ahead_goes_no_further_than_its_window_ahead_of_the_reader(tmp_path):
+    """What the publisher has not written yet is touched (so allocated, in a sparse log) at most
+    ``touch_window`` bytes ahead of the reader, however long the loop idles."""
+    pytest.importorskip("pyaeron")
+    from engine.aeron_io import AeronRuntime
+    from engine.native_aeron import AeronCClient
+
+    chan = "aeron:ipc?term-length=64k"
+    rt = AeronRuntime(str(tmp_path / "driver"), embedded=True)
+    cc = AeronCClient(rt.dir, pre_touch=False)
+    slot = TickSlot(SYMBOLS, capacity=CAPACITY)
+    slot.max_event_ns = MAX_EVENT_NS
+    src = NativeAeronTickSource(cc, chan, 1004, slot=slot, rows=64, touch_window=16 << 10)  # 4 pages
+    pub = rt.client.add_exclusive_publication(chan, 1004)
+    try:
+        deadline = time.monotonic() + 10
+        while not src.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ts = 1_700_000_000_000_000_000
+        read = 0
+
+        def send_and_idle(n: int) -> None:
+            nonlocal ts, read
+            deadline = time.monotonic() + 10
+            for _ in range(n):
+                ts += 1000
+                while pub.offer(_tick(SYMBOLS[0], ts)) is not True:  # the log is full: read
+                    assert time.monotonic() < deadline
+                    a, b = src.window(64)
+                    src.consumed(b - a)
+            while src.received < read + n and time.monotonic() < deadline:
+                a, b = src.window(64)
+                src.consumed(b - a)
+            read += n
+            for _ in range(5000):  # a long idle stretch
+                src.window(64)
+
+        send_and_idle(1)
+        t = src.touch_ahead
+        assert t["state"] == "touching" and 3 <= t["pages"] <= 5, t  # the window, not the 48 pages
+        send_and_idle(320)  # ~40 KiB more read: the window moves with the reader
+        t = src.touch_ahead
+        assert t["state"] == "touching" and 12 <= t["pages"] <= 16, t
+    finally:
+        src.close()
+        pub.close()
+        cc.close()
+        rt.close()
