@@ -137,7 +137,7 @@ class EngineConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True)
     batch: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 16
     #: Poll an Aeron tick source in compiled code as well (beside a ZeroMQ source: both in one
     #: call): one call per duty cycle reads and decodes up to ``batch`` ticks.  It drains a
-    #: burst ~3.7x faster than the Python poll (one tick per cycle); paced, wire to wire the
+    #: burst ~3.5-3.9x faster than the Python poll (one tick per cycle); paced, wire to wire the
     #: two are the same.  With ``[aeron] pre_touch`` it touches the tick log's pages ahead of
     #: the reader while idle, so reads do not fault.  See the README, native duty cycle, and
     #: benchmarks/bench_aeron_ingress.py.
