@@ -289,8 +289,8 @@ class AeronConfig(_Base, frozen=True, kw_only=True, forbid_unknown_fields=True):
     driver_timeout_ms: Positive = 10_000
     #: The native loop's client touches every page of the score publication's log at start
     #: (3 x term length in memory), so no offer takes a page fault, and the compiled tick ingress
-    #: touches the tick log's pages ahead of the reader while idle (each image's log once), so no
-    #: read takes one (README: the native duty cycle).
+    #: touches the tick log's pages ahead of the reader while idle (at most 8 MiB ahead; each
+    #: image's log once), so no read takes one (README: the native duty cycle).
     pre_touch: bool = True
 
 
