@@ -25,6 +25,8 @@ the per-run figures are reported.
     python benchmarks/bench_aeron_ingress.py --repeats 5 --json benchmarks/results/aeron_ingress.json
     python benchmarks/bench_aeron_ingress.py --repeats 5 --rate max --limit 200000 \
         --json benchmarks/results/aeron_ingress_burst.json
+    python benchmarks/bench_aeron_ingress.py --repeats 5 --rate max --limit 200000 \
+        --variants native_both,python_both --json benchmarks/results/aeron_ingress_both_burst.json
 """
 
 from __future__ import annotations
