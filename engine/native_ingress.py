@@ -54,6 +54,7 @@ from engine.native_zmq import (
     call_getsockopt,
     call_send_recv,
     fn_address,
+    proc_maps,
 )
 from engine.schema import REJECT_MALFORMED, TICK_DTYPE
 from engine.sources import MAX_TICK_FRAME_BYTES, TickSlot, ZmqTickSource, _LiveSource
@@ -409,14 +410,12 @@ def mapping_of(addr: int, size: int) -> tuple[int, int, str] | None:
     ``[addr, addr+size)`` (path ``""``: anonymous), or None (none does, or ``/proc/self/maps``
     cannot be read)."""
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if lo <= addr and addr + size <= hi:
-                    return lo, int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""
-    except (OSError, ValueError, IndexError):
+        maps = proc_maps() or ()
+    except (ValueError, IndexError):  # a line not as proc(5) says: refuse rather than guess
         return None
+    for lo, hi, offset, name in maps:
+        if lo <= addr and addr + size <= hi:
+            return lo, offset, name
     return None
 
 

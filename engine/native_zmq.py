@@ -35,8 +35,8 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 __all__ = ["NativeBindError", "LibZmq", "bind_libzmq", "libzmq_path", "REQUIRED_SYMBOLS", "make_sender",
-           "fn_address", "mapped_paths", "call_address", "call_send_recv", "call_errno", "call_getsockopt",
-           "call_clock_gettime"]
+           "fn_address", "mapped_paths", "proc_maps", "call_address", "call_send_recv", "call_errno",
+           "call_getsockopt", "call_clock_gettime"]
 
 #: Symbols a native loop needs from libzmq (publishing, and the compiled ingress of engine.native_ingress).
 REQUIRED_SYMBOLS = ("zmq_send", "zmq_recv", "zmq_getsockopt", "zmq_errno", "zmq_version")
@@ -69,24 +69,35 @@ def libzmq_path() -> str:
         if found:
             return found[0]
     # linked dynamically against a system libzmq: find it among the loaded libraries
+    for _, _, _, name in proc_maps() or ():
+        path = name.split()[-1] if "/" in name else ""
+        if os.path.basename(path).startswith("libzmq"):
+            return path
+    raise NativeBindError("cannot find the libzmq that pyzmq uses (no pyzmq.libs/libzmq*.so, none loaded)")
+
+
+def proc_maps() -> list[tuple[int, int, int, str]] | None:
+    """The mappings of this process, ``(start, end, file offset, name)`` per line of
+    ``/proc/self/maps`` (name ``""``: anonymous), or None where it cannot be read."""
     try:
         with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if "/" in line else ""
-                if os.path.basename(path).startswith("libzmq"):
-                    return path
+            lines = f.readlines()
     except OSError:
-        pass
-    raise NativeBindError("cannot find the libzmq that pyzmq uses (no pyzmq.libs/libzmq*.so, none loaded)")
+        return None
+    rows = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        lo, hi = parts[0].split("-")
+        rows.append((int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""))
+    return rows
 
 
 def mapped_paths() -> set[str] | None:
     """Return the real paths of the files mapped into this process (None where /proc is absent)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return {os.path.realpath(ln.split()[-1]) for ln in f if "/" in ln.split()[-1]}
-    except OSError:
+    maps = proc_maps()
+    if maps is None:
         return None
+    return {os.path.realpath(name.split()[-1]) for _, _, _, name in maps if name and "/" in name.split()[-1]}
 
 
 def bind_libzmq(path: str | None = None, symbols: tuple[str, ...] = REQUIRED_SYMBOLS) -> LibZmq:
