@@ -47,6 +47,14 @@ sees as wire-to-wire time.
   no encode).  What the native loop adds is its latency minus this one.
 * ``bare_send_paced``: the same, with the sends spaced by the loop's own time per tick
   (``native_nopub``'s of the same repeat): the transport at the rate the loop sends.
+* ``bare_send_sweep`` (not in the default set): the bare send spaced by each of
+  ``--sweep-gaps`` ns in turn (one subscriber each): the transport's send rate and the
+  rate a draining subscriber receives at, as a function of the work per tick before
+  each send.  Where the native loop's time per tick without a socket lies on this curve
+  tells what ZeroMQ itself allows the loop at that pace on this machine.
+
+    python benchmarks/bench_native_loop.py --configs native_nopub,native,bare_send_sweep \
+        --repeats 3 --json benchmarks/results/native_loop_sweep.json
 """
 
 from __future__ import annotations
@@ -113,6 +121,7 @@ client.close(); driver.close()
 CONFIGS = {
     "bare_send": {"loop": "-", "backend": "-"},
     "bare_send_paced": {"loop": "-", "backend": "-"},
+    "bare_send_sweep": {"loop": "-", "backend": "-"},
     "native": {"loop": "native", "backend": "fused"},
     "native_nopub": {"loop": "native", "backend": "fused"},
     "native_aeron": {"loop": "native", "backend": "fused"},
@@ -182,8 +191,28 @@ def _pair_wire(recv_ns: np.ndarray, t_out: np.ndarray, warmup: int) -> dict:
     return {q: int(np.percentile(wire, p)) for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9))}
 
 
+def _sweep(tmp: Path, k: int, warmup: int, gaps: list[int], n: int = 250_000) -> dict:
+    """The bare send at each spacing of ``gaps`` (ns), each to its own compiled draining subscriber."""
+    points = []
+    for g in gaps:
+        ep = f"ipc://{tmp}/bench-sweep-{k}-{g}.ipc"
+        out, recv = tmp / f"sub-sweep-{k}-{g}.json", tmp / f"recv-sweep-{k}-{g}.npy"
+        sub = subprocess.Popen([sys.executable, DRAIN_SUB, ep, str(out), str(recv)], stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+        assert sub.stdout.readline().strip() == "ready"
+        r = _bare_send(ep, n, warmup, g)
+        sub.wait(timeout=600)
+        got = json.loads(out.read_text())
+        points.append({"gap_ns": g, "send_per_s": r["ticks_per_s"], "p50_ns": r["p50_ns"],
+                       "p99_ns": r["p99_ns"], "recv_per_s": got["recv_per_s"], "received": got["count"],
+                       "sent": n + 10})  # fmt: skip
+        print(f"  sweep gap {g:4d} ns: sent at {r['ticks_per_s'] / 1e6:.2f} M/s (send p50 {r['p50_ns']} ns), "
+              f"received at {got['recv_per_s'] / 1e6:.2f} M/s", file=sys.stderr)  # fmt: skip
+    return {"loop": "bare zmq_send", "backend": "-", "points": points, "subscriber": None}
+
+
 def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int, gap_ns: int = 0,
-         subscriber: str = "compiled") -> dict:  # fmt: skip
+         subscriber: str = "compiled", sweep_gaps: list[int] | None = None) -> dict:  # fmt: skip
     from replay.run import ReplayOptions, run_inprocess
 
     cfg = CONFIGS[name]
@@ -212,6 +241,8 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
                 "p999_ns": s["latency_ns"]["p999"],
                 "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
                 "aeron": s["aeron"], "subscriber": json.loads(out.read_text())}  # fmt: skip
+    if name == "bare_send_sweep":
+        return _sweep(tmp, k, warmup, sweep_gaps)
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
     recv = tmp / f"recv-{name}-{k}.npy"  # the compiled subscriber's receive times
@@ -260,8 +291,11 @@ def main() -> None:
     ap.add_argument("--subscriber", choices=("compiled", "python"), default="compiled",
                     help="the ZeroMQ subscriber: drain_sub.py (compiled receive, checks after) or a Python "
                          "recv/decode/check per message")  # fmt: skip
+    ap.add_argument("--sweep-gaps", default="0,100,200,250,300,400",
+                    help="bare_send_sweep's spacings in ns (comma-separated)")  # fmt: skip
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    sweep_gaps = [int(g) for g in args.sweep_gaps.split(",")]
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="tickscore-bench-native-") as tmp:
@@ -279,8 +313,10 @@ def main() -> None:
                 # the paced bare send spaces its sends by this run's loop time per tick without a socket
                 nopub = [1e9 / x["ticks_per_s"] for x in runs.get("native_nopub", []) if x["ticks_per_s"]]
                 gap = int(np.median(nopub)) if nopub else args.gap_ns
-                r = _one(n, data, 0, args.warmup, tmp, k, gap, args.subscriber)
+                r = _one(n, data, 0, args.warmup, tmp, k, gap, args.subscriber, sweep_gaps)
                 runs[n].append(r)
+                if n == "bare_send_sweep":
+                    continue
                 sub = dict(r["subscriber"] or {})
                 wire, rate = sub.pop("wire_ns", None), sub.pop("recv_per_s", None)
                 seen = (f"; subscriber: wire p50 {wire['p50'] / 1e3:.1f} p99 {wire['p99'] / 1e3:.1f} µs, "
@@ -291,7 +327,14 @@ def main() -> None:
     def med(n: str, key: str) -> float:
         return float(np.median([r[key] for r in runs[n]]))
 
+    sweep = runs.pop("bare_send_sweep", None)
+    names = [n for n in names if n != "bare_send_sweep"]
     summary = {n: {k: med(n, k) for k in ("p50_ns", "p99_ns", "p999_ns", "ticks_per_s")} for n in names}
+    if sweep:  # per spacing, the medians over the repeats
+        summary["bare_send_sweep"] = [
+            {"gap_ns": g, **{key: float(np.median([r["points"][j][key] for r in sweep]))
+                             for key in ("send_per_s", "recv_per_s", "p50_ns", "p99_ns")}}
+            for j, g in enumerate(sweep_gaps)]  # fmt: skip
     for n in names:  # what the subscriber saw: publish-to-receive time and the rate the stream arrived at
         subs = [r["subscriber"] for r in runs[n] if r["subscriber"] and "wire_ns" in r["subscriber"]]
         if subs and len(subs) == len(runs[n]):
@@ -309,6 +352,9 @@ def main() -> None:
         "same_scores_native_python": digests.get("native") == digests.get("python")
         if "native" in names and "python" in names else None,
     }  # fmt: skip
+    if sweep:
+        checks["every_sweep_message_received"] = all(p["received"] == p["sent"]
+                                                     for r in sweep for p in r["points"])  # fmt: skip
     ratios = {}
     if "native" in names and "python" in names:
         ratios["native_over_python_p99"] = summary["native"]["p99_ns"] / summary["python"]["p99_ns"]
@@ -338,7 +384,7 @@ def main() -> None:
         "median_of_runs": summary,
         "ratios": ratios,
         "checks": checks,
-        "runs": runs,
+        "runs": runs | ({"bare_send_sweep": sweep} if sweep else {}),
     }
     print(json.dumps({"median_of_runs": summary, "ratios": ratios, "checks": checks}, indent=2))
     if args.json:
