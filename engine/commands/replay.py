@@ -89,7 +89,7 @@ def register(sub) -> None:
         "(default) = native where the backend is fused and the sinks allow; --via: the spawned service's",
     )
     r.add_argument("--batch", type=_positive_int, default=None, metavar="N",
-                   help="ticks per native duty cycle at most (default 256 in-process; --via: the "
+                   help="ticks per native duty cycle at most (default 4096 in-process; --via: the "
                         "service's [engine] batch, 16)")
     r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
     r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
@@ -209,7 +209,7 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         record_scores=args.record_scores,
         loop=args.loop,
-        batch=args.batch or 256,
+        batch=args.batch or ReplayOptions.batch,
         aeron_dir=args.aeron_dir,
         stream_id=args.stream_id if args.stream_id is not None else SCORE_STREAM_ID,
     )
