@@ -171,7 +171,7 @@ def _run_program(mi, mf):
     of the per-output dot products spent most of their time in horizontal sums.
 
     Divisions are IEEE's (``error_model="numpy"``: no zero-divisor branch before each
-    quantize; a zero scale gives +-inf, clamped to the bounds, not an exception), and the
+    quantize; a zero scale gives +-inf or NaN, saturated to the bounds, not an exception), and the
     usual input chain (subtract, multiply, clip, quantize) runs as one branch-free loop:
     that op 16 -> 11 ns for the default model, the same bits.
     """
