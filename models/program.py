@@ -172,8 +172,9 @@ def _run_program(mi, mf):
 
     Divisions are IEEE's (``error_model="numpy"``: no zero-divisor branch before each
     quantize; a zero scale gives +-inf or NaN, saturated to the bounds, not an exception), and the
-    usual input chain (subtract, multiply, clip, quantize) runs as one branch-free loop:
-    that op 16 -> 11 ns for the default model, the same bits.
+    usual input chain (subtract, multiply, clip, quantize) runs as one loop without the
+    per-element tests of the optional steps: that op 16 -> 11 ns for the default model,
+    the same bits.
     """
     n_ops = mi[0]
     base = mi[2]
@@ -201,7 +202,7 @@ def _run_program(mi, mf):
             zp = mi[p4]
             lo = np.float32(mi[p4 + 1] - zp)
             hi = np.float32(mi[p4 + 2] - zp)
-            if p0 >= 0 and p1 >= 0 and p2 >= 0:  # the usual chain: one branch-free loop (vectorised)
+            if p0 >= 0 and p1 >= 0 and p2 >= 0:  # the usual chain: no per-element test of the optional steps
                 for k in range(n_in):
                     a = (mf[src + k] - mf[csub + k]) * mf[cmul + k]
                     a = clo if a < clo else a
