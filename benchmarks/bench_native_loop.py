@@ -53,8 +53,9 @@ sees as wire-to-wire time.
   each send.  Where the native loop's time per tick without a socket lies on this curve
   tells what ZeroMQ itself allows the loop at that pace on this machine.
 
-    python benchmarks/bench_native_loop.py --configs native_nopub,native,bare_send_sweep \
-        --repeats 3 --json benchmarks/results/native_loop_sweep.json
+    python benchmarks/bench_native_loop.py --repeats 5 --configs \
+        bare_send,native_nopub,bare_send_paced,native,native_aeron,python,python_ort,bare_send_sweep \
+        --json benchmarks/results/native_loop_sweep.json
 """
 
 from __future__ import annotations
