@@ -131,6 +131,10 @@ CONFIGS = {
 }
 
 
+#: messages per bare-send run (the subscriber also gets the 10 sends that compile the loop)
+_BARE_N = 250_000
+
+
 def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
     """The transport alone: clock, zmq_send of a fixed 60-byte Score, clock; pinned like the replay.
 
@@ -192,27 +196,21 @@ def _pair_wire(recv_ns: np.ndarray, t_out: np.ndarray, warmup: int) -> dict:
     return {q: int(np.percentile(wire, p)) for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9))}
 
 
-def _sweep(tmp: Path, k: int, warmup: int, gaps: list[int], n: int = 250_000) -> dict:
-    """The bare send at each spacing of ``gaps`` (ns), each to its own compiled draining subscriber."""
+def _sweep(tmp: Path, k: int, warmup: int, gaps: list[int]) -> dict:
+    """``bare_send_paced`` at each spacing of ``gaps`` (ns), each to its own compiled draining subscriber."""
     points = []
     for g in gaps:
-        ep = f"ipc://{tmp}/bench-sweep-{k}-{g}.ipc"
-        out, recv = tmp / f"sub-sweep-{k}-{g}.json", tmp / f"recv-sweep-{k}-{g}.npy"
-        sub = subprocess.Popen([sys.executable, DRAIN_SUB, ep, str(out), str(recv)], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
-        assert sub.stdout.readline().strip() == "ready"
-        r = _bare_send(ep, n, warmup, g)
-        sub.wait(timeout=600)
-        got = json.loads(out.read_text())
+        r = _one("bare_send_paced", None, 0, warmup, tmp, f"{k}-sweep-{g}", g)
+        got = r["subscriber"]
         points.append({"gap_ns": g, "send_per_s": r["ticks_per_s"], "p50_ns": r["p50_ns"],
                        "p99_ns": r["p99_ns"], "recv_per_s": got["recv_per_s"], "received": got["count"],
-                       "sent": n + 10})  # fmt: skip
+                       "sent": _BARE_N + 10})  # fmt: skip
         print(f"  sweep gap {g:4d} ns: sent at {r['ticks_per_s'] / 1e6:.2f} M/s (send p50 {r['p50_ns']} ns), "
               f"received at {got['recv_per_s'] / 1e6:.2f} M/s", file=sys.stderr)  # fmt: skip
     return {"loop": "bare zmq_send", "backend": "-", "points": points, "subscriber": None}
 
 
-def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int, gap_ns: int = 0,
+def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int | str, gap_ns: int = 0,
          subscriber: str = "compiled", sweep_gaps: list[int] | None = None) -> dict:  # fmt: skip
     from replay.run import ReplayOptions, run_inprocess
 
@@ -252,7 +250,7 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
     sub = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True)
     assert sub.stdout.readline().strip() == "ready"
     if name in ("bare_send", "bare_send_paced"):
-        r = _bare_send(ep, 250_000, warmup, gap_ns if name == "bare_send_paced" else 0)
+        r = _bare_send(ep, _BARE_N, warmup, gap_ns if name == "bare_send_paced" else 0)
         sub.wait(timeout=600)
         r["subscriber"] = json.loads(out.read_text())
         if subscriber == "compiled":  # one fixed payload: pair the receive times with the send times
