@@ -373,9 +373,9 @@ def test_a_program_whose_block_would_leave_its_arrays_is_refused():
         check_program(mi, prog.mf)
 
 
-def test_the_affine_ops_full_chain_loop_scores_as_its_general_loop():
-    # _run_program runs an input chain with every step present in its own loop (no per-element
-    # tests); with clip bounds of -inf/+inf it must give the bits of the general loop without a clip
+def test_the_affine_op_with_infinite_clip_bounds_scores_as_without_a_clip():
+    # the fused input chain's clip step: bounds of -inf/+inf must change no bit (NaN, inf, -0
+    # included) against the same program with the clip step left out
     from models.program import OP_AFFINE_QUANT, _score_rows
 
     prog = lower_model(onnx.load(str(default_model_path("int8"))))
@@ -383,16 +383,16 @@ def test_the_affine_ops_full_chain_loop_scores_as_its_general_loop():
     r = int(mi[2])  # the first op row
     assert mi[r] == OP_AFFINE_QUANT and min(mi[r + 5], mi[r + 6], mi[r + 7]) >= 0
     p2 = int(mi[r + 7])
-    mf_full = mf.copy()
-    mf_full[p2], mf_full[p2 + 1] = -np.inf, np.inf
-    mi_general = mi.copy()
-    mi_general[r + 7] = -1  # no clip: the general loop
+    mf_inf = mf.copy()
+    mf_inf[p2], mf_inf[p2 + 1] = -np.inf, np.inf
+    mi_noclip = mi.copy()
+    mi_noclip[r + 7] = -1  # no clip step
     rng = np.random.default_rng(11)
     n = prog.n_features
     X = (rng.normal(size=(50000, n)) * rng.choice([1e-3, 1.0, 1e2, 1e9], size=(50000, 1))).astype(np.float32)
     X[::97, 0], X[::89, 1], X[::83, 2], X[::7, 3] = np.nan, np.inf, -np.inf, -0.0
     a, b = np.empty(len(X)), np.empty(len(X))
-    _score_rows(X, mi.copy(), mf_full, a)
-    _score_rows(X, mi_general, mf.copy(), b)
+    _score_rows(X, mi.copy(), mf_inf, a)
+    _score_rows(X, mi_noclip, mf.copy(), b)
     np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
     assert len(np.unique(a)) > 100  # the scores vary: the comparison is not of constants
