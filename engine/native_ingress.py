@@ -409,11 +409,7 @@ def mapping_of(addr: int, size: int) -> tuple[int, int, str] | None:
     """``(start, file offset, path)`` of the one mapping of this process holding
     ``[addr, addr+size)`` (path ``""``: anonymous), or None (none does, or ``/proc/self/maps``
     cannot be read)."""
-    try:
-        maps = proc_maps() or ()
-    except (ValueError, IndexError):  # a line not as proc(5) says: refuse rather than guess
-        return None
-    for lo, hi, offset, name in maps:
+    for lo, hi, offset, name in proc_maps() or ():  # unreadable or unparsable: none, refused
         if lo <= addr and addr + size <= hi:
             return lo, offset, name
     return None

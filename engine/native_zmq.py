@@ -78,17 +78,19 @@ def libzmq_path() -> str:
 
 def proc_maps() -> list[tuple[int, int, int, str]] | None:
     """The mappings of this process, ``(start, end, file offset, name)`` per line of
-    ``/proc/self/maps`` (name ``""``: anonymous), or None where it cannot be read."""
+    ``/proc/self/maps`` (name ``""``: anonymous), or None where it cannot be read or has a
+    line not as proc(5) says (every caller then refuses rather than guesses)."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.readlines()
-    except OSError:
+        rows = []
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            lo, hi = parts[0].split("-")
+            name = parts[5].strip() if len(parts) > 5 else ""
+            rows.append((int(lo, 16), int(hi, 16), int(parts[2], 16), name))
+    except (OSError, ValueError, IndexError):
         return None
-    rows = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        lo, hi = parts[0].split("-")
-        rows.append((int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5].strip() if len(parts) > 5 else ""))
     return rows
 
 
