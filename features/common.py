@@ -54,6 +54,24 @@ BPS = 1e4
 
 
 @njit(cache=True, nogil=True, inline="always")
+def decay_factor(x, params, p, p_ret, a0, a1, a2):
+    """Return ``exp(x / params[p])``, reusing ``a_k = exp(x / params[p_ret + k])`` if its half-life is equal.
+
+    The same operation on the same values gives the same bits, so where a feature set's
+    half-lives repeat (the shipped ones do) one ``exp`` (~5-10 ns on the hot path) is saved
+    and nothing changes.
+    """
+    hl = params[p]
+    if hl == params[p_ret]:
+        return a0
+    if hl == params[p_ret + 1]:
+        return a1
+    if hl == params[p_ret + 2]:
+        return a2
+    return math.exp(x / hl)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def clip(x, lo, hi, neutral):
     """Return ``(x clipped to [lo, hi], was_clipped)``; NaN maps to ``neutral``."""
     if x < lo:

@@ -217,6 +217,19 @@ def reset_state(fstate: np.ndarray, istate: np.ndarray) -> None:
     istate[:, I_LAST_TRADE_TS] = INT64_MIN
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _expm1_reusing(x, params, p, em0, em1, em2):
+    """Return ``expm1(x / params[p])``, reusing a return half-life's ``em_k`` when equal (the same bits)."""
+    hl = params[p]
+    if hl == params[P_HL_RET]:
+        return em0
+    if hl == params[P_HL_RET + 1]:
+        return em1
+    if hl == params[P_HL_RET + 2]:
+        return em2
+    return math.expm1(x / hl)
+
+
 @njit(cache=True, nogil=True, _nrt=False)  # allocates nothing: no reference counting of its views
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
@@ -271,27 +284,33 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         dt_ns = np.float64(ts - st[I_LAST_TS])
         if dt_ns > 0.0:
             has_book = st[I_LAST_QUOTE_TS] != INT64_MIN
+            # a factor whose half-life equals one computed before with the same function is
+            # reused (the same bits; the shipped half-lives repeat: 7 calls -> 5)
+            x = -_LN2 * dt_ns
+            em0 = math.expm1(x / params[P_HL_RET])  # a - 1
+            em1 = math.expm1(x / params[P_HL_RET + 1])
+            em2 = math.expm1(x / params[P_HL_RET + 2])
             for k in range(3):
                 hl = params[P_HL_RET + k]
-                em = math.expm1(-_LN2 * dt_ns / hl)  # a - 1
+                em = em0 if k == 0 else (em1 if k == 1 else em2)
                 a = 1.0 + em
                 fs[F_RET + k] *= a
                 fs[F_VAR + k] *= a
                 if has_book:
                     # exact integral of the kernel over (t_prev, ts], in s
                     fs[F_TIME + k] = a * fs[F_TIME + k] - em * (hl / (_LN2 * NS_PER_S))
-            a = math.exp(-_LN2 * dt_ns / params[P_HL_TRADE])
-            fs[F_FLOW_SV] *= a
-            fs[F_FLOW_V] *= a
-            fs[F_TRADE_N] *= a
-            a = math.exp(-_LN2 * dt_ns / params[P_HL_VWAP])
-            fs[F_VWAP_PV] *= a
-            fs[F_VWAP_V] *= a
-            a = math.exp(-_LN2 * dt_ns / params[P_HL_QUOTE])
-            fs[F_QUOTE_N] *= a
+            hl_t, hl_v, hl_q = params[P_HL_TRADE], params[P_HL_VWAP], params[P_HL_QUOTE]
+            a_t = math.exp(x / hl_t)
+            fs[F_FLOW_SV] *= a_t
+            fs[F_FLOW_V] *= a_t
+            fs[F_TRADE_N] *= a_t
+            a_v = a_t if hl_v == hl_t else math.exp(x / hl_v)
+            fs[F_VWAP_PV] *= a_v
+            fs[F_VWAP_V] *= a_v
+            fs[F_QUOTE_N] *= a_t if hl_q == hl_t else (a_v if hl_q == hl_v else math.exp(x / hl_q))
             if has_book:
                 # time-EMA of the piecewise-constant spread held over (t_prev, ts]
-                em = math.expm1(-_LN2 * dt_ns / params[P_HL_SPREAD])
+                em = _expm1_reusing(x, params, P_HL_SPREAD, em0, em1, em2)
                 mid_prev = 0.5 * fs[F_BID] + 0.5 * fs[F_ASK]
                 s_prev = BPS * (fs[F_ASK] - fs[F_BID]) / mid_prev
                 fs[F_SPREAD_EMA] = (1.0 + em) * fs[F_SPREAD_EMA] - em * s_prev

@@ -83,7 +83,7 @@ from features.book.layout import (
 )
 from features.book.levels import best_prices
 from features.book.orders import grow_book_state, prefetch_order
-from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features
+from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, l1_book_features
 
 __all__ = [
     "N_FEATURES",
@@ -275,19 +275,6 @@ def new_state(
                               crossing_add=crossing_add)  # fmt: skip
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _decay(x, params, p, a0, a1, a2):
-    """Return exp(x / params[p]), reusing a return half-life's factor when equal."""
-    hl = params[p]
-    if hl == params[P_HL_RET]:
-        return a0
-    if hl == params[P_HL_RET + 1]:
-        return a1
-    if hl == params[P_HL_RET + 2]:
-        return a2
-    return math.exp(x / hl)
-
-
 @njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _log_checked(x):
     """Return ``(y, ok)``: y ~ log(x); if ok, float32(y) == float32(math.log(x)) exactly.
@@ -453,14 +440,14 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
                     fstate[fb + C_TIME + k] = a * fstate[fb + C_TIME + k] + (1.0 - a) * (
                         hl / (_LN2 * NS_PER_S)
                     )
-            a = _decay(x, params, P_HL_TRADE, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2)
             fstate[fb + C_FLOW_SV] *= a
             fstate[fb + C_FLOW_V] *= a
             fstate[fb + C_TRADE_N] *= a
-            a = _decay(x, params, P_HL_VWAP, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_VWAP, P_HL_RET, a0, a1, a2)
             fstate[fb + C_VWAP_PV] *= a
             fstate[fb + C_VWAP_V] *= a
-            a = _decay(x, params, P_HL_BOOK, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_BOOK, P_HL_RET, a0, a1, a2)
             for c in range(C_BOOK_N, C_CXL_V + 1):
                 fstate[fb + c] *= a
     istate[ib + I_LAST_TS] = ts

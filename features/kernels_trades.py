@@ -40,7 +40,7 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
-from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache
+from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache
 
 __all__ = [
     "N_FEATURES",
@@ -224,17 +224,20 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         gap_s = dt_ns / NS_PER_S
         if dt_ns > 0.0:
             x = -_LN2 * dt_ns
+            a0 = math.exp(x / params[P_HL_RET])
+            a1 = math.exp(x / params[P_HL_RET + 1])
+            a2 = math.exp(x / params[P_HL_RET + 2])
             for k in range(3):
                 hl = params[P_HL_RET + k]
-                a = math.exp(x / hl)
+                a = a0 if k == 0 else (a1 if k == 1 else a2)
                 fs[F_RET + k] *= a
                 fs[F_VAR + k] *= a
                 fs[F_TIME + k] = a * fs[F_TIME + k] + (1.0 - a) * (hl / (_LN2 * NS_PER_S))
-            a = math.exp(x / params[P_HL_TRADE])
+            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2)
             fs[F_FLOW_SV] *= a
             fs[F_FLOW_V] *= a
             fs[F_N_FAST] *= a
-            a = math.exp(x / params[P_HL_SLOW])
+            a = decay_factor(x, params, P_HL_SLOW, P_HL_RET, a0, a1, a2)
             fs[F_N_SLOW] *= a
             fs[F_PV] *= a
             fs[F_V] *= a

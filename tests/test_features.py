@@ -485,6 +485,41 @@ def test_the_kernels_log1p_matches_libm_to_a_few_ulps_and_every_float32():
     np.testing.assert_array_equal(got.astype(np.float32), ref.astype(np.float32))
 
 
+def test_a_reused_decay_factor_has_the_bits_of_the_one_it_replaces():
+    """The kernels skip an exp/expm1 whose half-life repeats one computed before: the same bits."""
+    from numba import njit
+
+    from features.common import decay_factor
+    from features.kernels import P_HL_RET, P_HL_SPREAD, _expm1_reusing
+
+    @njit
+    def both(xs, params, p, out):  # out[:, 0:2] reused (or not), out[:, 2:4] computed
+        for i in range(xs.shape[0]):
+            x = xs[i]
+            a0, a1, a2 = math.exp(x / params[P_HL_RET]), math.exp(x / params[P_HL_RET + 1]), math.exp(
+                x / params[P_HL_RET + 2])
+            e0, e1, e2 = math.expm1(x / params[P_HL_RET]), math.expm1(x / params[P_HL_RET + 1]), math.expm1(
+                x / params[P_HL_RET + 2])
+            out[i, 0] = decay_factor(x, params, p, P_HL_RET, a0, a1, a2)
+            out[i, 1] = _expm1_reusing(x, params, p, e0, e1, e2)
+            out[i, 2] = math.exp(x / params[p])
+            out[i, 3] = math.expm1(x / params[p])
+
+    rng = np.random.default_rng(11)
+    xs = -math.log(2.0) * 10 ** rng.uniform(0, 13, 20_000)  # -ln2 * dt_ns, 1 ns to ~3 h
+    base = np.array(DEFAULT_FEATURE_SET.params_array(), dtype=np.float64)
+    # the spread half-life equal to each return half-life in turn, then to none of them
+    for hl in (*base[P_HL_RET:P_HL_RET + 3], 3.7e9):
+        params = base.copy()
+        params[P_HL_SPREAD] = hl
+        out = np.zeros((xs.shape[0], 4))
+        both(xs, params, P_HL_SPREAD, out)
+        bits = out.view(np.uint64)
+        np.testing.assert_array_equal(bits[:, 0], bits[:, 2])
+        np.testing.assert_array_equal(bits[:, 1], bits[:, 3])
+        assert 0.0 < out[:, 0].mean() < 1.0 and -1.0 < out[:, 1].mean() < 0.0  # not all 0, 1 or -1
+
+
 def test_timestamps_keep_nanosecond_precision_near_2e18():
     # 1 ns apart at ~1.8e18: float64 timestamps would see the same instant
     assert float(T0) == float(T0 + 1)
