@@ -54,12 +54,12 @@ BPS = 1e4
 
 
 @njit(cache=True, nogil=True, inline="always")
-def decay_factor(x, params, p, p_ret, a0, a1, a2):
-    """Return ``exp(x / params[p])``, reusing ``a_k = exp(x / params[p_ret + k])`` if its half-life is equal.
+def decay_factor(x, params, p, p_ret, a0, a1, a2, minus_one):
+    """Return ``exp(x / params[p])`` (``expm1`` if ``minus_one``), reusing ``a_k`` if a half-life is equal.
 
-    The same operation on the same values gives the same bits, so where a feature set's
-    half-lives repeat (the shipped ones do) one ``exp`` (~5-10 ns on the hot path) is saved
-    and nothing changes.
+    ``a_k`` is the same function of ``x / params[p_ret + k]``: the same operation on the
+    same values gives the same bits, so where a feature set's half-lives repeat (the
+    shipped ones do) one ``exp`` (~5-10 ns on the hot path) is saved and nothing changes.
     """
     hl = params[p]
     if hl == params[p_ret]:
@@ -68,7 +68,7 @@ def decay_factor(x, params, p, p_ret, a0, a1, a2):
         return a1
     if hl == params[p_ret + 2]:
         return a2
-    return math.exp(x / hl)
+    return math.expm1(x / hl) if minus_one else math.exp(x / hl)
 
 
 @njit(cache=True, nogil=True, inline="always")

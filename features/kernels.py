@@ -40,7 +40,7 @@ from engine.schema import (
     KIND_QUOTE,
     REJECT_OK,
 )
-from features.common import BPS, NS_PER_S, clip, drop_stale_numba_cache, l1_book_features, log1p
+from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, l1_book_features, log1p
 from features.validate import validate_tick
 
 __all__ = [
@@ -217,19 +217,6 @@ def reset_state(fstate: np.ndarray, istate: np.ndarray) -> None:
     istate[:, I_LAST_TRADE_TS] = INT64_MIN
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _expm1_reusing(x, params, p, em0, em1, em2):
-    """Return ``expm1(x / params[p])``, reusing a return half-life's ``em_k`` when equal (the same bits)."""
-    hl = params[p]
-    if hl == params[P_HL_RET]:
-        return em0
-    if hl == params[P_HL_RET + 1]:
-        return em1
-    if hl == params[P_HL_RET + 2]:
-        return em2
-    return math.expm1(x / hl)
-
-
 @njit(cache=True, nogil=True, _nrt=False)  # allocates nothing: no reference counting of its views
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
@@ -310,7 +297,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             fs[F_QUOTE_N] *= a_t if hl_q == hl_t else (a_v if hl_q == hl_v else math.exp(x / hl_q))
             if has_book:
                 # time-EMA of the piecewise-constant spread held over (t_prev, ts]
-                em = _expm1_reusing(x, params, P_HL_SPREAD, em0, em1, em2)
+                em = decay_factor(x, params, P_HL_SPREAD, P_HL_RET, em0, em1, em2, True)
                 mid_prev = 0.5 * fs[F_BID] + 0.5 * fs[F_ASK]
                 s_prev = BPS * (fs[F_ASK] - fs[F_BID]) / mid_prev
                 fs[F_SPREAD_EMA] = (1.0 + em) * fs[F_SPREAD_EMA] - em * s_prev

@@ -440,14 +440,14 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
                     fstate[fb + C_TIME + k] = a * fstate[fb + C_TIME + k] + (1.0 - a) * (
                         hl / (_LN2 * NS_PER_S)
                     )
-            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2, False)
             fstate[fb + C_FLOW_SV] *= a
             fstate[fb + C_FLOW_V] *= a
             fstate[fb + C_TRADE_N] *= a
-            a = decay_factor(x, params, P_HL_VWAP, P_HL_RET, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_VWAP, P_HL_RET, a0, a1, a2, False)
             fstate[fb + C_VWAP_PV] *= a
             fstate[fb + C_VWAP_V] *= a
-            a = decay_factor(x, params, P_HL_BOOK, P_HL_RET, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_BOOK, P_HL_RET, a0, a1, a2, False)
             for c in range(C_BOOK_N, C_CXL_V + 1):
                 fstate[fb + c] *= a
     istate[ib + I_LAST_TS] = ts

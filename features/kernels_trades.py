@@ -233,11 +233,11 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
                 fs[F_RET + k] *= a
                 fs[F_VAR + k] *= a
                 fs[F_TIME + k] = a * fs[F_TIME + k] + (1.0 - a) * (hl / (_LN2 * NS_PER_S))
-            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_TRADE, P_HL_RET, a0, a1, a2, False)
             fs[F_FLOW_SV] *= a
             fs[F_FLOW_V] *= a
             fs[F_N_FAST] *= a
-            a = decay_factor(x, params, P_HL_SLOW, P_HL_RET, a0, a1, a2)
+            a = decay_factor(x, params, P_HL_SLOW, P_HL_RET, a0, a1, a2, False)
             fs[F_N_SLOW] *= a
             fs[F_PV] *= a
             fs[F_V] *= a

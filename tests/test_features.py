@@ -490,7 +490,7 @@ def test_a_reused_decay_factor_has_the_bits_of_the_one_it_replaces():
     from numba import njit
 
     from features.common import decay_factor
-    from features.kernels import P_HL_RET, P_HL_SPREAD, _expm1_reusing
+    from features.kernels import P_HL_RET, P_HL_SPREAD
 
     @njit
     def both(xs, params, p, out):  # out[:, 0:2] reused (or not), out[:, 2:4] computed
@@ -500,8 +500,8 @@ def test_a_reused_decay_factor_has_the_bits_of_the_one_it_replaces():
                 x / params[P_HL_RET + 2])
             e0, e1, e2 = math.expm1(x / params[P_HL_RET]), math.expm1(x / params[P_HL_RET + 1]), math.expm1(
                 x / params[P_HL_RET + 2])
-            out[i, 0] = decay_factor(x, params, p, P_HL_RET, a0, a1, a2)
-            out[i, 1] = _expm1_reusing(x, params, p, e0, e1, e2)
+            out[i, 0] = decay_factor(x, params, p, P_HL_RET, a0, a1, a2, False)
+            out[i, 1] = decay_factor(x, params, p, P_HL_RET, e0, e1, e2, True)
             out[i, 2] = math.exp(x / params[p])
             out[i, 3] = math.expm1(x / params[p])
 
