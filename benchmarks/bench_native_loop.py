@@ -186,6 +186,19 @@ def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
             "ticks_per_s": n / ((t_out[-1] - t_in[0]) / 1e9)}  # fmt: skip
 
 
+def _code_version() -> dict:
+    """The commit the measured code is at and whether the tree had changes (None outside a git checkout)."""
+    def git(*a: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def _pair_wire(recv_ns: np.ndarray, t_out: np.ndarray, warmup: int) -> dict:
     """Wire-to-wire percentiles of the bare send: receive time minus send time, message by message.
 
@@ -378,6 +391,7 @@ def main() -> None:
         "benchmark": "native_loop",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "code": _code_version(),
         "events": args.events or "default data",
         "repeats": args.repeats,
         "median_of_runs": summary,
