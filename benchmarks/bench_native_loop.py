@@ -131,8 +131,9 @@ CONFIGS = {
 }
 
 
-#: messages per bare-send run (the subscriber also gets the 10 sends that compile the loop)
+#: messages per bare-send run; the subscriber also gets the _COMPILE_SENDS sends that compile the loop
 _BARE_N = 250_000
+_COMPILE_SENDS = 10
 
 
 def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
@@ -172,7 +173,8 @@ def _bare_send(ep: str, n: int, warmup: int, gap_ns: int = 0) -> dict:
                     clock(1, ts.ctypes.data)
 
     t_in, t_out, ts = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(2, np.int64)
-    run(pub.sock.underlying, topic, payload, t_in[:10], t_out[:10], ts, 0)  # compiles; the subscriber skips
+    c = _COMPILE_SENDS
+    run(pub.sock.underlying, topic, payload, t_in[:c], t_out[:c], ts, 0)  # compiles; the subscriber skips
     os.sched_setaffinity(0, {1})
     try:
         run(pub.sock.underlying, topic, payload, t_in, t_out, ts, gap_ns)
@@ -202,10 +204,11 @@ def _code_version() -> dict:
 def _pair_wire(recv_ns: np.ndarray, t_out: np.ndarray, warmup: int) -> dict:
     """Wire-to-wire percentiles of the bare send: receive time minus send time, message by message.
 
-    The subscriber received the 10 compile-time sends first, then the run's in order (one
+    The subscriber received the _COMPILE_SENDS compile-time sends first, then the run's in order (one
     publisher, one pipe).
     """
-    wire = (recv_ns[10 : 10 + t_out.shape[0]] - t_out)[warmup:]
+    c = _COMPILE_SENDS
+    wire = (recv_ns[c : c + t_out.shape[0]] - t_out)[warmup:]
     return {q: int(np.percentile(wire, p)) for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9))}
 
 
@@ -217,14 +220,14 @@ def _sweep(tmp: Path, k: int, warmup: int, gaps: list[int]) -> dict:
         got = r["subscriber"]
         points.append({"gap_ns": g, "send_per_s": r["ticks_per_s"], "p50_ns": r["p50_ns"],
                        "p99_ns": r["p99_ns"], "recv_per_s": got["recv_per_s"], "received": got["count"],
-                       "sent": _BARE_N + 10})  # fmt: skip
+                       "sent": _BARE_N + _COMPILE_SENDS})  # fmt: skip
         print(f"  sweep gap {g:4d} ns: sent at {r['ticks_per_s'] / 1e6:.2f} M/s (send p50 {r['p50_ns']} ns), "
               f"received at {got['recv_per_s'] / 1e6:.2f} M/s", file=sys.stderr)  # fmt: skip
     return {"loop": "bare zmq_send", "backend": "-", "points": points, "subscriber": None}
 
 
 def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: int | str, gap_ns: int = 0,
-         subscriber: str = "compiled", sweep_gaps: list[int] | None = None) -> dict:  # fmt: skip
+         subscriber: str = "compiled") -> dict:  # fmt: skip
     from replay.run import ReplayOptions, run_inprocess
 
     cfg = CONFIGS[name]
@@ -253,8 +256,6 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
                 "p999_ns": s["latency_ns"]["p999"],
                 "ticks_per_s": s["scores"] / s["wall_s"] if s["wall_s"] else 0.0,
                 "aeron": s["aeron"], "subscriber": json.loads(out.read_text())}  # fmt: skip
-    if name == "bare_send_sweep":
-        return _sweep(tmp, k, warmup, sweep_gaps)
     ep = f"ipc://{tmp}/bench-{name}-{k}.ipc"
     out = tmp / f"sub-{name}-{k}.json"
     recv = tmp / f"recv-{name}-{k}.npy"  # the compiled subscriber's receive times
@@ -269,7 +270,7 @@ def _one(name: str, data: str | None, events: int, warmup: int, tmp: Path, k: in
         if subscriber == "compiled":  # one fixed payload: pair the receive times with the send times
             r["subscriber"]["wire_ns"] = _pair_wire(np.load(recv), r["t_out"], warmup)
         del r["t_out"]
-        r["scores"] = r["subscriber"]["count"]  # the 10 compile-time sends too
+        r["scores"] = r["subscriber"]["count"]  # the compile-time sends too
         return r
     opts = ReplayOptions(data=data, publish=ep, progress=False, pin=1, wait_subscribers=1, sndhwm=0,
                          warmup_ticks=warmup, loop=cfg["loop"], backend=cfg["backend"],
@@ -325,10 +326,11 @@ def main() -> None:
                 # the paced bare send spaces its sends by this run's loop time per tick without a socket
                 nopub = [1e9 / x["ticks_per_s"] for x in runs.get("native_nopub", []) if x["ticks_per_s"]]
                 gap = int(np.median(nopub)) if nopub else args.gap_ns
-                r = _one(n, data, 0, args.warmup, tmp, k, gap, args.subscriber, sweep_gaps)
-                runs[n].append(r)
                 if n == "bare_send_sweep":
+                    runs[n].append(_sweep(tmp, k, args.warmup, sweep_gaps))
                     continue
+                r = _one(n, data, 0, args.warmup, tmp, k, gap, args.subscriber)
+                runs[n].append(r)
                 sub = dict(r["subscriber"] or {})
                 wire, rate = sub.pop("wire_ns", None), sub.pop("recv_per_s", None)
                 seen = (f"; subscriber: wire p50 {wire['p50'] / 1e3:.1f} p99 {wire['p99'] / 1e3:.1f} µs, "

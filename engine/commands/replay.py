@@ -89,8 +89,8 @@ def register(sub) -> None:
         "(default) = native where the backend is fused and the sinks allow; --via: the spawned service's",
     )
     r.add_argument("--batch", type=_positive_int, default=None, metavar="N",
-                   help="ticks per native duty cycle at most (default 4096 in-process; --via: the "
-                        "service's [engine] batch, 16)")
+                   help=f"ticks per native duty cycle at most (default {ReplayOptions.batch} in-process; "
+                        "--via: the service's [engine] batch, 16)")
     r.add_argument("--out", metavar="DIR", help="write summary.json, latency.hgrm, latency.png here")
     r.add_argument("--warmup-ticks", type=int, default=1000, help="first N latencies excluded (default 1000)")
     r.add_argument(
