@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from numba import njit
 
-__all__ = ["NS_PER_S", "BPS", "clip", "log1p", "l1_book_features", "drop_stale_numba_cache"]
+__all__ = ["NS_PER_S", "BPS", "clip", "log1p", "realised_vol", "l1_book_features", "drop_stale_numba_cache"]
 
 def drop_stale_numba_cache(module_file: str, dependencies: Iterable[str]) -> None:
     """Delete ``module_file``'s numba cache if a file it compiles in changed after it was written.
@@ -81,6 +81,15 @@ def clip(x, lo, hi, neutral):
     if x != x:
         return neutral, True
     return x, False
+
+
+@njit(cache=True, nogil=True, inline="always")
+def realised_vol(var, tsum, vmax):
+    """``sqrt(var / tsum)`` (0 while ``tsum`` is not positive) clipped to ``[0, vmax]``: ``(v, was_clipped)``.
+
+    The volatility features: decayed squared returns over the decayed time with a book.
+    """
+    return clip(math.sqrt(var / tsum) if tsum > 0.0 else 0.0, 0.0, vmax, 0.0)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -40,7 +40,17 @@ from engine.schema import (
     KIND_QUOTE,
     REJECT_OK,
 )
-from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, l1_book_features, log1p
+from features.common import (
+    BPS,
+    NS_PER_S,
+    clip,
+    decay_factor,
+    drop_stale_numba_cache,
+    l1_book_features,
+    log1p,
+    realised_vol,
+)
+from features.fastlog import LANES_OK, clear_of, log8_checked
 from features.validate import validate_tick
 
 __all__ = [
@@ -60,6 +70,7 @@ __all__ = [
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 drop_stale_numba_cache(__file__, [os.path.join(_HERE, "common.py"), os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "fastlog.py"), os.path.join(_HERE, "book", "layout.py"),
                                   os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -217,6 +228,29 @@ def reset_state(fstate: np.ndarray, istate: np.ndarray) -> None:
     istate[:, I_LAST_TRADE_TS] = INT64_MIN
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _log_features(v0, v1, v2, v3, v4, v5, v6, ratio, srmax):
+    """Return ``(y, spread_rel, clipped)``: ``y[k] = float32(log1p(v_k))`` (k < 7, the form of
+    :func:`features.common.log1p`) and ``clip(log(ratio), -srmax, srmax)``, bit for bit libm's.
+
+    The eight logs are one vector (:func:`features.fastlog.log8_checked`); when a lane's float32
+    is not certain (about 1 tick in 250), or the spread ratio's log may lie on the other side of
+    a clip bound than libm's (:func:`features.fastlog.clear_of`), all eight are libm's.
+    """
+    p, ok = log8_checked((1.0 + v0, 1.0 + v1, 1.0 + v2, 1.0 + v3, 1.0 + v4, 1.0 + v5, 1.0 + v6, ratio),
+                         (v0, v1, v2, v3, v4, v5, v6, ratio - 1.0))  # fmt: skip
+    r = p[7]
+    if ok == LANES_OK and clear_of(r, srmax):
+        y = (np.float32(p[0]), np.float32(p[1]), np.float32(p[2]), np.float32(p[3]), np.float32(p[4]),
+             np.float32(p[5]), np.float32(p[6]))  # fmt: skip
+    else:
+        y = (np.float32(log1p(v0)), np.float32(log1p(v1)), np.float32(log1p(v2)), np.float32(log1p(v3)),
+             np.float32(log1p(v4)), np.float32(log1p(v5)), np.float32(log1p(v6)))  # fmt: skip
+        r = math.log(ratio)
+    v, c = clip(r, -srmax, srmax, 0.0)
+    return y, np.float32(v), c
+
+
 @njit(cache=True, nogil=True, _nrt=False)  # allocates nothing: no reference counting of its views
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
@@ -346,16 +380,19 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     age_first_s = np.float64(ts - st[I_FIRST_TS]) / NS_PER_S
     age_max = params[P_AGE_MAX_S]
     rate_max = params[P_RATE_MAX]
-
-    if st[I_LAST_QUOTE_TS] == INT64_MIN:
+    # the arguments of the eight logs, taken together at the end (_log_features): log1p of
+    # vol_k (k = 0..2), quote rate, trade rate, quote age, trade age; log of the spread ratio
+    v0 = v1 = v2 = v3 = v4 = 0.0
+    ratio = 1.0
+    has_book = st[I_LAST_QUOTE_TS] != INT64_MIN
+    if not has_book:
         flags |= FLAG_NO_BOOK
         for k in range(X_SPREAD_REL + 1):  # book, returns, vol, spread_rel
             x_out[k] = 0.0
         x_out[X_QUOTE_RATE] = 0.0
         x_out[X_VWAP_DEV] = 0.0
-        v, c = clip(age_first_s, 0.0, age_max, 0.0)
+        v5, c = clip(age_first_s, 0.0, age_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_AGE] = log1p(v)
     else:
         # x_out[X_SPREAD], x_out[X_MICRO], x_out[X_IMB]
         smax = params[P_SPREAD_MAX_BPS]
@@ -367,20 +404,17 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
             clipped |= c
             x_out[X_RET_FAST + k] = v
-            tsum = fs[F_TIME + k]
-            vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
-            v, c = clip(vol, 0.0, vmax, 0.0)
-            clipped |= c
-            x_out[X_VOL_FAST + k] = log1p(v)
+        v0, c = realised_vol(fs[F_VAR], fs[F_TIME], vmax)
+        clipped |= c
+        v1, c = realised_vol(fs[F_VAR + 1], fs[F_TIME + 1], vmax)
+        clipped |= c
+        v2, c = realised_vol(fs[F_VAR + 2], fs[F_TIME + 2], vmax)
+        clipped |= c
         floor = params[P_SPREAD_FLOOR_BPS]
-        srmax = params[P_SPREAD_REL_MAX]
-        v, c = clip(math.log((spread + floor) / (fs[F_SPREAD_EMA] + floor)), -srmax, srmax, 0.0)
-        clipped |= c
-        x_out[X_SPREAD_REL] = v
+        ratio = (spread + floor) / (fs[F_SPREAD_EMA] + floor)
         rate = fs[F_QUOTE_N] * (_LN2 * NS_PER_S) / params[P_HL_QUOTE]
-        v, c = clip(rate, 0.0, rate_max, 0.0)
+        v3, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_RATE] = log1p(v)
         if fs[F_VWAP_V] > 0.0:
             vwap = fs[F_VWAP_PV] / fs[F_VWAP_V]
             dmax = params[P_VWAP_DEV_MAX_BPS]
@@ -390,11 +424,11 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         else:
             x_out[X_VWAP_DEV] = 0.0
         age_q = np.float64(ts - st[I_LAST_QUOTE_TS]) / NS_PER_S
-        v, c = clip(age_q, 0.0, age_max, 0.0)
+        v5, c = clip(age_q, 0.0, age_max, 0.0)
         clipped |= c
-        x_out[X_QUOTE_AGE] = log1p(v)
 
-    if st[I_LAST_TRADE_TS] == INT64_MIN:
+    has_trades = st[I_LAST_TRADE_TS] != INT64_MIN
+    if not has_trades:
         flags |= FLAG_NO_TRADES
         x_out[X_FLOW_IMB] = 0.0
         x_out[X_TRADE_RATE] = 0.0
@@ -408,13 +442,24 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         else:
             x_out[X_FLOW_IMB] = 0.0
         rate = fs[F_TRADE_N] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
-        v, c = clip(rate, 0.0, rate_max, 0.0)
+        v4, c = clip(rate, 0.0, rate_max, 0.0)
         clipped |= c
-        x_out[X_TRADE_RATE] = log1p(v)
         age_t = np.float64(ts - st[I_LAST_TRADE_TS]) / NS_PER_S
-    v, c = clip(age_t, 0.0, age_max, 0.0)
+    v6, c = clip(age_t, 0.0, age_max, 0.0)
     clipped |= c
-    x_out[X_TRADE_AGE] = log1p(v)
+
+    y, spread_rel, c = _log_features(v0, v1, v2, v3, v4, v5, v6, ratio, params[P_SPREAD_REL_MAX])
+    if has_book:
+        x_out[X_VOL_FAST] = y[0]
+        x_out[X_VOL_FAST + 1] = y[1]
+        x_out[X_VOL_FAST + 2] = y[2]
+        x_out[X_QUOTE_RATE] = y[3]
+        x_out[X_SPREAD_REL] = spread_rel
+        clipped |= c
+    if has_trades:
+        x_out[X_TRADE_RATE] = y[4]
+    x_out[X_QUOTE_AGE] = y[5]
+    x_out[X_TRADE_AGE] = y[6]
 
     if clipped:
         flags |= FLAG_CLIPPED

@@ -20,7 +20,7 @@ same bits as :func:`apply_tick` row by row (tests/test_book.py checks it) but
 run the per-event core (:func:`_apply_core`) over blocks of ``_BLOCK`` events
 and then compute the block's seven log1p features together, with a SIMD
 polynomial log whose float32 rounding is accepted only when provably equal to
-libm's (:func:`_log_checked`; libm for the rest, about 1 in 2000); they also
+libm's (:func:`features.fastlog.log_checked`; libm for the rest, about 1 in 2000); they also
 prefetch the order-table slot an event a few rows ahead will look up.
 """
 
@@ -76,14 +76,13 @@ from features.book.layout import (
     P_MAX_PRICE,
     P_PRICE_BAND,
     P_UNCROSS,
-    _f2i,
-    _i2f,
     _prefetch,
     new_book_state,
 )
 from features.book.levels import best_prices
 from features.book.orders import grow_book_state, prefetch_order
 from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, l1_book_features
+from features.fastlog import LANES_OK, log8_checked, log_checked
 
 __all__ = [
     "N_FEATURES",
@@ -103,20 +102,10 @@ _LN2 = math.log(2.0)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # the kernels compile in the book's functions, the shared helpers and the schema's constants
 drop_stale_numba_cache(__file__, [os.path.join(_HERE, "book", "*.py"), os.path.join(_HERE, "common.py"),
-                                  os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "fastlog.py"), os.path.join(_HERE, "validate.py"),
                                   os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
-# _log_checked / _log_approx constants
-_LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
-_F32_DROP_MASK = (1 << 29) - 1  # float64 mantissa bits below float32's
-_F32_HALF = 1 << 28  # ... the rounding midpoint
-_F32_MARGIN = 1 << 17
+#: _log_block: the 8 bool lanes of a row, all True
 _ALL_LANES = np.uint64(0x0101010101010101)
-_LOG_X_MIN = 2.0**-1000
-_LOG_X_MAX = 2.0**1000
-_MANT_MASK = (1 << 52) - 1
-_EXP_ONE = 1023 << 52
-_EXP_STEP = 1 << 52
-_SQRT2_BITS = 0x3FF6A09E667F3BCD  # float64 bits of sqrt(2)
 INT64_MIN = np.iinfo(np.int64).min
 
 FEATURE_NAMES = (
@@ -275,54 +264,6 @@ def new_state(
                               crossing_add=crossing_add)  # fmt: skip
 
 
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _log_checked(x):
-    """Return ``(y, ok)``: y ~ log(x); if ok, float32(y) == float32(math.log(x)) exactly.
-
-    Branch-free (the batch kernels run it over a whole block in SIMD).  y is
-    within 2**-44 (relative) of log(x) (see :func:`_log_approx`) and libm's log
-    within 0.52 ulp (2**-52), so they round to the same float32 unless y lies
-    near the midpoint between two float32: ``ok`` requires the 29 float64
-    mantissa bits that float32 rounding drops to be more than 2**17 (>= 2**-36
-    relative, 200x the two errors together) away from that midpoint, and x in
-    [2**-1000, 2**1000].  (Then y is 0 (x = 1, exactly, as libm's) or
-    |y| > 2**-54: a normal float32, which the mantissa test is right for.)
-    Fails for about 1 value in 2000 (then the caller uses libm).
-    """
-    inr = (x >= _LOG_X_MIN) & (x <= _LOG_X_MAX)
-    y = _log_approx(x if inr else 1.0)
-    low = _f2i(y) & _F32_DROP_MASK
-    return y, inr & (abs(low - _F32_HALF) > _F32_MARGIN)
-
-
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _log_approx(x):
-    """Return log(x) for a normal, finite x > 0 with a relative error below 2**-44.
-
-    x = 2**e * m with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1),
-    |s| <= 0.1716, as 2 s (1 + s^2/3 + ... + s^14/15): truncation below
-    0.1716**16 / 17 < 2**-44.7 (measured: 2**-44.7 over 1.2e9 values), rounding below 2**-50.
-    """
-    b = _f2i(x)
-    e = (b >> 52) - 1023
-    mb = (b & _MANT_MASK) | _EXP_ONE
-    big = mb > _SQRT2_BITS
-    mb = mb - _EXP_STEP if big else mb  # m / 2
-    e = e + 1 if big else e
-    f = _i2f(mb) - 1.0  # exact (Sterbenz)
-    s = f / (2.0 + f)
-    z = s * s
-    p = _LOG_C[6]
-    p = p * z + _LOG_C[5]
-    p = p * z + _LOG_C[4]
-    p = p * z + _LOG_C[3]
-    p = p * z + _LOG_C[2]
-    p = p * z + _LOG_C[1]
-    p = p * z + _LOG_C[0]
-    s2 = s + s
-    return np.float64(e) * _LN2 + (s2 + s2 * (z * p))
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _depth_sums(fstate, out, top, n, n_s, n_l):
     """Write the sizes of a side's first ``n_s`` and ``n_l`` levels, summed best level first.
@@ -378,8 +319,13 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     f = _apply_core(ticks, i, fstate, istate, params, x_out, counters)
     if f >= 0:
         c = ticks[i].instrument * NF_INST + C_LOG_IN
+        u = (1.0 + fstate[c], 1.0 + fstate[c + 1], 1.0 + fstate[c + 2], 1.0 + fstate[c + 3],
+             1.0 + fstate[c + 4], 1.0 + fstate[c + 5], 1.0 + fstate[c + 6], 1.0)  # fmt: skip
+        # the seven logs in one vector, libm's float32 bit for bit (libm's where not certain)
+        p, ok = log8_checked(u, (u[0] - 1.0, u[1] - 1.0, u[2] - 1.0, u[3] - 1.0, u[4] - 1.0, u[5] - 1.0,
+                                 u[6] - 1.0, 0.0))  # fmt: skip
         for k in range(N_LOG):
-            x_out[LOG_FEATURES[k]] = math.log(1.0 + fstate[c + k])
+            x_out[LOG_FEATURES[k]] = p[k] if ok == LANES_OK else math.log(u[k])
     return f
 
 
@@ -684,14 +630,14 @@ def _stash_log_args(fstate, inst, lv, r):
 def _log_block(lv, ly, lok, rows, X_out, flags_out, j0):
     """Write the log1p features of block rows ``0 .. rows-1`` (events ``j0 + r``; rejects skipped).
 
-    ``ly = float32(log(1 + lv))`` lane by lane with :func:`_log_checked` in one
+    ``ly = float32(log(1 + lv))`` lane by lane with :func:`features.fastlog.log_checked` in one
     branch-free loop (SIMD); a lane whose float32 the approximation cannot
     decide (``lok`` False, about 1 in 2000) is recomputed with libm.  The
     result is float32(math.log(1.0 + v)), bit for bit.
     """
     m = rows * 8
     for q in range(m):
-        y, ok = _log_checked(1.0 + lv[q])
+        y, ok = log_checked(1.0 + lv[q])
         ly[q] = np.float32(y)
         lok[q] = ok
     all_ok = lok.view(np.uint64)  # 8 lanes of a row (lane 7: log(1) = 0, always ok)

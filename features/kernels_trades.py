@@ -40,7 +40,8 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
-from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache
+from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vol
+from features.fastlog import LANES_OK, clear_of, log8_checked
 
 __all__ = [
     "N_FEATURES",
@@ -58,6 +59,7 @@ __all__ = [
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 drop_stale_numba_cache(__file__, [os.path.join(_HERE, "common.py"), os.path.join(_HERE, "validate.py"),
+                                  os.path.join(_HERE, "fastlog.py"), os.path.join(_HERE, "book", "layout.py"),
                                   os.path.join(_HERE, "..", "engine", "schema.py")])  # fmt: skip
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -182,6 +184,30 @@ def _reject(x_out, counters, reason):
     return -reason
 
 
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _log_features(v0, v1, v2, v3, v4, rate_ratio, size_ratio, rr, smax):
+    """Return ``(y, rate_rel, size_rel, clipped)``: ``y[k] = float32(log(1 + v_k))`` and the two
+    ratios' logs clipped to ``+-rr`` / ``+-smax`` (float32), bit for bit libm's.
+
+    The seven logs are one vector (:func:`features.fastlog.log8_checked`, lane 7 unused); when a
+    lane's float32 is not certain, or a ratio's log may lie on the other side of its clip bound
+    than libm's (:func:`features.fastlog.clear_of`), all seven are libm's.
+    """
+    u = (1.0 + v0, 1.0 + v1, 1.0 + v2, 1.0 + v3, 1.0 + v4, rate_ratio, size_ratio, 1.0)
+    p, ok = log8_checked(u, (u[0] - 1.0, u[1] - 1.0, u[2] - 1.0, u[3] - 1.0, u[4] - 1.0, rate_ratio - 1.0,
+                             size_ratio - 1.0, 0.0))  # fmt: skip
+    a, b = p[5], p[6]
+    if ok == LANES_OK and clear_of(a, rr) and clear_of(b, smax):
+        y = (np.float32(p[0]), np.float32(p[1]), np.float32(p[2]), np.float32(p[3]), np.float32(p[4]))
+    else:
+        y = (np.float32(math.log(u[0])), np.float32(math.log(u[1])), np.float32(math.log(u[2])),
+             np.float32(math.log(u[3])), np.float32(math.log(u[4])))  # fmt: skip
+        a, b = math.log(rate_ratio), math.log(size_ratio)
+    va, ca = clip(a, -rr, rr, 0.0)
+    vb, cb = clip(b, -smax, smax, 0.0)
+    return y, np.float32(va), np.float32(vb), ca | cb
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply trade ``ticks[i]``; write its features; return flags or -reason.
@@ -269,6 +295,8 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     fs[F_LOGVWAP] = math.log(fs[F_PV] / fs[F_V])
 
     # -- features -----------------------------------------------------------------------
+    # the seven logs are taken together at the end (_log_features): log(1 + v) of vol_k
+    # (k = 0..2), the trade rate and the gap; log of the rate ratio and the size ratio
     clipped = False
     rmax = params[P_RET_MAX_BPS]
     vmax = params[P_VOL_MAX]
@@ -276,11 +304,12 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
         clipped |= c
         x_out[X_RET + k] = v
-        tsum = fs[F_TIME + k]
-        vol = math.sqrt(fs[F_VAR + k] / tsum) if tsum > 0.0 else 0.0
-        v, c = clip(vol, 0.0, vmax, 0.0)
-        clipped |= c
-        x_out[X_VOL + k] = math.log(1.0 + v)
+    v0, c = realised_vol(fs[F_VAR], fs[F_TIME], vmax)
+    clipped |= c
+    v1, c = realised_vol(fs[F_VAR + 1], fs[F_TIME + 1], vmax)
+    clipped |= c
+    v2, c = realised_vol(fs[F_VAR + 2], fs[F_TIME + 2], vmax)
+    clipped |= c
     vt = fs[F_FLOW_V]
     v, c = clip(fs[F_FLOW_SV] / vt if vt > 0.0 else 0.0, -1.0, 1.0, 0.0)
     clipped |= c
@@ -288,24 +317,26 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     rate_max = params[P_RATE_MAX]
     rate_f = fs[F_N_FAST] * (_LN2 * NS_PER_S) / params[P_HL_TRADE]
     rate_s = fs[F_N_SLOW] * (_LN2 * NS_PER_S) / params[P_HL_SLOW]
-    v, c = clip(rate_f, 0.0, rate_max, 0.0)
+    v3, c = clip(rate_f, 0.0, rate_max, 0.0)
     clipped |= c
-    x_out[X_RATE] = math.log(1.0 + v)
-    rr = params[P_RATE_REL_MAX]
-    v, c = clip(math.log((rate_f + 1e-3) / (rate_s + 1e-3)), -rr, rr, 0.0)
-    clipped |= c
-    x_out[X_RATE_REL] = v
     dmax = params[P_VWAP_DEV_MAX_BPS]
     v, c = clip(BPS * (logp - fs[F_LOGVWAP]), -dmax, dmax, 0.0)
     clipped |= c
     x_out[X_VWAP] = v
-    smax = params[P_SIZE_REL_MAX]
-    v, c = clip(math.log(q / mean_size_before) if mean_size_before > 0.0 else 0.0, -smax, smax, 0.0)
+    v4, c = clip(gap_s, 0.0, params[P_AGE_MAX_S], 0.0)
     clipped |= c
-    x_out[X_SIZE_REL] = v
-    v, c = clip(gap_s, 0.0, params[P_AGE_MAX_S], 0.0)
+    rate_ratio = (rate_f + 1e-3) / (rate_s + 1e-3)
+    size_ratio = q / mean_size_before if mean_size_before > 0.0 else 1.0  # log 0 without a mean
+    y, rate_rel, size_rel, c = _log_features(v0, v1, v2, v3, v4, rate_ratio, size_ratio,
+                                             params[P_RATE_REL_MAX], params[P_SIZE_REL_MAX])  # fmt: skip
     clipped |= c
-    x_out[X_GAP] = math.log(1.0 + v)
+    x_out[X_VOL] = y[0]
+    x_out[X_VOL + 1] = y[1]
+    x_out[X_VOL + 2] = y[2]
+    x_out[X_RATE] = y[3]
+    x_out[X_GAP] = y[4]
+    x_out[X_RATE_REL] = rate_rel
+    x_out[X_SIZE_REL] = size_rel
 
     flags = 0
     if clipped:

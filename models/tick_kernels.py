@@ -29,6 +29,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tick kernels compile in every feature kernel, the book and the program interpreter
 drop_stale_numba_cache(__file__, [os.path.join(_ROOT, "features", "kernels*.py"),
                                   os.path.join(_ROOT, "features", "common.py"),
+                                  os.path.join(_ROOT, "features", "fastlog.py"),
                                   os.path.join(_ROOT, "features", "validate.py"),
                                   os.path.join(_ROOT, "features", "book", "*.py"),
                                   os.path.join(_ROOT, "models", "program.py"),

@@ -652,3 +652,80 @@ def test_feature_set_shape_and_lookup():
     f, i = new_state(3)
     assert f.shape == (3, NF_STATE) and i.shape == (3, NI_STATE)
     assert (i[:, 0] == np.iinfo(np.int64).min).all()
+
+
+def _log8_over(u, w):
+    """Run features.fastlog.log8_checked over u, w (float64, a multiple of 8 long): (p, ok bool)."""
+    from numba import njit
+
+    from features.fastlog import log8_checked
+
+    @njit(error_model="numpy")
+    def run(u, w, p, ok):
+        for g in range(u.shape[0] // 8):
+            j = 8 * g
+            q, m = log8_checked((u[j], u[j + 1], u[j + 2], u[j + 3], u[j + 4], u[j + 5], u[j + 6], u[j + 7]),
+                                (w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6], w[j + 7]))
+            for k in range(8):
+                p[j + k] = q[k]
+                ok[j + k] = (m >> k) & 1
+
+    p, ok = np.empty_like(u), np.zeros(u.shape[0], np.int64)
+    run(u, w, p, ok)
+    return p, ok.astype(bool)
+
+
+def _libm_log(x):
+    from numba import njit
+
+    @njit(error_model="numpy")
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = math.log(x[i]) if x[i] > 0.0 else np.nan  # libm's log (numba calls it)
+
+    out = np.empty_like(x)
+    run(x, out)
+    return out
+
+
+def test_the_vector_log_is_libms_float32_wherever_it_says_so():
+    """log8_checked: within 2**-43 of libm's value in range, its mask exactly the documented margin
+    test, and every lane it keeps the float32 of the same expression with libm's log."""
+    rng = np.random.default_rng(21)
+    n = 400_000
+    v = np.concatenate([
+        10.0 ** rng.uniform(-20, 7, n), rng.uniform(0, 2, n), np.floor(rng.uniform(0, 1e6, n)),
+        np.arange(n) * 1e-9, 10.0 ** rng.uniform(-30, 290, n),
+        np.array([0.0, 5e-324, 1e-310, 2.0**-53, 2.0**-52, 1.0, math.sqrt(2) - 1,
+                  np.nextafter(math.sqrt(2), 0) - 1, np.nextafter(math.sqrt(2), 3) - 1, 1e300, 1e308, np.inf,
+                  np.nan, -1.0, -2.0, 0.5]),
+    ])  # fmt: skip
+    v = np.concatenate([v, np.zeros(-len(v) % 8)])
+    u = 1.0 + v
+    libm_log = _libm_log(u)  # what the kernels' math.log computes (numpy's own log differs)
+    with np.errstate(all="ignore"):
+        for form, w, ref in (("log1p", v, np.where(u == 1.0, v, libm_log * (v / (u - 1.0)))),
+                             ("log", u - 1.0, libm_log)):  # fmt: skip
+            p, ok = _log8_over(u, w)
+            inr = (u >= 2.0**-1000) & (u <= 2.0**1000)
+            one = u == 1.0
+            rel = np.abs(p[inr] - ref[inr]) / np.maximum(np.abs(ref[inr]), 1e-300)
+            assert rel.max() < 2.0**-43, form
+            low = (p.view(np.int64) & ((1 << 29) - 1)) - (1 << 28)
+            np.testing.assert_array_equal(ok, one | (inr & (np.abs(low) > (1 << 17))))
+            np.testing.assert_array_equal(p[ok].astype(np.float32).view(np.uint32),
+                                          ref[ok].astype(np.float32).view(np.uint32))  # fmt: skip
+            assert 0 < (~ok).sum() < 0.002 * len(u) + 40, form  # the out-of-range edges too
+
+
+def test_the_l1_spread_ratio_log_is_libms_at_a_clip_bound():
+    """When the vector's log(ratio) may lie on the other side of the clip bound than libm's, the
+    kernel takes libm's: at srmax = log(ratio) exactly the feature is srmax and not clipped."""
+    from features.kernels import _log_features
+
+    rng = np.random.default_rng(8)
+    for ratio in 10.0 ** rng.uniform(-3, 3, 300):
+        srmax = abs(math.log(ratio))
+        y, r, clipped = _log_features(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, ratio, srmax)
+        assert r == np.float32(math.log(ratio)) and not clipped, ratio
+        assert [float(x) for x in y] == [float(np.float32(math.log1p(x))) for x in range(7)]
