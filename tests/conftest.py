@@ -2,12 +2,15 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+
+import pytest
 
 from engine.control import request
 
@@ -22,9 +25,23 @@ def _free_port(kind=socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+#: the Aeron directories :func:`_aeron_dir` handed out, removed when the session ends (a driver
+#: killed by a test, or one left running by a stopped service, leaves its directory behind)
+_AERON_DIRS: list[str] = []
+
+
 def _aeron_dir() -> str:
     base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return f"{base}/tickscore-test-{uuid.uuid4().hex[:12]}"
+    d = f"{base}/tickscore-test-{uuid.uuid4().hex[:12]}"
+    _AERON_DIRS.append(d)
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_aeron_dirs():
+    yield
+    for d in _AERON_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Svc:

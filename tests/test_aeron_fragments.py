@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 
 import pytest
 
@@ -12,13 +10,9 @@ from engine.aeron_io import AeronRuntime
 from engine.schema import KIND_QUOTE, REJECT_MALFORMED
 from engine.sources import AeronTickSource
 from engine.wire import Tick, encode_tick
+from tests.conftest import _aeron_dir
 
 pyaeron = pytest.importorskip("pyaeron")
-
-
-def _aeron_dir() -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return f"{base}/tickscore-test-{uuid.uuid4().hex[:12]}"
 
 
 def _offer(pub, payload: bytes, timeout_s: float = 10.0) -> None:
