@@ -72,6 +72,7 @@ REQUIRED_SYMBOLS = (
     "aeron_image_position",
     "aeron_subscription_image_by_session_id",
     "aeron_subscription_image_release",
+    "aeron_subscription_image_count",
 )  # fmt: skip
 
 #: ``void (*aeron_error_handler_t)(void *clientd, int errcode, const char *message)``
@@ -158,6 +159,7 @@ def bind_aeron_c() -> AeronC:
     # int aeron_subscription_image_release(sub, image)
     _proto(lib, "aeron_subscription_image_by_session_id", vp, vp, i32)
     _proto(lib, "aeron_subscription_image_release", ctypes.c_int, vp, vp)
+    _proto(lib, "aeron_subscription_image_count", ctypes.c_int, vp)  # int (aeron_subscription_t *)
     return AeronC(path, version, lib)
 
 

@@ -82,11 +82,11 @@ _EAGAIN = 11
  I_SYM, I_SYM_LEN_TOTAL, I_SYM_OFF, I_N_SYM, I_PENDING, I_PENDING_T, I_RECEIVED, I_OUT_I, I_OUT_F,
  I_MORE, I_MORE_LEN, I_TIMESPEC, I_ERRNO, I_FN_RECV, I_FN_GETSOCKOPT, I_FN_ERRNO, I_FN_CLOCK, I_MAX_EVENT,
  I_K, I_LIMIT, I_SUB, I_FN_POLL, I_FN_ASSEMBLE, I_ASSEMBLER, I_DISCARD, I_SKIPPED,
- # the Aeron ingress's touch-ahead of the tick log (see NativeAeronTickSource)
- I_T_STATE, I_T_SESSION, I_T_CORR, I_T_BASE, I_T_TERM_LEN, I_T_SHIFT, I_T_MAPPED, I_T_END, I_T_SINK,
- I_T_TOUCHED, I_T_VALS, I_T_IDLE, I_FN_HDR_VALUES, I_FN_HDR_CONTEXT, I_FN_IMG_CONSTANTS, I_FN_IMG_BY_SESSION,
- I_FN_IMG_RELEASE, I_FN_IMG_POSITION, I_FN_HDR_POSITION, I_T_WINDOW) = range(56)
-ICTX_LEN = 56
+ # the Aeron ingress's touch-ahead of the tick logs (see NativeAeronTickSource); per image: the slots
+ I_T_MODE, I_T_LOOK, I_T_SLOTS, I_T_NEXT, I_T_SINK, I_T_VALS, I_T_IDLE, I_FN_HDR_VALUES, I_FN_HDR_CONTEXT,
+ I_FN_IMG_CONSTANTS, I_FN_IMG_BY_SESSION, I_FN_IMG_RELEASE, I_FN_IMG_POSITION, I_FN_HDR_POSITION,
+ I_FN_IMG_COUNT, I_T_WINDOW) = range(52)
+ICTX_LEN = 52
 #: the symbol index's id of another shard's instrument (skipped and counted, not rejected)
 FOREIGN = -2
 
@@ -427,7 +427,7 @@ def _on_aeron_message(clientd, buffer, length, header):
     C[I_RECEIVED] += 1
     if C[I_DISCARD]:
         return _ACTION_CONTINUE
-    if C[I_T_STATE] == T_LOOKING:
+    if C[I_T_LOOK]:
         _find_log(C, buffer, length, header)
     k = C[I_K]
     if k >= C[I_LIMIT] or k >= C[I_ROWS]:
@@ -451,10 +451,17 @@ def _on_aeron_message(clientd, buffer, length, header):
     return _ACTION_CONTINUE
 
 
-# ---- touch-ahead of the tick log: its pages are faulted into this process while the loop is idle
-#: states of the touch-ahead (``C[I_T_STATE]``)
+# ---- touch-ahead of the tick logs: their pages are faulted into this process while the loop is idle
+#: states: of the touch-ahead as a whole (``C[I_T_MODE]``: off, on = looking, refused) and of a
+#: slot (``TF_STATE``: looking = free, pending, touching, done)
 T_OFF, T_LOOKING, T_PENDING, T_ARMED, T_DONE, T_REFUSED = range(6)
 T_STATE_NAMES = ("off", "looking", "pending", "touching", "done", "refused")
+#: images whose logs are touched at once (one per publisher of the stream; a fifth faults as before)
+T_SLOTS = 4
+#: a slot's fields (one int64 row of the slot table per image)
+(TF_STATE, TF_IMAGE, TF_SESSION, TF_CORR, TF_BASE, TF_TERM_LEN, TF_SHIFT, TF_MAPPED, TF_END,
+ TF_TOUCHED) = range(10)
+N_TF = 10
 _PAGE = 4096
 #: how far ahead of the reader the touch-ahead goes at most (bytes): ~64k tick-sized messages
 TOUCH_WINDOW = 8 << 20
@@ -491,6 +498,18 @@ def _call_i32_pp(typingctx, fn, a, b):
 
 
 @intrinsic
+def _call_i32_p(typingctx, fn, a):
+    """``int f(void *)`` at ``fn`` (``aeron_subscription_image_count``)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        return builder.sext(call_address(builder, args[0], ir.IntType(32), [i64], [args[1]]), i64)
+
+    return sig, codegen
+
+
+@intrinsic
 def _call_image_by_session(typingctx, fn, sub, session_id):
     """``aeron_image_t *aeron_subscription_image_by_session_id(sub, int32_t session_id)`` at ``fn``."""
     sig = types.int64(types.int64, types.int64, types.int64)
@@ -502,17 +521,48 @@ def _call_image_by_session(typingctx, fn, sub, session_id):
     return sig, codegen
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _slots(C):
+    return carray(_ptr(C[I_T_SLOTS], np.int64), (T_SLOTS, N_TF))
+
+
+@njit(cache=True, nogil=True)
+def _recount(C, S):
+    """Look for a new image's log (``C[I_T_LOOK]``) while the subscription has more images than
+    slots in use and a slot is free."""
+    used = 0
+    for s in range(T_SLOTS):
+        if S[s, TF_STATE] != T_LOOKING:
+            used += 1
+    C[I_T_LOOK] = 1 if used < T_SLOTS and _call_i32_p(C[I_FN_IMG_COUNT], C[I_SUB]) > used else 0
+
+
 @njit(cache=True, nogil=True)
 def _find_log(C, buffer, length, header):
     """Locate the log of the image that delivered this (unfragmented) message; Python checks it.
 
-    Aeron hands an unfragmented message's payload at its place in the term buffer: the frame
-    starts ``_FRAME_HEADER`` bytes before it, ``term_offset`` bytes into its term, and the three
-    terms of the log are contiguous.  A reassembled message (in the assembler's own buffer)
-    also comes with the flags of a whole one, so the message must fit one MTU and end where
-    ``aeron_header_position`` says the frame ends.  Values that do not agree with each other
-    (another layout of Aeron's structs) refuse the touch-ahead for good; it never guesses.
+    Only for an image no slot holds yet, into a free slot.  Aeron hands an unfragmented
+    message's payload at its place in the term buffer: the frame starts ``_FRAME_HEADER`` bytes
+    before it, ``term_offset`` bytes into its term, and the three terms of the log are
+    contiguous.  A reassembled message (in the assembler's own buffer) also comes with the flags
+    of a whole one, so the message must fit one MTU and end where ``aeron_header_position`` says
+    the frame ends.  Values that do not agree with each other (another layout of Aeron's
+    structs) refuse the touch-ahead for good; it never guesses.
     """
+    image = _call_p_p(C[I_FN_HDR_CONTEXT], header)
+    if image == 0:
+        return
+    S = _slots(C)
+    free = -1
+    for s in range(T_SLOTS):
+        if S[s, TF_STATE] == T_LOOKING:
+            if free < 0:
+                free = s
+        elif S[s, TF_IMAGE] == image:
+            return  # this image's log is held already
+    if free < 0:
+        C[I_T_LOOK] = 0
+        return
     vals = C[I_T_VALS]
     if _call_i32_pp(C[I_FN_HDR_VALUES], header, vals) != 0:
         return
@@ -521,8 +571,7 @@ def _find_log(C, buffer, length, header):
     frame_length, term_offset, session, term_id, initial = v32[0], v32[2], v32[3], v32[5], v32[8]
     if (flags & _UNFRAGMENTED) != _UNFRAGMENTED:
         return  # reassembled in the assembler's buffer: wait for a whole one
-    image = _call_p_p(C[I_FN_HDR_CONTEXT], header)
-    if image == 0 or _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, vals + _K_OFF) != 0:
+    if _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, vals + _K_OFF) != 0:
         return
     k64 = carray(_ptr(vals + _K_OFF, np.int64), (9,))
     k32 = carray(_ptr(vals + _K_OFF, np.int32), (18,))
@@ -532,7 +581,8 @@ def _find_log(C, buffer, length, header):
     if (frame_length != length + _FRAME_HEADER or k32[14] != session or k32[15] != initial
             or shift < 16 or shift > 30 or term_len != (1 << shift) or term_offset < 0
             or term_offset + frame_length > term_len):  # fmt: skip
-        C[I_T_STATE] = T_REFUSED
+        C[I_T_MODE] = T_REFUSED
+        C[I_T_LOOK] = 0
         return
     d = (np.int64(term_id) - np.int64(initial)) & 0xFFFFFFFF  # terms since the start (int32 wrap)
     if d >= 0x80000000:
@@ -540,55 +590,74 @@ def _find_log(C, buffer, length, header):
     pos = (d << shift) + term_offset + ((frame_length + 31) & ~31)
     if _call_p_p(C[I_FN_HDR_POSITION], header) != pos:
         return  # not a frame of its own in the term
-    C[I_T_SESSION] = session
-    C[I_T_CORR] = corr
-    C[I_T_TERM_LEN] = term_len
-    C[I_T_SHIFT] = shift
-    C[I_T_BASE] = buffer - _FRAME_HEADER - term_offset - (d % 3) * term_len
-    C[I_T_MAPPED] = pos
-    C[I_T_END] = pos + 3 * term_len  # every page of the three terms once
-    C[I_T_STATE] = T_PENDING
+    S[free, TF_IMAGE] = image
+    S[free, TF_SESSION] = session
+    S[free, TF_CORR] = corr
+    S[free, TF_TERM_LEN] = term_len
+    S[free, TF_SHIFT] = shift
+    S[free, TF_BASE] = buffer - _FRAME_HEADER - term_offset - (d % 3) * term_len
+    S[free, TF_MAPPED] = pos
+    S[free, TF_END] = pos + 3 * term_len  # every page of the three terms once
+    S[free, TF_STATE] = T_PENDING
+    _recount(C, S)
+
+
+@njit(cache=True, nogil=True)
+def _touch_slot(C, S, s):
+    """Slot ``s`` (touching or done): check its image is still there; touching, touch its next page."""
+    sub = C[I_SUB]
+    image = _call_image_by_session(C[I_FN_IMG_BY_SESSION], sub, S[s, TF_SESSION])
+    if image == 0:  # the image went (its publisher stopped): the slot is free again
+        S[s, TF_STATE] = T_LOOKING
+        _recount(C, S)
+        return
+    kaddr = C[I_T_VALS] + _K_OFF
+    if _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, kaddr) != 0 \
+            or carray(_ptr(kaddr, np.int64), (3,))[2] != S[s, TF_CORR]:  # fmt: skip
+        S[s, TF_STATE] = T_LOOKING  # another image of this session
+        _recount(C, S)
+    elif S[s, TF_STATE] == T_ARMED:
+        reader = _call_p_p(C[I_FN_IMG_POSITION], image)
+        m = max(S[s, TF_MAPPED], reader)
+        if m >= S[s, TF_END]:
+            S[s, TF_STATE] = T_DONE
+        elif m < reader + C[I_T_WINDOW]:  # never further ahead of the reader than the window
+            tl = S[s, TF_TERM_LEN]
+            off = ((m >> S[s, TF_SHIFT]) % 3) * tl + ((m & (tl - 1)) & ~(_PAGE - 1))
+            if 0 <= off < 3 * tl:  # never outside the log (Python checked it is one mapping)
+                C[I_T_SINK] += carray(_ptr(S[s, TF_BASE] + off, np.uint8), (1,))[0]
+                S[s, TF_TOUCHED] += 1
+            S[s, TF_MAPPED] = (m & ~(_PAGE - 1)) + _PAGE
+    _call_i32_pp(C[I_FN_IMG_RELEASE], sub, image)
 
 
 @njit(cache=True, nogil=True)
 def _touch_ahead(C):
-    """Idle: touch the next page of the tick log not yet mapped (one per call), at most
-    ``C[I_T_WINDOW]`` bytes ahead of the reader, until every page of the log has been.
+    """Idle: touch the next page not yet mapped of one image's tick log (one page per call, the
+    images in turn), at most ``C[I_T_WINDOW]`` bytes ahead of its reader, until every page of
+    each log has been.
 
-    The image is retained (``aeron_subscription_image_by_session_id``) while its log is read,
-    so its mapping cannot go away meanwhile; another image (a publisher restarted) restarts the
-    search for the log.  Once every page has been touched, the image is only checked every
-    1,024 idle polls.
+    An image is retained (``aeron_subscription_image_by_session_id``) while its log is read, so
+    its mapping cannot go away meanwhile; an image gone (a publisher stopped) frees its slot.
+    Each idle poll counts the subscription's images: more than the slots in use starts the
+    search for a log in the messages that follow; every 1,024 idle polls the logs already
+    touched are checked.
     """
-    st = C[I_T_STATE]
-    if (st != T_ARMED and st != T_DONE) or C[I_DISCARD]:
+    if C[I_T_MODE] != T_LOOKING or C[I_DISCARD]:
         return
-    if st == T_DONE:
-        C[I_T_IDLE] += 1
-        if C[I_T_IDLE] & 1023:
+    S = _slots(C)
+    C[I_T_IDLE] += 1
+    if not C[I_T_IDLE] & 1023:
+        for s in range(T_SLOTS):
+            if S[s, TF_STATE] == T_DONE:
+                _touch_slot(C, S, s)
+    _recount(C, S)
+    for j in range(T_SLOTS):
+        s = (C[I_T_NEXT] + j) % T_SLOTS
+        if S[s, TF_STATE] == T_ARMED:
+            C[I_T_NEXT] = s + 1
+            _touch_slot(C, S, s)
             return
-    sub = C[I_SUB]
-    image = _call_image_by_session(C[I_FN_IMG_BY_SESSION], sub, C[I_T_SESSION])
-    if image == 0:
-        C[I_T_STATE] = T_LOOKING
-        return
-    kaddr = C[I_T_VALS] + _K_OFF
-    if _call_i32_pp(C[I_FN_IMG_CONSTANTS], image, kaddr) != 0 \
-            or carray(_ptr(kaddr, np.int64), (3,))[2] != C[I_T_CORR]:  # fmt: skip
-        C[I_T_STATE] = T_LOOKING  # another image of this session
-    elif st == T_ARMED:
-        reader = _call_p_p(C[I_FN_IMG_POSITION], image)
-        m = max(C[I_T_MAPPED], reader)
-        if m >= C[I_T_END]:
-            C[I_T_STATE] = T_DONE
-        elif m < reader + C[I_T_WINDOW]:  # never further ahead of the reader than the window
-            tl = C[I_T_TERM_LEN]
-            off = ((m >> C[I_T_SHIFT]) % 3) * tl + ((m & (tl - 1)) & ~(_PAGE - 1))
-            if 0 <= off < 3 * tl:  # never outside the log (Python checked it is one mapping)
-                C[I_T_SINK] += carray(_ptr(C[I_T_BASE] + off, np.uint8), (1,))[0]
-                C[I_T_TOUCHED] += 1
-            C[I_T_MAPPED] = (m & ~(_PAGE - 1)) + _PAGE
-    _call_i32_pp(C[I_FN_IMG_RELEASE], sub, image)
 
 
 _AERON_HANDLER = None
@@ -650,8 +719,8 @@ class NativeAeronTickSource(_NativeRows):
     address comes from the first whole message of an image (Aeron hands it in place in the
     term buffer) and is checked against ``/proc/self/maps`` (the start of a mapping of a
     ``.logbuffer`` file) before any page is touched; while touching, the image is retained
-    so its log stays mapped.  One image at a time is touched (a second publisher's ticks
-    fault as before).
+    so its log stays mapped.  Each image (one per publisher of the stream) has its log in a
+    slot of its own, up to :data:`T_SLOTS`, touched in turn; an image that goes frees its slot.
     """
 
     name = "aeron"
@@ -665,10 +734,14 @@ class NativeAeronTickSource(_NativeRows):
         self._client = client
         self._init_rows(rows)
         self._t_vals = np.zeros(_T_VALS_BYTES // 8, np.int64)  # scratch for Aeron's header/image structs
+        #: the touch-ahead's slots, one image each (rows of TF_* fields)
+        self.T = np.zeros((T_SLOTS, N_TF), np.int64)
+        self.T[:, TF_STATE] = T_LOOKING
         self._t_misses = 0
         self._t_said = False
         C = self.C
         C[I_T_VALS] = self._t_vals.ctypes.data
+        C[I_T_SLOTS] = self.T.ctypes.data
         C[I_FN_HDR_VALUES] = client.fn("aeron_header_values")
         C[I_FN_HDR_CONTEXT] = client.fn("aeron_header_context")
         C[I_FN_HDR_POSITION] = client.fn("aeron_header_position")
@@ -676,7 +749,9 @@ class NativeAeronTickSource(_NativeRows):
         C[I_FN_IMG_POSITION] = client.fn("aeron_image_position")
         C[I_FN_IMG_BY_SESSION] = client.fn("aeron_subscription_image_by_session_id")
         C[I_FN_IMG_RELEASE] = client.fn("aeron_subscription_image_release")
-        C[I_T_STATE] = T_LOOKING if touch_ahead else T_OFF
+        C[I_FN_IMG_COUNT] = client.fn("aeron_subscription_image_count")
+        C[I_T_MODE] = T_LOOKING if touch_ahead else T_OFF
+        C[I_T_LOOK] = 1 if touch_ahead else 0
         C[I_T_WINDOW] = max(_PAGE, int(touch_window))
         self._sub, self._assembler = client.add_subscription(channel, stream_id, _aeron_handler_address(),
                                                              self.addr)  # fmt: skip
@@ -696,41 +771,62 @@ class NativeAeronTickSource(_NativeRows):
         return k
 
     def _idle_check(self) -> None:
-        """Idle: check a log just found before any page of it is touched; say once when the
+        """Idle: check the logs just found before any page of them is touched; say once when the
         compiled code refused one (values of Aeron's structs that do not agree)."""
-        st = self.C[I_T_STATE]
-        if st == T_PENDING:
-            self._check_log()
-        elif st == T_REFUSED and not self._t_said:
+        for k in range(T_SLOTS):
+            if self.T[k, TF_STATE] == T_PENDING and self.C[I_T_MODE] == T_LOOKING:
+                self._check_log(k)
+        if self.C[I_T_MODE] == T_REFUSED and not self._t_said:
             self._t_said = True
             log("aeron", "no touch-ahead of the tick log: Aeron's header and image values do not agree "
                 "(another struct layout?); its first reads of each page fault as before",
                 event="touch_ahead", level=logging.WARNING)  # fmt: skip
 
-    def _check_log(self) -> None:
-        """Arm the touch-ahead when the log found is a mapping of an Aeron ``.logbuffer`` file from
-        its start (the C client maps each log whole, its three terms first)."""
-        C = self.C
-        base, size = int(C[I_T_BASE]), 3 * int(C[I_T_TERM_LEN])
+    def _check_log(self, k: int) -> None:
+        """Arm slot ``k`` when the log found is a mapping of an Aeron ``.logbuffer`` file from its
+        start (the C client maps each log whole, its three terms first)."""
+        C, T = self.C, self.T
+        base, size = int(T[k, TF_BASE]), 3 * int(T[k, TF_TERM_LEN])
         m = mapping_of(base, size)
         path = m[2] if m is not None else None
         if m is not None and m[0] == base and m[1] == 0 and path.endswith(".logbuffer"):
-            C[I_T_STATE] = T_ARMED
+            T[k, TF_STATE] = T_ARMED
             log("aeron", f"touching the tick log {path} ({size >> 20} MiB) ahead of the reader while idle",
                 event="touch_ahead", path=path)  # fmt: skip
             return
         self._t_misses += 1  # the image may have gone between the message and this check: look again
-        C[I_T_STATE] = T_LOOKING if self._t_misses < 3 else T_REFUSED
-        if C[I_T_STATE] == T_REFUSED:
-            self._t_said = True
-            log("aeron", f"no touch-ahead of the tick log: {base:#x}+{size} is not one mapping of a "
-                f".logbuffer file ({path or 'not mapped'}); its first reads of each page fault as before",
-                event="touch_ahead", level=logging.WARNING)  # fmt: skip
+        T[k, TF_STATE] = T_LOOKING
+        if self._t_misses < 3:
+            C[I_T_LOOK] = 1
+            return
+        C[I_T_MODE], C[I_T_LOOK] = T_REFUSED, 0
+        self._t_said = True
+        log("aeron", f"no touch-ahead of the tick log: {base:#x}+{size} is not one mapping of a "
+            f".logbuffer file ({path or 'not mapped'}); its first reads of each page fault as before",
+            event="touch_ahead", level=logging.WARNING)  # fmt: skip
 
     @property
     def touch_ahead(self) -> dict:
-        """The touch-ahead's state and pages touched (for ``status``)."""
-        return {"state": T_STATE_NAMES[int(self.C[I_T_STATE])], "pages": int(self.C[I_T_TOUCHED])}
+        """The touch-ahead's state, pages touched and images held (for ``status``).
+
+        ``state``: ``off``, ``refused``, else the busiest of the slots: ``touching`` (a log
+        being touched), ``pending`` (one just found), ``looking`` (an image whose log is not
+        found yet, or none yet), ``done`` (every image's log touched).
+        """
+        mode = int(self.C[I_T_MODE])
+        states = [int(x) for x in self.T[:, TF_STATE]]
+        held = [x for x in states if x != T_LOOKING]
+        if mode != T_LOOKING:
+            state = T_STATE_NAMES[mode]
+        elif T_ARMED in held:
+            state = "touching"
+        elif T_PENDING in held:
+            state = "pending"
+        elif held and not self.C[I_T_LOOK]:
+            state = "done"
+        else:
+            state = "looking"
+        return {"state": state, "pages": int(self.T[:, TF_TOUCHED].sum()), "images": len(held)}
 
     @property
     def connected(self) -> bool:

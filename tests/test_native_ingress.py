@@ -24,14 +24,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.native_ingress import (
-    I_T_BASE,
-    I_T_MAPPED,
-    I_T_STATE,
-    I_T_TERM_LEN,
+    I_T_MODE,
+    N_TF,
     T_ARMED,
     T_LOOKING,
     T_PENDING,
     T_REFUSED,
+    T_SLOTS,
+    TF_BASE,
+    TF_MAPPED,
+    TF_STATE,
+    TF_TERM_LEN,
     NativeAeronTickSource,
     NativeZmqTickSource,
     SymbolIndex,
@@ -258,7 +261,7 @@ def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tm
     touched, plain = srcs
     pubs = []
     try:
-        assert touched.touch_ahead == {"state": "looking", "pages": 0}
+        assert touched.touch_ahead == {"state": "looking", "pages": 0, "images": 0}
         assert plain.touch_ahead["state"] == "off"
         ts = [1_700_000_000_000_000_000]
 
@@ -329,6 +332,74 @@ def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tm
         rt.close()
 
 
+def test_touch_ahead_touches_the_log_of_every_publisher_of_the_stream(tmp_path):
+    """Two publishers of the stream are two images with a log each: both logs are found and
+    touched while idle (a slot each), then both publishers' ticks are read with no page fault,
+    where a source without the touch-ahead faults; and both read the same ticks."""
+    pytest.importorskip("pyaeron")
+    from engine.aeron_io import AeronRuntime
+    from engine.native_aeron import AeronCClient
+    from engine.schema import TICK_DTYPE
+
+    chan = "aeron:ipc?term-length=64k"  # two 192 KiB logs
+    rt = AeronRuntime(str(tmp_path / "driver"), embedded=True)
+    clients = [AeronCClient(rt.dir, pre_touch=False) for _ in range(2)]
+    srcs = []
+    for cc, touch in zip(clients, (True, False), strict=True):
+        slot = TickSlot(SYMBOLS, capacity=CAPACITY)
+        slot.max_event_ns = MAX_EVENT_NS
+        srcs.append(NativeAeronTickSource(cc, chan, 1005, slot=slot, rows=64, touch_ahead=touch))
+    touched = srcs[0]
+    pubs = [rt.client.add_exclusive_publication(chan, 1005) for _ in range(2)]
+    got: list[list[bytes]] = [[], []]
+    faults = [0, 0]
+
+    def read() -> None:
+        for j, s in enumerate(srcs):
+            while True:
+                f0 = _thread_faults()
+                start, stop = s.window(64)
+                faults[j] += _thread_faults() - f0
+                if start >= stop:
+                    break
+                got[j].append(s.ticks[start:stop].tobytes())
+                s.consumed(stop - start)
+
+    try:
+        deadline = time.monotonic() + 10
+        while not all(p.is_connected for p in pubs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ts = 1_700_000_000_000_000_000
+        for k, pub in enumerate(pubs):  # one message each locates its log
+            while pub.offer(_tick(SYMBOLS[k], ts + k)) is not True:
+                time.sleep(0.001)
+        deadline = time.monotonic() + 20
+        while touched.touch_ahead != {"state": "done", "pages": touched.touch_ahead["pages"], "images": 2}:
+            assert time.monotonic() < deadline, touched.touch_ahead
+            read()
+        assert touched.touch_ahead["pages"] >= 2 * 40  # most of each log's 48 pages
+        faults[:] = [0, 0]
+        for _ in range(4000):  # ~2 laps of each log, the publishers interleaved
+            ts += 1000
+            for k, pub in enumerate(pubs):
+                while pub.offer(_tick(SYMBOLS[k], ts)) is not True:  # its log is full: read
+                    read()
+        read()
+        assert faults[0] == 0 and faults[1] > 0, faults
+        rows = [np.frombuffer(b"".join(g), TICK_DTYPE) for g in got]
+        for k in range(2):  # each publisher's ticks in its order (the images interleave as polled)
+            a, b = (r[r["instrument"] == k] for r in rows)
+            assert len(a) == 4001 and a.tobytes() == b.tobytes()
+    finally:
+        for s in srcs:
+            s.close()
+        for p in pubs:
+            p.close()
+        for c in clients:
+            c.close()
+        rt.close()
+
+
 def test_touch_ahead_refuses_an_address_that_is_not_the_start_of_an_aeron_log_mapping(tmp_path):
     """The compiled code touches nothing Python has not found in /proc/self/maps as a mapping of
     a .logbuffer file from its start: an anonymous buffer, or an address inside a log, is refused
@@ -347,15 +418,17 @@ def test_touch_ahead_refuses_an_address_that_is_not_the_start_of_an_aeron_log_ma
     def check(base: int) -> list[int]:
         src = NativeAeronTickSource.__new__(NativeAeronTickSource)  # only the ictx: no client needed
         src.C = np.zeros(64, np.int64)
+        src.C[I_T_MODE] = T_LOOKING
+        src.T = np.zeros((T_SLOTS, N_TF), np.int64)
         src._t_misses, src._t_said = 0, False
-        src.C[I_T_BASE], src.C[I_T_TERM_LEN] = base, 1 << 16
+        src.T[1, TF_BASE], src.T[1, TF_TERM_LEN] = base, 1 << 16  # the log found into slot 1
         states = []
         for _ in range(3):
-            if src.C[I_T_STATE] == T_ARMED:
+            if src.T[1, TF_STATE] == T_ARMED:
                 break
-            src.C[I_T_STATE] = T_PENDING
-            src._check_log()
-            states.append(int(src.C[I_T_STATE]))
+            src.T[1, TF_STATE] = T_PENDING
+            src._check_log(1)
+            states.append(T_REFUSED if src.C[I_T_MODE] == T_REFUSED else int(src.T[1, TF_STATE]))
         return states
 
     try:
@@ -503,7 +576,7 @@ def test_touch_ahead_goes_no_further_than_its_window_ahead_of_the_reader(tmp_pat
             # a new publication starts at position 0; after a long idle stretch the touched
             # frontier is the window's end, within the page the window ends in
             reader = read * frame
-            frontier = int(src.C[I_T_MAPPED])
+            frontier = int(src.T[0, TF_MAPPED])
             assert reader + window <= frontier < reader + window + 4096, (reader, frontier)
 
         send_and_idle(1)
