@@ -17,7 +17,8 @@ from collections.abc import Iterable
 
 from numba import njit
 
-__all__ = ["NS_PER_S", "BPS", "clip", "log1p", "realised_vol", "l1_book_features", "drop_stale_numba_cache"]
+__all__ = ["NS_PER_S", "BPS", "clip", "log1p", "realised_vol", "realised_vols", "l1_book_features",
+           "drop_stale_numba_cache"]
 
 def drop_stale_numba_cache(module_file: str, dependencies: Iterable[str]) -> None:
     """Delete ``module_file``'s numba cache if a file it compiles in changed after it was written.
@@ -90,6 +91,16 @@ def realised_vol(var, tsum, vmax):
     The volatility features: decayed squared returns over the decayed time with a book.
     """
     return clip(math.sqrt(var / tsum) if tsum > 0.0 else 0.0, 0.0, vmax, 0.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def realised_vols(fs, f_var, f_time, vmax):
+    """The three half-lives' :func:`realised_vol` from ``fs[f_var + k]`` / ``fs[f_time + k]``:
+    ``(v0, v1, v2, any_clipped)``."""
+    v0, c0 = realised_vol(fs[f_var], fs[f_time], vmax)
+    v1, c1 = realised_vol(fs[f_var + 1], fs[f_time + 1], vmax)
+    v2, c2 = realised_vol(fs[f_var + 2], fs[f_time + 2], vmax)
+    return v0, v1, v2, c0 | c1 | c2
 
 
 @njit(cache=True, nogil=True, inline="always")

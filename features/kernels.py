@@ -48,7 +48,7 @@ from features.common import (
     drop_stale_numba_cache,
     l1_book_features,
     log1p,
-    realised_vol,
+    realised_vols,
 )
 from features.fastlog import LANES_OK, clear_of, log8_checked
 from features.validate import validate_tick
@@ -404,11 +404,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
             v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
             clipped |= c
             x_out[X_RET_FAST + k] = v
-        v0, c = realised_vol(fs[F_VAR], fs[F_TIME], vmax)
-        clipped |= c
-        v1, c = realised_vol(fs[F_VAR + 1], fs[F_TIME + 1], vmax)
-        clipped |= c
-        v2, c = realised_vol(fs[F_VAR + 2], fs[F_TIME + 2], vmax)
+        v0, v1, v2, c = realised_vols(fs, F_VAR, F_TIME, vmax)
         clipped |= c
         floor = params[P_SPREAD_FLOOR_BPS]
         ratio = (spread + floor) / (fs[F_SPREAD_EMA] + floor)

@@ -40,7 +40,7 @@ from engine.schema import (
     REJECT_TIME_BACKWARDS,
     REJECT_UNKNOWN_INSTRUMENT,
 )
-from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vol
+from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vols
 from features.fastlog import LANES_OK, clear_of, log8_checked
 
 __all__ = [
@@ -304,11 +304,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         v, c = clip(fs[F_RET + k], -rmax, rmax, 0.0)
         clipped |= c
         x_out[X_RET + k] = v
-    v0, c = realised_vol(fs[F_VAR], fs[F_TIME], vmax)
-    clipped |= c
-    v1, c = realised_vol(fs[F_VAR + 1], fs[F_TIME + 1], vmax)
-    clipped |= c
-    v2, c = realised_vol(fs[F_VAR + 2], fs[F_TIME + 2], vmax)
+    v0, v1, v2, c = realised_vols(fs, F_VAR, F_TIME, vmax)
     clipped |= c
     vt = fs[F_FLOW_V]
     v, c = clip(fs[F_FLOW_SV] / vt if vt > 0.0 else 0.0, -1.0, 1.0, 0.0)

@@ -242,6 +242,19 @@ def _thread_faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 
 
+def _read_all(srcs, got: list[list[bytes]], faults: list[int]) -> None:
+    """Read every source dry, appending its ticks to ``got[j]`` and its page faults to ``faults[j]``."""
+    for j, s in enumerate(srcs):
+        while True:
+            f0 = _thread_faults()
+            start, stop = s.window(64)
+            faults[j] += _thread_faults() - f0
+            if start >= stop:
+                break
+            got[j].append(s.ticks[start:stop].tobytes())
+            s.consumed(stop - start)
+
+
 def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tmp_path):
     """While idle, the native Aeron ingress touches every page of the image's log once; reads
     then fault no more (a source without it faults), the ticks are the same, and a new image
@@ -271,15 +284,7 @@ def test_touch_ahead_maps_the_tick_log_while_idle_so_reads_take_no_page_fault(tm
             faults = [0, 0]
 
             def read() -> None:
-                for j, s in enumerate(srcs):
-                    while True:
-                        f0 = _thread_faults()
-                        start, stop = s.window(64)
-                        faults[j] += _thread_faults() - f0
-                        if start >= stop:
-                            break
-                        got[j].append(s.ticks[start:stop].tobytes())
-                        s.consumed(stop - start)
+                _read_all(srcs, got, faults)
 
             for i in range(n):
                 ts[0] += 1000
@@ -355,15 +360,7 @@ def test_touch_ahead_touches_the_log_of_every_publisher_of_the_stream(tmp_path):
     faults = [0, 0]
 
     def read() -> None:
-        for j, s in enumerate(srcs):
-            while True:
-                f0 = _thread_faults()
-                start, stop = s.window(64)
-                faults[j] += _thread_faults() - f0
-                if start >= stop:
-                    break
-                got[j].append(s.ticks[start:stop].tobytes())
-                s.consumed(stop - start)
+        _read_all(srcs, got, faults)
 
     try:
         deadline = time.monotonic() + 10
