@@ -10,8 +10,8 @@ they only make the logs cheaper:
 * :func:`log_checked` (scalar, branch-free): the L3 batch kernels run it over a
   block of events, which LLVM vectorises;
 * :func:`log8_checked` (8 lanes in one AVX-512 vector, written in LLVM IR): the
-  per-event kernels take their eight logs of a tick at once (L1: ~20 ns less per
-  tick than eight libm calls, measured in the replay without a socket).
+  per-event kernels take their logs of a tick at once (L1: ~10-20 ns less per tick
+  than eight libm calls, measured in the replay without a socket).
 
 Both compute ``x = 2**e * m``, ``m`` in ``[sqrt(1/2), sqrt(2))``,
 ``log(m) = 2 atanh(s)``, ``s = (m - 1) / (m + 1)``, ``|s| <= 0.1716``, as
@@ -38,7 +38,7 @@ _LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
 _F32_DROP_MASK = (1 << 29) - 1  # float64 mantissa bits below float32's
 _F32_HALF = 1 << 28  # ... the rounding midpoint
 #: how far (in units of the float64 mantissa's last bit) from the float32 rounding midpoint an
-#: approximation must be: 2**-35 relative, ~500x the approximation's and libm's errors together
+#: approximation must be: 2**-36 to 2**-35 relative, 200-500x the approximation's and libm's errors
 _F32_MARGIN = 1 << 17
 _LOG_X_MIN = 2.0**-1000
 _LOG_X_MAX = 2.0**1000
