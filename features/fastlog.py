@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from features.book.layout import _f2i, _i2f
 
-__all__ = ["log_checked", "log_approx", "log8_checked", "LANES_OK", "clear_of"]
+__all__ = ["log_checked", "log_approx", "log8_checked", "log8_of", "LANES_OK", "clear_of"]
 
 _LN2 = math.log(2.0)
 _LOG_C = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11, 1 / 13, 1 / 15)
@@ -169,6 +169,13 @@ def log8_checked(typingctx, u, w):
 
     return ret(u, w), codegen
 
+
+
+@njit(cache=True, nogil=True, inline="always")
+def log8_of(u):
+    """:func:`log8_checked` in its ``log(u)`` form: ``(p, ok)``, ``p[k] ~ log(u[k])`` (``w = u - 1``)."""
+    return log8_checked(u, (u[0] - 1.0, u[1] - 1.0, u[2] - 1.0, u[3] - 1.0, u[4] - 1.0, u[5] - 1.0,
+                            u[6] - 1.0, u[7] - 1.0))  # fmt: skip
 
 #: :func:`clear_of`'s margin, relative: far above the vector log's error (2**-44) and libm's
 _BOUND_MARGIN = 2.0**-40

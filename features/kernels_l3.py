@@ -81,8 +81,16 @@ from features.book.layout import (
 )
 from features.book.levels import best_prices
 from features.book.orders import grow_book_state, prefetch_order
-from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, l1_book_features
-from features.fastlog import LANES_OK, log8_checked, log_checked
+from features.common import (
+    BPS,
+    NS_PER_S,
+    clip,
+    decay_factor,
+    drop_stale_numba_cache,
+    l1_book_features,
+    realised_vol,
+)
+from features.fastlog import LANES_OK, log8_of, log_checked
 
 __all__ = [
     "N_FEATURES",
@@ -322,8 +330,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
         u = (1.0 + fstate[c], 1.0 + fstate[c + 1], 1.0 + fstate[c + 2], 1.0 + fstate[c + 3],
              1.0 + fstate[c + 4], 1.0 + fstate[c + 5], 1.0 + fstate[c + 6], 1.0)  # fmt: skip
         # the seven logs in one vector, libm's float32 bit for bit (libm's where not certain)
-        p, ok = log8_checked(u, (u[0] - 1.0, u[1] - 1.0, u[2] - 1.0, u[3] - 1.0, u[4] - 1.0, u[5] - 1.0,
-                                 u[6] - 1.0, 0.0))  # fmt: skip
+        p, ok = log8_of(u)
         for k in range(N_LOG):
             x_out[LOG_FEATURES[k]] = p[k] if ok == LANES_OK else math.log(u[k])
     return f
@@ -502,9 +509,7 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
             v, c = clip(fstate[fb + C_RET + k], -rmax, rmax, 0.0)
             clipped |= c
             x_out[X_RET + k] = v
-            tsum = fstate[fb + C_TIME + k]
-            vol = math.sqrt(fstate[fb + C_VAR + k] / tsum) if tsum > 0.0 else 0.0
-            v, c = clip(vol, 0.0, vmax, 0.0)
+            v, c = realised_vol(fstate[fb + C_VAR + k], fstate[fb + C_TIME + k], vmax)
             clipped |= c
             fstate[fb + C_LOG_IN + k] = v
     else:

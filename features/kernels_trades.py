@@ -41,7 +41,7 @@ from engine.schema import (
     REJECT_UNKNOWN_INSTRUMENT,
 )
 from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vols
-from features.fastlog import LANES_OK, clear_of, log8_checked
+from features.fastlog import LANES_OK, clear_of, log8_of
 
 __all__ = [
     "N_FEATURES",
@@ -189,13 +189,12 @@ def _log_features(v0, v1, v2, v3, v4, rate_ratio, size_ratio, rr, smax):
     """Return ``(y, rate_rel, size_rel, clipped)``: ``y[k] = float32(log(1 + v_k))`` and the two
     ratios' logs clipped to ``+-rr`` / ``+-smax`` (float32), bit for bit libm's.
 
-    The seven logs are one vector (:func:`features.fastlog.log8_checked`, lane 7 unused); when a
+    The seven logs are one vector (:func:`features.fastlog.log8_of`, lane 7 unused); when a
     lane's float32 is not certain, or a ratio's log may lie on the other side of its clip bound
     than libm's (:func:`features.fastlog.clear_of`), all seven are libm's.
     """
     u = (1.0 + v0, 1.0 + v1, 1.0 + v2, 1.0 + v3, 1.0 + v4, rate_ratio, size_ratio, 1.0)
-    p, ok = log8_checked(u, (u[0] - 1.0, u[1] - 1.0, u[2] - 1.0, u[3] - 1.0, u[4] - 1.0, rate_ratio - 1.0,
-                             size_ratio - 1.0, 0.0))  # fmt: skip
+    p, ok = log8_of(u)
     a, b = p[5], p[6]
     if ok == LANES_OK and clear_of(a, rr) and clear_of(b, smax):
         y = (np.float32(p[0]), np.float32(p[1]), np.float32(p[2]), np.float32(p[3]), np.float32(p[4]))
