@@ -1,14 +1,14 @@
-"""The C decoder and subscriber of ``engine/examples/score_sub.c`` against the wire format.
+"""The C and Java decoders of ``engine/examples`` (and the C subscriber) against the wire format.
 
 The README promises that a subscriber in C, C++ or Java can decode Scores from its
-wire-format table alone. ``score_sub.c`` is such a decoder (no MessagePack library);
-these tests compile it with the machine's C compiler (under AddressSanitizer and
-UBSan, so an out-of-bounds read fails the test) and hold it to a reference written
-from the README's table with the plain ``msgpack`` package: the same accept/reject
-decision and the same values on tickscore's own payloads, every truncation of them,
-random byte changes and hand-made wrong ones. Then the subscriber itself, linked to
-pyzmq's libzmq, receives a replay over ipc and must see every Score the replay
-recorded, bit for bit.
+wire-format table alone. ``score_sub.c`` and ``ScoreDecoder.java`` are such decoders
+(no MessagePack library); these tests compile them with the machine's C compiler
+(under AddressSanitizer and UBSan, so an out-of-bounds read fails the test) and JDK,
+and hold both to a reference written from the README's table with the plain
+``msgpack`` package: the same accept/reject decision and the same values on
+tickscore's own payloads, every truncation of them, random byte changes and hand-made
+wrong ones. Then the C subscriber, linked to pyzmq's libzmq, receives a replay over
+ipc and must see every Score the replay recorded, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from engine.native_zmq import libzmq_path
 from engine.wire import Score, ScoreEncoder, ScoreV1, decode_score
 from replay.scores import SCORES_FILE, read_scores
 
-SRC = Path(__file__).resolve().parents[1] / "engine" / "examples" / "score_sub.c"
+EXAMPLES = Path(__file__).resolve().parents[1] / "engine" / "examples"
+SRC = EXAMPLES / "score_sub.c"
 CC = shutil.which("cc") or shutil.which("gcc")
-pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler on this machine")
+JAVAC, JAVA = shutil.which("javac"), shutil.which("java")
+needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on this machine")
 FLAGS = ["-std=c99", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-fno-omit-frame-pointer"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 
@@ -45,14 +47,25 @@ def _compile(out: Path, *extra: str, libs: tuple[str, ...] = ()) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory) -> Path:
-    return _compile(tmp_path_factory.mktemp("c") / "score_decode", *SANITIZE)
+@pytest.fixture(scope="module", params=["c", "java"])
+def decoder(request, tmp_path_factory) -> list[str]:
+    """The command of a decoder-only program: records on stdin, one line per record."""
+    if request.param == "c":
+        if CC is None:
+            pytest.skip("no C compiler on this machine")
+        return [str(_compile(tmp_path_factory.mktemp("c") / "score_decode", *SANITIZE))]
+    if JAVAC is None or JAVA is None:
+        pytest.skip("no JDK (javac, java) on this machine")
+    out = tmp_path_factory.mktemp("java")
+    cmd = [JAVAC, "-Xlint:all", "-Werror", "-d", str(out), str(EXAMPLES / "ScoreDecoder.java")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return [JAVA, "-cp", str(out), "ScoreDecoder"]
 
 
-def _run_decoder(decoder: Path, payloads: list[bytes]) -> list[str]:
+def _run_decoder(decoder: list[str], payloads: list[bytes]) -> list[str]:
     data = b"".join(struct.pack("<I", len(p)) + p for p in payloads)
-    res = subprocess.run([str(decoder)], input=data, capture_output=True, timeout=120)
+    res = subprocess.run(decoder, input=data, capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     lines = res.stdout.decode().splitlines()
     assert len(lines) == len(payloads)
@@ -115,7 +128,7 @@ def _scores(rng: random.Random, n: int) -> list[bytes]:
     return out
 
 
-def test_the_c_decoder_reads_tickscores_payloads_as_the_readme_table_says(decoder):
+def test_the_decoder_reads_tickscores_payloads_as_the_readme_table_says(decoder):
     rng = random.Random(3)
     payloads = _scores(rng, 400)
     lines = _run_decoder(decoder, payloads)
@@ -131,7 +144,7 @@ def test_the_c_decoder_reads_tickscores_payloads_as_the_readme_table_says(decode
             s.model_version, s.flags, s.shard, s.epoch)  # fmt: skip
 
 
-def test_the_c_decoder_rejects_what_the_readme_table_rejects(decoder):
+def test_the_decoder_rejects_what_the_readme_table_rejects(decoder):
     """Truncations, byte changes, random bytes and hand-made wrong payloads: the same
     accept/reject decision and values as the README reference; never a read out of bounds."""
     rng = random.Random(5)
@@ -193,6 +206,7 @@ def _zmq_header(include: Path) -> None:
     )
 
 
+@needs_cc
 def test_the_c_subscriber_receives_a_replay_score_for_score(tmp_path):
     exe = _subscriber(tmp_path)
     ep = f"ipc://{tmp_path}/scores.ipc"
@@ -233,6 +247,7 @@ def _subscriber(tmp_path: Path) -> Path:
                     libs=(str(lib), f"-Wl,-rpath,{lib.parent}"))  # fmt: skip
 
 
+@needs_cc
 def test_the_c_subscriber_counts_gaps_restarts_and_malformed_messages(tmp_path):
     exe = _subscriber(tmp_path)
     ep = f"ipc://{tmp_path}/faults.ipc"
