@@ -195,41 +195,40 @@ public final class ScoreDecoder {
 
     /** Decode the Score in {@code buf[off, off + len)} into {@code s}; return OK or an ERR_* code. */
     public int decode(byte[] buf, int off, int len, Score s) {
-        ScoreDecoder d = this;
         b = buf;
         p = off;
         end = off + len;
         try {
-            int tag = buf[d.take(1)] & 0xff;
+            int tag = buf[take(1)] & 0xff;
             long count;
             if (tag >= 0x90 && tag <= 0x9f) {
                 count = tag & 0x0f;
             } else if (tag == 0xdc || tag == 0xdd) { // array 16, 32
                 int w = tag == 0xdc ? 2 : 4;
-                count = d.be(d.take(w), w);
+                count = be(take(w), w);
             } else {
                 return ERR_NOT_ARRAY;
             }
             if (count == 0) return ERR_LENGTH;
             long schema;
             try {
-                schema = d.readUint();
+                schema = readUint();
             } catch (Bad e) {
                 return e.code == ERR_TRUNCATED ? ERR_TRUNCATED : ERR_SCHEMA;
             }
             if (schema != 3 && schema != 2) return ERR_SCHEMA;
             if (count != (schema == 3 ? 11 : 9)) return ERR_LENGTH;
-            int instOff = d.readStr(), instLen = (int) d.value;
-            long seq = d.readUint();
-            long tEvent = d.readInt64(), tIn = d.readInt64(), tOut = d.readInt64();
-            double score = d.readFloat();
-            int verOff = d.readStr(), verLen = (int) d.value;
-            long flags = d.readUint(), shard = 0, epoch = 0;
+            int instOff = readStr(), instLen = (int) value;
+            long seq = readUint();
+            long tEvent = readInt64(), tIn = readInt64(), tOut = readInt64();
+            double score = readFloat();
+            int verOff = readStr(), verLen = (int) value;
+            long flags = readUint(), shard = 0, epoch = 0;
             if (schema == 3) {
-                shard = d.readUint();
-                epoch = d.readUint();
+                shard = readUint();
+                epoch = readUint();
             }
-            if (d.p != d.end) return ERR_TRAILING;
+            if (p != end) return ERR_TRAILING;
             // a new String only when the bytes differ from the previous Score's
             if (s.instrument == null || !sameBytes(s.instBytes, buf, instOff, instLen)) {
                 s.instBytes = Arrays.copyOfRange(buf, instOff, instOff + instLen);
