@@ -44,6 +44,7 @@ __all__ = [
     "REJECT_IMPLAUSIBLE_TIME",
     "REJECT_ABSURD_VALUE",
     "MAX_ABS_VALUE",
+    "MIN_PRICE",
     "REJECT_NAMES",
     "N_REJECT_REASONS",
     "empty_ticks",
@@ -111,7 +112,7 @@ CROSSING_ADD_POLICIES = ("keep", "uncross", "aggressor")
 # Reject reasons: index into a per-run int64 counter array.
 REJECT_OK = 0
 REJECT_NONFINITE = 1  #: NaN or inf in a price, size or timestamp
-REJECT_NONPOSITIVE = 2  #: price or size <= 0 where it must be positive
+REJECT_NONPOSITIVE = 2  #: price or size <= 0 where it must be positive, or a price below MIN_PRICE
 REJECT_CROSSED = 3  #: quote with bid >= ask
 REJECT_TIME_BACKWARDS = 4  #: ts_event_ns earlier than the instrument's previous event
 REJECT_UNKNOWN_INSTRUMENT = 5  #: symbol / id not in the instrument table
@@ -122,9 +123,13 @@ REJECT_ABSURD_PRICE = 9  #: price above the feature set's max_price or outside i
 REJECT_BOOK_FULL = 10  #: book add while the preallocated order table is full
 REJECT_INSTRUMENTS_FULL = 11  #: a new symbol while every instrument slot of the service is taken
 REJECT_IMPLAUSIBLE_TIME = 12  #: ts_event_ns <= 0 or further ahead of the receiving clock than allowed
-REJECT_ABSURD_VALUE = 13  #: a finite price or size beyond MAX_ABS_VALUE (1e300, a uint64-max sentinel)
-#: Largest finite price or size a live source accepts (larger: ``absurd_value``).
+REJECT_ABSURD_VALUE = 13  #: a finite price or size beyond MAX_ABS_VALUE (1e15: 1e300, a uint64-max sentinel)
+#: Largest finite price or size accepted, live and from files (larger: ``absurd_value``).
 MAX_ABS_VALUE = 1e15
+#: Smallest price the feature kernels accept (smaller: ``nonpositive``): the smallest normal
+#: float64.  Below it a price is subnormal, and half of it (a mid is ``0.5 * bid + 0.5 * ask``)
+#: can round to 0, which the features would then divide by.
+MIN_PRICE = 2.2250738585072014e-308
 REJECT_NAMES = (
     "ok",
     "nonfinite",

@@ -251,7 +251,9 @@ def _log_features(v0, v1, v2, v3, v4, v5, v6, ratio, srmax):
     return y, np.float32(v), c
 
 
-@njit(cache=True, nogil=True, _nrt=False)  # allocates nothing: no reference counting of its views
+# _nrt=False: it allocates nothing, so no reference counting of its views; error_model="numpy":
+# divisions are IEEE's (no zero-divisor branch, never an exception; see validate_tick's MIN_PRICE)
+@njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]``; write its feature vector; return flags or -reason.
 

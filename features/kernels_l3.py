@@ -40,6 +40,7 @@ from engine.schema import (
     FLAG_WARMUP,
     KIND_BOOK_DELETE,
     KIND_TRADE,
+    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_BOOK_FULL,
     REJECT_OK,
@@ -91,6 +92,7 @@ from features.common import (
     realised_vol,
 )
 from features.fastlog import LANES_OK, log8_of, log_checked
+from features.validate import absurd_value
 
 __all__ = [
     "N_FEATURES",
@@ -299,7 +301,7 @@ def _reject(x_out, counters, reason):
     return -reason
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply ``ticks[i]`` to its book; write its features; return flags or -reason.
 
@@ -336,7 +338,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     return f
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     """:func:`apply_tick` without its seven log1p features (the ``LOG_FEATURES``).
 
@@ -347,6 +349,8 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     value and rejects as :func:`apply_tick`.  Allocates: no.
     """
     t = ticks[i]
+    if absurd_value(t):
+        return _reject(x_out, counters, REJECT_ABSURD_VALUE)
     inst = t.instrument
     if inst < 0 or inst >= istate[H_N_INST]:
         return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)

@@ -32,7 +32,9 @@ from engine.schema import (
     FLAG_CLIPPED,
     FLAG_WARMUP,
     KIND_TRADE,
+    MIN_PRICE,
     REJECT_ABSURD_PRICE,
+    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_NONFINITE,
     REJECT_NONPOSITIVE,
@@ -42,6 +44,7 @@ from engine.schema import (
 )
 from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vols
 from features.fastlog import LANES_OK, clear_of, log8_of
+from features.validate import absurd_value
 
 __all__ = [
     "N_FEATURES",
@@ -207,7 +210,7 @@ def _log_features(v0, v1, v2, v3, v4, rate_ratio, size_ratio, rr, smax):
     return y, np.float32(va), np.float32(vb), ca | cb
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     """Validate and apply trade ``ticks[i]``; write its features; return flags or -reason.
 
@@ -218,6 +221,8 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     Allocates: no.
     """
     t = ticks[i]
+    if absurd_value(t):
+        return _reject(x_out, counters, REJECT_ABSURD_VALUE)
     inst = t.instrument
     if inst < 0 or inst >= istate.shape[0]:
         return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)
@@ -227,7 +232,7 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     q = t.size
     if not (math.isfinite(p) and math.isfinite(q)):
         return _reject(x_out, counters, REJECT_NONFINITE)
-    if p <= 0.0 or q <= 0.0:
+    if p < MIN_PRICE or q <= 0.0:
         return _reject(x_out, counters, REJECT_NONPOSITIVE)
     fs = fstate[inst]
     st = istate[inst]

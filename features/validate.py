@@ -12,7 +12,10 @@ from numba import njit
 from engine.schema import (
     KIND_QUOTE,
     KIND_TRADE,
+    MAX_ABS_VALUE,
+    MIN_PRICE,
     N_REJECT_REASONS,
+    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_CROSSED,
     REJECT_NONFINITE,
@@ -22,7 +25,25 @@ from engine.schema import (
     REJECT_UNKNOWN_INSTRUMENT,
 )
 
-__all__ = ["validate_tick", "validate_batch", "validate_rows"]
+__all__ = ["validate_tick", "validate_batch", "validate_rows", "absurd_value"]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def absurd_value(t):
+    """Whether tick ``t`` carries a finite price or size above :data:`~engine.schema.MAX_ABS_VALUE`
+    (1e15: 1e300, a uint64-max sentinel) while none of the six is +inf (left to ``nonfinite``).
+
+    The live sources' rule (:meth:`engine.sources.TickSlot.ingest`, :mod:`engine.tick_decode`),
+    checked first by every shape's kernel too, so a file's row and a wire tick with the same
+    values get the same decision (``absurd_value``) and a sentinel never reaches the features.
+    """
+    lim = MAX_ABS_VALUE
+    if not (t.bid_px > lim or t.ask_px > lim or t.price > lim or t.bid_sz > lim or t.ask_sz > lim
+            or t.size > lim):  # fmt: skip
+        return False
+    inf = np.inf
+    return not (t.bid_px == inf or t.ask_px == inf or t.price == inf or t.bid_sz == inf or t.ask_sz == inf
+                or t.size == inf)  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
@@ -38,14 +59,18 @@ def validate_tick(ticks, i, last_ts):
         Last accepted ``ts_event_ns`` per instrument (``INT64_MIN`` if none).
         Read only: the caller advances it once the tick is accepted.
 
-    Checks, in order: instrument id in range, kind handled (quote/trade),
-    finite and positive prices/sizes, quote not crossed (bid > ask; a locked
+    Checks, in order: no absurd value (:func:`absurd_value`), instrument id in range, kind
+    handled (quote/trade),
+    finite and positive prices/sizes (a price at least :data:`~engine.schema.MIN_PRICE`,
+    the smallest normal float64), quote not crossed (bid > ask; a locked
     quote bid == ask is accepted), event time not earlier than the instrument's
     previous accepted event (equal times are accepted).
 
     Allocates: no.
     """
     t = ticks[i]
+    if absurd_value(t):
+        return REJECT_ABSURD_VALUE
     inst = t.instrument
     if inst < 0 or inst >= last_ts.shape[0]:
         return REJECT_UNKNOWN_INSTRUMENT
@@ -57,7 +82,7 @@ def validate_tick(ticks, i, last_ts):
         az = t.ask_sz
         if not (np.isfinite(b) and np.isfinite(a) and np.isfinite(bs) and np.isfinite(az)):
             return REJECT_NONFINITE
-        if b <= 0.0 or a <= 0.0 or bs <= 0.0 or az <= 0.0:
+        if b < MIN_PRICE or a < MIN_PRICE or bs <= 0.0 or az <= 0.0:
             return REJECT_NONPOSITIVE
         if b > a:
             return REJECT_CROSSED
@@ -66,7 +91,7 @@ def validate_tick(ticks, i, last_ts):
         s = t.size
         if not (np.isfinite(p) and np.isfinite(s)):
             return REJECT_NONFINITE
-        if p <= 0.0 or s <= 0.0:
+        if p < MIN_PRICE or s <= 0.0:
             return REJECT_NONPOSITIVE
     else:
         return REJECT_BAD_KIND

@@ -148,7 +148,8 @@ def _ref_reason(row, n_inst: int, last_ts: dict[int, int]) -> int:
         return REJECT_BAD_KIND
     if not all(math.isfinite(v) for v in vals):
         return REJECT_NONFINITE
-    if min(vals) <= 0:
+    prices = vals[:2] if kind == KIND_QUOTE else vals[:1]
+    if min(vals) <= 0 or min(prices) < sys.float_info.min:  # a subnormal price: as nonpositive
         return REJECT_NONPOSITIVE
     if kind == KIND_QUOTE and vals[0] > vals[1]:
         return REJECT_CROSSED

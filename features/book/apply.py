@@ -11,6 +11,7 @@ from engine.schema import (
     KIND_BOOK_ADD,
     KIND_BOOK_DELETE,
     KIND_BOOK_MODIFY,
+    MIN_PRICE,
     REJECT_ABSURD_PRICE,
     REJECT_BOOK_FULL,
     REJECT_MALFORMED,
@@ -231,7 +232,7 @@ def _settle_takers(istate, fstate, ib, inst):
         n -= 1
 
 
-@njit(cache=True, nogil=True, _nrt=False)
+@njit(cache=True, nogil=True, _nrt=False, error_model="numpy")
 def book_apply(ticks, i, fstate, istate, params):
     """Validate and apply a book or trade event to the book of its instrument.
 
@@ -291,7 +292,7 @@ def _apply_event(ticks, i, fstate, istate, params):
             return -REJECT_MALFORMED, 0, 0.0, 0.0
         if not (math.isfinite(price) and math.isfinite(size)):
             return -REJECT_NONFINITE, 0, 0.0, 0.0
-        if price <= 0.0 or size <= 0.0:
+        if price < MIN_PRICE or size <= 0.0:
             return -REJECT_NONPOSITIVE, 0, 0.0, 0.0
         r = _price_ok(fstate, istate, ib, inst, fb, price, params)
         if r != 0:
@@ -339,7 +340,7 @@ def _apply_event(ticks, i, fstate, istate, params):
             return -REJECT_MALFORMED, 0, 0.0, 0.0
         if not (math.isfinite(price) and math.isfinite(size)):
             return -REJECT_NONFINITE, 0, 0.0, 0.0
-        if price <= 0.0 or size < 0.0:
+        if price < MIN_PRICE or size < 0.0:
             return -REJECT_NONPOSITIVE, 0, 0.0, 0.0
         j = order_find(istate, key, inst)
         if j < 0:
@@ -422,7 +423,7 @@ def _apply_event(ticks, i, fstate, istate, params):
     # KIND_TRADE
     if not (math.isfinite(price) and math.isfinite(size)):
         return -REJECT_NONFINITE, 0, 0.0, 0.0
-    if price <= 0.0 or size <= 0.0:
+    if price < MIN_PRICE or size <= 0.0:
         return -REJECT_NONPOSITIVE, 0, 0.0, 0.0
     r = _price_ok(fstate, istate, ib, inst, fb, price, params)
     if r != 0:
