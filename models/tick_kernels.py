@@ -23,6 +23,17 @@ from features.kernels_trades import apply_tick as _trades_apply_tick
 from features.registry import kernels_for
 from models.program import UnsupportedGraph, _run_program
 
+# The fused kernels below take the feature set's apply_tick and the program interpreter
+# inlined (numba IR inlining; ``error_model="numpy"`` as both are compiled on their own, so
+# the same operations and bits): called, each took its arrays as dozens of scalar arguments
+# and the two could not overlap.  Measured on the default L1 model: the fused tick 274 -> 232
+# ns (median of 15 alternated runs over the default data).
+_INLINE = {"nogil": True, "inline": "always", "error_model": "numpy"}
+_l1_apply_inl = njit(**_INLINE)(_l1_apply_tick.py_func)
+_trades_apply_inl = njit(**_INLINE)(_trades_apply_tick.py_func)
+_l3_apply_inl = njit(**_INLINE)(_l3_apply_tick.py_func)
+_run_program_inl = njit(**_INLINE)(_run_program.py_func)
+
 __all__ = ["TickContext", "tick_kernel_for", "tick_cfunc_address", "TICK_CFUNC_SIG"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +101,7 @@ def _rest_of(ctx):
     return params, counters, mi, mf
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _l1_fused_tick(i, ctx_addr):
     """Validate + apply tick ``i`` and score it: L1 features and model in one call.
 
@@ -107,13 +118,13 @@ def _l1_fused_tick(i, ctx_addr):
     istate = carray(_ptr(ctx[_CTX_I], np.int64), (ctx[_CTX_I0], ctx[_CTX_I1]))
     params, counters, mi, mf = _rest_of(ctx)
     xo = mi[4]
-    flags = _l1_apply_tick(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
+    flags = _l1_apply_inl(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
     if flags >= 0:
-        return flags, _run_program(mi, mf)
+        return flags, _run_program_inl(mi, mf)
     return flags, -1.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _trades_fused_tick(i, ctx_addr):
     """:func:`_l1_fused_tick` for the trade-only feature set (2-D state; cached on disk)."""
     ctx = _ctx_of(ctx_addr)
@@ -122,13 +133,13 @@ def _trades_fused_tick(i, ctx_addr):
     istate = carray(_ptr(ctx[_CTX_I], np.int64), (ctx[_CTX_I0], ctx[_CTX_I1]))
     params, counters, mi, mf = _rest_of(ctx)
     xo = mi[4]
-    flags = _trades_apply_tick(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
+    flags = _trades_apply_inl(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
     if flags >= 0:
-        return flags, _run_program(mi, mf)
+        return flags, _run_program_inl(mi, mf)
     return flags, -1.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _l3_fused_tick(i, ctx_addr):
     """:func:`_l1_fused_tick` for the L3 feature set (1-D book state; cached on disk)."""
     ctx = _ctx_of(ctx_addr)
@@ -137,9 +148,9 @@ def _l3_fused_tick(i, ctx_addr):
     istate = carray(_ptr(ctx[_CTX_I], np.int64), (ctx[_CTX_I0],))
     params, counters, mi, mf = _rest_of(ctx)
     xo = mi[4]
-    flags = _l3_apply_tick(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
+    flags = _l3_apply_inl(ticks, i, fstate, istate, params, mf[xo : xo + mi[1]], counters)
     if flags >= 0:
-        return flags, _run_program(mi, mf)
+        return flags, _run_program_inl(mi, mf)
     return flags, -1.0
 
 
