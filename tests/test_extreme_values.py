@@ -72,7 +72,8 @@ def _events(shape: str, n: int) -> np.ndarray:
     else:
         t["kind"] = np.where(np.arange(n) % 4 == 3, KIND_TRADE, KIND_BOOK_ADD)
         t["order_id"] = np.arange(n) + 1
-        t["price"] = np.where(t["side"] > 0, 100.0 - 0.25 * (np.arange(n) % 3), 100.25 + 0.25 * (np.arange(n) % 3))
+        step = 0.25 * (np.arange(n) % 3)
+        t["price"] = np.where(t["side"] > 0, 100.0 - step, 100.25 + step)
     return t
 
 
@@ -145,7 +146,8 @@ def test_an_absurd_value_is_rejected_by_every_shape_as_the_live_sources_do(shape
         assert (flags[later] >= 0).all() and np.isfinite(scores[later]).all()
 
 
-VALS = np.array([5e-324, 1e-310, MIN_PRICE, 1e-300, 1e-200, 1e-9, 0.01, 1.0, 100.0, 1e15, 1e200, 1e300, 1.7e308])
+VALS = np.array([5e-324, 1e-310, MIN_PRICE, 1e-300, 1e-200, 1e-9, 0.01, 1.0, 100.0, 1e15, 1e200, 1e300,
+                 1.7e308])  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)
