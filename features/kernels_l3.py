@@ -40,7 +40,6 @@ from engine.schema import (
     FLAG_WARMUP,
     KIND_BOOK_DELETE,
     KIND_TRADE,
-    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_BOOK_FULL,
     REJECT_OK,
@@ -92,7 +91,6 @@ from features.common import (
     realised_vol,
 )
 from features.fastlog import LANES_OK, log8_of, log_checked
-from features.validate import absurd_value
 
 __all__ = [
     "N_FEATURES",
@@ -349,8 +347,6 @@ def _apply_core(ticks, i, fstate, istate, params, x_out, counters):
     value and rejects as :func:`apply_tick`.  Allocates: no.
     """
     t = ticks[i]
-    if absurd_value(t):
-        return _reject(x_out, counters, REJECT_ABSURD_VALUE)
     inst = t.instrument
     if inst < 0 or inst >= istate[H_N_INST]:
         return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)

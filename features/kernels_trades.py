@@ -34,7 +34,6 @@ from engine.schema import (
     KIND_TRADE,
     MIN_PRICE,
     REJECT_ABSURD_PRICE,
-    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_NONFINITE,
     REJECT_NONPOSITIVE,
@@ -44,7 +43,6 @@ from engine.schema import (
 )
 from features.common import BPS, NS_PER_S, clip, decay_factor, drop_stale_numba_cache, realised_vols
 from features.fastlog import LANES_OK, clear_of, log8_of
-from features.validate import absurd_value
 
 __all__ = [
     "N_FEATURES",
@@ -221,8 +219,6 @@ def apply_tick(ticks, i, fstate, istate, params, x_out, counters):
     Allocates: no.
     """
     t = ticks[i]
-    if absurd_value(t):
-        return _reject(x_out, counters, REJECT_ABSURD_VALUE)
     inst = t.instrument
     if inst < 0 or inst >= istate.shape[0]:
         return _reject(x_out, counters, REJECT_UNKNOWN_INSTRUMENT)

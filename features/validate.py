@@ -15,7 +15,6 @@ from engine.schema import (
     MAX_ABS_VALUE,
     MIN_PRICE,
     N_REJECT_REASONS,
-    REJECT_ABSURD_VALUE,
     REJECT_BAD_KIND,
     REJECT_CROSSED,
     REJECT_NONFINITE,
@@ -25,25 +24,25 @@ from engine.schema import (
     REJECT_UNKNOWN_INSTRUMENT,
 )
 
-__all__ = ["validate_tick", "validate_batch", "validate_rows", "absurd_value"]
+__all__ = ["validate_tick", "validate_batch", "validate_rows", "absurd_rows"]
 
 
-@njit(cache=True, nogil=True, inline="always")
-def absurd_value(t):
-    """Whether tick ``t`` carries a finite price or size above :data:`~engine.schema.MAX_ABS_VALUE`
-    (1e15: 1e300, a uint64-max sentinel) while none of the six is +inf (left to ``nonfinite``).
+def absurd_rows(ticks: np.ndarray) -> np.ndarray:
+    """Which rows carry a finite price or size above :data:`~engine.schema.MAX_ABS_VALUE` (1e15:
+    1e300, a uint64-max sentinel) while none of their six is +inf (that is left to ``nonfinite``).
 
-    The live sources' rule (:meth:`engine.sources.TickSlot.ingest`, :mod:`engine.tick_decode`),
-    checked first by every shape's kernel too, so a file's row and a wire tick with the same
-    values get the same decision (``absurd_value``) and a sentinel never reaches the features.
+    The live sources' ``absurd_value`` rule (:meth:`engine.sources.TickSlot.ingest`,
+    :mod:`engine.tick_decode`), vectorised for the file readers of every shape, so a file's row
+    and a wire tick with the same values get the same decision and a sentinel never reaches
+    the features.  Returns a bool array of ``len(ticks)``.  Allocates: the masks.
     """
-    lim = MAX_ABS_VALUE
-    if not (t.bid_px > lim or t.ask_px > lim or t.price > lim or t.bid_sz > lim or t.ask_sz > lim
-            or t.size > lim):  # fmt: skip
-        return False
-    inf = np.inf
-    return not (t.bid_px == inf or t.ask_px == inf or t.price == inf or t.bid_sz == inf or t.ask_sz == inf
-                or t.size == inf)  # fmt: skip
+    big = np.zeros(len(ticks), dtype=bool)
+    inf = np.zeros(len(ticks), dtype=bool)
+    for c in ("bid_px", "ask_px", "price", "bid_sz", "ask_sz", "size"):
+        v = ticks[c]
+        big |= v > MAX_ABS_VALUE
+        inf |= v == np.inf
+    return big & ~inf
 
 
 @njit(cache=True, nogil=True)
@@ -59,8 +58,7 @@ def validate_tick(ticks, i, last_ts):
         Last accepted ``ts_event_ns`` per instrument (``INT64_MIN`` if none).
         Read only: the caller advances it once the tick is accepted.
 
-    Checks, in order: no absurd value (:func:`absurd_value`), instrument id in range, kind
-    handled (quote/trade),
+    Checks, in order: instrument id in range, kind handled (quote/trade),
     finite and positive prices/sizes (a price at least :data:`~engine.schema.MIN_PRICE`,
     the smallest normal float64), quote not crossed (bid > ask; a locked
     quote bid == ask is accepted), event time not earlier than the instrument's
@@ -69,8 +67,6 @@ def validate_tick(ticks, i, last_ts):
     Allocates: no.
     """
     t = ticks[i]
-    if absurd_value(t):
-        return REJECT_ABSURD_VALUE
     inst = t.instrument
     if inst < 0 or inst >= last_ts.shape[0]:
         return REJECT_UNKNOWN_INSTRUMENT

@@ -3,10 +3,10 @@
 A subnormal price (below the smallest normal float64) passed ``price > 0``, and half of it
 rounds to 0: the L1 mid was 0, the features divided by it, and from then on every tick of
 that instrument raised ``ZeroDivisionError`` (the native loop published a stale score for
-each).  A finite size of 1e300 was accepted from a file while the live sources reject it as
-``absurd_value``, and gave the L3 depth features NaN.  Now both are rejected by reason in
-every shape, by the kernels themselves (so files, replay and live decide alike), and no
-accepted tick, however extreme, gives a non-finite feature or score.
+each): now ``nonpositive`` in every shape's kernel.  A finite size of 1e300 was accepted
+from a file while the live sources reject it as ``absurd_value``, and gave the L3 depth
+features NaN: now the readers apply the live rule.  No tick a kernel accepts, however
+extreme, gives a non-finite feature or score.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from engine.schema import (
     KIND_TRADE,
     MIN_PRICE,
     N_REJECT_REASONS,
-    REJECT_ABSURD_VALUE,
-    REJECT_NONFINITE,
     REJECT_NONPOSITIVE,
     TICK_DTYPE,
 )
 from features.registry import kernels_for
-from features.validate import validate_batch
+from features.validate import absurd_rows, validate_batch
 from models.fused import FusedBackend
 from replay.inputs import default_model_for_shape
 
@@ -120,30 +118,46 @@ def test_the_smallest_normal_price_is_accepted_and_scores_finite(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(
-    ("values", "reason"),
-    [
-        ({"size": 1e300}, REJECT_ABSURD_VALUE),
-        ({"ask_sz": 1.8446744073709552e19}, REJECT_ABSURD_VALUE),  # uint64-max, in any of the six fields
-        ({"price": 1e16, "size": 2.0}, REJECT_ABSURD_VALUE),
-        ({"bid_sz": np.inf, "size": 1e300}, None),  # a +inf anywhere: not absurd, left to the kernel's checks
-        ({"price": np.inf}, REJECT_NONFINITE),
-    ],
-)
-def test_an_absurd_value_is_rejected_by_every_shape_as_the_live_sources_do(shape, values, reason):
-    ticks = _events(shape, 30)
-    ticks["kind"][10] = KIND_TRADE
-    for k, v in values.items():
-        ticks[k][10] = v
-    flags, scores, X, counters = _run(shape, ticks)
-    if reason is None:  # the live rule: with a +inf among the six, the kernel's own checks decide; a trade
-        # of size 1e300 (its bid size, +inf, is no trade field) may be taken, and must poison nothing
-        assert np.isfinite(scores[flags >= 0]).all() and np.isfinite(X[flags >= 0]).all()
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+def test_a_files_absurd_values_are_rejected_as_the_live_sources_do(tmp_path, shape, chunked):
+    """The readers apply the live sources' ``absurd_value`` rule: a finite price or size above 1e15
+    (1e300, uint64-max) while none of the row's values is +inf."""
+    import polars as pl
+
+    from replay.generator_l3 import write_l3, write_trades
+    from replay.reader import iter_tick_chunks, read_ticks
+
+    path = tmp_path / f"{shape}.parquet"
+    if shape == "l1":
+        from replay.generator import write_market
+
+        write_market(path, n_events=400)
     else:
-        assert flags[10] == -reason, flags[10]
-        assert counters[reason] == 1
-        later = np.arange(11, len(ticks))
-        assert (flags[later] >= 0).all() and np.isfinite(scores[later]).all()
+        (write_l3 if shape == "l3" else write_trades)(path, 400)
+    df = pl.read_parquet(path).with_row_index("row")
+    # rows of the kind whose columns are edited (a file's quote row has no price or size: the
+    # reader reads the columns its kind uses; the wire's Tick carries all six, checked all six)
+    kind = df["kind"].to_numpy() if "kind" in df.columns else np.full(df.height, 2)
+    tr = [int(r) for r in np.flatnonzero(kind != 1)[10:15]]
+    absurd = {tr[0]: ("size", 1e300), tr[1]: ("price", 1.8446744073709552e19), tr[2]: ("price", 2e15)}
+    if shape == "l1":
+        absurd |= {int(np.flatnonzero(kind == 1)[10]): ("bid_sz", 1e300)}
+    # the bound itself is no absurd value; nor is 1e300 beside a +inf (left to the kernel's nonfinite)
+    kept = {tr[3]: ("price", 1e15), tr[4]: ("size", 1e300)}
+    edits = list(absurd.items()) + list(kept.items()) + [(tr[4], ("price", np.inf))]
+    for row, (col, v) in edits:
+        df = df.with_columns(pl.when(pl.col("row") == row).then(pl.lit(v)).otherwise(pl.col(col)).alias(col))
+    df.drop("row").write_parquet(path)
+    if chunked:
+        it = iter_tick_chunks(path, 64, shape=shape)
+        ticks = np.concatenate([c.ticks for c in it])
+        rejected = it.rejected
+    else:
+        data = read_ticks(path, shape=shape)
+        ticks, rejected = data.ticks, data.rejected
+    assert rejected.get("absurd_value", 0) == len(absurd), rejected
+    assert not absurd_rows(ticks).any()
+    assert (ticks["price"] == 1e15).sum() == 1
 
 
 VALS = np.array([5e-324, 1e-310, MIN_PRICE, 1e-300, 1e-200, 1e-9, 0.01, 1.0, 100.0, 1e15, 1e200, 1e300,
@@ -152,7 +166,8 @@ VALS = np.array([5e-324, 1e-310, MIN_PRICE, 1e-300, 1e-200, 1e-9, 0.01, 1.0, 100
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_no_accepted_tick_of_extreme_values_gives_a_nonfinite_feature_or_score(shape):
-    """Random events whose every price and size is drawn from 1e-323 .. 1.7e308 (seeded)."""
+    """Random events whose every price and size is drawn from 1e-323 .. 1.7e308 (seeded), less the
+    rows with an absurd value (which never reach a kernel: readers and live sources reject them)."""
     rng = np.random.default_rng(3)
     n = 6000
     t = np.zeros(n, TICK_DTYPE)
@@ -164,10 +179,11 @@ def test_no_accepted_tick_of_extreme_values_gives_a_nonfinite_feature_or_score(s
     t["ask_px"] = np.maximum(t["ask_px"], t["bid_px"])
     t["side"] = rng.choice([-1, 1], n)
     t["order_id"] = rng.integers(1, 40, n)
+    t = t[~absurd_rows(t)]  # as every reader and live source does before the kernel
     flags, scores, X, counters = _run(shape, t)
     ok = flags >= 0
     assert ok.sum() > 100  # the draw leaves enough accepted events to mean something
-    assert counters[REJECT_ABSURD_VALUE] > 0 and counters[REJECT_NONPOSITIVE] > 0
+    assert counters[REJECT_NONPOSITIVE] > 0
     assert np.isfinite(scores[ok]).all()
     bad_cols = sorted({int(c) for c in np.nonzero(~np.isfinite(X[ok]))[1]})
     assert not bad_cols, f"non-finite features {bad_cols}"

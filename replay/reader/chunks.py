@@ -28,7 +28,7 @@ from replay.reader.normalise import (
     _text,
 )
 from replay.reader.plan import _make_plan, _Plan
-from replay.reader.read import _symbol_table
+from replay.reader.read import _drop_absurd, _symbol_table
 
 _SCAN_ROWS = 1 << 20
 
@@ -262,6 +262,7 @@ class TickChunks:
     def _gen(self) -> Iterator[TickChunk]:
         src = self._sorted() if self.sort else self._normalised()
         for cand, counts in src:
+            cand = _drop_absurd(cand, counts)
             if self.shape == "l1" and len(cand):
                 reasons = np.empty(len(cand), dtype=np.uint8)
                 n_ok = validate_rows(cand, self._last_ts, reasons, counts)

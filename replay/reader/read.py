@@ -13,12 +13,13 @@ from engine.schema import (
     KIND_BOOK_MODIFY,
     KIND_QUOTE,
     N_REJECT_REASONS,
+    REJECT_ABSURD_VALUE,
     REJECT_MALFORMED,
     REJECT_NONFINITE,
     REJECT_OK,
     TICK_DTYPE,
 )
-from features.validate import validate_rows
+from features.validate import absurd_rows, validate_rows
 from replay.mapping import IDENTITY, KIND_CLEAR, ColumnMapping
 from replay.reader.base import SHAPES, TickData, _reasons
 from replay.reader.files import _iter_frames, _read_frame
@@ -209,7 +210,7 @@ def read_ticks(
     counts[REJECT_MALFORMED] += norm.n_malformed
     counts[REJECT_NONFINITE] += norm.n_nonfinite_ts
     anomalies: dict[str, int] = {"skipped": norm.n_skipped}
-    cand = norm.ticks
+    cand = _drop_absurd(norm.ticks, counts)
     recv = cand["ts_recv_ns"]
     if len(recv) > 1:
         anomalies["recv_backwards"] = int(np.count_nonzero(recv[1:] < recv[:-1]))
@@ -235,3 +236,13 @@ def read_ticks(
 
 # =========================================================================== chunks
 #: Rows per frame of the pre-scan (symbol column only): more only holds more memory.
+
+
+def _drop_absurd(cand: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Count the rows the live sources would reject as ``absurd_value`` and return the others."""
+    bad = absurd_rows(cand)
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return cand
+    counts[REJECT_ABSURD_VALUE] += n
+    return cand[~bad]
