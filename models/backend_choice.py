@@ -66,6 +66,8 @@ class ParityReport:
     out_step: float | None = None
     max_steps: float | None = None
     seconds: float = 0.0
+    #: the program sums u8 x s8 products in int16-saturated pairs, as onnxruntime does on this CPU
+    saturated_pairs: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -79,7 +81,8 @@ class ParityReport:
         )
         if self.max_steps is not None:
             s += f"; {self.max_steps:.3g} output quantization steps of {self.out_step:.3g}"
-        return s + f", lowering {self.lowering})"
+        sat = "; u8s8 pair sums saturated as onnxruntime's on this CPU" if self.saturated_pairs else ""
+        return s + f", lowering {self.lowering}{sat})"
 
 
 def check_parity(fused: FusedBackend, ort_backend: Any, X: np.ndarray) -> ParityReport:
@@ -107,6 +110,7 @@ def check_parity(fused: FusedBackend, ort_backend: Any, X: np.ndarray) -> Parity
         rows=int(X.shape[0]), max_abs_diff=mx, mean_abs_diff=float(d.mean()) if d.size else 0.0,
         tolerance=float(tol), passed=ok, quantization=fused.quantization, lowering=prog.lowering,
         out_step=step, max_steps=steps, seconds=time.perf_counter() - t0,
+        saturated_pairs=prog.saturated_pairs,
     )
 
 

@@ -32,9 +32,11 @@ clamp, round half to even, add zero point; ``DequantizeLinear`` =
 semantics of the original graph (``lowering = "reference"``; on the shipped
 int8 model that differs from onnxruntime by up to 2 output steps on ~4 % of
 rows).  Float GEMMs accumulate in float32 in input order (onnxruntime's
-sgemm uses FMA and its own order), so fp32 graphs agree to ~4e-7.  (On CPUs
-without VNNI, MLAS's u8s8 AVX2 kernel can saturate int16 pair sums; the
-parity check would show that.)
+sgemm uses FMA and its own order), so fp32 graphs agree to ~4e-7.  On CPUs
+without VNNI, MLAS's u8s8 kernel (``vpmaddubsw``) saturates the sum of the products
+of inputs ``2j`` and ``2j + 1`` to int16; :func:`ort_saturates_u8s8` probes for it
+once and the integer GEMMs of uint8 activations and int8 weights then do the same
+(:attr:`FusedProgram.saturated_pairs`).
 
 Before a fused backend is used, :func:`check_parity` compares it with the
 onnxruntime backend on >= 100,000 feature vectors: fp32 max abs diff <= 1e-5;
@@ -116,9 +118,12 @@ class _Lowerer:
     """Walk a chain-shaped graph and emit program ops."""
 
     def __init__(self, model: onnx.ModelProto, source: str, allowed: tuple[str, ...],
-                 fuse: bool = True) -> None:  # fmt: skip
+                 fuse: bool = True, saturate_u8s8: bool = False) -> None:  # fmt: skip
         self.model = model
         self.fuse = fuse
+        #: sum u8 x s8 products in int16-saturated pairs, as this machine's onnxruntime does
+        self.saturate_u8s8 = saturate_u8s8
+        self.saturated = False  # a GEMM was lowered so
         self.source = source
         self.allowed = allowed
         self.rows: list[list[int]] = []
@@ -239,7 +244,7 @@ class _Lowerer:
             m = np.float32(np.float32(a.scale) * np.float32(b.scale))
             dst = self.F
             row = self.emit(
-                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([a.zp]),
+                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([a.zp, 0]),
                 self.addf([m]), self.addf(self.pad_blocks(bias, n_out)) if bias is not None else -1, -1,
             )
             out = _Val("f", n_out, dst)
@@ -591,33 +596,52 @@ class _Lowerer:
         wt = np.ascontiguousarray((B.astype(np.int64) - zb_v).T)
         self.quantized = True
         bv = _Val("qconst", B.size, const=B, scale=float(sb_v), zp=zb_v)
+        # onnxruntime's u8s8 kernel without VNNI (ort_saturates_u8s8): sum(x w) over the raw uint8
+        # inputs in int16-saturated pairs, then - za * sum(w) per output; that correction goes into
+        # the int32 bias (wrapping, as the accumulation), and the kernel gets za = 0
+        sat = self.saturate_u8s8 and a.qmin == 0 and a.qmax == 255 and B.dtype == np.int8 and zb_v == 0
+        corr = za_v * wt.sum(axis=1) if sat else None
+        self.saturated |= sat
+
+        def int_bias(bb: np.ndarray | None) -> int:
+            if bb is None and corr is None:
+                return -1
+            v = np.zeros(n_out, np.int64)
+            if bb is not None:
+                v = np.broadcast_to(bb.reshape(-1), (n_out,)).astype(np.int64)
+            if corr is not None:
+                v = ((v - corr + 2**31) % 2**32) - 2**31  # int32 wrapping
+            return self.addi(self.pad_blocks(v, n_out))
+
+        za_k, sat_k = (0, 1) if sat else (za_v, 0)
         if sy:  # requantised output
             sy_v = np.float32(c(sy).reshape(()))
             zy_arr = c(zy) if zy else np.array(0, dtype=np.uint8)
             qmin, qmax = _QRANGE[zy_arr.dtype]
             m = np.float32(np.float32(alpha * sa_v * sb_v) / sy_v)
-            ibias = -1
+            bb = None
             if bias:
                 bb = c(bias)
                 if bb.dtype != np.int32:
                     raise self.fail(node, "bias must be int32")
-                ibias = self.addi(self.pad_blocks(np.broadcast_to(bb.reshape(-1), (n_out,)), n_out))
+            ibias = int_bias(bb)
             dst = self.qreg(a.reg)
             row = self.emit(OP_GEMM_I2Q, n_in, n_out, a.reg, dst, self.addi_blocks(wt),
-                            self.addi([za_v, int(zy_arr), qmin, qmax]), self.addf([m]), ibias)
+                            self.addi([za_k, int(zy_arr), qmin, qmax, sat_k]), self.addf([m]), ibias)
             self.last_gemm = (row, a, bv)
             return _Val("q", n_out, dst, scale=float(sy_v), zp=int(zy_arr), qmin=qmin, qmax=qmax)
         m = np.float32(alpha * sa_v * sb_v)
-        fbias = ibias = -1
+        fbias, ib_arr = -1, None
         if bias:
             bb = c(bias)
             if bb.dtype == np.int32:
-                ibias = self.addi(self.pad_blocks(np.broadcast_to(bb.reshape(-1), (n_out,)), n_out))
+                ib_arr = bb
             else:
                 fb = np.broadcast_to(bb.astype(np.float32).reshape(-1), (n_out,))
                 fbias = self.addf(self.pad_blocks(fb, n_out))
+        ibias = int_bias(ib_arr)
         dst = self.F
-        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([za_v]),
+        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([za_k, sat_k]),
                         self.addf([m]), fbias, ibias)
         self.last_gemm = (row, a, bv)
         return _Val("f", n_out, dst)
@@ -652,9 +676,61 @@ def lower_graph(model: onnx.ModelProto, source: str = "model", *, ort_ops: bool 
         the message names the op and node.
     """
     allowed = SUPPORTED_OPS + (_ORT_FUSED_OPS if ort_ops else ())
-    prog = _Lowerer(model, source, allowed, fuse).run()
+    low = _Lowerer(model, source, allowed, fuse, saturate_u8s8=ort_ops and ort_saturates_u8s8())
+    prog = low.run()
     prog.lowering = "ort-optimized" if ort_ops else "reference"
+    prog.saturated_pairs = low.saturated
     return prog
+
+
+_PROBE_W = np.array([[127, -128], [127, -128], [127, -128], [127, -128]], np.int8)
+_PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.uint8)
+
+
+def _pair_saturated(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a @ w`` summing products of inputs ``2j`` and ``2j + 1`` first, each such sum clamped to int16."""
+    p = a[:, :, None].astype(np.int64) * w[None, :, :].astype(np.int64)
+    p = np.pad(p, ((0, 0), (0, p.shape[1] % 2), (0, 0)))
+    return np.clip(p[:, 0::2] + p[:, 1::2], -32768, 32767).sum(axis=1)
+
+
+_SATURATES: list[bool] = []
+
+
+def ort_saturates_u8s8() -> bool:
+    """Whether this machine's onnxruntime computes u8 x s8 integer GEMMs with int16-saturated pair sums.
+
+    MLAS's kernels for CPUs without VNNI (AVX2, AVX-512BW) multiply with ``vpmaddubsw``, which
+    adds the products of inputs ``2j`` and ``2j + 1`` and saturates that sum to int16; with
+    VNNI (``vpdpbusd``) the sums are exact.  Probed once per process with a 4 x 2
+    ``MatMulInteger`` whose pairs overflow int16: True only if every probe row gives exactly
+    the pair-saturated sums, False if they are exact (or anything else: then nothing is
+    emulated and the parity check decides).
+    """
+    if not _SATURATES:
+        _SATURATES.append(_probe_u8s8())
+    return _SATURATES[0]
+
+
+def _probe_u8s8() -> bool:
+    import onnxruntime as ort  # deferred: onnxruntime only where a session is made here
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], "probe",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [None, 2])],
+        [numpy_helper.from_array(_PROBE_W, "W")],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), make_session_options(),
+                                    providers=["CPUExecutionProvider"])  # fmt: skip
+        got = np.vstack([sess.run(None, {"A": row[None, :]})[0] for row in _PROBES]).astype(np.int64)
+    except Exception as exc:  # noqa: BLE001 - no probe: emulate nothing, the parity check decides
+        log.info("onnxruntime u8s8 probe failed (%s): integer GEMMs lowered exact", exc)
+        return False
+    return bool(np.array_equal(got, _pair_saturated(_PROBES, _PROBE_W)))
 
 
 def _ort_optimized_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -69,13 +69,14 @@ def _make_gemm_blocks(nb: int):
     """Return an intrinsic that computes ``nb`` consecutive blocks of an integer GEMM (see below)."""
 
     @intrinsic
-    def gemm_blocks(typingctx, mi_addr, src, wblk, ibias, n_in, zpa, dst_addr, m, lo, hi, zpo, fbias_addr):
+    def gemm_blocks(typingctx, mi_addr, src, wblk, ibias, n_in, zpa, dst_addr, m, lo, hi, zpo, fbias_addr,
+                    sat):  # fmt: skip
         i64 = types.int64
         sig = types.void(i64, i64, i64, i64, i64, i64, i64, types.float32, types.float32, types.float32,
-                         i64, i64)  # fmt: skip
+                         i64, i64, i64)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            mi_a, src_, wblk_, ibias_, n_in_, zpa_, dst_a, m_, lo_, hi_, zpo_, fb_a = args
+            mi_a, src_, wblk_, ibias_, n_in_, zpa_, dst_a, m_, lo_, hi_, zpo_, fb_a, sat_ = args
             i32, f32, int64 = ir.IntType(32), ir.FloatType(), ir.IntType(64)
             vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
             zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
@@ -104,14 +105,38 @@ def _make_gemm_blocks(nb: int):
                         builder.store(ir.Constant(vi, [0] * LANES), acc)
             zpa32 = builder.trunc(zpa_, i32)
             stride = builder.mul(n_in_, ir.Constant(int64, LANES))  # from one block's weights to the next
-            with cgutils.for_range(builder, n_in_) as loop:
-                k = loop.index
-                x = splat(builder.sub(builder.load(builder.gep(base, [builder.add(src_, k)])), zpa32), vi)
+
+            def x_at(k):  # input k less the zero point, splat
+                return splat(builder.sub(builder.load(builder.gep(base, [builder.add(src_, k)])), zpa32), vi)
+
+            def w_at(k, q):  # block q's weights of input k
                 wk = builder.add(wblk_, builder.mul(k, ir.Constant(int64, LANES)))
-                for q, acc in enumerate(accs):
-                    wq = builder.add(wk, builder.mul(stride, ir.Constant(int64, q)))
-                    w = vload(builder.gep(base, [wq]), vi)
-                    builder.store(builder.add(builder.load(acc), builder.mul(x, w)), acc)
+                wq = builder.add(wk, builder.mul(stride, ir.Constant(int64, q)))
+                return vload(builder.gep(base, [wq]), vi)
+
+            with builder.if_else(builder.icmp_signed("==", sat_, ir.Constant(int64, 0))) as (exact, pairs):
+                with exact:
+                    with cgutils.for_range(builder, n_in_) as loop:
+                        k = loop.index
+                        x = x_at(k)
+                        for q, acc in enumerate(accs):
+                            builder.store(builder.add(builder.load(acc), builder.mul(x, w_at(k, q))), acc)
+                with pairs:
+                    # inputs 2j and 2j + 1 summed first and that sum saturated to int16 (see above)
+                    smin, smax = ir.Constant(vi, [-32768] * LANES), ir.Constant(vi, [32767] * LANES)
+                    n_pairs = builder.sdiv(builder.add(n_in_, ir.Constant(int64, 1)), ir.Constant(int64, 2))
+                    last = builder.sub(n_in_, ir.Constant(int64, 1))
+                    with cgutils.for_range(builder, n_pairs) as loop:
+                        k0 = builder.mul(loop.index, ir.Constant(int64, 2))
+                        has_k1 = builder.icmp_signed("<", k0, last)
+                        k1 = builder.select(has_k1, builder.add(k0, ir.Constant(int64, 1)), k0)
+                        x0 = x_at(k0)
+                        x1 = builder.select(has_k1, x_at(k1), zeros)  # an odd last input pairs with 0
+                        for q, acc in enumerate(accs):
+                            p = builder.add(builder.mul(x0, w_at(k0, q)), builder.mul(x1, w_at(k1, q)))
+                            p = builder.select(builder.icmp_signed("<", p, smin), smin, p)
+                            p = builder.select(builder.icmp_signed(">", p, smax), smax, p)
+                            builder.store(builder.add(builder.load(acc), p), acc)
             vs = [builder.fmul(builder.sitofp(builder.load(acc), vf), splat(m_, vf)) for acc in accs]
             requant = builder.icmp_signed("!=", zpo_, ir.Constant(int64, -(2**63)))
             with builder.if_else(requant) as (yes, no):
@@ -139,11 +164,14 @@ def _make_gemm_blocks(nb: int):
     return gemm_blocks
 
 
-#: ``_gemm1(mi_addr, src, wblk, ibias, n_in, zpa, dst_addr, m, lo, hi, zpo, fbias_addr)``: one
+#: ``_gemm1(mi_addr, src, wblk, ibias, n_in, zpa, dst_addr, m, lo, hi, zpo, fbias_addr, sat)``: one
 #: block of :data:`LANES` outputs of an integer GEMM as vector code, ``_gemm2`` two consecutive
 #: blocks (the input is read once for both).  Per block:
 #: ``acc = ibias[0:L] (or 0) + sum_k (mi[src + k] - zpa) * mi[wblk + L k : wblk + L k + L]``
-#: in int32 (wrapping, as onnxruntime's kernels and the scalar form do), then
+#: in int32 (wrapping, as onnxruntime's kernels and the scalar form do; with ``sat`` != 0, as
+#: onnxruntime's u8s8 kernel without VNNI does: ``zpa`` is 0, folded into the bias by the lowering,
+#: and inputs ``2j`` and ``2j + 1`` are summed first, ``x[2j] w[2j] + x[2j+1] w[2j+1]``, and that
+#: pair sum saturated to int16, the ``vpmaddubsw`` of MLAS's AVX2 / AVX-512BW kernels), then
 #: ``v = float32(acc) * m``, and either (requantise) the int32 ``rint(clamp(v, lo, hi)) + zpo``
 #: stored at byte address ``dst_addr``, or (``zpo`` = :data:`_NO_REQUANT`, float output)
 #: ``v [+ fbias[0:L]]`` stored as float32 (``fbias_addr`` 0 = none).  The same float32
@@ -220,9 +248,11 @@ def _run_program(mi, mf):
                 lo = np.float32(mi[p1 + 2] - zpo)
                 hi = np.float32(mi[p1 + 3] - zpo)
                 ib, fb, d_a = p3, -1, mi_a
+                sat = np.int64(mi[p1 + 4])
             else:
                 zpo, lo, hi = _NO_REQUANT, np.float32(0.0), np.float32(0.0)
                 ib, fb, d_a = p4, p3, mf_a
+                sat = np.int64(mi[p1 + 1])
             nb = (np.int64(n_out) + (LANES - 1)) // LANES
             s_o, k_n, zpa, m = np.int64(src), np.int64(n_in), np.int64(mi[p1]), mf[p2]
             q = np.int64(0)
@@ -233,10 +263,10 @@ def _run_program(mi, mf):
                 d_o = d_a + 4 * (np.int64(dst) + b)
                 fb_a = mf_a + 4 * (fb + b) if fb >= 0 else 0
                 if q + 2 <= nb:
-                    _gemm2(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a)
+                    _gemm2(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat)
                     q += 2
                 else:
-                    _gemm1(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a)
+                    _gemm1(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat)
                     q += 1
         elif op == OP_GEMM_F:
             # float32 GEMM, W (n_in, n_out) row-major: y[j] = b[j] + sum_k x[k] W[k, j],
@@ -342,6 +372,9 @@ class FusedProgram:
         ``0.25 * s_last * max |W_out|``; None for float graphs.
     quantized : bool
         The program contains integer arithmetic.
+    saturated_pairs : bool
+        Some integer GEMM sums its u8 x s8 products in int16-saturated pairs, as onnxruntime
+        does on this CPU (:func:`models.lowering.ort_saturates_u8s8`).
     """
 
     mi: np.ndarray
@@ -353,6 +386,7 @@ class FusedProgram:
     ops: list[str]
     out_step: float | None
     quantized: bool
+    saturated_pairs: bool = False
 
     def __post_init__(self) -> None:
         check_program(self.mi, self.mf)
@@ -405,7 +439,7 @@ def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
         need(all(-1 <= v < max(ni, nf) for v in p), f"row {o} ({name}) constants")
         if gemm_i:
             need(p[0] >= 0 and p[0] + width * n_in <= ni, f"row {o} ({name}) weights")
-            need(0 <= p[1] and p[1] + (4 if op == OP_GEMM_I2Q else 1) <= ni and 0 <= p[2] < nf,
+            need(0 <= p[1] and p[1] + (5 if op == OP_GEMM_I2Q else 2) <= ni and 0 <= p[2] < nf,
                  f"row {o} ({name}) zero points and scale")  # fmt: skip
             ibias, fbias = (p[3], -1) if op == OP_GEMM_I2Q else (p[4], p[3])
             need(ibias < 0 or ibias + width <= ni, f"row {o} ({name}) integer bias")

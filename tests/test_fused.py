@@ -315,21 +315,28 @@ def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("hidden", [(13, 9), (40, 24, 3), (1,), (8, 17)])
-def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden):
+@pytest.mark.parametrize("saturate", [False, True], ids=["exact", "u8s8_pairs"])
+def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden, saturate,
+                                                                        monkeypatch):  # fmt: skip
     """The vector GEMMs (blocks of LANES outputs, padded) give exactly numpy's int32 arithmetic.
 
     Layer by layer from the interpreter's own quantized input (row offsets are absolute):
     int32 accumulation of ``(x - zpa) * W`` (+ int32 bias), then float32 ``acc * M``,
     clamped and rounded half to even (requantised rows) or ``+ float bias`` (the float
-    row), compared bit for bit.
+    row), compared bit for bit.  Lowered as for a CPU whose onnxruntime saturates u8 x s8
+    pair sums (``u8s8_pairs``), the accumulation is of the raw inputs, ``x[2j] W[2j] +
+    x[2j+1] W[2j+1]`` clamped to int16 per pair, with ``- zpa * sum(W)`` in the bias.
     """
+    import models.lowering
     from models.lowering import _ort_optimized_model
     from models.program import _ROW, LANES, OP_AFFINE_QUANT, OP_GEMM_I2F, OP_GEMM_I2Q, _run_program
 
+    monkeypatch.setattr(models.lowering, "_SATURATES", [saturate])
     w = _random_weights(len(hidden) + 5, hidden)
     X = parity_vectors(FS)[:3000]
     q = quantize_int8(build_graph(w), tmp_path / "q.onnx", X[:2000], activation_type="uint8")
     prog = lower_graph(_ort_optimized_model(q), "t", ort_ops=True)
+    assert prog.saturated_pairs == saturate
     mi, mf = prog.new_arrays()
     rows = [mi[mi[2] + o * _ROW: mi[2] + (o + 1) * _ROW].astype(np.int64) for o in range(mi[0])]
     assert [r[0] for r in rows[:-1]] == [OP_AFFINE_QUANT] + [OP_GEMM_I2Q] * len(hidden) + [OP_GEMM_I2F]
@@ -346,7 +353,15 @@ def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_pat
             W = mi[p0: p0 + nb * LANES * n_in].astype(np.int64).reshape(nb, n_in, LANES)
             W = W.transpose(0, 2, 1).reshape(nb * LANES, n_in)[:n_out]
             ib = p4 if op == OP_GEMM_I2F else p3
-            acc = W @ (a - mi[p1]) + (mi[ib: ib + n_out] if ib >= 0 else 0)
+            sat = mi[p1 + 4] if op == OP_GEMM_I2Q else mi[p1 + 1]
+            # (the last, float layer is onnxruntime's float GEMM of dequantized values: never saturated)
+            assert sat == (saturate and op == OP_GEMM_I2Q) and (not sat or mi[p1] == 0)
+            if sat:  # products of inputs 2j and 2j + 1 summed, clamped to int16, then summed
+                prod = np.pad(W * a[None, :], ((0, 0), (0, n_in % 2)))
+                acc = np.clip(prod[:, 0::2] + prod[:, 1::2], -32768, 32767).sum(axis=1)
+            else:
+                acc = W @ (a - mi[p1])
+            acc = acc + (mi[ib: ib + n_out] if ib >= 0 else 0)
             v = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32).astype(np.float32) * mf[p2]
             if op == OP_GEMM_I2Q:
                 zpo = mi[p1 + 1]
