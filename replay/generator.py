@@ -661,6 +661,14 @@ def inject_bad_rows(
     return out, counts
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Return ``path`` as a Path if its suffix names a format the generators write, else raise ValueError."""
+    out = Path(path)
+    if not out.name.lower().endswith((".parquet", ".pq", ".csv", ".csv.gz")):
+        raise ValueError(f"{out}: unknown output format; use a .parquet, .csv or .csv.gz file name")
+    return out
+
+
 def write_market(
     path: str | Path,
     n_events: int = DEFAULT_EVENTS,
@@ -685,10 +693,8 @@ def write_market(
     Path
         The written file.
     """
-    out = Path(path)
+    out = check_output_path(path)
     name = out.name.lower()
-    if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
-        raise ValueError(f"{out}: unknown output format; use a .parquet, .csv or .csv.gz file name")
     frame = generate_market(n_events, symbols, seed, start_ns, bad_fraction=bad_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith(".csv"):

@@ -53,10 +53,12 @@ from replay.generator import (
     DEFAULT_SEED,
     DEFAULT_START_NS,
     DEFAULT_SYMBOLS,
+    _check_symbols,
     _geometric0,
     _next_u64,
     _normal,
     _uniform,
+    check_output_path,
     generate_market,
     instrument_spec,
 )
@@ -347,11 +349,9 @@ class L3Simulator:
         start_ns: int = DEFAULT_START_NS,
         snapshot_orders: int = 30,
     ) -> None:
-        if isinstance(symbols, str):
-            raise TypeError("symbols must be a sequence of str")
-        self.symbols = [str(s) for s in symbols]
-        if not self.symbols:
-            raise ValueError("need at least one symbol")
+        self.symbols = _check_symbols(symbols)
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         m = len(self.symbols)
         specs = [instrument_spec(s) for s in self.symbols]
         self.tick_num = np.array([s.tick_num for s in specs], dtype=np.int64)
@@ -426,6 +426,9 @@ def write_l3(
     chunk_rows: int = 2_000_000,
 ) -> Path:
     """Write ``n_events`` L3 events to Parquet / CSV / CSV.gz chunk by chunk (bounded memory)."""
+    if int(n_events) < 0:
+        raise ValueError(f"n_events must be >= 0, got {n_events}")
+    check_output_path(path)
     sim = L3Simulator(symbols, seed, start_ns)
     return _write_chunks(path, n_events, chunk_rows, sim.next_chunk)
 
@@ -437,6 +440,8 @@ def generate_trades(
     start_ns: int = DEFAULT_START_NS,
 ) -> pl.DataFrame:
     """Return ``n_events`` trades (trade-only shape) from the L1 generator's market."""
+    if int(n_events) < 0:
+        raise ValueError(f"n_events must be >= 0, got {n_events}")
     frames = []
     got = 0
     k = 0
@@ -450,6 +455,8 @@ def generate_trades(
         frames.append(f)
         got += f.height
         k += 1
+    if not frames:
+        return pl.DataFrame(schema=TRADES_SCHEMA)
     return pl.concat(frames).cast(TRADES_SCHEMA)  # type: ignore[arg-type]
 
 
@@ -457,6 +464,7 @@ def write_trades(
     path: str | Path, n_events: int, symbols: Sequence[str] = DEFAULT_SYMBOLS, seed: int = DEFAULT_SEED
 ) -> Path:
     """Write ``n_events`` trades to Parquet / CSV / CSV.gz."""
+    check_output_path(path)
     frame = generate_trades(n_events, symbols, seed)
     return _write_chunks(path, n_events, max(n_events, 1), lambda n, f=frame: f)
 
@@ -464,14 +472,14 @@ def write_trades(
 def _write_chunks(path: str | Path, n_events: int, chunk_rows: int, next_chunk) -> Path:
     import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
 
-    out = Path(path)
+    out = check_output_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name.lower()
     left = int(n_events)
     if name.endswith((".parquet", ".pq")):
         writer = None
         try:
-            while left > 0:
+            while left > 0 or writer is None:  # 0 events: a file with the schema and no rows
                 tbl = next_chunk(min(chunk_rows, left)).to_arrow()
                 if writer is None:
                     writer = pq.ParquetWriter(out, tbl.schema, compression="zstd")
@@ -484,7 +492,7 @@ def _write_chunks(path: str | Path, n_events: int, chunk_rows: int, next_chunk) 
     opener = gzip.open if name.endswith(".gz") else open
     with opener(out, "wb") as f:
         first = True
-        while left > 0:
+        while left > 0 or first:  # 0 events: the header alone
             df = next_chunk(min(chunk_rows, left))
             f.write(df.write_csv(include_header=first).encode())
             first = False

@@ -230,3 +230,28 @@ def test_generate_writes_the_format_its_suffix_names(tmp_path, capsys, suffix):
         assert head == b"ts_e"
     assert len(read_ticks(out).ticks) == 500
     assert main(["generate", "--out", str(tmp_path / "m.txt"), "--events", "10"]) == 2
+
+
+@pytest.mark.parametrize("shape", ["trades", "l3"])
+def test_generate_writes_every_shape_and_replay_detects_it(tmp_path, capsys, shape):
+    from replay.reader import read_ticks
+    from replay.reader.read import resolve_shape
+
+    out = tmp_path / f"{shape}.csv.gz"
+    assert main(["generate", "--shape", shape, "--out", str(out), "--events", "3000", "--seed", "4"]) == 0
+    assert f"3,000 {shape} events" in capsys.readouterr().out
+    assert resolve_shape(out) == shape
+    assert len(read_ticks(out, shape=shape).ticks) >= 3000  # an L3 market order in progress finishes
+    # 0 events: a file with the shape's columns and no rows, in each format
+    for suffix in (".csv", ".parquet"):
+        empty = tmp_path / f"empty-{shape}{suffix}"
+        assert main(["generate", "--shape", shape, "--out", str(empty), "--events", "0"]) == 0
+        cols = (pl.read_csv(empty) if suffix == ".csv" else pl.read_parquet(empty)).columns
+        assert "ts_event_ns" in cols and "price" in cols
+    capsys.readouterr()
+    for bad, says in ((["--out", str(tmp_path / "m.txt")], "unknown output format"),
+                      (["--out", str(out), "--events", "-1"], "n_events must be >= 0"),
+                      (["--out", str(out), "--seed", "-1"], "seed must be in"),
+                      (["--out", str(out), "--symbols", "A,A"], "symbols must be unique")):
+        assert main(["generate", "--shape", shape, "--events", "10", *bad]) == 2
+        assert says in capsys.readouterr().err

@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 
 from replay.generator import write_market
+from replay.generator_l3 import write_l3, write_trades
+
+_WRITERS = {"l1": write_market, "trades": write_trades, "l3": write_l3}
 
 
 def register(sub) -> None:
     """Register the command's parser on the ``tickscore`` subparsers."""
     g = sub.add_parser(
         "generate", help="write a synthetic market data file (seeded, reproducible)",
-        description="Write a seeded synthetic L1 market (quotes and trades) in the normalised tick "
-        "schema: Parquet (.parquet), CSV (.csv) or gzip CSV (.csv.gz), by the --out suffix.",
+        description="Write a seeded synthetic market in the normalised tick schema of an event shape "
+        "(l1: quotes and trades; trades: trade prints only; l3: order-by-order book events): "
+        "Parquet (.parquet), CSV (.csv) or gzip CSV (.csv.gz), by the --out suffix.",
     )
+    g.add_argument("--shape", choices=tuple(_WRITERS), default="l1",
+                   help="event shape: l1 quotes and trades, trade-only prints, or l3 order-by-order "
+                        "book events (default %(default)s)")  # fmt: skip
     g.add_argument("--out", required=True, metavar="PATH",
                    help="output file: .parquet, .csv or .csv.gz (the suffix picks the format)")
     g.add_argument("--events", type=int, default=200_000, metavar="N",
@@ -27,6 +34,6 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
-    path = write_market(args.out, args.events, symbols, args.seed)
-    print(f"wrote {args.events:,} events for {len(symbols)} instruments to {path}")
+    path = _WRITERS[args.shape](args.out, args.events, symbols, args.seed)
+    print(f"wrote {args.events:,} {args.shape} events for {len(symbols)} instruments to {path}")
     return 0
