@@ -54,14 +54,16 @@ derived from a stable hash of the symbol.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gzip
 import math
+import os
 import re
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,8 @@ __all__ = [
 DEFAULT_SYMBOLS: tuple[str, ...] = ("ESZ6", "NQZ6", "CLF7")
 #: Number of events of the shipped default data set.
 DEFAULT_EVENTS = 250_000
+#: events per chunk when a generated file is written chunk by chunk (bounded memory)
+DEFAULT_CHUNK_EVENTS = 2_000_000
 #: Seed of the shipped default data set.
 DEFAULT_SEED = 1
 #: Default start time: Monday 2026-11-16 14:30:00 UTC (09:30 New York), in ns.
@@ -275,55 +279,49 @@ def _recv_after(state, t_ns, prev_recv, lat_mu):
 
 
 @njit(cache=True, nogil=True)
-def _simulate(n, seed, start_ns, start_ticks, qrate, trate, depth, tmean,
-              ts, recv, inst, kind, side, bid, ask, bsz, asz, tpx, tsz):
-    """Simulate ``n`` rows into the preallocated output arrays; return rows written.
+def _simulate(n, final, sim_i, sim_f, state, reg, hx, b, a, bq, aq, zp, zt, fnum, fden, ft, lam,
+              start_ns, qrate, trate, depth, tmean,
+              ts, recv, inst, kind, side, bid, ask, bsz, asz, tpx, tsz):  # fmt: skip
+    """Simulate the next ``n`` rows into the preallocated output arrays; return rows written.
 
-    Prices are written in integer ticks (``bid``, ``ask``, ``tpx``); on trade rows
-    the book fields are left as they are, on quote rows ``tpx``/``tsz``.  The
-    output arrays must be zero-initialised by the caller.
+    The market's state lives in the arrays :class:`MarketSimulator` makes (``sim_i``:
+    opened, last receive time; ``sim_f``: time in s; ``state``: the RNG; the per-instrument
+    arrays), so calls continue one market.  A trade is followed by the quote it leaves in
+    the same step: unless ``final``, a step that reaches ``n`` rows finishes (``n + 1``
+    rows; the output arrays hold one more), so a market made in several calls has exactly
+    the rows of one call (``final`` on the last: it stops at ``n`` as a single call does).
+    Prices are written in integer ticks (``bid``, ``ask``, ``tpx``); on trade rows the
+    book fields are left as they are, on quote rows ``tpx``/``tsz``.  The output arrays
+    must be zero-initialised by the caller.
     """
-    state = np.empty(1, dtype=np.uint64)
-    state[0] = np.uint64(seed) * np.uint64(0xD1B54A32D192ED03) + np.uint64(0x2545F4914F6CDD1D)
-    m = start_ticks.shape[0]
-    reg = np.zeros(m, dtype=np.int64)  # 0 calm, 1 volatile
-    hx = np.zeros(m)  # Hawkes excitation of trades, 1/s
-    b = start_ticks.copy()  # best bid, ticks
-    a = start_ticks + 1  # best ask, ticks
-    bq = np.empty(m)  # bid queue, lots
-    aq = np.empty(m)
-    zp = np.zeros(m)  # latent order-flow pressure (OU, sd 1)
-    zt = np.zeros(m)  # time of its last update, s
-    fnum = np.zeros(m)  # signed trade volume EWMA
-    fden = np.zeros(m)  # unsigned trade volume EWMA
-    ft = np.zeros(m)
-    lam = np.empty(3 * m)  # per instrument: quote, trade, regime switch intensity
+    m = qrate.shape[0]
     lat_mu = math.log(_LAT_MED_NS)
-    prev_recv = np.int64(-(2**62))
-    t = 0.0
+    prev_recv = sim_i[1]
+    t = sim_f[0]
     row = 0
-    for i in range(m):
-        bq[i] = _queue(state, depth[i])
-        aq[i] = _queue(state, depth[i])
-        zp[i] = _normal(state)
-    # Opening snapshot: one quote per instrument, 1 us apart.
-    for i in range(m):
-        if row >= n:
-            break
-        t = (i + 1) * 1e-6
-        t_ns = start_ns + np.int64(t * 1e9)
-        ts[row] = t_ns
-        prev_recv = _recv_after(state, t_ns, prev_recv, lat_mu)
-        recv[row] = prev_recv
-        inst[row] = i
-        kind[row] = KIND_QUOTE
-        bid[row] = b[i]
-        ask[row] = a[i]
-        bsz[row] = bq[i]
-        asz[row] = aq[i]
-        row += 1
-    zt[:] = t
-    ft[:] = t
+    if sim_i[0] == 0:  # opening snapshot: one quote per instrument, 1 us apart (MarketSimulator
+        sim_i[0] = 1  # makes the first call cover it whole)
+        for i in range(m):
+            bq[i] = _queue(state, depth[i])
+            aq[i] = _queue(state, depth[i])
+            zp[i] = _normal(state)
+        for i in range(m):
+            if row >= n:
+                break
+            t = (i + 1) * 1e-6
+            t_ns = start_ns + np.int64(t * 1e9)
+            ts[row] = t_ns
+            prev_recv = _recv_after(state, t_ns, prev_recv, lat_mu)
+            recv[row] = prev_recv
+            inst[row] = i
+            kind[row] = KIND_QUOTE
+            bid[row] = b[i]
+            ask[row] = a[i]
+            bsz[row] = bq[i]
+            asz[row] = aq[i]
+            row += 1
+        zt[:] = t
+        ft[:] = t
     while row < n:
         # Ogata thinning: between events every intensity only decays, so the
         # total at the last candidate bounds it until the next one.
@@ -402,7 +400,7 @@ def _simulate(n, seed, start_ns, start_ticks, qrate, trate, depth, tmean,
                     bq[i] = _queue(state, depth[i])
                 else:
                     bq[i] -= q
-            if row >= n:
+            if row >= n and final:
                 break
         elif _uniform(state) < _P_MOVE[reg[i]]:  # mid move
             p_up = _sigmoid(_DIR_IMB * imb + _DIR_FLOW * flow)
@@ -464,6 +462,8 @@ def _simulate(n, seed, start_ns, start_ticks, qrate, trate, depth, tmean,
         bsz[row] = bq[i]
         asz[row] = aq[i]
         row += 1
+    sim_i[1] = prev_recv
+    sim_f[0] = t
     return row
 
 
@@ -479,6 +479,106 @@ def _check_symbols(symbols: Sequence[str]) -> list[str]:
     if len(set(out)) != len(out):
         raise ValueError(f"symbols must be unique, got {out}")
     return out
+
+
+class MarketSimulator:
+    """The L1 market of :func:`generate_market`, made chunk by chunk (bounded memory).
+
+    ``next_chunk(n)`` returns the next rows; chunks continue one market, and the
+    chunks' rows together are exactly :func:`generate_market`'s rows for their total
+    (a test checks this), so a file of any size can be written in bounded memory.
+    """
+
+    def __init__(self, symbols: Sequence[str] = DEFAULT_SYMBOLS, seed: int = DEFAULT_SEED,
+                 start_ns: int = DEFAULT_START_NS) -> None:  # fmt: skip
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        self.symbols = _check_symbols(symbols)
+        specs = [instrument_spec(s) for s in self.symbols]
+        f64 = np.float64
+        m = len(specs)
+        start_ticks = np.array([s.start_ticks for s in specs], dtype=np.int64)
+        self.qrate = np.array([s.quote_rate for s in specs], dtype=f64)
+        self.trate = np.array([s.trade_rate for s in specs], dtype=f64)
+        self.depth = np.array([s.depth for s in specs], dtype=f64)
+        self.tmean = np.array([s.trade_mean for s in specs], dtype=f64)
+        self.num = np.array([s.tick_num for s in specs], dtype=np.int64)
+        self.den = np.array([s.tick_den for s in specs], dtype=f64)
+        self.start_ns = int(start_ns)
+        self.state = np.empty(1, dtype=np.uint64)  # the RNG
+        self.state[0] = np.uint64((int(seed) * 0xD1B54A32D192ED03 + 0x2545F4914F6CDD1D) & (2**64 - 1))
+        self.sim_i = np.array([0, -(2**62)], dtype=np.int64)  # opened, last receive time (ns)
+        self.sim_f = np.zeros(1)  # time since the start, s
+        self.reg = np.zeros(m, dtype=np.int64)  # 0 calm, 1 volatile
+        self.hx = np.zeros(m)  # Hawkes excitation of trades, 1/s
+        self.b = start_ticks.copy()  # best bid, ticks
+        self.a = start_ticks + 1  # best ask, ticks
+        self.bq = np.empty(m)  # bid queue, lots
+        self.aq = np.empty(m)
+        self.zp = np.zeros(m)  # latent order-flow pressure (OU, sd 1)
+        self.zt = np.zeros(m)  # time of its last update, s
+        self.fnum = np.zeros(m)  # signed trade volume EWMA
+        self.fden = np.zeros(m)  # unsigned trade volume EWMA
+        self.ft = np.zeros(m)
+        self.lam = np.empty(3 * m)  # per instrument: quote, trade, regime switch intensity
+
+    def next_chunk(self, n: int, final: bool = False) -> pl.DataFrame:
+        """Return the next rows of the market (a frame in :data:`MARKET_SCHEMA`).
+
+        ``n`` rows, or ``n + 1`` when the last step is a trade and the quote it leaves
+        (unless ``final``: then exactly ``n``, and the market ends there).  The first
+        chunk holds at least the opening quote of every instrument, or all ``n`` rows.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n_events must be >= 0, got {n}")
+        if not self.sim_i[0] and n < len(self.symbols) and not final:
+            raise ValueError(f"the first chunk holds the opening quote of every instrument: at least "
+                             f"{len(self.symbols)} rows, got {n}")  # fmt: skip
+        f64 = np.float64
+        cap = n + 1
+        ts = np.zeros(cap, dtype=np.int64)
+        recv = np.zeros(cap, dtype=np.int64)
+        inst = np.zeros(cap, dtype=np.int32)
+        kind = np.zeros(cap, dtype=np.int8)
+        side = np.zeros(cap, dtype=np.int8)
+        bid = np.zeros(cap, dtype=np.int64)
+        ask = np.zeros(cap, dtype=np.int64)
+        bsz = np.zeros(cap, dtype=f64)
+        asz = np.zeros(cap, dtype=f64)
+        tpx = np.zeros(cap, dtype=np.int64)
+        tsz = np.zeros(cap, dtype=f64)
+        rows = _simulate(n, bool(final), self.sim_i, self.sim_f, self.state, self.reg, self.hx, self.b,
+                         self.a, self.bq, self.aq, self.zp, self.zt, self.fnum, self.fden, self.ft, self.lam,
+                         self.start_ns, self.qrate, self.trate, self.depth, self.tmean,
+                         ts, recv, inst, kind, side, bid, ask, bsz, asz, tpx, tsz)  # fmt: skip
+        assert rows == n or (rows == n + 1 and not final), (rows, n, final)
+        ts, recv, inst, kind, side = ts[:rows], recv[:rows], inst[:rows], kind[:rows], side[:rows]
+        bid, ask, bsz, asz, tpx, tsz = bid[:rows], ask[:rows], bsz[:rows], asz[:rows], tpx[:rows], tsz[:rows]
+        num = self.num[inst]
+        den = self.den[inst]
+        is_q = kind == KIND_QUOTE
+
+        def _col(name: str, values: np.ndarray, on: np.ndarray) -> pl.Series:
+            return pl.Series(name, np.where(on, values, np.nan), nan_to_null=True)
+
+        return pl.DataFrame(
+            [
+                pl.Series("ts_event_ns", ts),
+                pl.Series("ts_recv_ns", recv),
+                pl.Series("symbol", self.symbols, dtype=pl.String).gather(inst),
+                pl.Series("kind", kind),
+                # ticks * num / den: both exact integers, so the division is correctly
+                # rounded: the nearest float64 to the decimal price (e.g. 61.37).
+                _col("bid_px", (bid * num).astype(f64) / den, is_q),
+                _col("bid_sz", bsz, is_q),
+                _col("ask_px", (ask * num).astype(f64) / den, is_q),
+                _col("ask_sz", asz, is_q),
+                _col("price", (tpx * num).astype(f64) / den, ~is_q),
+                _col("size", tsz, ~is_q),
+                pl.Series("side", side),
+            ]
+        )
 
 
 def generate_market(
@@ -517,56 +617,7 @@ def generate_market(
     n = int(n_events)
     if n < 0:
         raise ValueError(f"n_events must be >= 0, got {n_events}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    syms = _check_symbols(symbols)
-    specs = [instrument_spec(s) for s in syms]
-    f64 = np.float64
-    start_ticks = np.array([s.start_ticks for s in specs], dtype=np.int64)
-    qrate = np.array([s.quote_rate for s in specs], dtype=f64)
-    trate = np.array([s.trade_rate for s in specs], dtype=f64)
-    depth = np.array([s.depth for s in specs], dtype=f64)
-    tmean = np.array([s.trade_mean for s in specs], dtype=f64)
-
-    ts = np.zeros(n, dtype=np.int64)
-    recv = np.zeros(n, dtype=np.int64)
-    inst = np.zeros(n, dtype=np.int32)
-    kind = np.zeros(n, dtype=np.int8)
-    side = np.zeros(n, dtype=np.int8)
-    bid = np.zeros(n, dtype=np.int64)
-    ask = np.zeros(n, dtype=np.int64)
-    bsz = np.zeros(n, dtype=f64)
-    asz = np.zeros(n, dtype=f64)
-    tpx = np.zeros(n, dtype=np.int64)
-    tsz = np.zeros(n, dtype=f64)
-    rows = _simulate(n, int(seed), int(start_ns), start_ticks, qrate, trate, depth, tmean,
-                     ts, recv, inst, kind, side, bid, ask, bsz, asz, tpx, tsz)
-    assert rows == n, (rows, n)
-
-    num = np.array([s.tick_num for s in specs], dtype=np.int64)[inst]
-    den = np.array([s.tick_den for s in specs], dtype=f64)[inst]
-    is_q = kind == KIND_QUOTE
-
-    def _col(name: str, values: np.ndarray, on: np.ndarray) -> pl.Series:
-        return pl.Series(name, np.where(on, values, np.nan), nan_to_null=True)
-
-    frame = pl.DataFrame(
-        [
-            pl.Series("ts_event_ns", ts),
-            pl.Series("ts_recv_ns", recv),
-            pl.Series("symbol", syms, dtype=pl.String).gather(inst),
-            pl.Series("kind", kind),
-            # ticks * num / den: both exact integers, so the division is correctly
-            # rounded: the nearest float64 to the decimal price (e.g. 61.37).
-            _col("bid_px", (bid * num).astype(f64) / den, is_q),
-            _col("bid_sz", bsz, is_q),
-            _col("ask_px", (ask * num).astype(f64) / den, is_q),
-            _col("ask_sz", asz, is_q),
-            _col("price", (tpx * num).astype(f64) / den, ~is_q),
-            _col("size", tsz, ~is_q),
-            pl.Series("side", side),
-        ]
-    )
+    frame = MarketSimulator(symbols, seed, start_ns).next_chunk(n, final=True)
     if bad_fraction:
         frame, _ = inject_bad_rows(frame, bad_fraction, seed=seed)
     return frame
@@ -677,6 +728,8 @@ def write_market(
     *,
     start_ns: int = DEFAULT_START_NS,
     bad_fraction: float = 0.0,
+    chunk_rows: int = DEFAULT_CHUNK_EVENTS,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Generate a market with :func:`generate_market` and write it (format by suffix).
 
@@ -684,9 +737,15 @@ def write_market(
     ----------
     path : str or Path
         Output file, ``.parquet`` (zstd), ``.csv`` or ``.csv.gz``; its directory
-        is created if needed.
+        is created if needed.  It is written as ``PATH.part`` and renamed when
+        complete, so an interrupted run leaves no partial file under ``PATH``.
     n_events, symbols, seed, start_ns, bad_fraction
         As in :func:`generate_market`.
+    chunk_rows : int
+        More events than this (and no ``bad_fraction``) are made and written chunk by
+        chunk with :class:`MarketSimulator`: the same rows in bounded memory.
+    progress : callable, optional
+        Called with the rows written so far after each chunk.
 
     Returns
     -------
@@ -694,16 +753,89 @@ def write_market(
         The written file.
     """
     out = check_output_path(path)
+    n = int(n_events)
+    if n > chunk_rows and not bad_fraction:
+        sim = MarketSimulator(symbols, seed, start_ns)
+        return write_chunks(out, n, max(int(chunk_rows), len(sim.symbols)), sim.next_chunk, progress)
+    frame = generate_market(n, symbols, seed, start_ns, bad_fraction=bad_fraction)
     name = out.name.lower()
-    frame = generate_market(n_events, symbols, seed, start_ns, bad_fraction=bad_fraction)
+    with _part_file(out) as part:
+        if name.endswith(".csv"):
+            frame.write_csv(part)
+        elif name.endswith(".csv.gz"):
+            with gzip.open(part, "wb", compresslevel=_GZIP_LEVEL) as f:
+                frame.write_csv(f)
+        else:
+            frame.write_parquet(part, compression="zstd", compression_level=9, statistics=True)
+    return out
+
+
+#: gzip's own default level: 3.7x faster than Python's default 9 here, files 3% larger
+_GZIP_LEVEL = 6
+
+
+@contextlib.contextmanager
+def _part_file(out: Path):
+    """Yield ``OUT.part`` to write; rename it to ``out`` on success, remove it on any error."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if name.endswith(".csv"):
-        frame.write_csv(out)
-    elif name.endswith(".csv.gz"):
-        with gzip.open(out, "wb") as f:
-            frame.write_csv(f)
-    else:
-        frame.write_parquet(out, compression="zstd", compression_level=9, statistics=True)
+    part = out.with_name(out.name + ".part")
+    try:
+        yield part
+        os.replace(part, out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def write_chunks(
+    path: str | Path,
+    n_events: int,
+    chunk_rows: int,
+    next_chunk: Callable[[int, bool], pl.DataFrame],
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``next_chunk(k, final)`` frames to Parquet / CSV / CSV.gz until ``n_events`` rows.
+
+    ``k`` is at most ``chunk_rows``; ``final`` is true for the chunk that reaches
+    ``n_events``.  Bounded memory: one chunk at a time.  Written as ``PATH.part``, renamed
+    when complete; 0 events writes the columns of ``next_chunk(0, True)`` and no rows.
+    """
+    import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
+
+    out = check_output_path(path)
+    name = out.name.lower()
+    left = int(n_events)
+    done = 0
+    with _part_file(out) as part:
+        if name.endswith((".parquet", ".pq")):
+            writer = None
+            try:
+                while left > 0 or writer is None:  # 0 events: a file with the schema and no rows
+                    k = min(chunk_rows, left)
+                    tbl = next_chunk(k, k >= left).to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(part, tbl.schema, compression="zstd")
+                    writer.write_table(tbl, row_group_size=1 << 20)
+                    left -= tbl.num_rows
+                    done += tbl.num_rows
+                    if progress is not None:
+                        progress(done)
+            finally:
+                if writer is not None:
+                    writer.close()
+        else:
+            gz = name.endswith(".gz")
+            with gzip.open(part, "wb", compresslevel=_GZIP_LEVEL) if gz else open(part, "wb") as f:
+                first = True
+                while left > 0 or first:  # 0 events: the header alone
+                    k = min(chunk_rows, left)
+                    df = next_chunk(k, k >= left)
+                    f.write(df.write_csv(include_header=first).encode())
+                    first = False
+                    left -= df.height
+                    done += df.height
+                    if progress is not None:
+                        progress(done)
     return out
 
 

@@ -37,11 +37,10 @@ depends only on the arguments.  Command line::
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +49,7 @@ from numba import njit
 
 from engine.schema import KIND_BOOK_ADD, KIND_BOOK_DELETE, KIND_BOOK_MODIFY, KIND_TRADE
 from replay.generator import (
+    DEFAULT_CHUNK_EVENTS,
     DEFAULT_SEED,
     DEFAULT_START_NS,
     DEFAULT_SYMBOLS,
@@ -61,6 +61,7 @@ from replay.generator import (
     check_output_path,
     generate_market,
     instrument_spec,
+    write_chunks,
 )
 
 __all__ = [
@@ -423,14 +424,18 @@ def write_l3(
     seed: int = DEFAULT_SEED,
     *,
     start_ns: int = DEFAULT_START_NS,
-    chunk_rows: int = 2_000_000,
+    chunk_rows: int = DEFAULT_CHUNK_EVENTS,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write ``n_events`` L3 events to Parquet / CSV / CSV.gz chunk by chunk (bounded memory)."""
+    """Write ``n_events`` L3 events to Parquet / CSV / CSV.gz chunk by chunk (bounded memory).
+
+    ``progress`` is called with the rows written so far after each chunk.
+    """
     if int(n_events) < 0:
         raise ValueError(f"n_events must be >= 0, got {n_events}")
     check_output_path(path)
     sim = L3Simulator(symbols, seed, start_ns)
-    return _write_chunks(path, n_events, chunk_rows, sim.next_chunk)
+    return write_chunks(path, n_events, chunk_rows, lambda n, final: sim.next_chunk(n), progress)
 
 
 def generate_trades(
@@ -461,43 +466,17 @@ def generate_trades(
 
 
 def write_trades(
-    path: str | Path, n_events: int, symbols: Sequence[str] = DEFAULT_SYMBOLS, seed: int = DEFAULT_SEED
+    path: str | Path,
+    n_events: int,
+    symbols: Sequence[str] = DEFAULT_SYMBOLS,
+    seed: int = DEFAULT_SEED,
+    *,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write ``n_events`` trades to Parquet / CSV / CSV.gz."""
+    """Write ``n_events`` trades to Parquet / CSV / CSV.gz (made in memory, then written)."""
     check_output_path(path)
     frame = generate_trades(n_events, symbols, seed)
-    return _write_chunks(path, n_events, max(n_events, 1), lambda n, f=frame: f)
-
-
-def _write_chunks(path: str | Path, n_events: int, chunk_rows: int, next_chunk) -> Path:
-    import pyarrow.parquet as pq  # deferred: pyarrow only on this file-format path
-
-    out = check_output_path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    name = out.name.lower()
-    left = int(n_events)
-    if name.endswith((".parquet", ".pq")):
-        writer = None
-        try:
-            while left > 0 or writer is None:  # 0 events: a file with the schema and no rows
-                tbl = next_chunk(min(chunk_rows, left)).to_arrow()
-                if writer is None:
-                    writer = pq.ParquetWriter(out, tbl.schema, compression="zstd")
-                writer.write_table(tbl, row_group_size=1 << 20)
-                left -= tbl.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-        return out
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(out, "wb") as f:
-        first = True
-        while left > 0 or first:  # 0 events: the header alone
-            df = next_chunk(min(chunk_rows, left))
-            f.write(df.write_csv(include_header=first).encode())
-            first = False
-            left -= df.height
-    return out
+    return write_chunks(path, n_events, max(n_events, 1), lambda n, final: frame, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,11 +13,13 @@ from replay.generator import (
     DEFAULT_START_NS,
     DEFAULT_SYMBOLS,
     MARKET_SCHEMA,
+    MarketSimulator,
     default_data_path,
     generate_market,
     inject_bad_rows,
     instrument_spec,
     main,
+    write_chunks,
     write_market,
 )
 
@@ -213,6 +215,56 @@ def test_write_market_and_cli_write_what_generate_market_returns(tmp_path):
     argv = ["--out", str(cli_out), "--events", "3000", "--symbols", "ESZ6,ABC", "--seed", "4"]
     assert main(argv) == 0
     assert pl.read_parquet(cli_out).equals(expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 97, 1000])
+def test_a_market_made_chunk_by_chunk_has_exactly_the_rows_of_one_call(chunk):
+    syms, n = ("ESZ6", "CLF7", "ABC"), 6_000
+    sim, parts, got, overflows = MarketSimulator(syms, 8), [], 0, 0
+    first = True
+    while got < n:  # the first chunk holds the opening quotes
+        k = min(max(chunk, len(syms)) if first else chunk, n - got)
+        f = sim.next_chunk(k, final=got + k >= n)
+        overflows += f.height == k + 1  # a trade ended the chunk: its quote came with it
+        parts.append(f)
+        got += f.height
+        first = False
+    assert got == n
+    assert pl.concat(parts).equals(generate_market(n, syms, 8))
+    if chunk <= 3:
+        assert overflows > 0  # the case that needs the extra row was exercised
+
+
+def test_first_chunk_must_hold_the_opening_quotes():
+    with pytest.raises(ValueError, match="opening quote of every instrument"):
+        MarketSimulator(("A", "B", "C"), 1).next_chunk(2)
+    short = MarketSimulator(("A", "B", "C"), 1).next_chunk(2, final=True)
+    assert short.equals(generate_market(2, ("A", "B", "C"), 1))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".csv.gz"])
+def test_write_market_in_chunks_writes_the_same_rows_with_progress(tmp_path, suffix):
+    out, seen = tmp_path / f"m{suffix}", []
+    write_market(out, 5_000, ("ESZ6", "NQZ6"), 3, chunk_rows=700, progress=seen.append)
+    expected = generate_market(5_000, ("ESZ6", "NQZ6"), 3)
+    got = pl.read_parquet(out) if suffix == ".parquet" else pl.read_csv(out, schema=expected.schema)
+    assert got.equals(expected)
+    assert len(seen) >= 7 and seen == sorted(seen) and seen[-1] == 5_000
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path):
+    out = tmp_path / "m.csv"
+    sim = MarketSimulator(("ESZ6",), 1)
+
+    def next_chunk(k, final):
+        if sim.sim_f[0] > 0:  # the second chunk fails, as a full disk or Ctrl-C would
+            raise OSError("no space left on device")
+        return sim.next_chunk(k, final)
+
+    with pytest.raises(OSError, match="no space"):
+        write_chunks(out, 3_000, 1_000, next_chunk)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shipped_default_dataset_is_exactly_what_default_arguments_regenerate():
