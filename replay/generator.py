@@ -278,6 +278,22 @@ def _recv_after(state, t_ns, prev_recv, lat_mu):
     return max(prev_recv, t_ns + np.int64(lat))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _put_quote(state, row, i, t_ns, prev_recv, lat_mu, b, a, bq, aq,
+               ts, recv, inst, kind, bid, ask, bsz, asz):  # fmt: skip
+    """Write instrument ``i``'s quote at exchange time ``t_ns`` as row ``row``; return its receive time."""
+    ts[row] = t_ns
+    prev_recv = _recv_after(state, t_ns, prev_recv, lat_mu)
+    recv[row] = prev_recv
+    inst[row] = i
+    kind[row] = KIND_QUOTE
+    bid[row] = b[i]
+    ask[row] = a[i]
+    bsz[row] = bq[i]
+    asz[row] = aq[i]
+    return prev_recv
+
+
 @njit(cache=True, nogil=True)
 def _simulate(n, final, sim_i, sim_f, state, reg, hx, b, a, bq, aq, zp, zt, fnum, fden, ft, lam,
               start_ns, qrate, trate, depth, tmean,
@@ -310,15 +326,8 @@ def _simulate(n, final, sim_i, sim_f, state, reg, hx, b, a, bq, aq, zp, zt, fnum
                 break
             t = (i + 1) * 1e-6
             t_ns = start_ns + np.int64(t * 1e9)
-            ts[row] = t_ns
-            prev_recv = _recv_after(state, t_ns, prev_recv, lat_mu)
-            recv[row] = prev_recv
-            inst[row] = i
-            kind[row] = KIND_QUOTE
-            bid[row] = b[i]
-            ask[row] = a[i]
-            bsz[row] = bq[i]
-            asz[row] = aq[i]
+            prev_recv = _put_quote(state, row, i, t_ns, prev_recv, lat_mu, b, a, bq, aq,
+                                   ts, recv, inst, kind, bid, ask, bsz, asz)  # fmt: skip
             row += 1
         zt[:] = t
         ft[:] = t
@@ -452,15 +461,8 @@ def _simulate(n, final, sim_i, sim_f, state, reg, hx, b, a, bq, aq, zp, zt, fnum
             else:
                 aq[i] = own
         # The resulting L1 quote (after a trade: same exchange time as the print).
-        ts[row] = t_ns
-        prev_recv = _recv_after(state, t_ns, prev_recv, lat_mu)
-        recv[row] = prev_recv
-        inst[row] = i
-        kind[row] = KIND_QUOTE
-        bid[row] = b[i]
-        ask[row] = a[i]
-        bsz[row] = bq[i]
-        asz[row] = aq[i]
+        prev_recv = _put_quote(state, row, i, t_ns, prev_recv, lat_mu, b, a, bq, aq,
+                               ts, recv, inst, kind, bid, ask, bsz, asz)  # fmt: skip
         row += 1
     sim_i[1] = prev_recv
     sim_f[0] = t
