@@ -10,7 +10,9 @@ layer of the import contract (``pyproject.toml``): nothing imports it.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 
 from engine.commands import COMMANDS
@@ -45,9 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is: the command's clean-up runs (no partial output file)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``tickscore`` command; return the process exit code."""
+    """Run the ``tickscore`` command; return the process exit code.
+
+    SIGTERM stops a command as Ctrl-C does (``serve``, ``subscribe`` and the cluster
+    supervisor install their own graceful handlers over this one).
+    """
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        return _dispatch(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command in _COMPILING:
             # the service's notice is a log line of its format (text or JSON); others print
@@ -55,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             with compile_notice(f"tickscore {args.command}", say=say):
                 return args.handler(args)
         return args.handler(args)
+    except _Terminated:
+        print("tickscore: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tickscore: interrupted", file=sys.stderr)
         return 130

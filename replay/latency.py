@@ -135,6 +135,23 @@ class LatencyHistogram:
         self.out_of_range = 0
         self._hist = None
         self._values = None
+        #: the warm-up's latencies (at most ``warmup``), kept for :meth:`rewarm`
+        self._held: list[np.ndarray] = []
+
+    def rewarm(self, warmup: int) -> None:
+        """Leave out only the first ``warmup`` (< the current warm-up) ticks: the rest of it counts now.
+
+        For a run that ended before its warm-up was much behind it (an interrupted or short run),
+        where the replay excludes 10 % of the run instead.
+        """
+        warmup = max(0, int(warmup))
+        if warmup >= self.warmup:
+            return
+        held = np.concatenate(self._held) if self._held else np.zeros(0, np.int64)
+        self._held = []
+        old, self.warmup = self.warmup, 0
+        self.add(held[warmup:old], 0)
+        self.warmup = warmup
 
     def bucket_values(self) -> np.ndarray:
         """Return the latency (ns) each entry of ``counts`` stands for (index e*SUB + m -> m << e)."""
@@ -147,6 +164,8 @@ class LatencyHistogram:
     def add(self, values: np.ndarray, first_seq: int) -> None:
         """Record latencies (ns, int64) of consecutive seqs starting at ``first_seq``."""
         skip = max(0, self.warmup - first_seq)
+        if skip:
+            self._held.append(np.array(values[:skip], dtype=np.int64))
         v = values[skip:] if skip else values
         if v.size == 0:
             return
@@ -157,6 +176,9 @@ class LatencyHistogram:
     def add_ring(self, t_in: np.ndarray, t_out: np.ndarray, mask: int, seq0: int, seq1: int) -> None:
         """Record ``t_out - t_in`` (ns) of seqs [seq0, seq1) of a latency ring, in place (no copy)."""
         s0 = max(seq0, self.warmup)
+        if seq0 < s0:  # warm-up ticks: held aside
+            idx = np.arange(seq0, min(s0, seq1), dtype=np.int64) & mask
+            self._held.append(t_out[idx] - t_in[idx])
         if s0 >= seq1:
             return
         acc = np.zeros(3, dtype=np.float64)
@@ -392,6 +414,9 @@ class ReplayResult:
     corrected_ns: np.ndarray | None = None
     corrected_stats: LatencyStats | None = None
     out_files: dict[str, str] = field(default_factory=dict)
+    #: Ctrl-C or SIGTERM ended the run early: the report covers the ticks scored before it;
+    #: the caller re-raises it once the report is out (summary ``"interrupted": true``)
+    interrupt: BaseException | None = None
 
     def table(self) -> str:
         """Return the end-of-run percentile table (µs) and throughput."""

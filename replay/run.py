@@ -180,6 +180,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         sink = _NullSink()
     sinks = [sink]
     zmq_close = None  # what closing the ZeroMQ publisher delivered (the summary's "zmq")
+    interrupt = None
     recorder = None
     if opts.record_scores:
         recorder = ScoreRecorder()
@@ -211,7 +212,10 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         )
         if data.chunked:
             source.attach(agent)
-        runner.run()
+        try:
+            runner.run()
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: report what was scored until then
+            interrupt = exc
         progress.finish()
     finally:
         if aeron is not None:
@@ -230,6 +234,9 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
     warm = _warmup_excluded(opts.warmup_ticks, len(lat))
     corrected = corrected_stats = None
     if data.chunked:  # every tick is in the chunk histograms; raw arrays may be a window
+        for h in (source.latency, source.latency_intended):
+            if h is not None:
+                h.rewarm(warm)  # a run shorter than twice the warm-up (Ctrl-C early) leaves out 10 %
         stats = source.latency.stats()
         if source.latency_intended is not None:
             corrected_stats = source.latency_intended.stats()
@@ -244,8 +251,11 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             corrected_stats = latency_stats(corrected[warm:])
         wall_s = (int(t_out[-1]) - int(t_in[0])) / 1e9 if agent.seq else 0.0
     reader_rejected = sum(data.reader_rejected.values())
+    ticks = data.ticks_total()
+    if interrupt is not None and not data.chunked:  # the ticks taken before the stop (and every reject
+        ticks = int(source.position) + reader_rejected  # of the reader, which read the whole file)
     summary = summarise(
-        ticks=data.ticks_total(),
+        ticks=ticks,
         scores=agent.seq,
         dropped=int(getattr(sink, "drops", 0)),
         rejected=agent.rejected + reader_rejected,
@@ -262,6 +272,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
         pinned=runner.pin.pinned if runner.pin else [],
         extra={
             "warmup_ticks_excluded": warm,
+            "interrupted": interrupt is not None,
             "speed": "max" if opts.speed is None else opts.speed,
             "publish": opts.publish,
             **({"zmq": zmq_close} if zmq_close is not None else {}),
@@ -286,12 +297,14 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
             **_input_summary(data, agent),
         },
     )
-    result = ReplayResult(summary, lat, stats, corrected, corrected_stats)
+    result = ReplayResult(summary, lat, stats, corrected, corrected_stats, interrupt=interrupt)
+    if agent.seq == 0 and interrupt is not None:
+        raise interrupt  # nothing scored yet: nothing to report
     if agent.seq == 0:
         if opts.out:  # the account of what was rejected, without an empty latency report
             write_summary(opts.out, summary)
         raise NoScoresError(_no_scores_message(data, summary["rejected_by_reason"], summary["ticks"]))
-    if summary["rejected"] > 0.5 * summary["ticks"]:
+    if summary["rejected"] > 0.5 * summary["ticks"] and interrupt is None:
         _warn_rejects(data, summary["rejected_by_reason"], summary["ticks"])
     if opts.out:
         raw = {"t_in": t_in, "t_out": t_out, "warmup": np.int64(warm)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from engine.argtypes import add_client_key_arguments, add_input_arguments
 from engine.argtypes import non_negative_int as _non_negative_int
@@ -219,7 +220,18 @@ def _run_inprocess(args: argparse.Namespace) -> int:
     s = res.summary
     if args.json:
         print(json.dumps(s, indent=2))
-        return 0
+    else:
+        _print_inprocess(res)
+    if res.interrupt is not None:  # the report of the ticks scored so far is out; exit as interrupted
+        where = f" in {args.out}" if args.out else ""
+        print(f"tickscore replay: stopped early, after {s['ticks']:,} ticks and {s['scores']:,} scores; "
+              f"the report{where} covers them", file=sys.stderr)  # fmt: skip
+        raise res.interrupt
+    return 0
+
+
+def _print_inprocess(res) -> None:
+    s = res.summary
     print(
         f"tickscore replay: {s['data']['path']}\n"
         f"  model {s['model']['version']} ({s['model']['quantization']}, backend {s['backend']}), "
@@ -235,7 +247,6 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{k} {v:,}" for k, v in s["rejected_by_reason"].items())
         print(f"  rejected by reason: {reasons}")
     _print_table_and_files(res)
-    return 0
 
 
 def cmd_replay_wire(args) -> int:
