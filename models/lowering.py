@@ -78,6 +78,8 @@ from models.program import (
     OP_SIGMOID,
     OP_SUB,
     OP_TANH,
+    PACKED_U8S8,
+    QUAD,
     FusedProgram,
     UnsupportedGraph,
 )
@@ -613,7 +615,8 @@ class _Lowerer:
                 v = ((v - corr + 2**31) % 2**32) - 2**31  # int32 wrapping
             return self.addi(self.pad_blocks(v, n_out))
 
-        za_k, sat_k = (0, 1) if sat else (za_v, 0)
+        za_k, sat_k = (0, 2 if PACKED_U8S8 else 1) if sat else (za_v, 0)
+        packed = pack_u8s8(wt) if sat_k == 2 else np.zeros(0, np.int64)  # follows the ints block
         if sy:  # requantised output
             sy_v = np.float32(c(sy).reshape(()))
             zy_arr = c(zy) if zy else np.array(0, dtype=np.uint8)
@@ -627,7 +630,8 @@ class _Lowerer:
             ibias = int_bias(bb)
             dst = self.qreg(a.reg)
             row = self.emit(OP_GEMM_I2Q, n_in, n_out, a.reg, dst, self.addi_blocks(wt),
-                            self.addi([za_k, int(zy_arr), qmin, qmax, sat_k]), self.addf([m]), ibias)
+                            self.addi(np.r_[za_k, int(zy_arr), qmin, qmax, sat_k, packed]), self.addf([m]),
+                            ibias)  # fmt: skip
             self.last_gemm = (row, a, bv)
             return _Val("q", n_out, dst, scale=float(sy_v), zp=int(zy_arr), qmin=qmin, qmax=qmax)
         m = np.float32(alpha * sa_v * sb_v)
@@ -641,8 +645,8 @@ class _Lowerer:
                 fbias = self.addf(self.pad_blocks(fb, n_out))
         ibias = int_bias(ib_arr)
         dst = self.F
-        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([za_k, sat_k]),
-                        self.addf([m]), fbias, ibias)
+        row = self.emit(OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt),
+                        self.addi(np.r_[za_k, sat_k, packed]), self.addf([m]), fbias, ibias)  # fmt: skip
         self.last_gemm = (row, a, bv)
         return _Val("f", n_out, dst)
 
@@ -685,6 +689,23 @@ def lower_graph(model: onnx.ModelProto, source: str = "model", *, ort_ops: bool 
 
 _PROBE_W = np.array([[127, -128], [127, -128], [127, -128], [127, -128]], np.int8)
 _PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.uint8)
+
+
+def pack_u8s8(wt: np.ndarray) -> np.ndarray:
+    """Int8 GEMM weights ``wt`` (n_out, n_in) packed for the ``vpmaddubsw`` GEMM (:data:`PACKED_U8S8`).
+
+    Per block q of :data:`LANES` outputs and group j of :data:`QUAD` inputs, ``LANES`` int32:
+    lane o holds the bytes W[4j..4j+3, Lq + o] (little-endian, zero past ``n_out`` and ``n_in``),
+    at offset ``(q * ceil(n_in / 4) + j) * LANES``.
+    """
+    n_out, n_in = wt.shape
+    nb, nq = -(-n_out // LANES), -(-n_in // QUAD)
+    w = np.zeros((nb * LANES, nq * QUAD), np.int64)
+    w[:n_out, :n_in] = wt
+    b = (w & 0xFF).reshape(nb, LANES, nq, QUAD)
+    v = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # (q, o, j) as uint32
+    v = (v.transpose(0, 2, 1) + 2**31) % 2**32 - 2**31  # (q, j, o) as int32
+    return v.reshape(-1)
 
 
 def _pair_saturated(a: np.ndarray, w: np.ndarray) -> np.ndarray:

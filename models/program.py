@@ -40,6 +40,27 @@ OP_COPY = 13
 OP_AFFINE_QUANT = 14
 #: outputs per block of the integer GEMMs (one 256-bit vector of int32; 16 lanes measured slower)
 LANES = 8
+#: inputs per int32 lane of the packed u8 x s8 GEMM weights (:data:`PACKED_U8S8`)
+QUAD = 4
+
+
+def _host_avx2() -> bool:
+    """Whether numba compiles for this CPU (no other ``NUMBA_CPU_NAME``) and it has AVX2."""
+    from llvmlite import binding as llvm
+    from numba.core import config
+
+    if config.CPU_NAME not in (None, "host"):
+        return False  # a portable target: no CPU-specific intrinsics
+    feats = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    return "+avx2" in feats.split(",")
+
+
+#: Saturated u8 x s8 GEMMs (onnxruntime's on CPUs without VNNI) run with the instructions of
+#: onnxruntime's own kernel, ``vpmaddubsw`` + ``vpmaddwd``, on weights packed 4 inputs per int32
+#: lane: sat flag 2 in a GEMM's ints block, the packed weights right after that block
+#: (:func:`models.lowering.pack_u8s8`).  Without AVX2 (or for a portable numba target) the lowering
+#: writes flag 1 and the GEMM sums pairs with int32 vector arithmetic instead (same values).
+PACKED_U8S8 = _host_avx2()
 _OP_NAMES = {
     OP_SUB: "sub", OP_MUL: "mul", OP_ADD: "add", OP_CLIP: "clip", OP_QUANT: "quantize",
     OP_DEQUANT: "dequantize", OP_GEMM_F: "gemm_f32", OP_GEMM_I2F: "gemm_int_to_f32",
@@ -114,6 +135,64 @@ def _make_gemm_blocks(nb: int):
                 wq = builder.add(wk, builder.mul(stride, ir.Constant(int64, q)))
                 return vload(builder.gep(base, [wq]), vi)
 
+            def pair_sums():  # sat 1: inputs 2j and 2j + 1 summed first, that sum saturated to int16
+                smin, smax = ir.Constant(vi, [-32768] * LANES), ir.Constant(vi, [32767] * LANES)
+                n_pairs = builder.sdiv(builder.add(n_in_, ir.Constant(int64, 1)), ir.Constant(int64, 2))
+                last = builder.sub(n_in_, ir.Constant(int64, 1))
+                with cgutils.for_range(builder, n_pairs) as loop:
+                    k0 = builder.mul(loop.index, ir.Constant(int64, 2))
+                    has_k1 = builder.icmp_signed("<", k0, last)
+                    k1 = builder.select(has_k1, builder.add(k0, ir.Constant(int64, 1)), k0)
+                    x0 = x_at(k0)
+                    x1 = builder.select(has_k1, x_at(k1), zeros)  # an odd last input pairs with 0
+                    for q, acc in enumerate(accs):
+                        p = builder.add(builder.mul(x0, w_at(k0, q)), builder.mul(x1, w_at(k1, q)))
+                        p = builder.select(builder.icmp_signed("<", p, smin), smin, p)
+                        p = builder.select(builder.icmp_signed(">", p, smax), smax, p)
+                        builder.store(builder.add(builder.load(acc), p), acc)
+
+            def packed_sums():
+                # sat = the packed weights' offset: the same sums with MLAS's own instructions.
+                # Inputs 4j..4j+3 as the 4 bytes of an int32, splat to every lane; block q's
+                # weights at sat + q nq L + j L, lane o holding W[4j..4j+3, o] as 4 bytes; vpmaddubsw
+                # gives the two int16-saturated pair sums of each lane, vpmaddwd with 1s their int32 sum
+                i8, i16 = ir.IntType(8), ir.IntType(16)
+                v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
+                ubsw = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                      "llvm.x86.avx2.pmadd.ub.sw")  # fmt: skip
+                wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [v16i16, v16i16]),
+                                                    "llvm.x86.avx2.pmadd.wd")  # fmt: skip
+                ones = ir.Constant(v16i16, [1] * 16)
+                four = ir.Constant(int64, QUAD)
+                n_full = builder.udiv(n_in_, four)
+                n_q = builder.udiv(builder.add(n_in_, ir.Constant(int64, QUAD - 1)), four)
+                q_stride = builder.mul(n_q, ir.Constant(int64, LANES))
+
+                def accumulate(quad, j):
+                    a = builder.bitcast(splat(quad, vi), v32i8)
+                    for q, acc in enumerate(accs):
+                        wq = builder.add(builder.add(sat_, builder.mul(q_stride, ir.Constant(int64, q))),
+                                         builder.mul(j, ir.Constant(int64, LANES)))  # fmt: skip
+                        w = builder.bitcast(vload(builder.gep(base, [wq]), vi), v32i8)
+                        r = builder.call(wd, [builder.call(ubsw, [a, w]), ones])
+                        builder.store(builder.add(builder.load(acc), r), acc)
+
+                v4i32, v4i8 = ir.VectorType(i32, QUAD), ir.VectorType(i8, QUAD)
+                with cgutils.for_range(builder, n_full) as loop:  # whole quads: one vector load each
+                    j = loop.index
+                    x4 = vload(builder.gep(base, [builder.add(src_, builder.mul(j, four))]), v4i32)
+                    accumulate(builder.bitcast(builder.trunc(x4, v4i8), i32), j)
+                k0 = builder.mul(n_full, four)
+                with builder.if_then(builder.icmp_signed("<", k0, n_in_)):  # the last 1-3 inputs, 0 after
+                    quad = ir.Constant(i32, 0)
+                    for t in range(QUAD - 1):
+                        kt = builder.add(k0, ir.Constant(int64, t))
+                        ok = builder.icmp_signed("<", kt, n_in_)
+                        x = builder.load(builder.gep(base, [builder.add(src_, builder.select(ok, kt, k0))]))
+                        x = builder.and_(builder.select(ok, x, ir.Constant(i32, 0)), ir.Constant(i32, 255))
+                        quad = builder.or_(quad, builder.shl(x, ir.Constant(i32, 8 * t)))
+                    accumulate(quad, n_full)
+
             with builder.if_else(builder.icmp_signed("==", sat_, ir.Constant(int64, 0))) as (exact, pairs):
                 with exact:
                     with cgutils.for_range(builder, n_in_) as loop:
@@ -122,21 +201,15 @@ def _make_gemm_blocks(nb: int):
                         for q, acc in enumerate(accs):
                             builder.store(builder.add(builder.load(acc), builder.mul(x, w_at(k, q))), acc)
                 with pairs:
-                    # inputs 2j and 2j + 1 summed first and that sum saturated to int16 (see above)
-                    smin, smax = ir.Constant(vi, [-32768] * LANES), ir.Constant(vi, [32767] * LANES)
-                    n_pairs = builder.sdiv(builder.add(n_in_, ir.Constant(int64, 1)), ir.Constant(int64, 2))
-                    last = builder.sub(n_in_, ir.Constant(int64, 1))
-                    with cgutils.for_range(builder, n_pairs) as loop:
-                        k0 = builder.mul(loop.index, ir.Constant(int64, 2))
-                        has_k1 = builder.icmp_signed("<", k0, last)
-                        k1 = builder.select(has_k1, builder.add(k0, ir.Constant(int64, 1)), k0)
-                        x0 = x_at(k0)
-                        x1 = builder.select(has_k1, x_at(k1), zeros)  # an odd last input pairs with 0
-                        for q, acc in enumerate(accs):
-                            p = builder.add(builder.mul(x0, w_at(k0, q)), builder.mul(x1, w_at(k1, q)))
-                            p = builder.select(builder.icmp_signed("<", p, smin), smin, p)
-                            p = builder.select(builder.icmp_signed(">", p, smax), smax, p)
-                            builder.store(builder.add(builder.load(acc), p), acc)
+                    if PACKED_U8S8:  # only then may the IR hold the AVX2 intrinsics
+                        generic = builder.icmp_signed("==", sat_, ir.Constant(int64, 1))
+                        with builder.if_else(generic) as (g, pk):
+                            with g:
+                                pair_sums()
+                            with pk:
+                                packed_sums()
+                    else:
+                        pair_sums()
             vs = [builder.fmul(builder.sitofp(builder.load(acc), vf), splat(m_, vf)) for acc in accs]
             requant = builder.icmp_signed("!=", zpo_, ir.Constant(int64, -(2**63)))
             with builder.if_else(requant) as (yes, no):
@@ -249,11 +322,16 @@ def _run_program(mi, mf):
                 hi = np.float32(mi[p1 + 3] - zpo)
                 ib, fb, d_a = p3, -1, mi_a
                 sat = np.int64(mi[p1 + 4])
+                if sat == 2:
+                    sat = np.int64(p1) + 5  # the packed weights follow the ints block
             else:
                 zpo, lo, hi = _NO_REQUANT, np.float32(0.0), np.float32(0.0)
                 ib, fb, d_a = p4, p3, mf_a
                 sat = np.int64(mi[p1 + 1])
+                if sat == 2:
+                    sat = np.int64(p1) + 2
             nb = (np.int64(n_out) + (LANES - 1)) // LANES
+            q_pack = ((np.int64(n_in) + (QUAD - 1)) // QUAD) * LANES  # packed weights per block
             s_o, k_n, zpa, m = np.int64(src), np.int64(n_in), np.int64(mi[p1]), mf[p2]
             q = np.int64(0)
             while q < nb:
@@ -262,11 +340,12 @@ def _run_program(mi, mf):
                 ib_o = ib + b if ib >= 0 else -1
                 d_o = d_a + 4 * (np.int64(dst) + b)
                 fb_a = mf_a + 4 * (fb + b) if fb >= 0 else 0
+                sat_o = sat + q * q_pack if sat > 1 else sat
                 if q + 2 <= nb:
-                    _gemm2(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat)
+                    _gemm2(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat_o)
                     q += 2
                 else:
-                    _gemm1(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat)
+                    _gemm1(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat_o)
                     q += 1
         elif op == OP_GEMM_F:
             # float32 GEMM, W (n_in, n_out) row-major: y[j] = b[j] + sum_k x[k] W[k, j],
@@ -439,8 +518,13 @@ def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
         need(all(-1 <= v < max(ni, nf) for v in p), f"row {o} ({name}) constants")
         if gemm_i:
             need(p[0] >= 0 and p[0] + width * n_in <= ni, f"row {o} ({name}) weights")
-            need(0 <= p[1] and p[1] + (5 if op == OP_GEMM_I2Q else 2) <= ni and 0 <= p[2] < nf,
+            n_ints = 5 if op == OP_GEMM_I2Q else 2
+            need(0 <= p[1] and p[1] + n_ints <= ni and 0 <= p[2] < nf,
                  f"row {o} ({name}) zero points and scale")  # fmt: skip
+            sat = int(mi[p[1] + n_ints - 1])
+            need(sat in (0, 1) or (sat == 2 and PACKED_U8S8), f"row {o} ({name}) u8 x s8 mode {sat}")
+            packed = -(-n_out // LANES) * -(-n_in // QUAD) * LANES if sat == 2 else 0
+            need(p[1] + n_ints + packed <= ni, f"row {o} ({name}) packed weights")
             ibias, fbias = (p[3], -1) if op == OP_GEMM_I2Q else (p[4], p[3])
             need(ibias < 0 or ibias + width <= ni, f"row {o} ({name}) integer bias")
             need(fbias < 0 or fbias + width <= nf, f"row {o} ({name}) float bias")

@@ -315,8 +315,9 @@ def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("hidden", [(13, 9), (40, 24, 3), (1,), (8, 17)])
-@pytest.mark.parametrize("saturate", [False, True], ids=["exact", "u8s8_pairs"])
-def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden, saturate,
+@pytest.mark.parametrize(("saturate", "packed"), [(False, False), (True, False), (True, True)],
+                         ids=["exact", "u8s8_pairs", "u8s8_packed"])  # fmt: skip
+def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden, saturate, packed,
                                                                         monkeypatch):  # fmt: skip
     """The vector GEMMs (blocks of LANES outputs, padded) give exactly numpy's int32 arithmetic.
 
@@ -325,13 +326,17 @@ def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_pat
     clamped and rounded half to even (requantised rows) or ``+ float bias`` (the float
     row), compared bit for bit.  Lowered as for a CPU whose onnxruntime saturates u8 x s8
     pair sums (``u8s8_pairs``), the accumulation is of the raw inputs, ``x[2j] W[2j] +
-    x[2j+1] W[2j+1]`` clamped to int16 per pair, with ``- zpa * sum(W)`` in the bias.
+    x[2j+1] W[2j+1]`` clamped to int16 per pair, with ``- zpa * sum(W)`` in the bias; the same
+    with the weights packed for ``vpmaddubsw`` (``u8s8_packed``, on CPUs with AVX2).
     """
     import models.lowering
     from models.lowering import _ort_optimized_model
     from models.program import _ROW, LANES, OP_AFFINE_QUANT, OP_GEMM_I2F, OP_GEMM_I2Q, _run_program
 
+    if packed and not models.lowering.PACKED_U8S8:
+        pytest.skip("the packed u8 x s8 GEMM needs AVX2 (and numba compiling for this CPU)")
     monkeypatch.setattr(models.lowering, "_SATURATES", [saturate])
+    monkeypatch.setattr(models.lowering, "PACKED_U8S8", packed)
     w = _random_weights(len(hidden) + 5, hidden)
     X = parity_vectors(FS)[:3000]
     q = quantize_int8(build_graph(w), tmp_path / "q.onnx", X[:2000], activation_type="uint8")
@@ -355,7 +360,8 @@ def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_pat
             ib = p4 if op == OP_GEMM_I2F else p3
             sat = mi[p1 + 4] if op == OP_GEMM_I2Q else mi[p1 + 1]
             # (the last, float layer is onnxruntime's float GEMM of dequantized values: never saturated)
-            assert sat == (saturate and op == OP_GEMM_I2Q) and (not sat or mi[p1] == 0)
+            want = (2 if packed else 1) if saturate and op == OP_GEMM_I2Q else 0
+            assert sat == want and (not sat or mi[p1] == 0)
             if sat:  # products of inputs 2j and 2j + 1 summed, clamped to int16, then summed
                 prod = np.pad(W * a[None, :], ((0, 0), (0, n_in % 2)))
                 acc = np.clip(prod[:, 0::2] + prod[:, 1::2], -32768, 32767).sum(axis=1)
