@@ -58,16 +58,17 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``tickscore`` command; return the process exit code.
 
-    SIGTERM stops a command as Ctrl-C does (``serve``, ``subscribe`` and the cluster
-    supervisor install their own graceful handlers over this one).
+    SIGTERM stops a command as Ctrl-C does (``subscribe`` installs its own graceful handler
+    over this one); ``serve`` keeps SIGTERM's default until its graceful stop is installed,
+    so a supervisor sees a service stopped during start-up die by the signal, as before.
     """
     args = build_parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    handle_term = threading.current_thread() is threading.main_thread() and args.command != "serve"
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if handle_term else None
     try:
         return _dispatch(args)
     finally:
-        if main_thread:
+        if handle_term:
             signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
 
