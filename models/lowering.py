@@ -245,8 +245,10 @@ class _Lowerer:
             wt = np.ascontiguousarray((b.const.astype(np.int64) - b.zp).T)
             m = np.float32(np.float32(a.scale) * np.float32(b.scale))
             dst = self.F
+            za_k, mode, packed = _gemm_mode(a.zp, wt, False)
+            ints = self.addi(np.r_[za_k, mode, packed])
             row = self.emit(
-                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), self.addi([a.zp, 0]),
+                OP_GEMM_I2F, n_in, n_out, a.reg, dst, self.addi_blocks(wt), ints,
                 self.addf([m]), self.addf(self.pad_blocks(bias, n_out)) if bias is not None else -1, -1,
             )
             out = _Val("f", n_out, dst)
@@ -615,8 +617,7 @@ class _Lowerer:
                 v = ((v - corr + 2**31) % 2**32) - 2**31  # int32 wrapping
             return self.addi(self.pad_blocks(v, n_out))
 
-        za_k, sat_k = (0, 2 if PACKED_U8S8 else 1) if sat else (za_v, 0)
-        packed = pack_u8s8(wt) if sat_k == 2 else np.zeros(0, np.int64)  # follows the ints block
+        za_k, sat_k, packed = _gemm_mode(za_v, wt, sat)
         if sy:  # requantised output
             sy_v = np.float32(c(sy).reshape(()))
             zy_arr = c(zy) if zy else np.array(0, dtype=np.uint8)
@@ -691,6 +692,22 @@ _PROBE_W = np.array([[127, -128], [127, -128], [127, -128], [127, -128]], np.int
 _PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.uint8)
 
 
+def _gemm_mode(za: int, wt: np.ndarray, saturate: bool) -> tuple[int, int, np.ndarray]:
+    """Return an integer GEMM's zero point, mode and packed weights for its ints block.
+
+    The mode is the block's last value, the packed weights follow it: 0 exact sums in int32
+    lanes; 1 int16-saturated pairs of raw u8 inputs (za 0: onnxruntime's u8s8 kernel without
+    VNNI); where numba compiles for AVX2 (:data:`~models.program.PACKED_U8S8`) 2, those pairs
+    on u8 x s8 quads (``vpmaddubsw``), and 3, exact sums on int16 pairs (``vpmaddwd``: every
+    8-bit value less its zero point fits in int16).
+    """
+    if saturate:
+        return 0, (2 if PACKED_U8S8 else 1), (pack_u8s8(wt) if PACKED_U8S8 else np.zeros(0, np.int64))
+    if PACKED_U8S8 and np.abs(wt).max(initial=0) <= 32767 and -32768 <= -za <= 32767:
+        return za, 3, pack_i16_pairs(wt)
+    return za, 0, np.zeros(0, np.int64)
+
+
 def pack_u8s8(wt: np.ndarray) -> np.ndarray:
     """Int8 GEMM weights ``wt`` (n_out, n_in) packed for the ``vpmaddubsw`` GEMM (:data:`PACKED_U8S8`).
 
@@ -704,6 +721,23 @@ def pack_u8s8(wt: np.ndarray) -> np.ndarray:
     w[:n_out, :n_in] = wt
     b = (w & 0xFF).reshape(nb, LANES, nq, QUAD)
     v = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # (q, o, j) as uint32
+    v = (v.transpose(0, 2, 1) + 2**31) % 2**32 - 2**31  # (q, j, o) as int32
+    return v.reshape(-1)
+
+
+def pack_i16_pairs(wt: np.ndarray) -> np.ndarray:
+    """Integer GEMM weights ``wt`` (n_out, n_in), each in int16, packed for the ``vpmaddwd`` GEMM.
+
+    Per block q of :data:`LANES` outputs and pair j of inputs, ``LANES`` int32: lane o holds
+    W[2j, Lq + o] in its low and W[2j + 1, Lq + o] in its high int16 (zero past ``n_out`` and
+    ``n_in``), at offset ``(q * ceil(n_in / 2) + j) * LANES``.
+    """
+    n_out, n_in = wt.shape
+    nb, npairs = -(-n_out // LANES), -(-n_in // 2)
+    w = np.zeros((nb * LANES, npairs * 2), np.int64)
+    w[:n_out, :n_in] = wt
+    h = (w & 0xFFFF).reshape(nb, LANES, npairs, 2)
+    v = h[..., 0] | h[..., 1] << 16  # (q, o, j) as uint32
     v = (v.transpose(0, 2, 1) + 2**31) % 2**32 - 2**31  # (q, j, o) as int32
     return v.reshape(-1)
 

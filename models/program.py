@@ -105,7 +105,8 @@ def _make_gemm_blocks(nb: int):
 
             def splat(x, vt):
                 v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), zeros)
+                mask = ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count)
+                return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), mask)
 
             def vload(ptr, vt):
                 return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
@@ -193,13 +194,59 @@ def _make_gemm_blocks(nb: int):
                         quad = builder.or_(quad, builder.shl(x, ir.Constant(i32, 8 * t)))
                     accumulate(quad, n_full)
 
-            with builder.if_else(builder.icmp_signed("==", sat_, ir.Constant(int64, 0))) as (exact, pairs):
+            def int16_pair_sums():
+                # sat < 0: exact sums with vpmaddwd, weights packed at -sat: inputs 2j, 2j+1 less the
+                # zero point as two int16 of an int32, splat; lane o of block q, pair j holds W[2j, o],
+                # W[2j+1, o] as int16 (every 8-bit value less its zero point fits); vpmaddwd sums the
+                # two products per lane in int32, exactly (|sum| <= 2 x 255 x 255)
+                i16 = ir.IntType(16)
+                v16i16, v2i32, v2i16 = ir.VectorType(i16, 16), ir.VectorType(i32, 2), ir.VectorType(i16, 2)
+                wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [v16i16, v16i16]),
+                                                    "llvm.x86.avx2.pmadd.wd")  # fmt: skip
+                pw = builder.neg(sat_)
+                two = ir.Constant(int64, 2)
+                n_full = builder.udiv(n_in_, two)
+                q_stride = builder.mul(builder.udiv(builder.add(n_in_, ir.Constant(int64, 1)), two),
+                                       ir.Constant(int64, LANES))  # fmt: skip
+
+                def accumulate(pair, j):
+                    a = builder.bitcast(splat(pair, vi), v16i16)
+                    for q, acc in enumerate(accs):
+                        wq = builder.add(builder.add(pw, builder.mul(q_stride, ir.Constant(int64, q))),
+                                         builder.mul(j, ir.Constant(int64, LANES)))  # fmt: skip
+                        w = builder.bitcast(vload(builder.gep(base, [wq]), vi), v16i16)
+                        builder.store(builder.add(builder.load(acc), builder.call(wd, [a, w])), acc)
+
+                za2 = splat(zpa32, v2i32)
+                with cgutils.for_range(builder, n_full) as loop:
+                    j = loop.index
+                    x2 = vload(builder.gep(base, [builder.add(src_, builder.mul(j, two))]), v2i32)
+                    x2 = builder.sub(x2, za2)
+                    accumulate(builder.bitcast(builder.trunc(x2, v2i16), i32), j)
+                k0 = builder.mul(n_full, two)
+                with builder.if_then(builder.icmp_signed("<", k0, n_in_)):  # an odd last input, 0 after it
+                    x = builder.sub(builder.load(builder.gep(base, [builder.add(src_, k0)])), zpa32)
+                    accumulate(builder.and_(x, ir.Constant(i32, 0xFFFF)), n_full)
+
+            def int32_sums():  # sat 0: one int32 vector multiply-add per input
+                with cgutils.for_range(builder, n_in_) as loop:
+                    k = loop.index
+                    x = x_at(k)
+                    for q, acc in enumerate(accs):
+                        builder.store(builder.add(builder.load(acc), builder.mul(x, w_at(k, q))), acc)
+
+            exact_sums = builder.icmp_signed("<=", sat_, ir.Constant(int64, 0))
+            with builder.if_else(exact_sums) as (exact, pairs):
                 with exact:
-                    with cgutils.for_range(builder, n_in_) as loop:
-                        k = loop.index
-                        x = x_at(k)
-                        for q, acc in enumerate(accs):
-                            builder.store(builder.add(builder.load(acc), builder.mul(x, w_at(k, q))), acc)
+                    if PACKED_U8S8:
+                        int32 = builder.icmp_signed("==", sat_, ir.Constant(int64, 0))
+                        with builder.if_else(int32) as (g, pk):
+                            with g:
+                                int32_sums()
+                            with pk:
+                                int16_pair_sums()
+                    else:
+                        int32_sums()
                 with pairs:
                     if PACKED_U8S8:  # only then may the IR hold the AVX2 intrinsics
                         generic = builder.icmp_signed("==", sat_, ir.Constant(int64, 1))
@@ -322,16 +369,19 @@ def _run_program(mi, mf):
                 hi = np.float32(mi[p1 + 3] - zpo)
                 ib, fb, d_a = p3, -1, mi_a
                 sat = np.int64(mi[p1 + 4])
-                if sat == 2:
-                    sat = np.int64(p1) + 5  # the packed weights follow the ints block
+                pk = np.int64(p1) + 5  # packed weights follow the ints block
             else:
                 zpo, lo, hi = _NO_REQUANT, np.float32(0.0), np.float32(0.0)
                 ib, fb, d_a = p4, p3, mf_a
                 sat = np.int64(mi[p1 + 1])
-                if sat == 2:
-                    sat = np.int64(p1) + 2
+                pk = np.int64(p1) + 2
+            # the kernel's sat: 0 / 1 as stored; 2 -> the u8 x s8 quads' offset; 3 -> minus the int16 pairs'
+            q_pack = np.int64(0)  # packed weights per block
+            if sat == 2:
+                sat, q_pack = pk, ((np.int64(n_in) + (QUAD - 1)) // QUAD) * LANES
+            elif sat == 3:
+                sat, q_pack = -pk, -(((np.int64(n_in) + 1) // 2) * LANES)
             nb = (np.int64(n_out) + (LANES - 1)) // LANES
-            q_pack = ((np.int64(n_in) + (QUAD - 1)) // QUAD) * LANES  # packed weights per block
             s_o, k_n, zpa, m = np.int64(src), np.int64(n_in), np.int64(mi[p1]), mf[p2]
             q = np.int64(0)
             while q < nb:
@@ -340,7 +390,7 @@ def _run_program(mi, mf):
                 ib_o = ib + b if ib >= 0 else -1
                 d_o = d_a + 4 * (np.int64(dst) + b)
                 fb_a = mf_a + 4 * (fb + b) if fb >= 0 else 0
-                sat_o = sat + q * q_pack if sat > 1 else sat
+                sat_o = sat + q * q_pack
                 if q + 2 <= nb:
                     _gemm2(mi_a, s_o, w_o, ib_o, k_n, zpa, d_o, m, lo, hi, zpo, fb_a, sat_o)
                     q += 2
@@ -521,9 +571,10 @@ def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
             n_ints = 5 if op == OP_GEMM_I2Q else 2
             need(0 <= p[1] and p[1] + n_ints <= ni and 0 <= p[2] < nf,
                  f"row {o} ({name}) zero points and scale")  # fmt: skip
-            sat = int(mi[p[1] + n_ints - 1])
-            need(sat in (0, 1) or (sat == 2 and PACKED_U8S8), f"row {o} ({name}) u8 x s8 mode {sat}")
-            packed = -(-n_out // LANES) * -(-n_in // QUAD) * LANES if sat == 2 else 0
+            mode = int(mi[p[1] + n_ints - 1])
+            need(mode in (0, 1) or (mode in (2, 3) and PACKED_U8S8), f"row {o} ({name}) GEMM mode {mode}")
+            per_lane = {2: QUAD, 3: 2}.get(mode, 0)  # inputs per packed int32 lane
+            packed = -(-n_out // LANES) * -(-n_in // per_lane) * LANES if per_lane else 0
             need(p[1] + n_ints + packed <= ni, f"row {o} ({name}) packed weights")
             ibias, fbias = (p[3], -1) if op == OP_GEMM_I2Q else (p[4], p[3])
             need(ibias < 0 or ibias + width <= ni, f"row {o} ({name}) integer bias")

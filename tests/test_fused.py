@@ -315,8 +315,8 @@ def test_a_tick_kernel_that_differs_from_batch_features_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("hidden", [(13, 9), (40, 24, 3), (1,), (8, 17)])
-@pytest.mark.parametrize(("saturate", "packed"), [(False, False), (True, False), (True, True)],
-                         ids=["exact", "u8s8_pairs", "u8s8_packed"])  # fmt: skip
+@pytest.mark.parametrize(("saturate", "packed"), [(False, False), (False, True), (True, False), (True, True)],
+                         ids=["exact", "exact_int16_pairs", "u8s8_pairs", "u8s8_packed"])  # fmt: skip
 def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_path, hidden, saturate, packed,
                                                                         monkeypatch):  # fmt: skip
     """The vector GEMMs (blocks of LANES outputs, padded) give exactly numpy's int32 arithmetic.
@@ -359,10 +359,11 @@ def test_blocked_integer_gemms_equal_the_integer_arithmetic_at_any_width(tmp_pat
             W = W.transpose(0, 2, 1).reshape(nb * LANES, n_in)[:n_out]
             ib = p4 if op == OP_GEMM_I2F else p3
             sat = mi[p1 + 4] if op == OP_GEMM_I2Q else mi[p1 + 1]
-            # (the last, float layer is onnxruntime's float GEMM of dequantized values: never saturated)
-            want = (2 if packed else 1) if saturate and op == OP_GEMM_I2Q else 0
-            assert sat == want and (not sat or mi[p1] == 0)
-            if sat:  # products of inputs 2j and 2j + 1 summed, clamped to int16, then summed
+            # (the last, float layer is never saturated: onnxruntime's float GEMM of dequantized values)
+            sat_row = saturate and op == OP_GEMM_I2Q
+            want = (2 if sat_row else 3) if packed else int(sat_row)
+            assert sat == want and (not sat_row or mi[p1] == 0)
+            if sat_row:  # products of inputs 2j and 2j + 1 summed, clamped to int16, then summed
                 prod = np.pad(W * a[None, :], ((0, 0), (0, n_in % 2)))
                 acc = np.clip(prod[:, 0::2] + prod[:, 1::2], -32768, 32767).sum(axis=1)
             else:
