@@ -288,10 +288,12 @@ def _make_gemm_blocks(nb: int):
 #: block of :data:`LANES` outputs of an integer GEMM as vector code, ``_gemm2`` two consecutive
 #: blocks (the input is read once for both).  Per block:
 #: ``acc = ibias[0:L] (or 0) + sum_k (mi[src + k] - zpa) * mi[wblk + L k : wblk + L k + L]``
-#: in int32 (wrapping, as onnxruntime's kernels and the scalar form do; with ``sat`` != 0, as
+#: in int32 (wrapping, as onnxruntime's kernels and the scalar form do; with ``sat`` > 0, as
 #: onnxruntime's u8s8 kernel without VNNI does: ``zpa`` is 0, folded into the bias by the lowering,
 #: and inputs ``2j`` and ``2j + 1`` are summed first, ``x[2j] w[2j] + x[2j+1] w[2j+1]``, and that
-#: pair sum saturated to int16, the ``vpmaddubsw`` of MLAS's AVX2 / AVX-512BW kernels), then
+#: pair sum saturated to int16, the ``vpmaddubsw`` of MLAS's AVX2 / AVX-512BW kernels).  ``sat``
+#: 0 and 1 read the blocked int32 weights at ``wblk``; ``sat`` > 1 (saturated) and < 0 (exact)
+#: are the offset (negated) of this block's packed weights (:data:`PACKED_U8S8`), then
 #: ``v = float32(acc) * m``, and either (requantise) the int32 ``rint(clamp(v, lo, hi)) + zpo``
 #: stored at byte address ``dst_addr``, or (``zpo`` = :data:`_NO_REQUANT`, float output)
 #: ``v [+ fbias[0:L]]`` stored as float32 (``fbias_addr`` 0 = none).  The same float32
