@@ -695,17 +695,19 @@ _PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.
 def _gemm_mode(za: int, wt: np.ndarray, saturate: bool) -> tuple[int, int, np.ndarray]:
     """Return an integer GEMM's zero point, mode and packed weights for its ints block.
 
-    The mode is the block's last value, the packed weights follow it: 0 exact sums in int32
-    lanes; 1 int16-saturated pairs of raw u8 inputs (za 0: onnxruntime's u8s8 kernel without
-    VNNI); where numba compiles for AVX2 (:data:`~models.program.PACKED_U8S8`) 2, those pairs
-    on u8 x s8 quads (``vpmaddubsw``), and 3, exact sums on int16 pairs (``vpmaddwd``: every
-    8-bit value less its zero point fits in int16).
+    The mode is the block's last value, the packed weights follow it.  Where numba compiles for
+    AVX2 (:data:`~models.program.PACKED_U8S8`): 2, int16-saturated pairs of raw u8 inputs (za 0:
+    onnxruntime's u8s8 kernel without VNNI) on u8 x s8 quads (``vpmaddubsw``); 3, exact sums on
+    int16 pairs (``vpmaddwd``: every 8-bit value less its zero point fits in int16).  Elsewhere
+    the same sums in int32 lanes from the blocked weights: 1 saturated, 0 exact.
     """
+    if not PACKED_U8S8:
+        return (0, 1, np.zeros(0, np.int64)) if saturate else (za, 0, np.zeros(0, np.int64))
     if saturate:
-        return 0, (2 if PACKED_U8S8 else 1), (pack_u8s8(wt) if PACKED_U8S8 else np.zeros(0, np.int64))
-    if PACKED_U8S8 and np.abs(wt).max(initial=0) <= 32767 and -32768 <= -za <= 32767:
-        return za, 3, pack_i16_pairs(wt)
-    return za, 0, np.zeros(0, np.int64)
+        return 0, 2, pack_u8s8(wt)
+    if np.abs(wt).max(initial=0) > 255 or not -255 <= za <= 255:
+        raise UnsupportedGraph("integer GEMM with weights or zero point beyond 8 bits")
+    return za, 3, pack_i16_pairs(wt)
 
 
 def pack_u8s8(wt: np.ndarray) -> np.ndarray:

@@ -55,11 +55,12 @@ def _host_avx2() -> bool:
     return "+avx2" in feats.split(",")
 
 
-#: Saturated u8 x s8 GEMMs (onnxruntime's on CPUs without VNNI) run with the instructions of
-#: onnxruntime's own kernel, ``vpmaddubsw`` + ``vpmaddwd``, on weights packed 4 inputs per int32
-#: lane: sat flag 2 in a GEMM's ints block, the packed weights right after that block
-#: (:func:`models.lowering.pack_u8s8`).  Without AVX2 (or for a portable numba target) the lowering
-#: writes flag 1 and the GEMM sums pairs with int32 vector arithmetic instead (same values).
+#: Where numba compiles for an AVX2 CPU the integer GEMMs run on packed weights (right after the
+#: GEMM's ints block, whose last value is the mode, :func:`models.lowering._gemm_mode`): saturated
+#: u8 x s8 ones (onnxruntime's on CPUs without VNNI) with onnxruntime's own ``vpmaddubsw`` +
+#: ``vpmaddwd`` on 4 inputs per int32 lane (mode 2), exact ones with ``vpmaddwd`` on 2 int16 inputs
+#: per lane (mode 3).  Elsewhere (no AVX2, or a portable numba target) the same sums in int32 lanes
+#: (modes 0 and 1).  The kernel holds one form per kind; a program of the other forms is refused.
 PACKED_U8S8 = _host_avx2()
 _OP_NAMES = {
     OP_SUB: "sub", OP_MUL: "mul", OP_ADD: "add", OP_CLIP: "clip", OP_QUANT: "quantize",
@@ -235,28 +236,14 @@ def _make_gemm_blocks(nb: int):
                     for q, acc in enumerate(accs):
                         builder.store(builder.add(builder.load(acc), builder.mul(x, w_at(k, q))), acc)
 
+            # one form per kind, chosen when compiled: with both in the fused tick it ran no faster
+            # than with the int32 forms alone (the packed alone: -6 % p50, +6 % ticks/s)
             exact_sums = builder.icmp_signed("<=", sat_, ir.Constant(int64, 0))
             with builder.if_else(exact_sums) as (exact, pairs):
                 with exact:
-                    if PACKED_U8S8:
-                        int32 = builder.icmp_signed("==", sat_, ir.Constant(int64, 0))
-                        with builder.if_else(int32) as (g, pk):
-                            with g:
-                                int32_sums()
-                            with pk:
-                                int16_pair_sums()
-                    else:
-                        int32_sums()
+                    int16_pair_sums() if PACKED_U8S8 else int32_sums()
                 with pairs:
-                    if PACKED_U8S8:  # only then may the IR hold the AVX2 intrinsics
-                        generic = builder.icmp_signed("==", sat_, ir.Constant(int64, 1))
-                        with builder.if_else(generic) as (g, pk):
-                            with g:
-                                pair_sums()
-                            with pk:
-                                packed_sums()
-                    else:
-                        pair_sums()
+                    packed_sums() if PACKED_U8S8 else pair_sums()
             vs = [builder.fmul(builder.sitofp(builder.load(acc), vf), splat(m_, vf)) for acc in accs]
             requant = builder.icmp_signed("!=", zpo_, ir.Constant(int64, -(2**63)))
             with builder.if_else(requant) as (yes, no):
@@ -574,7 +561,7 @@ def check_program(mi: np.ndarray, mf: np.ndarray) -> None:
             need(0 <= p[1] and p[1] + n_ints <= ni and 0 <= p[2] < nf,
                  f"row {o} ({name}) zero points and scale")  # fmt: skip
             mode = int(mi[p[1] + n_ints - 1])
-            need(mode in (0, 1) or (mode in (2, 3) and PACKED_U8S8), f"row {o} ({name}) GEMM mode {mode}")
+            need(mode in ((2, 3) if PACKED_U8S8 else (0, 1)), f"row {o} ({name}) GEMM mode {mode}")
             per_lane = {2: QUAD, 3: 2}.get(mode, 0)  # inputs per packed int32 lane
             packed = -(-n_out // LANES) * -(-n_in // per_lane) * LANES if per_lane else 0
             need(p[1] + n_ints + packed <= ni, f"row {o} ({name}) packed weights")
