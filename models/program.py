@@ -153,6 +153,15 @@ def _make_gemm_blocks(nb: int):
                         p = builder.select(builder.icmp_signed(">", p, smax), smax, p)
                         builder.store(builder.add(builder.load(acc), p), acc)
 
+            def packed_acc(word, j, w0, q_stride, vt, mac):
+                # each block's acc += mac(word splat, its packed weights of group j), both seen as vt
+                a = builder.bitcast(splat(word, vi), vt)
+                for q, acc in enumerate(accs):
+                    wq = builder.add(builder.add(w0, builder.mul(q_stride, ir.Constant(int64, q))),
+                                     builder.mul(j, ir.Constant(int64, LANES)))  # fmt: skip
+                    w = builder.bitcast(vload(builder.gep(base, [wq]), vi), vt)
+                    builder.store(builder.add(builder.load(acc), mac(a, w)), acc)
+
             def packed_sums():
                 # sat = the packed weights' offset: the same sums with MLAS's own instructions.
                 # Inputs 4j..4j+3 as the 4 bytes of an int32, splat to every lane; block q's
@@ -171,13 +180,10 @@ def _make_gemm_blocks(nb: int):
                 q_stride = builder.mul(n_q, ir.Constant(int64, LANES))
 
                 def accumulate(quad, j):
-                    a = builder.bitcast(splat(quad, vi), v32i8)
-                    for q, acc in enumerate(accs):
-                        wq = builder.add(builder.add(sat_, builder.mul(q_stride, ir.Constant(int64, q))),
-                                         builder.mul(j, ir.Constant(int64, LANES)))  # fmt: skip
-                        w = builder.bitcast(vload(builder.gep(base, [wq]), vi), v32i8)
-                        r = builder.call(wd, [builder.call(ubsw, [a, w]), ones])
-                        builder.store(builder.add(builder.load(acc), r), acc)
+                    def mac(a, w):
+                        return builder.call(wd, [builder.call(ubsw, [a, w]), ones])
+
+                    packed_acc(quad, j, sat_, q_stride, v32i8, mac)
 
                 v4i32, v4i8 = ir.VectorType(i32, QUAD), ir.VectorType(i8, QUAD)
                 with cgutils.for_range(builder, n_full) as loop:  # whole quads: one vector load each
@@ -211,12 +217,7 @@ def _make_gemm_blocks(nb: int):
                                        ir.Constant(int64, LANES))  # fmt: skip
 
                 def accumulate(pair, j):
-                    a = builder.bitcast(splat(pair, vi), v16i16)
-                    for q, acc in enumerate(accs):
-                        wq = builder.add(builder.add(pw, builder.mul(q_stride, ir.Constant(int64, q))),
-                                         builder.mul(j, ir.Constant(int64, LANES)))  # fmt: skip
-                        w = builder.bitcast(vload(builder.gep(base, [wq]), vi), v16i16)
-                        builder.store(builder.add(builder.load(acc), builder.call(wd, [a, w])), acc)
+                    packed_acc(pair, j, pw, q_stride, v16i16, lambda a, w: builder.call(wd, [a, w]))
 
                 za2 = splat(zpa32, v2i32)
                 with cgutils.for_range(builder, n_full) as loop:
