@@ -688,10 +688,6 @@ def lower_graph(model: onnx.ModelProto, source: str = "model", *, ort_ops: bool 
     return prog
 
 
-_PROBE_W = np.array([[127, -128], [127, -128], [127, -128], [127, -128]], np.int8)
-_PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.uint8)
-
-
 def _gemm_mode(za: int, wt: np.ndarray, saturate: bool) -> tuple[int, int, np.ndarray]:
     """Return an integer GEMM's zero point, mode and packed weights for its ints block.
 
@@ -704,42 +700,28 @@ def _gemm_mode(za: int, wt: np.ndarray, saturate: bool) -> tuple[int, int, np.nd
     if not PACKED_U8S8:
         return (0, 1, np.zeros(0, np.int64)) if saturate else (za, 0, np.zeros(0, np.int64))
     if saturate:
-        return 0, 2, pack_u8s8(wt)
+        return 0, 2, pack_lanes(wt, QUAD)
     if np.abs(wt).max(initial=0) > 255 or not -255 <= za <= 255:
         raise UnsupportedGraph("integer GEMM with weights or zero point beyond 8 bits")
-    return za, 3, pack_i16_pairs(wt)
+    return za, 3, pack_lanes(wt, 2)
 
 
-def pack_u8s8(wt: np.ndarray) -> np.ndarray:
-    """Int8 GEMM weights ``wt`` (n_out, n_in) packed for the ``vpmaddubsw`` GEMM (:data:`PACKED_U8S8`).
+def pack_lanes(wt: np.ndarray, per_lane: int) -> np.ndarray:
+    """Integer GEMM weights ``wt`` (n_out, n_in) packed ``per_lane`` inputs to an int32 lane.
 
-    Per block q of :data:`LANES` outputs and group j of :data:`QUAD` inputs, ``LANES`` int32:
-    lane o holds the bytes W[4j..4j+3, Lq + o] (little-endian, zero past ``n_out`` and ``n_in``),
-    at offset ``(q * ceil(n_in / 4) + j) * LANES``.
+    ``per_lane`` 4: int8 weights as bytes, for the ``vpmaddubsw`` GEMM; 2: weights as int16,
+    for the ``vpmaddwd`` GEMM (:data:`~models.program.PACKED_U8S8`).  Per block q of
+    :data:`LANES` outputs and group j of inputs, ``LANES`` int32: lane o holds W[per_lane j + t,
+    Lq + o] in its field t (little-endian, zero past ``n_out`` and ``n_in``), at offset
+    ``(q * ceil(n_in / per_lane) + j) * LANES``.
     """
+    bits = 32 // per_lane
     n_out, n_in = wt.shape
-    nb, nq = -(-n_out // LANES), -(-n_in // QUAD)
-    w = np.zeros((nb * LANES, nq * QUAD), np.int64)
+    nb, ng = -(-n_out // LANES), -(-n_in // per_lane)
+    w = np.zeros((nb * LANES, ng * per_lane), np.int64)
     w[:n_out, :n_in] = wt
-    b = (w & 0xFF).reshape(nb, LANES, nq, QUAD)
-    v = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # (q, o, j) as uint32
-    v = (v.transpose(0, 2, 1) + 2**31) % 2**32 - 2**31  # (q, j, o) as int32
-    return v.reshape(-1)
-
-
-def pack_i16_pairs(wt: np.ndarray) -> np.ndarray:
-    """Integer GEMM weights ``wt`` (n_out, n_in), each in int16, packed for the ``vpmaddwd`` GEMM.
-
-    Per block q of :data:`LANES` outputs and pair j of inputs, ``LANES`` int32: lane o holds
-    W[2j, Lq + o] in its low and W[2j + 1, Lq + o] in its high int16 (zero past ``n_out`` and
-    ``n_in``), at offset ``(q * ceil(n_in / 2) + j) * LANES``.
-    """
-    n_out, n_in = wt.shape
-    nb, npairs = -(-n_out // LANES), -(-n_in // 2)
-    w = np.zeros((nb * LANES, npairs * 2), np.int64)
-    w[:n_out, :n_in] = wt
-    h = (w & 0xFFFF).reshape(nb, LANES, npairs, 2)
-    v = h[..., 0] | h[..., 1] << 16  # (q, o, j) as uint32
+    f = (w & ((1 << bits) - 1)).reshape(nb, LANES, ng, per_lane)
+    v = sum(f[..., t] << (bits * t) for t in range(per_lane))  # (q, o, j) as uint32
     v = (v.transpose(0, 2, 1) + 2**31) % 2**32 - 2**31  # (q, j, o) as int32
     return v.reshape(-1)
 
@@ -752,6 +734,9 @@ def _pair_saturated(a: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 _SATURATES: list[bool] = []
+#: the probe: u8 rows x s8 weights whose pairs overflow int16
+_PROBE_W = np.array([[127, -128], [127, -128], [127, -128], [127, -128]], np.int8)
+_PROBES = np.array([[255, 255, 0, 0], [255, 0, 255, 0], [200, 255, 255, 1]], np.uint8)
 
 
 def ort_saturates_u8s8() -> bool:
