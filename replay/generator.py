@@ -807,6 +807,8 @@ def write_chunks(
     out = check_output_path(path)
     name = out.name.lower()
     left = int(n_events)
+    if left < 0:
+        raise ValueError(f"n_events must be >= 0, got {n_events}")
     done = 0
     with _part_file(out) as part:
         if name.endswith((".parquet", ".pq")):

@@ -431,9 +431,6 @@ def write_l3(
 
     ``progress`` is called with the rows written so far after each chunk.
     """
-    if int(n_events) < 0:
-        raise ValueError(f"n_events must be >= 0, got {n_events}")
-    check_output_path(path)
     sim = L3Simulator(symbols, seed, start_ns)
     return write_chunks(path, n_events, chunk_rows, lambda n, final: sim.next_chunk(n), progress)
 

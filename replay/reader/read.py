@@ -234,10 +234,6 @@ def read_ticks(
     )  # fmt: skip
 
 
-# =========================================================================== chunks
-#: Rows per frame of the pre-scan (symbol column only): more only holds more memory.
-
-
 def _drop_absurd(cand: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Count the rows the live sources would reject as ``absurd_value`` and return the others."""
     bad = absurd_rows(cand)
@@ -246,3 +242,7 @@ def _drop_absurd(cand: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return cand
     counts[REJECT_ABSURD_VALUE] += n
     return cand[~bad]
+
+
+# =========================================================================== chunks
+#: Rows per frame of the pre-scan (symbol column only): more only holds more memory.
