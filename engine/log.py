@@ -23,7 +23,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["configure", "log", "set_context", "FORMATS"]
+__all__ = ["configure", "log", "set_context", "FORMATS", "ProgressLine"]
 
 FORMATS = ("text", "json")
 _LOGGER = logging.getLogger("tickscore")
@@ -94,3 +94,42 @@ def log(component: str, msg: str, *, event: str = "", level: int = logging.INFO,
     if not _LOGGER.handlers:
         configure("text")
     _LOGGER.getChild(component).log(level, msg, extra={"event": event, "fields": fields})
+
+
+class ProgressLine:
+    """A long run's progress on stderr: ``LABEL pct%  done/total UNIT  rate UNIT/s  [extra]ETA``.
+
+    Rewritten in place on a terminal at most every ``period_s``; otherwise (a log file, a
+    pipe) one line at most every ``max(period_s, 5)`` s.  Times are ``perf_counter_ns``.
+    """
+
+    def __init__(self, label: str, unit: str, total: int, period_s: float = 1.0) -> None:
+        self.label, self.unit, self.total = label, unit, int(total)
+        self.tty = sys.stderr.isatty()
+        self.period_ns = int(period_s * 1e9) if self.tty else int(max(period_s, 5.0) * 1e9)
+        self.t0 = self.last = 0
+        self.printed = False
+
+    def start(self, now_ns: int) -> None:
+        """The run's rates and ETA count from ``now_ns``."""
+        self.t0 = self.last = now_ns
+
+    def show(self, done: int, now_ns: int, extra: str = "", force: bool = False) -> None:
+        """Write the line for ``done`` of ``total`` if ``period_s`` has passed (or ``force``)."""
+        if now_ns - self.last < self.period_ns and not force:
+            return
+        self.last = now_ns
+        el = (now_ns - self.t0) / 1e9
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * done / self.total if self.total else 100.0
+        line = (f"{self.label} {pct:5.1f}%  {done:,}/{self.total:,} {self.unit}  {rate:,.0f} {self.unit}/s  "
+                f"{extra}ETA {eta:,.0f}s")  # fmt: skip
+        sys.stderr.write("\r" + line if self.tty else line + "\n")
+        sys.stderr.flush()
+        self.printed = True
+
+    def finish(self) -> None:
+        """End a line rewritten in place."""
+        if self.tty and self.printed:
+            sys.stderr.write("\n")

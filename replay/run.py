@@ -24,6 +24,7 @@ import numpy as np
 from engine.agent import AgentRunner, make_idle
 from engine.builder import build_agent, load_scoring
 from engine.config import SCORE_STREAM_ID, default_aeron_dir
+from engine.log import ProgressLine
 from engine.reload import ReloadAt, WatchModel
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.generator import default_data_path
@@ -79,45 +80,23 @@ class ReplayOptions:
 
 
 class _Progress:
-    """Progress line on stderr at most every ``period_s`` (called from housekeeping)."""
+    """The replay's progress line (called from housekeeping): ticks, rate, rejects, ETA."""
 
     def __init__(self, total: int, enabled: bool, period_s: float = 1.0) -> None:
-        self.total = total
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.period_ns = int(period_s * 1e9) if self.tty else int(max(period_s, 5.0) * 1e9)
-        self.t0 = 0
-        self.last = 0
-        self.printed = False
+        self.line = ProgressLine("replay", "ticks", total, period_s)
 
     def __call__(self, agent, now_ns: int) -> None:
         if not self.enabled:
             return
-        if self.t0 == 0:
-            self.t0 = self.last = now_ns
+        if self.line.t0 == 0:
+            self.line.start(now_ns)
             return
-        if now_ns - self.last < self.period_ns and not agent.done:
-            return
-        self.last = now_ns
-        done = agent.source.position
-        el = (now_ns - self.t0) / 1e9
-        rate = done / el if el > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        pct = 100.0 * done / self.total if self.total else 100.0
-        line = (
-            f"replay {pct:5.1f}%  {done:,}/{self.total:,} ticks  {rate:,.0f} ticks/s  "
-            f"rejected {agent.rejected:,}  ETA {eta:,.0f}s"
-        )
-        if self.tty:
-            sys.stderr.write("\r" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        self.printed = True
+        self.line.show(agent.source.position, now_ns, f"rejected {agent.rejected:,}  ", force=agent.done)
 
     def finish(self) -> None:
-        if self.enabled and self.tty and self.printed:
-            sys.stderr.write("\n")
+        if self.enabled:
+            self.line.finish()
 
 
 class _NullSink:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
+from engine.log import ProgressLine
 from replay.generator import write_market
 from replay.generator_l3 import write_l3, write_trades
 
@@ -34,41 +34,16 @@ def register(sub) -> None:
     g.set_defaults(handler=run)
 
 
-class _Progress:
-    """Progress on stderr after each written chunk of a big file: one updated line on a
-    terminal (at most every second), else a line at most every 5 s."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.tty = max(int(total), 1), sys.stderr.isatty()
-        self.t0 = self.last = time.perf_counter()
-        self.printed = False
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < (1.0 if self.tty else 5.0):
-            return
-        self.last = now
-        rate = done / (now - self.t0)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        line = (f"generate {100.0 * done / self.total:5.1f}%  {done:,}/{self.total:,} events  "
-                f"{rate:,.0f} events/s  ETA {eta:,.0f}s")  # fmt: skip
-        sys.stderr.write("\r" + line if self.tty else line + "\n")
-        sys.stderr.flush()
-        self.printed = True
-
-    def finish(self) -> None:
-        if self.tty and self.printed:
-            sys.stderr.write("\n")
-
-
 def run(args: argparse.Namespace) -> int:
     symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
     t0 = time.perf_counter()
-    progress = _Progress(args.events)
+    line = ProgressLine("generate", "events", max(int(args.events), 1))
+    line.start(time.perf_counter_ns())
     try:
-        path = _WRITERS[args.shape](args.out, args.events, symbols, args.seed, progress=progress)
+        path = _WRITERS[args.shape](args.out, args.events, symbols, args.seed,
+                                    progress=lambda done: line.show(done, time.perf_counter_ns()))
     finally:
-        progress.finish()
+        line.finish()
     print(f"wrote {args.events:,} {args.shape} events for {len(symbols)} instruments to {path} "
           f"({path.stat().st_size / 1e6:,.1f} MB in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
     return 0
