@@ -15,6 +15,7 @@ import io
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "percentile_axis",
     "ReplayResult",
     "summarise",
+    "warmup_excluded",
     "write_outputs",
     "write_summary",
 ]
@@ -425,6 +427,19 @@ class ReplayResult:
             stats["from intended"] = self.corrected_stats
         tps = {k: self.summary["throughput_tps"] for k in stats}
         return format_table(stats, throughput=tps)
+
+
+def warmup_excluded(warmup_ticks: int, n: int) -> int:
+    """Return the latencies to drop as warm-up: ``warmup_ticks``, or 10 % of a run it would swamp."""
+    if warmup_ticks <= n // 2 or n == 0:
+        return min(warmup_ticks, n)
+    warm = n // 10
+    print(
+        f"tickscore: warning: the warm-up of {warmup_ticks:,} ticks is more than half of this run's "
+        f"{n:,} scores: excluding the first {warm:,} (10 %) instead (set it with --warmup-ticks N)",
+        file=sys.stderr,
+    )
+    return warm
 
 
 def summarise(

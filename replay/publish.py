@@ -236,6 +236,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     ``on_ready()`` is called once connected, just before the first send.  With
     ``progress_s`` > 0 a progress line goes to stderr every ``progress_s`` seconds.
     Raises ``TimeoutError`` when no service takes the ticks within the connect timeout.
+    Ctrl-C or SIGTERM (a ``KeyboardInterrupt``) while sending stops it: the sockets still
+    close with their linger, the result covers the ticks sent, and ``interrupt`` holds the
+    exception for the caller to re-raise once it has reported them (else None).
     """
     pin = pin_self(spec.get("cpus"))
     chunks, rest, ticks = first_ticks_for_wire(spec["data"], spec.get("map"), spec.get("map_file"),
@@ -331,45 +334,53 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     rec: dict[str, list[np.ndarray]] = {"intended": [], "sent_ns": [], "ts_event": [], "inst": []}
     retries_total = 0
     n = 0
+    interrupt = None
     t_start = clock()
     progress_ns = int(progress_s * 1e9)
     next_progress = t_start + progress_ns if progress_ns else 1 << 62
-    while ticks is not None and (limit is None or n < limit):
-        if limit is not None:
-            ticks = ticks[: limit - n]
-        payloads, tp, ts_event = _encode_chunk(ticks, symbols, topics, shift)
-        dest = dest_of[ticks["instrument"]].tolist()
-        m = len(payloads)
-        due = intended_times(ticks["ts_event_ns"], start, speed=speed, rate=rate, ts0=ts0, first_index=n)
-        due_l = due.tolist()
-        sent = np.zeros(m, dtype=np.int64)
-        gc.collect()
-        gc.disable()  # no collector pauses while sending
-        for i in range(m):
-            if not i & 1023 and clock() >= next_progress:
-                _progress_line(n + i, total, clock() - t_start)
-                next_progress += progress_ns
-            if paced:
-                d = due_l[i]
-                while True:
-                    now = clock()
-                    if now >= d:
-                        break
-                    if d - now > margin:  # sleep, waking `margin` early; spin the rest
-                        time.sleep((d - now - margin) / 1e9)
-                    # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
-                    # priority) subscriber for a whole scheduler tick
-            else:
-                now = clock()
-            sent[i] = now
-            retries_total += send(tp[i], payloads[i], dest[i])
-        gc.enable()
-        rec["intended"].append(due if paced else sent)
-        rec["sent_ns"].append(sent)
-        rec["ts_event"].append(ts_event)
-        rec["inst"].append(ticks["instrument"].astype(np.int32))
-        n += m
-        ticks = next((ch.ticks for ch in rest if len(ch.ticks)), None)  # the next chunk
+    try:
+        while ticks is not None and (limit is None or n < limit):
+            if limit is not None:
+                ticks = ticks[: limit - n]
+            payloads, tp, ts_event = _encode_chunk(ticks, symbols, topics, shift)
+            dest = dest_of[ticks["instrument"]].tolist()
+            m = len(payloads)
+            due = intended_times(ticks["ts_event_ns"], start, speed=speed, rate=rate, ts0=ts0, first_index=n)
+            due_l = due.tolist()
+            sent = np.zeros(m, dtype=np.int64)
+            k = 0  # ticks of this chunk sent (all of them unless Ctrl-C / SIGTERM stops the loop)
+            gc.collect()
+            gc.disable()  # no collector pauses while sending
+            try:
+                for i in range(m):
+                    if not i & 1023 and clock() >= next_progress:
+                        _progress_line(n + i, total, clock() - t_start)
+                        next_progress += progress_ns
+                    if paced:
+                        d = due_l[i]
+                        while True:
+                            now = clock()
+                            if now >= d:
+                                break
+                            if d - now > margin:  # sleep, waking `margin` early; spin the rest
+                                time.sleep((d - now - margin) / 1e9)
+                            # no sched_yield here: under CFS/EEVDF it can hand the core to the (lowest
+                            # priority) subscriber for a whole scheduler tick
+                    else:
+                        now = clock()
+                    sent[i] = now
+                    retries_total += send(tp[i], payloads[i], dest[i])
+                    k = i + 1
+            finally:  # the record of what was sent, also when the loop is stopped
+                gc.enable()
+                rec["intended"].append((due if paced else sent)[:k])
+                rec["sent_ns"].append(sent[:k])
+                rec["ts_event"].append(ts_event[:k])
+                rec["inst"].append(ticks["instrument"][:k].astype(np.int32))
+                n += k
+            ticks = next((ch.ticks for ch in rest if len(ch.ticks)), None)  # the next chunk
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: stop sending; what was sent is returned
+        interrupt = exc
     if fifo:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     wall_s = (clock() - t_start) / 1e9
@@ -380,7 +391,7 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
         ctx.term()
     else:
         aeron.close()
-    return {"sent": n, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
+    return {"sent": n, "interrupt": interrupt, "retries": retries_total, "pin": pin, "timer_slack_1ns": slack,
             "sleep_margin_us": margin / 1000, "scheduler": sched, "wall_s": wall_s,
             "symbols": symbols, "reader_rejected": {k: v for k, v in chunks.rejected.items() if v},
             **{k: np.concatenate(v) for k, v in rec.items()}}

@@ -29,7 +29,14 @@ from engine.reload import ReloadAt, WatchModel
 from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT, ZmqPublisher
 from replay.generator import default_data_path
 from replay.inputs import open_replay_data
-from replay.latency import ReplayResult, latency_stats, summarise, write_outputs, write_summary
+from replay.latency import (
+    ReplayResult,
+    latency_stats,
+    summarise,
+    warmup_excluded,
+    write_outputs,
+    write_summary,
+)
 from replay.reader import explain_rejects
 from replay.scores import SCORES_FILE, ScoreRecorder, write_scores
 
@@ -210,7 +217,7 @@ def run_inprocess(opts: ReplayOptions) -> ReplayResult:
 
     t_in, t_out = agent.recorder.snapshot(agent.seq)
     lat = t_out - t_in
-    warm = _warmup_excluded(opts.warmup_ticks, len(lat))
+    warm = warmup_excluded(opts.warmup_ticks, len(lat))
     corrected = corrected_stats = None
     if data.chunked:  # every tick is in the chunk histograms; raw arrays may be a window
         for h in (source.latency, source.latency_intended):
@@ -349,18 +356,6 @@ def _aeron_sink(opts: ReplayOptions):
         drv.close()
         raise
 
-
-def _warmup_excluded(warmup_ticks: int, n: int) -> int:
-    """Return the latencies to drop as warm-up: ``warmup_ticks``, or 10 % of a run it would swamp."""
-    if warmup_ticks <= n // 2 or n == 0:
-        return min(warmup_ticks, n)
-    warm = n // 10
-    print(
-        f"tickscore: warning: the warm-up of {warmup_ticks:,} ticks is more than half of this run's "
-        f"{n:,} scores: excluding the first {warm:,} (10 %) instead (set it with --warmup-ticks N)",
-        file=sys.stderr,
-    )
-    return warm
 
 
 class NoScoresError(ValueError):

@@ -46,6 +46,7 @@ import gc
 import json
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +64,14 @@ from engine.security import ClientKeys, apply_client
 from engine.wire import decode_score
 from replay.generator import default_data_path
 from replay.inputs import default_model_for_shape
-from replay.latency import format_table, latency_stats, plot_percentiles, summarise, write_hgrm
+from replay.latency import (
+    format_table,
+    latency_stats,
+    plot_percentiles,
+    summarise,
+    warmup_excluded,
+    write_hgrm,
+)
 from replay.mapping import mapping_from_cli
 from replay.publish import (
     check_service_shape,
@@ -121,7 +129,7 @@ def _publisher(spec: dict) -> int:
     np.savez(spec["out"], intended=res["intended"], sent=res["sent_ns"], ts_event=res["ts_event"],
              inst=res["inst"])
     keys = ("sent", "retries", "pin", "timer_slack_1ns", "sleep_margin_us", "scheduler")
-    print(json.dumps({k: res[k] for k in keys}), flush=True)
+    print(json.dumps({**{k: res[k] for k in keys}, "interrupted": res["interrupt"] is not None}), flush=True)
     return 0
 
 
@@ -162,46 +170,49 @@ def _subscriber(spec: dict) -> int:
         NB, EV, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
         Again = zmq.Again
         t_last = t_start = clock()
-        if mode == "block":
-            while k < expected:
-                if not sock.poll(200):
-                    now = clock()
-                    if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
-                        break
-                    continue
-                recv()
-                p = recv()
-                t = clock()
-                if k < cap:
-                    recv_ns[k] = t
-                payloads.append(p)
-                k += 1
-                t_last = t
-        else:
-            misses = 0
-            while k < expected:
-                if not get(EV) & POLLIN:
-                    if mode == "yield":
-                        yield_()
-                    misses += 1
-                    if not misses & 4095:
+        try:  # until the expected count, idle, or the coordinator's SIGINT (Ctrl-C)
+            if mode == "block":
+                while k < expected:
+                    if not sock.poll(200):
                         now = clock()
                         if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
                             break
-                    continue
-                while True:  # drain what is there without readiness checks
-                    try:
-                        recv(NB)
-                    except Again:
-                        break
-                    p = recv(NB)
+                        continue
+                    recv()
+                    p = recv()
                     t = clock()
                     if k < cap:
                         recv_ns[k] = t
                     payloads.append(p)
                     k += 1
                     t_last = t
+            else:
                 misses = 0
+                while k < expected:
+                    if not get(EV) & POLLIN:
+                        if mode == "yield":
+                            yield_()
+                        misses += 1
+                        if not misses & 4095:
+                            now = clock()
+                            if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
+                                break
+                        continue
+                    while True:  # drain what is there without readiness checks
+                        try:
+                            recv(NB)
+                        except Again:
+                            break
+                        p = recv(NB)
+                        t = clock()
+                        if k < cap:
+                            recv_ns[k] = t
+                        payloads.append(p)
+                        k += 1
+                        t_last = t
+                    misses = 0
+        except KeyboardInterrupt:  # stopped: keep what arrived
+            pass
         sock.close(0)
         ctx.term()
     else:
@@ -231,21 +242,24 @@ def _subscriber(spec: dict) -> int:
             box[0] = j + 1
 
         poll = sub.poll
-        t_last = t_start = clock()
-        misses = 0
-        spin = mode != "yield"
-        while box[0] < expected:
-            if poll(handler, 16):
-                t_last = clock()
-                misses = 0
-                continue
-            if not spin:
-                yield_()
-            misses += 1
-            if not misses & 4095:
-                now = clock()
-                if (box[0] and now - t_last > idle_ns) or now - t_start > max_wait_ns:
-                    break
+        try:  # until the expected count, idle, or the coordinator's SIGINT (Ctrl-C)
+            t_last = t_start = clock()
+            misses = 0
+            spin = mode != "yield"
+            while box[0] < expected:
+                if poll(handler, 16):
+                    t_last = clock()
+                    misses = 0
+                    continue
+                if not spin:
+                    yield_()
+                misses += 1
+                if not misses & 4095:
+                    now = clock()
+                    if (box[0] and now - t_last > idle_ns) or now - t_start > max_wait_ns:
+                        break
+        except KeyboardInterrupt:  # stopped: keep what arrived
+            pass
         k = box[0]
         aeron.close()
 
@@ -421,10 +435,13 @@ def _endpoints_from_config(cfg, via: str) -> dict:
 class WireRun:
     """Result of a wire-mode run: summary JSON, arrays, output files."""
 
-    def __init__(self, summary: dict, series: dict, out_files: dict) -> None:
+    def __init__(self, summary: dict, series: dict, out_files: dict,
+                 interrupt: BaseException | None = None) -> None:
         self.summary = summary
         self.series = series
         self.out_files = out_files
+        #: Ctrl-C / SIGTERM stopped the run: the caller re-raises it once the report is out
+        self.interrupt = interrupt
 
     def table(self) -> str:
         """Return the percentile table (µs) of the wire and service series."""
@@ -456,6 +473,7 @@ def _client(role: str, spec: dict, spec_path: Path) -> subprocess.Popen:
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=str(Path(__file__).resolve().parents[1]),
+        process_group=0,  # a terminal's Ctrl-C reaches the coordinator only: it stops the workers in order
     )
 
 
@@ -514,6 +532,7 @@ def run_wire(args) -> WireRun:
     service = None
     log_path = tmp / "service.log"
     procs: list[subprocess.Popen] = []
+    interrupt = None  # Ctrl-C / SIGTERM once the ticks were being sent: re-raised after the report
     spawned = args.service_config is None
     keys = None  # CURVE client keys, for a running service with [security] curve
     try:
@@ -526,6 +545,7 @@ def run_wire(args) -> WireRun:
             service = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "serve", "--config", str(cfg_path)],
                 stdout=subprocess.DEVNULL, stderr=log, cwd=str(Path(__file__).resolve().parents[1]),
+                process_group=0,  # not stopped by a terminal's Ctrl-C: the coordinator stops it
             )
             _progress(args, f"spawned service pid {service.pid} ({cfg_path}); waiting for warm-up ...")
             before = _wait_service(service, ep["control"], args.service_timeout, log_path)
@@ -601,10 +621,27 @@ def run_wire(args) -> WireRun:
         pub = _client("publish", pub_spec, tmp / "pub.json")
         procs.append(pub)
         expected_s = (n / rate if rate else 0) + 120
-        pub_out, pub_err = pub.communicate(timeout=expected_s + 600)
+        try:
+            pub_out, pub_err = pub.communicate(timeout=expected_s + 600)
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: stop sending, report what was sent
+            interrupt = exc
+            _progress(args, "stopping: the publisher stops sending; the scores in flight are still "
+                            f"collected (up to {args.idle_timeout:g} s; Ctrl-C again to abort) ...")
+            pub.send_signal(signal.SIGINT)
+            pub_out, pub_err = pub.communicate(timeout=120)
         if pub.returncode != 0:
+            if interrupt is not None:  # stopped before its first send: nothing to report
+                _progress(args, "stopped before the first tick was sent: no report")
+                raise interrupt
             raise RuntimeError(f"the publisher failed ({pub.returncode}): {pub_err.strip()[-2000:]}")
-        sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
+        try:
+            sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
+        except KeyboardInterrupt as exc:  # while the last scores come in: stop waiting for them
+            if interrupt is not None:
+                raise  # the second one: abort
+            interrupt = exc
+            sub.send_signal(signal.SIGINT)
+            sub_out, sub_err = sub.communicate(timeout=120)
         if sub.returncode != 0:
             raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
         after = status_now()
@@ -630,11 +667,14 @@ def run_wire(args) -> WireRun:
     pubd, subd = tmp_files["pub"], tmp_files["sub"]
     ti, si = match_scores(pubd["inst"], pubd["ts_event"], subd["inst"], subd["ts_event"],
                           merged=bool(ep.get("controls")))
+    if interrupt is not None and len(ti) == 0:  # stopped before a score came back: nothing to report
+        _progress(args, f"stopped after {pubd['sent'].size:,} ticks, before a score came back: no report")
+        raise interrupt
     intended, sent = pubd["intended"][ti], pubd["sent"][ti]
     recv = subd["recv_ns"][si]
     svc_in, svc_out = subd["ts_in"][si], subd["ts_out"][si]
     wire = recv - intended
-    warm = min(args.warmup_ticks, max(len(wire) - 1, 0))
+    warm = min(warmup_excluded(args.warmup_ticks, len(wire)), max(len(wire) - 1, 0))
     stats = latency_stats(wire[warm:])
     from_send = latency_stats((recv - sent)[warm:])
     service_t = latency_stats((svc_out - svc_in)[warm:])
@@ -669,6 +709,7 @@ def run_wire(args) -> WireRun:
         pinned=[] if hot is None else [hot],
         extra={
             "latency_definition": "wire-to-wire: subscriber receive CLOCK_MONOTONIC - intended send time",
+            "interrupted": interrupt is not None,
             "warmup_ticks_excluded": warm,
             "speed": speed if speed is not None else "max",
             "rate_tps": rate,
@@ -696,7 +737,7 @@ def run_wire(args) -> WireRun:
     if args.out:
         files = _write(summary, args.out, intended, recv, sent, svc_in, svc_out, subd["seq"][si], warm,
                        series)
-    return WireRun(summary, series, files)
+    return WireRun(summary, series, files, interrupt)
 
 
 def _delta(before: dict | None, after: dict | None) -> dict:

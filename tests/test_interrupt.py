@@ -64,6 +64,45 @@ def test_a_stopped_replay_reports_the_ticks_it_scored(tmp_path, sig, rc, word, c
     assert (out / "latency.hgrm").stat().st_size > 0
 
 
+@pytest.mark.parametrize(("sig", "rc", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_a_stopped_wire_replay_reports_the_ticks_it_sent(tmp_path, sig, rc, word):
+    """replay --via: the publisher stops, the scores in flight still count, the service is stopped."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # its own process group, as a shell's foreground job: Ctrl-C goes to the group
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "replay", "--via", "zmq", "--rate", "5000",
+                             "--out", str(out)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, process_group=0)  # fmt: skip
+    seen, service = [], None
+    for line in proc.stderr:  # 250,000 ticks at 5,000/s: stopped 3 s into the sending
+        seen.append(line)
+        if "spawned service pid" in line:
+            service = int(line.split("spawned service pid ")[1].split()[0])
+        if "sending 250,000 ticks" in line:
+            time.sleep(3.0)
+            if sig == signal.SIGINT:
+                os.killpg(proc.pid, sig)  # the terminal's Ctrl-C: the coordinator's group only
+            else:
+                proc.send_signal(sig)
+            break
+    else:
+        pytest.fail("".join(seen))
+    o, e = proc.communicate(timeout=180)
+    text = "".join(seen) + e + o
+    assert proc.returncode == rc, text
+    assert "stopping: the publisher stops sending" in text and f"tickscore: {word}" in text, text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["mode"] == "zmq"
+    assert 0 < s["ticks"] < 250_000  # what was sent before the stop, not the file
+    assert s["scores"] + s["rejected"] + s["dropped"] == s["ticks"]
+    assert s["scores"] >= s["ticks"] - 5  # the scores in flight were waited for
+    assert s["service_final"] is not None  # the spawned service was stopped by its control socket
+    assert (out / "latency.hgrm").stat().st_size > 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(service, 0)
+
+
 def test_a_terminated_generate_leaves_no_file(tmp_path):
     out = tmp_path / "big.parquet"
     proc = _start("generate", "--events", "40000000", "--out", str(out))  # ~30 s: stopped well before

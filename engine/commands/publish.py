@@ -126,10 +126,13 @@ def cmd_publish(args) -> int:
     res = publish_ticks(spec, on_ready=ready, progress_s=0.0 if args.no_progress else 5.0)
     n, wall = res["sent"], res["wall_s"]
     rate = f", {n / wall:,.0f} ticks/s" if wall > 0 else ""
+    stopped = " (stopped early)" if res["interrupt"] is not None else ""
     print(f"tickscore publish: sent {n:,} ticks ({', '.join(res['symbols'])}) in {wall:.2f} s{rate}"
-          f"{'; ' + format(res['retries'], ',') + ' Aeron offer retries' if res['retries'] else ''}",
+          f"{'; ' + format(res['retries'], ',') + ' Aeron offer retries' if res['retries'] else ''}{stopped}",
           file=sys.stderr)
     if res["reader_rejected"]:
         print("tickscore publish: rows of the file not sent (rejected by the reader): "
               + ", ".join(f"{k} {v:,}" for k, v in res["reader_rejected"].items()), file=sys.stderr)
+    if res["interrupt"] is not None:  # the count is out; exit as interrupted (130, or 143 for SIGTERM)
+        raise res["interrupt"]
     return 0

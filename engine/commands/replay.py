@@ -222,12 +222,18 @@ def _run_inprocess(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
     else:
         _print_inprocess(res)
-    if res.interrupt is not None:  # the report of the ticks scored so far is out; exit as interrupted
-        where = f" in {args.out}" if args.out else ""
-        print(f"tickscore replay: stopped early, after {s['ticks']:,} ticks and {s['scores']:,} scores; "
-              f"the report{where} covers them", file=sys.stderr)  # fmt: skip
-        raise res.interrupt
-    return 0
+    return _stopped_early(res, args)
+
+
+def _stopped_early(res, args) -> int:
+    """0, or, when Ctrl-C / SIGTERM stopped the run, say what the report covers and re-raise it."""
+    if res.interrupt is None:
+        return 0
+    s = res.summary
+    where = f" in {args.out}" if args.out else ""
+    print(f"tickscore replay: stopped early, after {s['ticks']:,} ticks and {s['scores']:,} scores; "
+          f"the report{where} covers them", file=sys.stderr)  # fmt: skip
+    raise res.interrupt
 
 
 def _print_inprocess(res) -> None:
@@ -257,7 +263,7 @@ def cmd_replay_wire(args) -> int:
     s = res.summary
     if args.json:
         print(json.dumps(s, indent=2))
-        return 0
+        return _stopped_early(res, args)
     pace = f"speed {s['speed']}x" if s["rate_tps"] is None and s["speed"] != "max" else (
         f"{s['rate_tps']:,.0f} ticks/s" if s["rate_tps"] else "max rate")
     print(
@@ -272,7 +278,7 @@ def cmd_replay_wire(args) -> int:
     print("  wire (intended) = receive - intended send time (the headline, latency_ns); "
           "wire (sent) = receive - actual send; service = ts_out - ts_in inside the service")
     _print_table_and_files(res)
-    return 0
+    return _stopped_early(res, args)
 
 
 def _print_table_and_files(res) -> None:
