@@ -27,6 +27,7 @@ import time
 import numpy as np
 import zmq
 
+from engine.log import ProgressLine
 from engine.partition import Partition
 from engine.security import ClientKeys, apply_client
 from engine.wire import Tick, encode_tick
@@ -159,13 +160,6 @@ def first_event_after(status: dict | None) -> int:
     return int((status or {}).get("last_event_ns") or 0) + 1_000_000_000
 
 
-def _progress_line(i: int, n: int, elapsed_ns: int) -> None:
-    rate = i / (elapsed_ns / 1e9) if elapsed_ns > 0 else 0.0
-    eta = f", ETA {(n - i) / rate:,.0f} s" if rate > 0 else ""
-    print(f"tickscore publish: {i:,} / {n:,} ticks ({100 * i / max(n, 1):.0f} %), "
-          f"{rate:,.0f} ticks/s{eta}", file=sys.stderr, flush=True)
-
-
 def _encode_chunk(ticks: np.ndarray, symbols: list[str], topics: list[bytes], shift: int):
     """Return (payloads, topics, rebased ts_event) of a chunk: Tick messages of the wire format."""
     ts_event = ticks["ts_event_ns"].astype(np.int64) + shift
@@ -234,7 +228,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     The file is read, encoded and sent one chunk at a time (bounded memory: a
     chunk's messages plus four integers per tick for the timing record).
     ``on_ready()`` is called once connected, just before the first send.  With
-    ``progress_s`` > 0 a progress line goes to stderr every ``progress_s`` seconds.
+    ``progress_s`` > 0 a progress line (:class:`engine.log.ProgressLine`, as replay's) goes
+    to stderr at most every ``progress_s`` seconds.
     Raises ``TimeoutError`` when no service takes the ticks within the connect timeout.
     Ctrl-C or SIGTERM (a ``KeyboardInterrupt``) while sending stops it: the sockets still
     close with their linger, the result covers the ticks sent, and ``interrupt`` holds the
@@ -336,8 +331,9 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
     n = 0
     interrupt = None
     t_start = clock()
-    progress_ns = int(progress_s * 1e9)
-    next_progress = t_start + progress_ns if progress_ns else 1 << 62
+    line = ProgressLine("publish", "ticks", total, progress_s) if progress_s > 0 else None
+    if line is not None:
+        line.start(t_start)
     try:
         while ticks is not None and (limit is None or n < limit):
             if limit is not None:
@@ -353,9 +349,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             gc.disable()  # no collector pauses while sending
             try:
                 for i in range(m):
-                    if not i & 1023 and clock() >= next_progress:
-                        _progress_line(n + i, total, clock() - t_start)
-                        next_progress += progress_ns
+                    if line is not None and not i & 1023:
+                        line.show(n + i, clock())
                     if paced:
                         d = due_l[i]
                         while True:
@@ -381,6 +376,8 @@ def publish_ticks(spec: dict, on_ready=None, progress_s: float = 0.0) -> dict:
             ticks = next((ch.ticks for ch in rest if len(ch.ticks)), None)  # the next chunk
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: stop sending; what was sent is returned
         interrupt = exc
+    if line is not None:
+        line.finish()
     if fifo:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     wall_s = (clock() - t_start) / 1e9

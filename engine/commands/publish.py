@@ -123,7 +123,7 @@ def cmd_publish(args) -> int:
     def ready() -> None:
         print(f"tickscore publish: connected to {where}; sending at {pace} ...", file=sys.stderr, flush=True)
 
-    res = publish_ticks(spec, on_ready=ready, progress_s=0.0 if args.no_progress else 5.0)
+    res = publish_ticks(spec, on_ready=ready, progress_s=0.0 if args.no_progress else 1.0)
     n, wall = res["sent"], res["wall_s"]
     rate = f", {n / wall:,.0f} ticks/s" if wall > 0 else ""
     stopped = " (stopped early)" if res["interrupt"] is not None else ""
