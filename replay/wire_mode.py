@@ -83,9 +83,13 @@ from replay.publish import (
 )
 from replay.scores import write_scores
 
-__all__ = [ "WireRun", "run_wire", "match_scores"]
+__all__ = ["WireRun", "WireRunError", "run_wire", "match_scores"]
 
 DEFAULT_RATE = 2_000.0
+
+
+class WireRunError(RuntimeError):
+    """A wire run could not be made: no service answers, a process failed (its stderr's tail says why)."""
 
 
 # ------------------------------------------------------------------------ helpers
@@ -454,13 +458,13 @@ def _wait_service(proc, endpoint: str, timeout_s: float, log: Path) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the spawned service exited with code {proc.returncode}:\n"
+            raise WireRunError(f"the spawned service exited with code {proc.returncode}:\n"
                                f"{log.read_text()[-3000:]}")
         st = status_or_none(endpoint, 1.0)
         if st is not None and st.get("state") == "running":
             return st
         time.sleep(0.1)
-    raise RuntimeError(f"the spawned service did not become ready within {timeout_s:g}s:\n"
+    raise WireRunError(f"the spawned service did not become ready within {timeout_s:g}s:\n"
                        f"{log.read_text()[-3000:]}")
 
 
@@ -492,7 +496,7 @@ def _expect_ready(proc: subprocess.Popen, role: str, timeout_s: float) -> None:
             break
     proc.kill()
     _, err = proc.communicate(timeout=10)
-    raise RuntimeError(f"the {role} process did not get ready: {err.strip()[-2000:]}")
+    raise WireRunError(f"the {role} process did not get ready: {err.strip()[-2000:]}")
 
 
 def _last_json(text: str) -> dict:
@@ -558,13 +562,13 @@ def run_wire(args) -> WireRun:
                 ep["control"] = None
                 before = _cluster_status(ep["controls"], keys)
                 if before is None:
-                    raise RuntimeError(f"a shard of {args.service_config} does not answer on its control "
+                    raise WireRunError(f"a shard of {args.service_config} does not answer on its control "
                                        f"socket ({', '.join(ep['controls'])}): is the cluster running?")
             else:
                 ep = _endpoints_from_config(cfg, args.via)
                 before = status_or_none(ep["control"], 5.0, keys)
             if before is None and ep["control"]:
-                raise RuntimeError(f"the service of {args.service_config} does not answer on "
+                raise WireRunError(f"the service of {args.service_config} does not answer on "
                                    f"{ep['control']} (is it running?)")
             check_service_shape(before, td.shape, f"tickscore replay --via {args.via}")
             missing = set(td.symbols) - set(cfg.instruments)
@@ -633,7 +637,7 @@ def run_wire(args) -> WireRun:
             if interrupt is not None:  # stopped before its first send: nothing to report
                 _progress(args, "stopped before the first tick was sent: no report")
                 raise interrupt
-            raise RuntimeError(f"the publisher failed ({pub.returncode}): {pub_err.strip()[-2000:]}")
+            raise WireRunError(f"the publisher failed ({pub.returncode}): {pub_err.strip()[-2000:]}")
         try:
             sub_out, sub_err = sub.communicate(timeout=args.idle_timeout + 600)
         except KeyboardInterrupt as exc:  # while the last scores come in: stop waiting for them
@@ -643,7 +647,7 @@ def run_wire(args) -> WireRun:
             sub.send_signal(signal.SIGINT)
             sub_out, sub_err = sub.communicate(timeout=120)
         if sub.returncode != 0:
-            raise RuntimeError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
+            raise WireRunError(f"the subscriber failed ({sub.returncode}): {sub_err.strip()[-2000:]}")
         after = status_now()
         final = None
         if spawned:
@@ -662,7 +666,7 @@ def run_wire(args) -> WireRun:
             tmp_files = {"pub": dict(np.load(tmp / "pub.npz")), "sub": dict(np.load(tmp / "sub.npz"))}
         tmpdir.cleanup()
     if not tmp_files:
-        raise RuntimeError(f"no results (service log: {keep_log[-2000:]})")
+        raise WireRunError(f"no results (service log: {keep_log[-2000:]})")
 
     pubd, subd = tmp_files["pub"], tmp_files["sub"]
     ti, si = match_scores(pubd["inst"], pubd["ts_event"], subd["inst"], subd["ts_event"],

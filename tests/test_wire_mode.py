@@ -129,3 +129,17 @@ def test_replay_over_the_wire_serves_an_l3_file_with_a_spawned_l3_service(tmp_pa
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["ticks"] == 2 and s["scores"] == 2  # the L3 model of the file's shape scored both adds
     assert s["model"]["version"].startswith("risk-int8-") and "Traceback" not in run.stderr
+
+
+def test_replay_over_the_wire_to_a_service_that_is_not_running_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "service.toml"
+    cfg.write_text(f'[control]\nendpoint = "tcp://127.0.0.1:{port}"\n')
+    r = _replay("--via", "zmq", "--service-config", str(cfg), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"does not answer on tcp://127.0.0.1:{port} (is it running?)" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -16,7 +16,7 @@ from engine.zmq_io import DEFAULT_PUBLISH_ENDPOINT
 from replay.mapping import mapping_from_cli
 from replay.publish import parse_rate
 from replay.run import ReplayOptions, run_inprocess
-from replay.wire_mode import DEFAULT_RATE, run_wire
+from replay.wire_mode import DEFAULT_RATE, WireRunError, run_wire
 
 
 def _reload_at(text: str):
@@ -259,7 +259,13 @@ def cmd_replay_wire(args) -> int:
     """Run ``tickscore replay --via ...``."""
     if args.spawn and args.service_config:
         raise ValueError("--spawn and --service-config exclude each other")
-    res = run_wire(args)
+    try:
+        res = run_wire(args)
+    except WireRunError as exc:  # a message of its own, not a traceback (--debug shows one)
+        if args.debug:
+            raise
+        print(f"tickscore replay: error: {exc}", file=sys.stderr)
+        return 2
     s = res.summary
     if args.json:
         print(json.dumps(s, indent=2))
