@@ -363,3 +363,20 @@ def test_report_of_real_replays_equals_the_replays_printed_tables_and_summary(
         dirs.append(str(d))
     code, out, _ = _run_report([*dirs, "--no-plots"], capsys)
     assert code == 0 and CO_LABEL in out
+
+
+def test_a_run_stopped_early_is_flagged_in_the_text_and_html_reports(tmp_path, capsys):
+    full = _make_run(tmp_path / "full", _lat())
+    stopped = _make_run(tmp_path / "stopped", _lat(4_000, seed=2),
+                        summary={"interrupted": True, "data": {"path": "d.parquet", "rows": 250_000},
+                                 "mode": "zmq", "rate_tps": 5000.0})  # fmt: skip
+    code, out, _ = _run_report([str(full), str(stopped), "--out", str(tmp_path / "rep"), "--html"], capsys)
+    assert code == 0
+    header = out.split("\n\n")[0].splitlines()
+    i = next(k for k, line in enumerate(header) if "stopped" in line and "[2]" in line)
+    assert "speed 5,000 ticks/s" in header[i]  # a wire run's rate, not "max"
+    assert header[i + 1].strip() == ("warning: stopped early (Ctrl-C / SIGTERM) after 4,000 ticks of the "
+                                     "file's 250,000: its figures cover those only")  # fmt: skip
+    assert sum("stopped early" in line for line in header) == 1  # the complete run has none
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "stopped early (Ctrl-C / SIGTERM) after 4,000 ticks" in html

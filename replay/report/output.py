@@ -31,7 +31,20 @@ def _header(runs: Sequence[Run]) -> str:
         bad = run.summary_mismatches()
         if bad:
             lines.append(f"      warning: summary.json latency_ns differs from latency_raw.npz in {bad}")
+        early = _stopped_early(s)
+        if early:
+            lines.append(f"      warning: {early}")
     return "\n".join(lines)
+
+
+def _stopped_early(s: dict) -> str:
+    """'' for a complete run; else what an interrupted one (Ctrl-C / SIGTERM) covers."""
+    if not s.get("interrupted"):
+        return ""
+    rows = (s.get("data") or {}).get("rows")
+    of = f" of the file's {rows:,}" if isinstance(rows, int) and rows else ""
+    return (f"stopped early (Ctrl-C / SIGTERM) after {s.get('ticks', 0):,} ticks{of}: "
+            f"its figures cover those only")
 
 
 def report_text(runs: Sequence[Run]) -> str:
@@ -213,6 +226,9 @@ def _html(runs: Sequence[Run], plots: dict[str, Path]) -> str:
             f'<td class="l wrap"><code>{e(str(data.get("path", "?")))}</code></td>'
             f'<td class="l">{e(when)}</td></tr>'
         )
+        early = _stopped_early(s)
+        if early:
+            run_rows.append(f'<tr><td></td><td class="l bad" colspan="7">{e(early)}</td></tr>')
     co_note = ""
     if any(r.paced for r in runs):
         co_note = (

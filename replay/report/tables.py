@@ -25,6 +25,9 @@ def _ratio(value: float, base: float) -> str:
 
 def _speed(s: dict) -> str:
     sp = s.get("speed", "max")
+    rate = s.get("rate_tps")  # a wire run paced at a fixed rate (its speed is then "max")
+    if sp == "max" and isinstance(rate, int | float) and rate > 0:
+        return f"{rate:,.0f} ticks/s"
     if isinstance(sp, int | float) and not isinstance(sp, bool):
         return f"{sp:g}x"
     return str(sp)
