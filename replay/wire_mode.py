@@ -175,46 +175,31 @@ def _subscriber(spec: dict) -> int:
         Again = zmq.Again
         t_last = t_start = clock()
         try:  # until the expected count, idle, or the coordinator's SIGINT (Ctrl-C)
-            if mode == "block":
-                while k < expected:
-                    if not sock.poll(200):
+            block = mode == "block"
+            misses = 0
+            while k < expected:
+                if not (sock.poll(200) if block else get(EV) & POLLIN):
+                    if mode == "yield":
+                        yield_()
+                    misses += 1
+                    if block or not misses & 4095:
                         now = clock()
                         if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
                             break
-                        continue
-                    recv()
-                    p = recv()
+                    continue
+                while True:  # drain what is there without readiness checks
+                    try:
+                        recv(NB)
+                    except Again:
+                        break
+                    p = recv(NB)
                     t = clock()
                     if k < cap:
                         recv_ns[k] = t
                     payloads.append(p)
                     k += 1
                     t_last = t
-            else:
                 misses = 0
-                while k < expected:
-                    if not get(EV) & POLLIN:
-                        if mode == "yield":
-                            yield_()
-                        misses += 1
-                        if not misses & 4095:
-                            now = clock()
-                            if (k and now - t_last > idle_ns) or now - t_start > max_wait_ns:
-                                break
-                        continue
-                    while True:  # drain what is there without readiness checks
-                        try:
-                            recv(NB)
-                        except Again:
-                            break
-                        p = recv(NB)
-                        t = clock()
-                        if k < cap:
-                            recv_ns[k] = t
-                        payloads.append(p)
-                        k += 1
-                        t_last = t
-                    misses = 0
         except KeyboardInterrupt:  # stopped: keep what arrived
             pass
         sock.close(0)
