@@ -34,6 +34,12 @@ Outputs (``--out DIR``), same files as the in-process replay:
 ``t_out`` = receive time (so ``tickscore report`` recomputes the same numbers),
 plus ``t_sent``, ``t_svc_in``, ``t_svc_out``, ``seq`` of every matched score.
 
+Ctrl-C or SIGTERM: the workers and a spawned service run in process groups of their own,
+so a terminal's Ctrl-C reaches the coordinator only.  It has the publisher stop sending
+(SIGINT: :func:`replay.publish.publish_ticks` returns what it sent), waits for the scores
+in flight (the subscriber's idle timeout), stops the service, writes the report with
+``interrupted: true`` and re-raises (exit 130 / 143).  A second Ctrl-C aborts.
+
 CPU placement on a small machine: the service's hot loop is pinned to
 ``--pin`` (default core 1); the publisher and the subscriber are pinned to the
 other cores and, when idle, yield the CPU (``sched_yield``) instead of spinning,
