@@ -357,7 +357,6 @@ def _aeron_sink(opts: ReplayOptions):
         raise
 
 
-
 class NoScoresError(ValueError):
     """The run scored nothing: every row was rejected (the message says why)."""
 
